@@ -1,0 +1,1 @@
+"""Placeholder: replaced by the startup hook (issue 3)."""

@@ -1,0 +1,246 @@
+"""DualAdam and InvAdam: thin Optimizer shells over ``dualadam_hf.functional``.
+
+The classes validate hyperparameters, create state lazily per parameter and
+hand lists of tensors to the pure update functions. The step counter lives in
+each parameter's state (never on the optimizer or in a param group), so a
+resumed run continues bias correction and the blend exactly, and DeepSpeed
+ZeRO-3, which calls ``step()`` once per sub-group, cannot over-count.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+from . import functional
+from .schedule import blend_weight, switch_rate_from_fraction, switch_rate_from_steps
+
+DEFAULT_SWITCH_RATE = 0.01
+
+ParamsT = Iterable[Tensor] | Iterable[dict[str, Any]]
+
+
+def _check_hyperparameters(lr, betas, eps, weight_decay, switch_rate=None) -> None:
+    lr_value = float(lr.item()) if isinstance(lr, Tensor) else lr
+    if not 0.0 <= lr_value:
+        raise ValueError(f"Invalid learning rate: {lr!r} (must be >= 0)")
+    if len(betas) != 2:
+        raise ValueError(f"betas must be a pair (beta1, beta2), got {betas!r}")
+    for i, beta in enumerate(betas):
+        if not 0.0 <= beta < 1.0:
+            raise ValueError(f"Invalid beta{i + 1}: {beta!r} (must be in [0, 1))")
+    if not 0.0 <= eps:
+        raise ValueError(f"Invalid eps: {eps!r} (must be >= 0)")
+    if not 0.0 <= weight_decay:
+        raise ValueError(f"Invalid weight_decay: {weight_decay!r} (must be >= 0)")
+    if switch_rate is not None and not 0.0 <= switch_rate <= 1.0:
+        raise ValueError(f"Invalid switch_rate: {switch_rate!r} (must be in [0, 1])")
+
+
+def _resolve_switch_rate(switch_rate, blend_steps, blend_fraction):
+    """Return (switch_rate, blend_fraction) from the three ways to state the blend."""
+    given = [n for n, v in (("switch_rate", switch_rate), ("blend_steps", blend_steps),
+                            ("blend_fraction", blend_fraction)) if v is not None]
+    if len(given) > 1:
+        raise ValueError(f"Give only one of switch_rate, blend_steps, blend_fraction; got {', '.join(given)}")
+    if blend_steps is not None:
+        return switch_rate_from_steps(blend_steps), None
+    if blend_fraction is not None:
+        if not 0.0 < blend_fraction <= 1.0:
+            raise ValueError(f"Invalid blend_fraction: {blend_fraction!r} (must be in (0, 1])")
+        # Resolved by set_total_steps() once the run length is known.
+        return None, float(blend_fraction)
+    return (DEFAULT_SWITCH_RATE if switch_rate is None else float(switch_rate)), None
+
+
+class DualAdam(Optimizer):
+    """DualAdam (arXiv 2603.07122): Adam blended with inverse Adam, annealed to Adam.
+
+    Args:
+        params: parameters or param groups.
+        lr: learning rate (default 1e-3).
+        betas: coefficients of the moment averages (default (0.9, 0.999)).
+        eps: added to sqrt(v_hat) (default 1e-8).
+        weight_decay: decoupled, lr-scaled weight decay (AdamW style, default 0).
+        switch_rate: the blend weight falls by this much per optimizer step; the
+            inverse part lasts about 1/switch_rate steps (default 0.01).
+        blend_steps: the blend length in optimizer steps (switch_rate = 1/N).
+        blend_fraction: the blend length as a fraction of the run; resolved by
+            :meth:`set_total_steps` (the Trainer integration calls it).
+        maximize: maximize the objective instead of minimizing it.
+        foreach: use the multi-tensor path (default: True).
+        fused: use the fused CUDA kernel (see ``dualadam_hf.fused``).
+
+    Steps count optimizer steps: with gradient accumulation a run of N batches
+    takes N / accumulation_steps optimizer steps.
+    """
+
+    inverse_only = False
+
+    def __init__(
+        self,
+        params: ParamsT,
+        lr: float | Tensor = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        switch_rate: float | None = None,
+        *,
+        blend_steps: int | None = None,
+        blend_fraction: float | None = None,
+        maximize: bool = False,
+        foreach: bool | None = None,
+        fused: bool | None = None,
+    ) -> None:
+        switch_rate, blend_fraction = _resolve_switch_rate(switch_rate, blend_steps, blend_fraction)
+        _check_hyperparameters(lr, betas, eps, weight_decay, switch_rate)
+        if foreach and fused:
+            raise ValueError("foreach and fused cannot both be True")
+        defaults = dict(
+            lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
+            switch_rate=switch_rate, blend_fraction=blend_fraction,
+            maximize=maximize, foreach=foreach, fused=fused,
+        )
+        super().__init__(params, defaults)
+
+    # -- schedule ---------------------------------------------------------
+
+    def set_total_steps(self, total_steps: int) -> None:
+        """Resolve ``blend_fraction`` against the run's number of optimizer steps."""
+        for group in self.param_groups:
+            if group.get("blend_fraction") is not None:
+                group["switch_rate"] = switch_rate_from_fraction(group["blend_fraction"], total_steps)
+
+    def _switch_rate(self, group: dict[str, Any]) -> float:
+        rate = group.get("switch_rate")
+        if rate is None:
+            raise RuntimeError(
+                "DualAdam was given blend_fraction but does not know the run length: call "
+                "optimizer.set_total_steps(total_optimizer_steps) before the first step "
+                "(the Trainer integration does this for you)."
+            )
+        return rate
+
+    def current_step(self) -> int:
+        """The largest per-parameter step taken so far (0 before the first step)."""
+        steps = [float(s["step"]) for s in self.state.values() if "step" in s]
+        return int(max(steps)) if steps else 0
+
+    def blend_weight(self, group_index: int = 0) -> float:
+        """Blend weight used by the most recent step of ``param_groups[group_index]``."""
+        if self.inverse_only:
+            return 1.0
+        group = self.param_groups[group_index]
+        steps = [float(self.state[p]["step"]) for p in group["params"] if "step" in self.state.get(p, {})]
+        step = max(steps) if steps else 0
+        rate = group.get("switch_rate")
+        if rate is None or step == 0:
+            return 0.0 if step == 0 and rate is None else blend_weight(max(step, 1), rate)
+        return blend_weight(step, rate)
+
+    # -- state --------------------------------------------------------------
+
+    def _init_state(self, p: Tensor, state: dict[str, Any]) -> None:
+        # Moments of low-precision params are kept in fp32; zeros_like keeps the
+        # DTensor placement under FSDP2 and the device under offload.
+        dtype = torch.float32 if p.dtype in functional.LOW_PRECISION else p.dtype
+        state["step"] = torch.tensor(0.0, dtype=torch.float32)
+        state["exp_avg"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
+        state["exp_avg_sq"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
+
+    def _gather(self, group: dict[str, Any]):
+        params, grads, exp_avgs, exp_avg_sqs, steps = [], [], [], [], []
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            if p.grad.is_sparse:
+                raise RuntimeError(
+                    f"{type(self).__name__} does not support sparse gradients; use dense "
+                    "gradients (e.g. nn.Embedding(sparse=False)) or torch.optim.SparseAdam."
+                )
+            state = self.state[p]
+            if len(state) == 0:
+                self._init_state(p, state)
+            params.append(p)
+            grads.append(p.grad)
+            exp_avgs.append(state["exp_avg"])
+            exp_avg_sqs.append(state["exp_avg_sq"])
+            steps.append(state["step"])
+        return params, grads, exp_avgs, exp_avg_sqs, steps
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        # torch casts floating state to the param dtype; keep fp32 moments for
+        # low-precision params so a resume is exact.
+        ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+        params = [p for g in self.param_groups for p in g["params"]]
+        for pid, p in zip(ids, params):
+            saved = state_dict["state"].get(pid)
+            if saved is None or p.dtype not in functional.LOW_PRECISION:
+                continue
+            for key in ("exp_avg", "exp_avg_sq"):
+                if key in saved:
+                    self.state[p][key] = saved[key].to(device=p.device, dtype=torch.float32)
+
+    # -- step ---------------------------------------------------------------
+
+    def _use_fused(self, group: dict[str, Any], params: list[Tensor]) -> bool:
+        return bool(group.get("fused"))
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:
+        """Perform one optimization step."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            params, grads, exp_avgs, exp_avg_sqs, steps = self._gather(group)
+            if not params:
+                continue
+            beta1, beta2 = group["betas"]
+            hyper = dict(
+                lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
+                weight_decay=group["weight_decay"],
+                switch_rate=1.0 if self.inverse_only else self._switch_rate(group),
+                inverse_only=self.inverse_only, maximize=group["maximize"],
+            )
+            if self._use_fused(group, params):
+                from .fused import fused_dualadam
+
+                fused_dualadam(params, grads, exp_avgs, exp_avg_sqs, steps, **hyper)
+            else:
+                foreach = group["foreach"] is not False
+                functional.dualadam(params, grads, exp_avgs, exp_avg_sqs, steps, foreach=foreach, **hyper)
+        return loss
+
+
+class InvAdam(DualAdam):
+    """The inverse-Adam rule alone (u = mh * d): DualAdam with the blend held at 1.
+
+    The paper reports that InvAdam alone may fail to converge; it is exposed for
+    research. Use :class:`DualAdam` for training.
+    """
+
+    inverse_only = True
+
+    def __init__(
+        self,
+        params: ParamsT,
+        lr: float | Tensor = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        *,
+        maximize: bool = False,
+        foreach: bool | None = None,
+        fused: bool | None = None,
+    ) -> None:
+        super().__init__(
+            params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, switch_rate=0.0,
+            maximize=maximize, foreach=foreach, fused=fused,
+        )
