@@ -176,7 +176,7 @@ def dualadam_foreach(
     switch_rate: float,
     inverse_only: bool = False,
     maximize: bool = False,
-    block: int = FOREACH_BLOCK,
+    block: int | None = None,
 ) -> None:
     """The multi-tensor path: foreach ops over L2-sized blocks of elements.
 
@@ -186,6 +186,7 @@ def dualadam_foreach(
     if not params:
         return
     lr = float(lr)
+    block = block or FOREACH_BLOCK
     torch._foreach_add_(list(state_steps), 1.0)
     buckets: dict[tuple, list] = defaultdict(list)
     for i, p, g, m, v in _prepare(params, grads, exp_avgs, exp_avg_sqs):

@@ -1,0 +1,304 @@
+"""DualAdam / InvAdam against the float64 reference, and the optimizer contract."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+import torch
+
+from dualadam_hf import DualAdam, InvAdam, blend_weight, functional
+from tests.reference import ReferenceDualAdam, max_rel_err
+
+SHAPES = [(), (1,), (7,), (5, 3), (4, 6, 2), (0,), (33, 17)]
+STEPS = 300
+
+
+def make_params(shapes=SHAPES, dtype=torch.float32, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.nn.Parameter(torch.randn(s, generator=gen).to(dtype)) for s in shapes]
+
+
+def grad_stream(params, steps, seed=1, drop_every=0):
+    """Deterministic gradients; with drop_every, parameter 1 gets no grad on some steps."""
+    gen = torch.Generator().manual_seed(seed)
+    for t in range(steps):
+        grads = [torch.randn(p.shape, generator=gen) * (0.5 + i) for i, p in enumerate(params)]
+        if drop_every and t % drop_every == 0:
+            grads[1] = None
+        yield grads
+
+
+def run_pair(*, foreach, maximize=False, drop_every=0, cls=DualAdam, dtype=torch.float32, **kw):
+    params = make_params(dtype=dtype)
+    half = len(params) // 2
+    groups = [
+        {"params": params[:half], "lr": 1e-2, "weight_decay": 0.1},
+        {"params": params[half:], "lr": 3e-3, "weight_decay": 0.0},
+    ]
+    lrs = [1e-2] * half + [3e-3] * (len(params) - half)
+    wds = [0.1] * half + [0.0] * (len(params) - half)
+    opt = cls(groups, foreach=foreach, maximize=maximize, **kw)
+    ref = ReferenceDualAdam(
+        params, lrs=lrs, weight_decays=wds, maximize=maximize, inverse_only=cls is InvAdam,
+        switch_rate=kw.get("switch_rate", 0.01), round_to=dtype if dtype != torch.float32 else None,
+    )
+    for grads in grad_stream(params, STEPS, drop_every=drop_every):
+        for p, g in zip(params, grads):
+            p.grad = None if g is None else g.to(dtype)
+        opt.step()
+        ref.step(grads)
+    return params, ref, opt
+
+
+@pytest.fixture(params=[True, False], ids=["foreach", "single"])
+def foreach(request):
+    return request.param
+
+
+@pytest.fixture
+def small_blocks(monkeypatch):
+    # Exercise block splitting and batching in the foreach path on small tensors.
+    monkeypatch.setattr(functional, "FOREACH_BLOCK", 64)
+
+
+@pytest.mark.parametrize("maximize", [False, True])
+def test_matches_reference_fp32(foreach, maximize, small_blocks):
+    # switch_rate 0.01: the run crosses into the pure-Adam phase at step 99 of 300.
+    params, ref, _ = run_pair(foreach=foreach, maximize=maximize, switch_rate=0.01)
+    assert max_rel_err(params, ref.p) < 1e-5
+
+
+def test_matches_reference_with_missing_grads(foreach, small_blocks):
+    # Parameter 1 skips some steps, so parameters sit at different steps (several buckets).
+    params, ref, opt = run_pair(foreach=foreach, drop_every=3, switch_rate=0.01)
+    assert max_rel_err(params, ref.p) < 1e-5
+    steps = [opt.state[p]["step"].item() for p in params]
+    assert steps[1] == STEPS - len(range(0, STEPS, 3))
+    assert steps[0] == STEPS
+
+
+def test_invadam_matches_reference(foreach):
+    params, ref, _ = run_pair(foreach=foreach, cls=InvAdam)
+    assert max_rel_err(params, ref.p) < 1e-5
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_params(foreach, dtype):
+    # The update runs in fp32 with fp32 moments, so the only error left is the
+    # rounding of the stored parameter: within a few bf16/fp16 ulps of a reference
+    # that rounds the same way.
+    params, ref, opt = run_pair(foreach=foreach, dtype=dtype, switch_rate=0.01)
+    assert all(opt.state[p]["exp_avg"].dtype == torch.float32 for p in params if p.numel())
+    tol = {torch.bfloat16: 2e-2, torch.float16: 4e-3}[dtype]
+    assert max_rel_err(params, ref.p) < tol
+
+
+def test_foreach_and_single_tensor_agree(small_blocks):
+    a, _, _ = run_pair(foreach=True, switch_rate=0.02)
+    b, _, _ = run_pair(foreach=False, switch_rate=0.02)
+    for x, y in zip(a, b):
+        # Same math, different op order: only fp32 rounding separates them.
+        torch.testing.assert_close(x, y, rtol=1e-5, atol=2e-6)
+
+
+def test_invadam_is_dualadam_with_blend_held_at_one(foreach):
+    # switch_rate=0 keeps r = 1 forever: DualAdam then is the inverse rule alone.
+    a, _, _ = run_pair(foreach=foreach, cls=InvAdam)
+    b, _, _ = run_pair(foreach=foreach, switch_rate=0.0)
+    for x, y in zip(a, b):
+        torch.testing.assert_close(x, y, rtol=0, atol=0)
+
+
+def test_blend_weight_schedule():
+    assert blend_weight(1, 0.01) == pytest.approx(0.99)
+    assert blend_weight(50, 0.01) == pytest.approx(0.5)
+    assert blend_weight(99, 0.01) == pytest.approx(0.01)  # last step with an inverse part
+    assert blend_weight(100, 0.01) == 0.0
+    assert blend_weight(10**6, 0.01) == 0.0
+    assert blend_weight(5, 0.0) == 1.0
+
+
+def test_blend_steps_and_fraction():
+    p = [torch.nn.Parameter(torch.ones(3))]
+    assert DualAdam(p, blend_steps=500).param_groups[0]["switch_rate"] == pytest.approx(1 / 500)
+    opt = DualAdam(p, blend_fraction=0.1)
+    p[0].grad = torch.ones(3)
+    with pytest.raises(RuntimeError, match="set_total_steps"):
+        opt.step()
+    opt.set_total_steps(1000)
+    assert opt.param_groups[0]["switch_rate"] == pytest.approx(1 / 100)
+    opt.step()
+    assert opt.blend_weight() == pytest.approx(0.99)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(lr=-1.0), "learning rate"),
+        (dict(betas=(1.0, 0.999)), "beta1"),
+        (dict(betas=(0.9, -0.1)), "beta2"),
+        (dict(eps=-1e-8), "eps"),
+        (dict(weight_decay=-0.1), "weight_decay"),
+        (dict(switch_rate=1.5), "switch_rate"),
+        (dict(switch_rate=-0.1), "switch_rate"),
+        (dict(blend_steps=0), "blend_steps"),
+        (dict(blend_fraction=0.0), "blend_fraction"),
+        (dict(switch_rate=0.1, blend_steps=10), "only one of"),
+    ],
+)
+def test_bad_hyperparameters(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        DualAdam([torch.nn.Parameter(torch.ones(2))], **kwargs)
+
+
+def test_sparse_gradient_is_rejected(foreach):
+    emb = torch.nn.Embedding(10, 4, sparse=True)
+    opt = DualAdam(emb.parameters(), foreach=foreach)
+    emb(torch.tensor([1, 2])).sum().backward()
+    with pytest.raises(RuntimeError, match="sparse gradients"):
+        opt.step()
+
+
+def test_state_layout_and_no_counters_outside_state():
+    model = torch.nn.Linear(3, 2)
+    opt = DualAdam(model.parameters())
+    model(torch.randn(4, 3)).sum().backward()
+    opt.step()
+    for p in model.parameters():
+        state = opt.state[p]
+        assert set(state) == {"step", "exp_avg", "exp_avg_sq"}
+        assert torch.is_tensor(state["step"]) and state["step"].item() == 1
+    assert all("step" not in g for g in opt.param_groups)
+
+
+def _batches(n=30):
+    gen = torch.Generator().manual_seed(123)
+    return [(torch.randn(16, 6, generator=gen), torch.randn(16, 1, generator=gen)) for _ in range(n)]
+
+
+def _fresh_model():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
+
+
+def _fit(model, opt, batches):
+    for x, y in batches:
+        opt.zero_grad()
+        torch.nn.functional.mse_loss(model(x), y).backward()
+        opt.step()
+
+
+def test_state_dict_round_trip_is_bit_identical(foreach):
+    # blend_steps=20 puts the save point inside the blend and the tail across the switch.
+    make = lambda ps: DualAdam(ps, lr=1e-2, weight_decay=0.01, blend_steps=20, foreach=foreach)
+    data = _batches()
+    full = _fresh_model()
+    _fit(full, make(full.parameters()), data)
+
+    half = _fresh_model()
+    opt = make(half.parameters())
+    _fit(half, opt, data[:15])
+    buf = io.BytesIO()
+    torch.save({"model": half.state_dict(), "optim": opt.state_dict()}, buf)
+    buf.seek(0)
+    saved = torch.load(buf, weights_only=True)
+
+    resumed = _fresh_model()
+    resumed.load_state_dict(saved["model"])
+    opt2 = make(resumed.parameters())
+    opt2.load_state_dict(saved["optim"])
+    assert opt2.current_step() == 15
+    _fit(resumed, opt2, data[15:])
+    for a, b in zip(full.parameters(), resumed.parameters()):
+        assert torch.equal(a, b)
+    assert opt2.current_step() == 30
+
+
+def test_low_precision_state_survives_reload():
+    p = torch.nn.Parameter(torch.randn(8).bfloat16())
+    opt = DualAdam([p])
+    p.grad = torch.randn(8).bfloat16()
+    opt.step()
+    sd = opt.state_dict()
+    opt2 = DualAdam([p])
+    opt2.load_state_dict(sd)
+    assert opt2.state[p]["exp_avg"].dtype == torch.float32
+    assert torch.equal(opt2.state[p]["exp_avg"], opt.state[p]["exp_avg"])
+
+
+def test_closure_runs_with_grad_enabled(foreach):
+    model = torch.nn.Linear(3, 1)
+    opt = DualAdam(model.parameters(), foreach=foreach)
+    x = torch.randn(5, 3)
+
+    def closure():
+        assert torch.is_grad_enabled()
+        opt.zero_grad()
+        loss = model(x).pow(2).mean()
+        loss.backward()
+        return loss
+
+    with torch.no_grad():
+        loss = opt.step(closure)
+    assert loss is not None and opt.current_step() == 1
+
+
+def test_grad_scaler_skips_inf_steps_without_advancing_step():
+    model = torch.nn.Linear(4, 1)
+    opt = DualAdam(model.parameters())
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**4)
+    x = torch.randn(8, 4)
+    before = [p.detach().clone() for p in model.parameters()]
+    opt.zero_grad()
+    scaler.scale(model(x).sum() * float("inf")).backward()
+    scaler.step(opt)
+    scaler.update()
+    assert opt.current_step() == 0
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    opt.zero_grad()
+    scaler.scale(model(x).pow(2).mean()).backward()
+    scaler.step(opt)
+    scaler.update()
+    assert opt.current_step() == 1
+    assert not all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+def test_lr_and_weight_decay_read_from_group_every_step(foreach):
+    p = torch.nn.Parameter(torch.ones(4))
+    opt = DualAdam([p], lr=0.1, weight_decay=0.5, foreach=foreach)
+    p.grad = torch.zeros(4)
+    opt.step()  # zero grad: only weight decay moves p
+    torch.testing.assert_close(p.detach(), torch.full((4,), 1 - 0.1 * 0.5))
+    opt.param_groups[0]["lr"] = 0.2
+    opt.step()
+    torch.testing.assert_close(p.detach(), torch.full((4,), (1 - 0.05) * (1 - 0.1)))
+
+
+def test_subclassable():
+    class Tagged(DualAdam):
+        def step(self, closure=None):
+            self.calls = getattr(self, "calls", 0) + 1
+            return super().step(closure)
+
+    p = torch.nn.Parameter(torch.ones(2))
+    opt = Tagged([p], lr=0.1)
+    p.grad = torch.ones(2)
+    opt.step()
+    assert opt.calls == 1 and opt.current_step() == 1
+
+
+def test_trains_a_small_model(foreach):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 1))
+    opt = DualAdam(model.parameters(), lr=1e-2, blend_steps=50, foreach=foreach)
+    x = torch.randn(64, 8)
+    y = x.sum(1, keepdim=True)
+    losses = []
+    for _ in range(150):
+        opt.zero_grad()
+        loss = torch.nn.functional.mse_loss(model(x), y)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.1 * losses[0]
