@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import math
 
+_TOLERANCE = 1e-12
+
 
 def blend_weight(step: int | float, switch_rate: float) -> float:
     """Effective weight of the inverse step at optimizer step ``step`` (1-based).
@@ -17,7 +19,9 @@ def blend_weight(step: int | float, switch_rate: float) -> float:
     the value directly: ``u = (1 - r) * mh / d + r * mh * d``.
     """
     r = max(0.0, 1.0 - float(step) * switch_rate)
-    return r if r >= switch_rate else 0.0
+    # The rule is r >= switch_rate in exact arithmetic; without the tolerance
+    # 1 - 4*0.2 rounds just under 0.2 and blend_steps=5 would lose its last step.
+    return r if r >= switch_rate - _TOLERANCE else 0.0
 
 
 def switch_rate_from_steps(blend_steps: int | float) -> float:
@@ -44,4 +48,6 @@ def last_blend_step(switch_rate: float) -> int:
     t = math.floor((1.0 - switch_rate) / switch_rate + 1e-9)
     while t > 0 and blend_weight(t, switch_rate) == 0.0:
         t -= 1
+    while blend_weight(t + 1, switch_rate) > 0.0:
+        t += 1
     return max(t, 0)

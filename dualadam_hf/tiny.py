@@ -142,3 +142,16 @@ def write_tiny_chat_jsonl(path: str | Path, n: int = 64, seed: int = 0) -> str:
             row = {"messages": [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]}
             f.write(json.dumps(row) + "\n")
     return str(path)
+
+
+def tiny_lm_dataset(tokenizer: PreTrainedTokenizerFast, n: int = 64, seed: int = 0) -> list[dict[str, list[int]]]:
+    """`n` tokenized chat transcripts ({"input_ids": [...]}) for causal-LM training with a Trainer.
+
+    Pair it with `DataCollatorForLanguageModeling(tokenizer, mlm=False)`, which pads and sets the labels.
+    """
+    rows = []
+    for question, answer in tiny_arithmetic_pairs(n, seed):
+        messages = [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
+        text = tokenizer.apply_chat_template(messages, tokenize=False)
+        rows.append({"input_ids": tokenizer(text)["input_ids"]})
+    return rows

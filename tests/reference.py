@@ -44,7 +44,8 @@ class ReferenceDualAdam:
                 u = mh * d
             else:
                 r = max(0.0, 1 - t * self.switch_rate)
-                u = (1 - r) * mh / d + r * mh * d if r >= self.switch_rate else mh / d
+                # r >= switch_rate in exact arithmetic (1 - 4*0.2 must count as 0.2).
+                u = (1 - r) * mh / d + r * mh * d if r >= self.switch_rate - 1e-12 else mh / d
             lr, wd = self.lrs[i], self.wds[i]
             p = self.p[i] - lr * wd * self.p[i]
             p = p - lr * u

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from dualadam_hf import DualAdam, InvAdam, blend_weight, functional
+from dualadam_hf.schedule import last_blend_step
 from tests.reference import ReferenceDualAdam, max_rel_err
 
 SHAPES = [(), (1,), (7,), (5, 3), (4, 6, 2), (0,), (33, 17)]
@@ -117,6 +118,11 @@ def test_blend_weight_schedule():
     assert blend_weight(100, 0.01) == 0.0
     assert blend_weight(10**6, 0.01) == 0.0
     assert blend_weight(5, 0.0) == 1.0
+    # 1 - 4*0.2 rounds below 0.2 in floating point; the rule is exact arithmetic.
+    assert blend_weight(4, 0.2) == pytest.approx(0.2)
+    assert blend_weight(5, 0.2) == 0.0
+    for n in (3, 5, 7, 10, 100, 500):
+        assert last_blend_step(1 / n) == n - 1
 
 
 def test_blend_steps_and_fraction():

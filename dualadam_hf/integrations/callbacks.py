@@ -1,0 +1,108 @@
+"""A TrainerCallback that resolves the blend length and logs the blend weight as `dualadam/blend`."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from transformers import TrainerCallback
+from transformers.trainer_callback import DefaultFlowCallback
+
+from ..optimizer import DualAdam
+from .optim_args import OPTIMIZER_NAMES, optimizer_name
+from .unwrap import find_dualadam
+
+BLEND_LOG_KEY = "dualadam/blend"
+
+
+def _wrapper_chain(optimizer: Any) -> str:
+    names, current = [], optimizer
+    for _ in range(8):
+        if current is None:
+            break
+        names.append(type(current).__name__)
+        current = getattr(current, "optimizer", None)
+    return " -> ".join(names) or "None"
+
+
+def _blend_of_latest_step(optimizer: DualAdam) -> float:
+    # Prefer a group that has stepped: a group without state (e.g. an empty no-decay group under LoRA) would
+    # report the weight of step 1.
+    for index, group in enumerate(optimizer.param_groups):
+        if any("step" in optimizer.state.get(p, {}) for p in group["params"]):
+            return optimizer.blend_weight(index)
+    return optimizer.blend_weight(0)
+
+
+class DualAdamCallback(TrainerCallback):
+    """Resolves `blend_fraction` against the run length and logs the blend weight with the training logs.
+
+    At train begin it finds DualAdam inside the optimizer wrappers (accelerate, DeepSpeed) and calls
+    `set_total_steps(max_steps)`; if `--optim dualadam`/`invadam` was requested but the optimizer is something
+    else (for example DeepSpeedCPUAdam swapped in under optimizer offload) it raises instead of training with the
+    wrong optimizer. Each training log then gets `dualadam/blend`, the weight of the inverse-Adam part in the most
+    recent step, so it reaches TensorBoard/W&B and trainer_state.json.
+    """
+
+    def __init__(self) -> None:
+        self._optimizer: DualAdam | None = None
+
+    def on_train_begin(self, args, state, control, optimizer=None, **kwargs):
+        found = find_dualadam(optimizer)
+        requested = optimizer_name(args)
+        if found is None:
+            if requested in OPTIMIZER_NAMES:
+                raise RuntimeError(
+                    f"TrainingArguments.optim is {requested!r} but the Trainer's optimizer is "
+                    f"{_wrapper_chain(optimizer)}, not DualAdam. Something replaced it: with DeepSpeed optimizer "
+                    "offload, accelerate swaps in DeepSpeedCPUAdam unless the DeepSpeed config sets "
+                    '"zero_force_ds_cpu_optimizer": false; an `optimizers=(...)` argument also overrides --optim.'
+                )
+            self._optimizer = None
+            return
+        # Resolves blend_fraction (a no-op for switch_rate/blend_steps); max_steps counts optimizer steps.
+        found.set_total_steps(state.max_steps)
+        self._optimizer = found
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if self._optimizer is None or logs is None or not ("loss" in logs or "learning_rate" in logs):
+            return
+        blend = _blend_of_latest_step(self._optimizer)
+        logs[BLEND_LOG_KEY] = blend
+        # Trainer.log stores a copy of `logs` in log_history before calling the callbacks; add the blend to
+        # that copy too so it is saved in trainer_state.json.
+        if state.log_history:
+            latest = state.log_history[-1]
+            same_entry = latest.get("step") == state.global_step and all(
+                latest.get(key) == value for key, value in logs.items() if key != BLEND_LOG_KEY
+            )
+            if same_entry:
+                latest[BLEND_LOG_KEY] = blend
+
+
+def wants_dualadam(trainer: Any) -> bool:
+    """Whether the Trainer will train with DualAdam: by `--optim`, `optimizer_cls_and_kwargs` or `optimizers`."""
+    if optimizer_name(trainer.args) in OPTIMIZER_NAMES:
+        return True
+    cls_and_kwargs = getattr(trainer, "optimizer_cls_and_kwargs", None)
+    if cls_and_kwargs is not None and isinstance(cls_and_kwargs[0], type) and issubclass(cls_and_kwargs[0], DualAdam):
+        return True
+    return find_dualadam(getattr(trainer, "optimizer", None)) is not None
+
+
+def attach_callback(trainer: Any) -> DualAdamCallback:
+    """Put one DualAdamCallback right after the flow callback, ahead of the reporting integrations.
+
+    The position matters: TensorBoard/W&B callbacks write `logs` in their own on_log, so the blend must be added
+    before they run. A DualAdamCallback the user passed is moved there rather than duplicated.
+    """
+    callbacks = trainer.callback_handler.callbacks
+    existing = [cb for cb in callbacks if isinstance(cb, DualAdamCallback)]
+    for cb in existing:
+        callbacks.remove(cb)
+    callback = existing[0] if existing else DualAdamCallback()
+    position = 0
+    for index, cb in enumerate(callbacks):
+        if isinstance(cb, DefaultFlowCallback):
+            position = index + 1
+    callbacks.insert(position, callback)
+    return callback

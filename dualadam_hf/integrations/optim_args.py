@@ -1,0 +1,137 @@
+"""From TrainingArguments to DualAdam/InvAdam constructor arguments.
+
+`--optim_args` arrives as one string "k=v,k2=v2"; this module parses it with typed values and errors that list
+the valid keys. It needs no transformers import: it only reads attributes of the arguments object.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from ..optimizer import DualAdam, InvAdam
+
+DUALADAM_NAME = "dualadam"
+INVADAM_NAME = "invadam"
+OPTIMIZER_NAMES = (DUALADAM_NAME, INVADAM_NAME)
+OPTIMIZER_CLASSES: dict[str, type[DualAdam]] = {DUALADAM_NAME: DualAdam, INVADAM_NAME: InvAdam}
+
+# Hyperparameters that TrainingArguments carries itself (learning_rate, adam_beta1, ...).
+_TRAINING_ARGUMENT_KEYS = ("lr", "betas", "eps", "weight_decay")
+
+
+def _parse_bool(raw: str) -> bool:
+    lowered = raw.lower()
+    if lowered in ("true", "1", "yes"):
+        return True
+    if lowered in ("false", "0", "no"):
+        return False
+    raise ValueError("expected true or false")
+
+
+def _parse_whole_number(raw: str) -> int:
+    value = float(raw)  # accepts "500" and "5e2"
+    if not value.is_integer():
+        raise ValueError("expected a whole number")
+    return int(value)
+
+
+_SWITCH_KEYS: dict[str, Callable[[str], Any]] = {
+    "switch_rate": float,
+    "blend_steps": _parse_whole_number,
+    "blend_fraction": float,
+}
+_COMMON_KEYS: dict[str, Callable[[str], Any]] = {"foreach": _parse_bool, "fused": _parse_bool, "maximize": _parse_bool}
+_OPTIM_ARGS_PARSERS: dict[str, dict[str, Callable[[str], Any]]] = {
+    DUALADAM_NAME: {**_SWITCH_KEYS, **_COMMON_KEYS},
+    INVADAM_NAME: dict(_COMMON_KEYS),  # InvAdam holds the blend at 1: no switch keys
+}
+
+
+def optimizer_name(training_args: Any) -> str:
+    """The plain string value of `training_args.optim` (an OptimizerNames member or a str)."""
+    optim = getattr(training_args, "optim", None)
+    return str(getattr(optim, "value", optim))
+
+
+def valid_optim_args_keys(name: str = DUALADAM_NAME) -> tuple[str, ...]:
+    """Keys accepted in `--optim_args` for `--optim <name>`."""
+    if name not in _OPTIM_ARGS_PARSERS:
+        raise ValueError(f"Unknown DualAdam optimizer name {name!r}; expected one of {', '.join(OPTIMIZER_NAMES)}")
+    return tuple(_OPTIM_ARGS_PARSERS[name])
+
+
+def parse_optim_args(text: str | None, name: str = DUALADAM_NAME) -> dict[str, Any]:
+    """Parse `--optim_args "switch_rate=8e-5,foreach=true"` into typed keyword arguments for `--optim <name>`."""
+    parsers = _OPTIM_ARGS_PARSERS[name] if name in _OPTIM_ARGS_PARSERS else {}
+    valid_keys = ", ".join(valid_optim_args_keys(name))
+    parsed: dict[str, Any] = {}
+    for entry in (text or "").split(","):
+        entry = entry.strip()
+        if not entry:
+            continue
+        key, separator, raw = (part.strip() for part in entry.partition("="))
+        if not separator or not key or not raw:
+            raise ValueError(
+                f"--optim_args entry {entry!r} is not of the form key=value "
+                f"(e.g. --optim_args \"blend_fraction=0.1\"); valid keys for --optim {name}: {valid_keys}"
+            )
+        if key not in parsers:
+            raise ValueError(f"Unknown --optim_args key {key!r} for --optim {name}; valid keys: {valid_keys}")
+        if key in parsed:
+            raise ValueError(f"--optim_args gives {key!r} twice")
+        try:
+            parsed[key] = parsers[key](raw)
+        except ValueError as error:
+            raise ValueError(f"--optim_args {key}={raw!r} is malformed ({error}); valid keys: {valid_keys}") from None
+    given_switch_keys = [key for key in _SWITCH_KEYS if key in parsed]
+    if len(given_switch_keys) > 1:
+        raise ValueError(
+            f"--optim_args gives {' and '.join(given_switch_keys)}; give only one of switch_rate, blend_steps, "
+            "blend_fraction"
+        )
+    return parsed
+
+
+def optimizer_cls_and_kwargs(training_args: Any, **overrides: Any) -> tuple[type[DualAdam], dict[str, Any]]:
+    """`(DualAdam or InvAdam, kwargs)` built from TrainingArguments, for `Trainer(optimizer_cls_and_kwargs=...)`.
+
+    lr, betas, eps and weight_decay come from learning_rate, adam_beta1/adam_beta2, adam_epsilon and
+    weight_decay. When `training_args.optim` is dualadam or invadam, `optim_args` are parsed too; otherwise they
+    belong to another optimizer and are ignored. `overrides` win over both, e.g. `blend_fraction=0.1`.
+    InvAdam is chosen only when `training_args.optim` is invadam.
+    """
+    name = optimizer_name(training_args)
+    if name not in OPTIMIZER_NAMES:
+        name = DUALADAM_NAME
+    kwargs: dict[str, Any] = {
+        "lr": training_args.learning_rate,
+        "betas": (training_args.adam_beta1, training_args.adam_beta2),
+        "eps": training_args.adam_epsilon,
+        "weight_decay": training_args.weight_decay,
+    }
+    if optimizer_name(training_args) in OPTIMIZER_NAMES:
+        kwargs.update(parse_optim_args(getattr(training_args, "optim_args", None), name))
+    allowed = _TRAINING_ARGUMENT_KEYS + valid_optim_args_keys(name)
+    unknown = sorted(set(overrides) - set(allowed))
+    if unknown:
+        class_name = OPTIMIZER_CLASSES[name].__name__
+        raise TypeError(f"Unknown {class_name} override(s) {unknown}; valid: {', '.join(allowed)}")
+    if set(overrides) & set(_SWITCH_KEYS):
+        # An override of the blend length replaces the one from optim_args instead of clashing with it.
+        for key in _SWITCH_KEYS:
+            kwargs.pop(key, None)
+    kwargs.update(overrides)
+    return OPTIMIZER_CLASSES[name], kwargs
+
+
+def check_training_args(training_args: Any) -> None:
+    """Fail at argument-parsing time, not at the first step, when the DualAdam settings are invalid."""
+    import torch
+
+    optimizer_cls, kwargs = optimizer_cls_and_kwargs(training_args)
+    # Building the optimizer over one dummy tensor runs every check of the constructor.
+    try:
+        optimizer_cls([torch.zeros(1)], **kwargs)
+    except ValueError as error:
+        raise ValueError(f"--optim {optimizer_name(training_args)}: {error}") from None

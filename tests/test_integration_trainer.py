@@ -1,0 +1,144 @@
+"""`--optim dualadam` through the Hugging Face Trainer, in-process, on the tiny offline Llama."""
+
+import pytest
+import torch
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    DataCollatorForLanguageModeling,
+    Trainer,
+    TrainerCallback,
+    TrainingArguments,
+)
+from transformers.trainer_callback import DefaultFlowCallback
+
+from dualadam_hf import DualAdam, DualAdamCallback, InvAdam, blend_weight, optimizer_cls_and_kwargs
+from dualadam_hf.integrations.callbacks import BLEND_LOG_KEY
+from dualadam_hf.integrations.unwrap import find_dualadam
+from dualadam_hf.tiny import tiny_lm_dataset
+
+
+def make_args(output_dir, **overrides) -> TrainingArguments:
+    settings = dict(
+        output_dir=str(output_dir), max_steps=8, per_device_train_batch_size=8, learning_rate=1e-2,
+        logging_steps=1, report_to="none", save_strategy="no", optim="dualadam", optim_args="blend_steps=4",
+        seed=0, disable_tqdm=True, use_cpu=True,
+    )
+    settings.update(overrides)
+    return TrainingArguments(**settings)
+
+
+def make_trainer(model_dir, args, **trainer_kwargs) -> Trainer:
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    return Trainer(
+        model=model, args=args, train_dataset=tiny_lm_dataset(tokenizer, 64),
+        data_collator=DataCollatorForLanguageModeling(tokenizer, mlm=False), **trainer_kwargs,
+    )
+
+
+def training_logs(trainer):
+    return [entry for entry in trainer.state.log_history if "loss" in entry]
+
+
+class LogRecorder(TrainerCallback):
+    def __init__(self):
+        self.logs = []
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        self.logs.append(dict(logs))
+
+
+def test_optim_dualadam_trains_resolves_blend_fraction_and_logs_blend(tiny_model_dir, tmp_path):
+    recorder = LogRecorder()
+    args = make_args(tmp_path, optim_args="blend_fraction=0.5", adam_beta1=0.8, adam_beta2=0.99, adam_epsilon=1e-7)
+    trainer = make_trainer(tiny_model_dir, args, callbacks=[recorder])
+    callbacks = trainer.callback_handler.callbacks
+    assert isinstance(callbacks[0], DefaultFlowCallback) and isinstance(callbacks[1], DualAdamCallback)
+    trainer.train()
+
+    optimizer = find_dualadam(trainer.optimizer)
+    assert type(optimizer) is DualAdam
+    group = optimizer.param_groups[0]
+    assert group["switch_rate"] == pytest.approx(1 / 4)  # half of 8 steps
+    assert group["lr"] == 0.0  # linear schedule decayed from learning_rate to 0
+    assert group["initial_lr"] == 1e-2
+    assert group["betas"] == (0.8, 0.99) and group["eps"] == 1e-7
+
+    logs = training_logs(trainer)
+    assert [entry["step"] for entry in logs] == list(range(1, 9))
+    for entry in logs:
+        assert entry[BLEND_LOG_KEY] == pytest.approx(blend_weight(entry["step"], 0.25))
+    assert logs[0][BLEND_LOG_KEY] > 0 and logs[-1][BLEND_LOG_KEY] == 0
+    assert logs[-1]["loss"] < logs[0]["loss"]
+    # Callbacks after ours (reporting integrations, user callbacks) see the blend too.
+    assert [entry[BLEND_LOG_KEY] for entry in recorder.logs if "loss" in entry] == [e[BLEND_LOG_KEY] for e in logs]
+
+
+def test_weight_decay_groups_follow_trainer_rules(tiny_model_dir, tmp_path):
+    trainer = make_trainer(tiny_model_dir, make_args(tmp_path, weight_decay=0.1, max_steps=1))
+    trainer.create_optimizer()
+    decay_names = set(trainer.get_decay_parameter_names(trainer.model))
+    names = {id(p): n for n, p in trainer.model.named_parameters()}
+    decay_group, no_decay_group = trainer.optimizer.param_groups
+    assert decay_group["weight_decay"] == 0.1 and no_decay_group["weight_decay"] == 0.0
+    assert {names[id(p)] for p in decay_group["params"]} == decay_names
+    assert all("norm" in names[id(p)] for p in no_decay_group["params"]) and no_decay_group["params"]
+
+
+def test_optim_invadam_builds_invadam_and_logs_full_blend(tiny_model_dir, tmp_path):
+    trainer = make_trainer(tiny_model_dir, make_args(tmp_path, optim="invadam", optim_args=None, max_steps=2))
+    trainer.train()
+    assert type(find_dualadam(trainer.optimizer)) is InvAdam
+    assert [entry[BLEND_LOG_KEY] for entry in training_logs(trainer)] == [1.0, 1.0]
+
+
+def test_patch_free_optimizer_cls_and_kwargs_path(tiny_model_dir, tmp_path):
+    args = make_args(tmp_path, optim="adamw_torch", optim_args=None, max_steps=4, weight_decay=0.05)
+    optimizer_cls, kwargs = optimizer_cls_and_kwargs(args, blend_steps=2)
+    assert optimizer_cls is DualAdam
+    assert kwargs == {"lr": 1e-2, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.05, "blend_steps": 2}
+    # A DualAdamCallback passed by the user is moved ahead of the others, not duplicated.
+    trainer = make_trainer(
+        tiny_model_dir, args, optimizer_cls_and_kwargs=(optimizer_cls, kwargs), callbacks=[DualAdamCallback()]
+    )
+    assert sum(isinstance(cb, DualAdamCallback) for cb in trainer.callback_handler.callbacks) == 1
+    trainer.train()
+    assert type(find_dualadam(trainer.optimizer)) is DualAdam
+    assert [entry[BLEND_LOG_KEY] for entry in training_logs(trainer)] == [blend_weight(s, 0.5) for s in (1, 2, 3, 4)]
+
+
+def test_other_optimizers_get_no_callback(tiny_model_dir, tmp_path):
+    trainer = make_trainer(tiny_model_dir, make_args(tmp_path, optim="adamw_torch", optim_args=None, max_steps=1))
+    assert not any(isinstance(cb, DualAdamCallback) for cb in trainer.callback_handler.callbacks)
+
+
+def test_requested_dualadam_but_other_optimizer_raises(tiny_model_dir, tmp_path):
+    args = make_args(tmp_path, max_steps=1)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    trainer = Trainer(
+        model=model, args=args, train_dataset=tiny_lm_dataset(tokenizer, 8),
+        data_collator=DataCollatorForLanguageModeling(tokenizer, mlm=False),
+        optimizers=(torch.optim.AdamW(model.parameters()), None),
+    )
+    with pytest.raises(RuntimeError, match="optim is 'dualadam' but the Trainer's optimizer is .*AdamW"):
+        trainer.train()
+
+
+def test_resume_from_checkpoint_matches_uninterrupted_run(tiny_model_dir, tmp_path):
+    settings = dict(max_steps=6, save_strategy="steps", save_steps=3, optim_args="blend_fraction=0.5")
+    full = make_trainer(tiny_model_dir, make_args(tmp_path / "full", **settings))
+    full.train()
+
+    resumed = make_trainer(tiny_model_dir, make_args(tmp_path / "resumed", **settings))
+    resumed.train(resume_from_checkpoint=str(tmp_path / "full" / "checkpoint-3"))
+
+    for (name, a), (_, b) in zip(full.model.named_parameters(), resumed.model.named_parameters(), strict=True):
+        assert torch.equal(a, b), name
+    full_logs = {e["step"]: e[BLEND_LOG_KEY] for e in training_logs(full)}
+    resumed_logs = {e["step"]: e[BLEND_LOG_KEY] for e in training_logs(resumed)}
+    assert set(resumed_logs) == {1, 2, 3, 4, 5, 6}  # steps 1-3 come from the checkpoint's trainer_state.json
+    assert resumed_logs == full_logs
+    assert find_dualadam(resumed.optimizer).current_step() == 6

@@ -1,0 +1,191 @@
+"""The offline math dataset: generation, train/eval disjointness, format, answer parsing and scoring,
+and that TRL's SFTTrainer puts loss on the completion only."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from dualadam_hf.recipes.math_data import (
+    ANSWER_PREFIX,
+    exact_match_accuracy,
+    format_completion,
+    generate_answers,
+    is_correct,
+    load_jsonl_dataset,
+    math_dataset,
+    parse_final_answer,
+)
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """SmolLM2 converted once per test session (same folder as in test_smollm2.py, so converted once)."""
+    from dualadam_hf.recipes.smollm2 import smollm2_path
+
+    return smollm2_path(str(tmp_path_factory.getbasetemp() / "smollm2_cache"))
+
+
+def _questions(dataset) -> set[str]:
+    return {prompt[0]["content"] for prompt in dataset["prompt"]}
+
+
+def test_columns_and_conversational_format():
+    dataset = math_dataset("train", 16)
+    assert dataset.column_names == ["prompt", "completion", "answer"]
+    assert len(dataset) == 16
+    for row in dataset:
+        assert [m["role"] for m in row["prompt"]] == ["user"]
+        assert [m["role"] for m in row["completion"]] == ["assistant"]
+        assert ANSWER_PREFIX in row["prompt"][0]["content"]  # the prompt states the answer format
+        # The worked answer ends with the final line the parser reads, and it parses to the gold answer.
+        assert row["completion"][0]["content"].splitlines()[-1] == f"{ANSWER_PREFIX} {row['answer']}"
+        assert parse_final_answer(row["completion"][0]["content"]) == row["answer"]
+        assert is_correct(row["completion"][0]["content"], row["answer"])
+
+
+def test_train_and_eval_are_disjoint_for_any_seeds():
+    train = _questions(math_dataset("train", 400))
+    assert len(train) == 400  # no duplicates within a split
+    for seed in (None, 0, 1):
+        evaluation = _questions(math_dataset("eval", 100, seed=seed))
+        assert len(evaluation) == 100
+        assert not train & evaluation
+    # Even with the same seed for both splits the hash split keeps them apart.
+    assert not _questions(math_dataset("train", 200, seed=7)) & _questions(math_dataset("eval", 100, seed=7))
+
+
+def test_deterministic_prefix_stable_and_seeded():
+    assert math_dataset("eval", 20)["answer"] == math_dataset("eval", 20)["answer"]
+    # A smaller dataset is the start of a larger one, so growing a recipe's train set keeps its first rows.
+    assert math_dataset("train", 30)["prompt"] == math_dataset("train", 60)["prompt"][:30]
+    assert _questions(math_dataset("train", 30, seed=1)) != _questions(math_dataset("train", 30, seed=2))
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="split"):
+        math_dataset("test", 4)
+    with pytest.raises(ValueError, match="size"):
+        math_dataset("train", 0)
+
+
+def test_completion_rewrites_final_line():
+    # gsm_symbolic sometimes ends with "#### 20.0" for gold "20"; the completion uses the gold form.
+    completion = format_completion("2 * 10 = 20\n#### 20.0", "20")
+    assert completion == [{"role": "assistant", "content": "2 * 10 = 20\n#### 20"}]
+    assert format_completion("no marker here", "5")[0]["content"] == "no marker here\n#### 5"
+
+
+@pytest.mark.parametrize(
+    ("text", "parsed"),
+    [
+        ("2 + 2 = 4\n#### 4", "4"),
+        ("#### 1,200", "1200"),
+        ("#### $45.50 dollars\nthen 9", "45.50"),
+        ("#### -3", "-3"),
+        ("#### 1 3", "13"),  # a word-level tokenizer decodes digits with spaces
+        ("first 5, then the answer is 7.", "7"),  # no marker: last number
+        ("#### none\nso 12", "12"),  # marker without a number: fall back
+        ("no numbers at all", None),
+        ("", None),
+    ],
+)
+def test_parse_final_answer(text, parsed):
+    assert parse_final_answer(text) == parsed
+
+
+def test_is_correct_uses_final_answer_only():
+    assert is_correct("12 + 30 = 42\n#### 42", "42")
+    assert is_correct("#### 42.0", "42")
+    assert not is_correct("12 + 30 = 42\n#### 32", "42")  # the earlier 42 does not count
+    assert not is_correct("I cannot tell.", "42")
+    assert is_correct("#### 6945.75", "6945.75")
+    assert not is_correct("#### 6945", "6945.75")
+
+
+def test_load_jsonl_dataset(tmp_path):
+    good = tmp_path / "good.jsonl"
+    rows = [{"prompt": "a", "completion": "b"}, {"prompt": "c", "completion": "d", "extra": 1}]
+    good.write_text("\n".join(json.dumps(r) for r in rows) + "\n\n", encoding="utf-8")
+    dataset = load_jsonl_dataset(good, ["prompt", "completion"])
+    assert len(dataset) == 2 and dataset["prompt"] == ["a", "c"]
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"prompt": "a"}) + "\n", encoding="utf-8")
+    with pytest.raises(ValueError, match=r"bad.jsonl:1: missing column\(s\) 'completion'"):
+        load_jsonl_dataset(bad, ["prompt", "completion"])
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text("{not json\n", encoding="utf-8")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        load_jsonl_dataset(broken, ["prompt"])
+    with pytest.raises(FileNotFoundError, match="missing.jsonl"):
+        load_jsonl_dataset(tmp_path / "missing.jsonl", ["prompt"])
+
+
+def test_sft_trainer_masks_prompt_tokens(tiny_model_dir, tmp_path):
+    """TRL treats the rows as prompt-completion data: labels are -100 on the prompt, the tokens on the answer."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import SFTConfig, SFTTrainer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    dataset = math_dataset("train", 4)
+    args = SFTConfig(
+        output_dir=str(tmp_path),
+        max_steps=1,
+        per_device_train_batch_size=2,
+        max_length=1024,
+        report_to="none",
+        use_cpu=True,
+        save_strategy="no",
+    )
+    trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer)
+    for index, row in enumerate(trainer.train_dataset):
+        prompt_ids = tokenizer.apply_chat_template(dataset[index]["prompt"], add_generation_prompt=True)
+        prompt_ids = prompt_ids["input_ids"] if hasattr(prompt_ids, "keys") else prompt_ids
+        ids, labels = row["input_ids"], row["labels"]
+        assert len(ids) == len(labels) > len(prompt_ids)
+        assert ids[: len(prompt_ids)] == list(prompt_ids)
+        assert all(label == -100 for label in labels[: len(prompt_ids)])
+        assert labels[len(prompt_ids) :] == ids[len(prompt_ids) :]  # every answer token is learned
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(2)])
+    assert (batch["labels"] != -100).sum() < batch["attention_mask"].sum()  # some real tokens are masked
+    assert trainer.train().training_loss > 0
+
+
+def test_generate_and_exact_match_on_tiny_model(tiny_model_dir):
+    """Runs end to end on the untrained tiny model: the score is a fraction and padding is restored."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    model.train()
+    dataset = math_dataset("eval", 3)
+    answers = generate_answers(model, tokenizer, dataset, max_new_tokens=4, batch_size=2)
+    assert len(answers) == 3 and all(isinstance(a, str) for a in answers)
+    assert tokenizer.padding_side == "right" and model.training  # left as found
+    accuracy = exact_match_accuracy(model, tokenizer, dataset, max_new_tokens=4, batch_size=2)
+    assert 0.0 <= accuracy <= 1.0
+    with pytest.raises(KeyError, match="'answer'"):
+        exact_match_accuracy(model, tokenizer, dataset.remove_columns("answer"), max_new_tokens=1)
+
+
+@pytest.mark.slow
+def test_sft_masks_prompt_with_smollm2_template(smollm2_dir, tmp_path):
+    """With SmolLM2's ChatML template the prompt (system, user, "assistant\\n" header) is masked and the
+    answer through <|im_end|> is learned."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import SFTConfig, SFTTrainer
+
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_dir)
+    model = AutoModelForCausalLM.from_pretrained(smollm2_dir)
+    dataset = math_dataset("train", 2)
+    args = SFTConfig(output_dir=str(tmp_path), max_length=1024, report_to="none", use_cpu=True)
+    trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer)
+    row = trainer.train_dataset[0]
+    learned = tokenizer.decode([t for t, label in zip(row["input_ids"], row["labels"], strict=True) if label != -100])
+    masked = tokenizer.decode([t for t, label in zip(row["input_ids"], row["labels"], strict=True) if label == -100])
+    answer = dataset[0]["completion"][0]["content"]
+    assert learned.startswith(answer) and "<|im_end|>" in learned
+    assert masked.endswith("<|im_start|>assistant\n") and dataset[0]["prompt"][0]["content"] in masked
