@@ -126,7 +126,7 @@ def _blocks(items, block: int):
     batch, size = [], 0
     for p, g, m, v in items:
         if all(t.is_contiguous() for t in (p, g, m, v)) and p.numel() > block:
-            views = zip(*(t.view(-1).split(block) for t in (p, g, m, v)))
+            views = zip(*(t.view(-1).split(block) for t in (p, g, m, v)), strict=True)
         else:
             views = [(p, g, m, v)]
         for quad in views:
@@ -194,7 +194,7 @@ def dualadam_foreach(
     for (step, p_dtype, g_dtype), items in buckets.items():
         bc1, bc2, r = step_scalars(step, beta1, beta2, switch_rate, inverse_only)
         for batch in _blocks(items, block):
-            p, g, m, v = (list(x) for x in zip(*batch))
+            p, g, m, v = (list(x) for x in zip(*batch, strict=True))
             work = [x.float() for x in p] if p_dtype in LOW_PRECISION else p
             if g_dtype != m[0].dtype:
                 g = [x.float() for x in g]

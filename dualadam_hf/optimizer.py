@@ -9,6 +9,7 @@ ZeRO-3, which calls ``step()`` once per sub-group, cannot over-count.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -20,6 +21,8 @@ from . import functional
 from .schedule import blend_weight, switch_rate_from_fraction, switch_rate_from_steps
 
 DEFAULT_SWITCH_RATE = 0.01
+
+_logger = logging.getLogger(__name__)
 
 ParamsT = Iterable[Tensor] | Iterable[dict[str, Any]]
 
@@ -72,8 +75,11 @@ class DualAdam(Optimizer):
         blend_fraction: the blend length as a fraction of the run; resolved by
             :meth:`set_total_steps` (the Trainer integration calls it).
         maximize: maximize the objective instead of minimizing it.
-        foreach: use the multi-tensor path (default: True).
-        fused: use the fused CUDA kernel (see ``dualadam_hf.fused``).
+        foreach: False selects the plain single-tensor path; True the multi-tensor path.
+        fused: True selects the single-pass path of the device: a Triton kernel on
+            CUDA (``dualadam_hf.fused``), ``torch.compile`` on CPU
+            (``dualadam_hf.compiled``). With both None the fastest path that needs
+            no compile step is picked per device and logged once (INFO).
 
     Steps count optimizer steps: with gradient accumulation a run of N batches
     takes N / accumulation_steps optimizer steps.
@@ -136,6 +142,10 @@ class DualAdam(Optimizer):
             return 1.0
         group = self.param_groups[group_index]
         steps = [float(self.state[p]["step"]) for p in group["params"] if "step" in self.state.get(p, {})]
+        if not steps and not group["params"]:
+            # DeepSpeed ZeRO-3 puts one sub-group's partition in params only for the
+            # duration of its step() and empties the list afterwards; the state keeps them.
+            steps = [float(s["step"]) for s in self.state.values() if "step" in s]
         step = max(steps) if steps else 0
         rate = group.get("switch_rate")
         if rate is None or step == 0:
@@ -188,8 +198,39 @@ class DualAdam(Optimizer):
 
     # -- step ---------------------------------------------------------------
 
-    def _use_fused(self, group: dict[str, Any], params: list[Tensor]) -> bool:
-        return bool(group.get("fused"))
+    def _path(self, group: dict[str, Any], params: list[Tensor]) -> str:
+        """The update path for this group: "fused", "compiled", "foreach" or "single".
+
+        ``fused=True`` asks for the single-pass path of the parameters' device:
+        the Triton kernel on CUDA, the ``torch.compile`` path on CPU (as
+        ``torch.optim.AdamW(fused=True)`` has a fused kernel per device). With
+        ``foreach=None, fused=None`` CUDA gets the Triton kernel when it applies
+        and everything else the foreach path; the compiled CPU path is opt-in
+        because its one-time compile takes tens of seconds (issue 6).
+        """
+        fused, foreach = group.get("fused"), group.get("foreach")
+        devices = {p.device for p in params}
+        device = next(iter(devices))
+        if fused:
+            if len(devices) > 1 or device.type not in ("cuda", "cpu"):
+                raise RuntimeError(
+                    f"fused=True needs all parameters of a group on one CUDA or CPU device, got {devices}"
+                )
+            path = "fused" if device.type == "cuda" else "compiled"
+        elif foreach is False:
+            path = "single"
+        elif foreach is None and fused is None and len(devices) == 1 and device.type == "cuda":
+            from .fused import fused_supported
+
+            path = "fused" if fused_supported(params) else "foreach"
+        else:
+            path = "foreach"
+        logged = self.__dict__.setdefault("_logged_paths", set())
+        if (path, device.type) not in logged:
+            logged.add((path, device.type))
+            _logger.info("%s: %s update path on %s (foreach=%s, fused=%s)",
+                         type(self).__name__, path, device.type, foreach, fused)
+        return path
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:
@@ -209,13 +250,23 @@ class DualAdam(Optimizer):
                 switch_rate=1.0 if self.inverse_only else self._switch_rate(group),
                 inverse_only=self.inverse_only, maximize=group["maximize"],
             )
-            if self._use_fused(group, params):
+            path = self._path(group, params)
+            if path == "fused":
                 from .fused import fused_dualadam
 
+                # The kernel reads the step on the device (no host sync); move it
+                # there once, e.g. after a load_state_dict that kept it on CPU.
+                for p in params:
+                    if self.state[p]["step"].device != p.device:
+                        self.state[p]["step"] = self.state[p]["step"].to(p.device)
+                steps = [self.state[p]["step"] for p in params]
                 fused_dualadam(params, grads, exp_avgs, exp_avg_sqs, steps, **hyper)
+            elif path == "compiled":
+                from .compiled import compiled_dualadam
+
+                compiled_dualadam(params, grads, exp_avgs, exp_avg_sqs, steps, **hyper)
             else:
-                foreach = group["foreach"] is not False
-                functional.dualadam(params, grads, exp_avgs, exp_avg_sqs, steps, foreach=foreach, **hyper)
+                functional.dualadam(params, grads, exp_avgs, exp_avg_sqs, steps, foreach=path == "foreach", **hyper)
         return loss
 
 

@@ -42,13 +42,15 @@ IGNORE_INDEX = -100
 class BatchSetLoss:
     """The weighted mean of per-batch losses, callable like a plain ``loss_fn``.
 
-    ``parts`` holds one closure per batch. The Hessian code uses them to
-    accumulate Hessian-vector products batch by batch, so only one batch's
-    double-backward graph is alive at a time (memory-aware); calling the object
-    gives the averaged loss for code that just wants a number.
+    ``parts`` holds one closure per batch (or group of rows); ``weights`` are
+    what each part's mean runs over (supervised tokens, rows) and are
+    normalized to sum to 1. The Hessian code uses the parts to accumulate
+    Hessian-vector products part by part, so that with ``retain_graphs=False``
+    only one part's double-backward graph is alive at a time (memory-aware);
+    calling the object gives the averaged loss for code that just wants a number.
     """
 
-    def __init__(self, parts: Sequence[LossFn], weights: Sequence[float]):
+    def __init__(self, parts: Sequence[LossFn], weights: Sequence[float], *, tokens: int = 0):
         if len(parts) == 0:
             raise ValueError("BatchSetLoss needs at least one part")
         if len(parts) != len(weights):
@@ -58,6 +60,7 @@ class BatchSetLoss:
             raise ValueError(f"weights must be >= 0 with a positive sum, got {list(weights)!r}")
         self.parts = list(parts)
         self.weights = [float(w) / total for w in weights]
+        self.tokens = int(tokens)  # input tokens over all parts, when known (sizes the graphs)
 
     def __call__(self) -> Tensor:
         return sum(w * part() for w, part in zip(self.weights, self.parts, strict=True))  # type: ignore[return-value]
@@ -137,47 +140,45 @@ def _generator(seed: int) -> torch.Generator:
 class HessianVectorProduct:
     """``v -> H v`` for the Hessian of ``loss_fn`` w.r.t. ``params`` (double backward).
 
-    With a single loss part the first-order gradient graph is built once and
-    kept (``retain_graph``), so each further product costs one extra backward.
-    With several parts (a ``BatchSetLoss`` of many batches) each product
-    rebuilds each part's graph in turn and frees it, which bounds memory by one
-    batch at the price of a forward and backward per part per product.
+    With ``retain_graphs`` (the default) each batch's first-order gradient graph
+    is built once and kept, so every further product costs one extra backward
+    pass per batch; memory then holds all batches' graphs at once. With
+    ``retain_graphs=False`` each product rebuilds each batch's graph in turn and
+    frees it, which bounds memory by one batch at the price of a forward and a
+    backward pass per batch per product (about twice the time).
     """
 
-    def __init__(self, loss_fn: LossFn, params: Sequence[Tensor]):
+    def __init__(self, loss_fn: LossFn, params: Sequence[Tensor], *, retain_graphs: bool = True):
         self.params = _check_params(params)
         self.parts = _weighted_parts(loss_fn)
+        self.retain_graphs = bool(retain_graphs)
         self.calls = 0
-        self._cached: tuple[Tensor, list[Tensor]] | None = None
+        self._cache: dict[int, list[Tensor]] = {}
 
-    def _loss_and_grads(self, part: LossFn) -> tuple[Tensor, list[Tensor]]:
-        loss = _scalar_loss(part())
+    def _grads(self, index: int) -> list[Tensor]:
+        if index in self._cache:
+            return self._cache[index]
+        loss = _scalar_loss(self.parts[index][1]())
         if not loss.requires_grad:
             raise ValueError("loss_fn() does not depend on params (its result does not require grad)")
-        grads = torch.autograd.grad(loss, self.params, create_graph=True, allow_unused=True)
-        return loss, [torch.zeros_like(p) if g is None else g for p, g in zip(self.params, grads, strict=True)]
-
-    def _grads_for(self, index: int) -> tuple[Tensor, list[Tensor]]:
-        if len(self.parts) == 1:
-            if self._cached is None:
-                self._cached = self._loss_and_grads(self.parts[0][1])
-            return self._cached
-        return self._loss_and_grads(self.parts[index][1])
+        raw = torch.autograd.grad(loss, self.params, create_graph=True, allow_unused=True)
+        grads = [torch.zeros_like(p) if g is None else g for p, g in zip(self.params, raw, strict=True)]
+        if self.retain_graphs:
+            self._cache[index] = grads
+        return grads
 
     def __call__(self, vector: Sequence[Tensor]) -> list[Tensor]:
         self.calls += 1
-        keep = len(self.parts) == 1
         out = [torch.zeros_like(p) for p in self.params]
         for index, (weight, _) in enumerate(self.parts):
-            _, grads = self._grads_for(index)
             # A gradient that does not require grad is constant in params: its
             # rows of the Hessian are zero, so it is left out of the backward.
-            pairs = [(g, v) for g, v in zip(grads, vector, strict=True) if g.requires_grad]
+            pairs = [(g, v) for g, v in zip(self._grads(index), vector, strict=True) if g.requires_grad]
             if not pairs:
                 continue
             hv = torch.autograd.grad(
                 [g for g, _ in pairs], self.params, grad_outputs=[v for _, v in pairs],
-                retain_graph=keep, allow_unused=True,
+                retain_graph=self.retain_graphs, allow_unused=True,
             )
             for o, h in zip(out, hv, strict=True):
                 if h is not None:
@@ -185,8 +186,8 @@ class HessianVectorProduct:
         return out
 
     def release(self) -> None:
-        """Free the cached graph."""
-        self._cached = None
+        """Free the retained graphs."""
+        self._cache.clear()
 
 
 # --------------------------------------------------------------------------- #
@@ -209,6 +210,7 @@ def hessian_power_iteration(
     max_iters: int = 20,
     tol: float = 1e-3,
     seed: int = 0,
+    progress: Callable[[str], None] | None = None,
 ) -> PowerIterationResult:
     """Power iteration on the Hessian; see :func:`top_hessian_eigenvalue`.
 
@@ -235,6 +237,8 @@ def hessian_power_iteration(
             return PowerIterationResult(0.0, v, it, True)
         done = eigenvalue is not None and abs(rayleigh - eigenvalue) <= tol * max(abs(rayleigh), 1e-30)
         eigenvalue = rayleigh
+        if progress is not None:
+            progress(f"eigenvalue iteration {it}/{max_iters}: {rayleigh:.6g}")
         if done:
             return PowerIterationResult(eigenvalue, v, it, True)
         v = [x / hv_norm for x in hv]
@@ -277,6 +281,7 @@ def hessian_trace_estimate(
     *,
     probes: int = 10,
     seed: int = 0,
+    progress: Callable[[str], None] | None = None,
 ) -> TraceEstimate:
     """Hutchinson's estimate ``mean_k z_k^T H z_k`` over Rademacher probes ``z_k``.
 
@@ -289,9 +294,11 @@ def hessian_trace_estimate(
     # Offset the seed so the probes are not the power iteration's start vector.
     gen = _generator(seed + 1_000_003)
     samples = []
-    for _ in range(probes):
+    for k in range(1, probes + 1):
         z = _random_vector(hvp.params, gen, "rademacher")
         samples.append(_dot(z, hvp(z)))
+        if progress is not None:
+            progress(f"trace probe {k}/{probes}: running mean {sum(samples) / k:.6g}")
     mean = sum(samples) / probes
     if probes > 1:
         var = sum((s - mean) ** 2 for s in samples) / (probes - 1)
@@ -341,27 +348,37 @@ def epsilon_sharpness(
     rho: float = 1e-3,
     seeds: int = 3,
     seed: int = 0,
+    rho_random: float | None = None,
 ) -> dict[str, float]:
     """Loss increase under perturbations of relative radius ``rho``.
 
     The radius is ``rho * ||theta||`` with ``||theta||`` the global L2 norm of
     ``params``, so the number does not depend on how the weights are scaled
-    overall. Returns a dict with:
+    overall. ``rho_random`` (default: ``rho``) is the relative radius of the
+    random directions: a random direction in millions of dimensions meets only
+    the average curvature ``tr(H) / dim``, so it needs a much larger radius than
+    the gradient step before its loss change rises above float32 round-off.
+    Returns a dict with:
 
     - ``loss``: the loss at ``theta``;
     - ``worst``: ``L(theta + r g/||g||) - L(theta)``, one normalized
       gradient-ascent step (the first-order worst case in the ball). Where the
       gradient is exactly zero there is no ascent direction; then the largest
       random increase stands in for it;
-    - ``random`` / ``random_std`` / ``random_max``: mean, standard deviation and
-      maximum of the increase over ``seeds`` Gaussian directions of norm r;
-    - ``radius``, ``rho``, ``grad_norm``, ``param_norm``.
+    - ``random`` / ``random_std``: mean and standard deviation over ``seeds``
+      Gaussian directions z of the increase, each averaged over +z and -z (of
+      norm r) so that the gradient's first-order term cancels;
+    - ``random_max``: the largest increase over those 2 * ``seeds`` points;
+    - ``radius``, ``rho``, ``radius_random``, ``rho_random``, ``grad_norm``,
+      ``param_norm``.
 
     The parameters are restored bit for bit afterwards, even on error.
     """
     params = _check_params(params)
-    if not (isinstance(rho, int | float) and rho > 0 and math.isfinite(rho)):
-        raise ValueError(f"rho must be a finite number > 0, got {rho!r}")
+    rho_random = rho if rho_random is None else rho_random
+    for name, value in (("rho", rho), ("rho_random", rho_random)):
+        if not (isinstance(value, int | float) and value > 0 and math.isfinite(value)):
+            raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
     if not isinstance(seeds, int) or seeds < 1:
         raise ValueError(f"seeds must be an int >= 1, got {seeds!r}")
     gen = _generator(seed + 2_000_003)
@@ -370,6 +387,7 @@ def epsilon_sharpness(
     if param_norm == 0.0:
         raise ValueError("all trainable parameters are zero: a radius relative to ||theta|| is undefined")
     radius = float(rho) * param_norm
+    radius_random = float(rho_random) * param_norm
 
     def loss_at(direction: Sequence[Tensor], scale: float) -> float:
         with torch.no_grad():
@@ -384,11 +402,17 @@ def epsilon_sharpness(
 
     loss0, grad = _loss_and_gradient(loss_fn, params)
     grad_norm = _norm(grad)
-    increases = []
+    increases, singles = [], []
     for _ in range(seeds):
         z = _random_vector(params, gen, "normal")
-        increases.append(loss_at(z, radius / _norm(z)) - loss0)
-    worst = loss_at(grad, radius / grad_norm) - loss0 if grad_norm > 0 else max(increases)
+        scale = radius_random / _norm(z)
+        # Antithetic pair: the mean of the +z and -z increases cancels the
+        # gradient's first-order term, which away from an exact minimum is
+        # random noise of either sign, and keeps the curvature term.
+        up, down = loss_at(z, scale) - loss0, loss_at(z, -scale) - loss0
+        increases.append(0.5 * (up + down))
+        singles += [up, down]
+    worst = loss_at(grad, radius / grad_norm) - loss0 if grad_norm > 0 else max(singles)
     mean = sum(increases) / seeds
     std = math.sqrt(sum((x - mean) ** 2 for x in increases) / (seeds - 1)) if seeds > 1 else 0.0
     return {
@@ -396,9 +420,11 @@ def epsilon_sharpness(
         "worst": worst,
         "random": mean,
         "random_std": std,
-        "random_max": max(increases),
+        "random_max": max(singles),
         "radius": radius,
         "rho": float(rho),
+        "radius_random": radius_random,
+        "rho_random": float(rho_random),
         "grad_norm": grad_norm,
         "param_norm": param_norm,
     }
@@ -438,12 +464,15 @@ def _double_backward_attention() -> Iterator[None]:
         yield
 
 
-def _prepare_batch(batch: Mapping[str, Any], index: int, causal: bool, device: torch.device) -> tuple[dict, float]:
+def _prepare_batch(batch: Mapping[str, Any], index: int, causal: bool, device: torch.device) -> dict[str, Any]:
     if not isinstance(batch, Mapping):
         raise TypeError(f"batches[{index}] must be a dict of tensors, got {type(batch).__name__}")
-    if "input_ids" not in batch and "inputs_embeds" not in batch:
+    if "input_ids" not in batch:
         raise ValueError(f"batches[{index}] has no input_ids (keys: {sorted(batch)})")
     out = {k: (v.to(device) if isinstance(v, Tensor) else v) for k, v in batch.items()}
+    if out["input_ids"].dim() != 2:
+        shape = tuple(out["input_ids"].shape)
+        raise ValueError(f"batches[{index}]['input_ids'] must be (rows, tokens), got shape {shape}")
     if "labels" not in out:
         if not causal:
             raise ValueError(f"batches[{index}] has no labels; a sequence classifier needs them")
@@ -451,26 +480,47 @@ def _prepare_batch(batch: Mapping[str, Any], index: int, causal: bool, device: t
         if "attention_mask" in out:
             labels[out["attention_mask"] == 0] = IGNORE_INDEX
         out["labels"] = labels
-    labels = out["labels"]
+    if causal:
+        out.setdefault("use_cache", False)
+    if _weight(out, causal) <= 0:
+        raise ValueError(f"batches[{index}] has no supervised tokens (all labels are {IGNORE_INDEX})")
+    return out
+
+
+def _weight(batch: Mapping[str, Any], causal: bool) -> float:
+    """What the model's mean loss over ``batch`` averages over: supervised tokens, or rows."""
+    labels = batch["labels"]
     if causal:
         # HF shifts labels by one inside the model: the first position predicts nothing.
-        weight = float((labels[..., 1:] != IGNORE_INDEX).sum())
-        out.setdefault("use_cache", False)
-    else:
-        weight = float(labels.shape[0])
-    if weight <= 0:
-        raise ValueError(f"batches[{index}] has no supervised tokens (all labels are {IGNORE_INDEX})")
-    return out, weight
+        return float((labels[..., 1:] != IGNORE_INDEX).sum())
+    return float(labels.shape[0])
 
 
-def model_loss_fn(model: torch.nn.Module, batches: Sequence[Mapping[str, Any]]) -> BatchSetLoss:
+def _split_rows(batch: dict[str, Any], max_tokens: int | None) -> list[dict[str, Any]]:
+    rows, width = batch["input_ids"].shape
+    step = rows if max_tokens is None else max(1, max_tokens // max(width, 1))
+    if step >= rows:
+        return [batch]
+    return [
+        {k: (v[i:i + step] if isinstance(v, Tensor) and v.dim() > 0 and v.shape[0] == rows else v)
+         for k, v in batch.items()}
+        for i in range(0, rows, step)
+    ]
+
+
+def model_loss_fn(
+    model: torch.nn.Module, batches: Sequence[Mapping[str, Any]], *, max_tokens_per_part: int | None = None
+) -> BatchSetLoss:
     """The loss closure of a Hugging Face model over a fixed list of batches.
 
     Each batch is a dict of tensors for ``model(**batch)``: ``input_ids`` and
     ``attention_mask``, and ``labels`` (for a causal LM they default to the
     input ids with padding masked out; a sequence classifier needs them). The
     result is the mean loss over all supervised tokens (causal LM) or examples
-    (classification), split per batch so Hessian products can go batch by batch.
+    (classification), split into parts so Hessian products can go part by part:
+    one part per batch, or, with ``max_tokens_per_part``, batches cut into
+    groups of rows holding at most that many tokens (at least one row). The
+    split does not change the loss: parts are weighted by what they average.
 
     The caller puts the model in eval mode (dropout would make the loss random);
     :func:`measure_sharpness` does. Works the same for PEFT models: which
@@ -478,12 +528,19 @@ def model_loss_fn(model: torch.nn.Module, batches: Sequence[Mapping[str, Any]]) 
     """
     if isinstance(batches, Mapping) or not isinstance(batches, Sequence) or len(batches) == 0:
         raise ValueError("batches must be a non-empty list of dicts of tensors")
+    if max_tokens_per_part is not None and max_tokens_per_part < 1:
+        raise ValueError(f"max_tokens_per_part must be >= 1 or None, got {max_tokens_per_part!r}")
     causal = is_causal_lm(model)
     try:
         device = next(model.parameters()).device
     except StopIteration:
         raise ValueError("model has no parameters") from None
-    prepared = [_prepare_batch(b, i, causal, device) for i, b in enumerate(batches)]
+    parts = [
+        part
+        for i, b in enumerate(batches)
+        for part in _split_rows(_prepare_batch(b, i, causal, device), max_tokens_per_part)
+        if _weight(part, causal) > 0  # a row group with no supervised token adds nothing
+    ]
 
     def make_part(inputs: dict) -> LossFn:
         def part() -> Tensor:
@@ -496,7 +553,8 @@ def model_loss_fn(model: torch.nn.Module, batches: Sequence[Mapping[str, Any]]) 
 
         return part
 
-    return BatchSetLoss([make_part(inputs) for inputs, _ in prepared], [w for _, w in prepared])
+    return BatchSetLoss([make_part(inputs) for inputs in parts], [_weight(p, causal) for p in parts],
+                        tokens=sum(int(p["input_ids"].numel()) for p in parts))
 
 
 PARAM_CHOICES = ("trainable", "all", "lora")
@@ -545,37 +603,61 @@ def measure_sharpness(
     tol: float = 1e-3,
     probes: int = 10,
     rho: float = 1e-3,
+    rho_random: float = 0.05,
     seeds: int = 3,
     params: str | Sequence[Tensor] = "trainable",
+    max_graph_tokens: int = 512,
+    progress: Callable[[str], None] | None = None,
 ) -> dict[str, float]:
     """All flatness numbers for a Hugging Face model (full or PEFT) on fixed batches.
 
     ``params`` is ``"trainable"`` (default; the adapters of a PEFT model),
     ``"lora"``, ``"all"``, or an explicit list of the model's tensors.
+    ``max_graph_tokens`` bounds memory: the double-backward graphs of at most
+    that many input tokens are alive at once. When all batches fit, their
+    graphs are built once and kept; otherwise the batches are cut into row
+    groups of at most that many tokens and each product rebuilds each group's
+    graph in turn (about twice the time). A SmolLM2-135M graph takes about
+    8 MB per token in float32 (docs/readme/sharpness.md).
+    ``progress`` receives one line per Hessian-vector product.
 
     Returns ``loss``, ``top_eigenvalue``, ``hessian_trace``, ``sharpness_worst``,
     ``sharpness_random`` and, for context, ``eigenvalue_iterations``,
     ``eigenvalue_converged`` (1.0/0.0), ``hessian_trace_stderr``, ``probes``,
-    ``sharpness_random_std``, ``rho``, ``radius``, ``grad_norm``, ``param_norm``,
-    ``num_params``, ``num_batches`` and wall times ``seconds_eigenvalue``,
+    ``sharpness_random_std``, ``rho``, ``radius``, ``rho_random``,
+    ``radius_random``, ``grad_norm``, ``param_norm``,
+    ``num_params``, ``num_parts`` (row groups), ``num_tokens``,
+    ``graphs_retained`` (1.0/0.0) and wall times ``seconds_eigenvalue``,
     ``seconds_trace``, ``seconds_epsilon``, ``seconds_total``.
     """
+    # Check every setting before minutes of Hessian products, not after.
+    for name, value in (("max_iters", max_iters), ("probes", probes), ("seeds", seeds)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+    if not (isinstance(tol, int | float) and tol > 0):
+        raise ValueError(f"tol must be > 0, got {tol!r}")
+    for name, value in (("rho", rho), ("rho_random", rho_random)):
+        if not (isinstance(value, int | float) and value > 0 and math.isfinite(value)):
+            raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+    if not isinstance(max_graph_tokens, int) or max_graph_tokens < 1:
+        raise ValueError(f"max_graph_tokens must be an int >= 1, got {max_graph_tokens!r}")
     tensors = [p for _, p in select_parameters(model, params)] if isinstance(params, str) else list(params)
     if not tensors:
         raise ValueError("params is empty: there are no parameters to measure")
     start = time.perf_counter()
     with _measuring(model, tensors):
-        loss_fn = model_loss_fn(model, batches)
-        hvp = HessianVectorProduct(loss_fn, tensors)
+        loss_fn = model_loss_fn(model, batches, max_tokens_per_part=max_graph_tokens)
+        retain = loss_fn.tokens <= max_graph_tokens or len(loss_fn) == 1
+        hvp = HessianVectorProduct(loss_fn, tensors, retain_graphs=retain)
         try:
             t0 = time.perf_counter()
-            power = hessian_power_iteration(hvp, max_iters=max_iters, tol=tol, seed=seed)
+            power = hessian_power_iteration(hvp, max_iters=max_iters, tol=tol, seed=seed, progress=progress)
             t1 = time.perf_counter()
-            trace = hessian_trace_estimate(hvp, probes=probes, seed=seed)
+            trace = hessian_trace_estimate(hvp, probes=probes, seed=seed, progress=progress)
             t2 = time.perf_counter()
         finally:
             hvp.release()
-        eps = epsilon_sharpness(loss_fn, tensors, rho=rho, seeds=seeds, seed=seed)
+        eps = epsilon_sharpness(loss_fn, tensors, rho=rho, seeds=seeds, seed=seed, rho_random=rho_random)
         t3 = time.perf_counter()
     return {
         "loss": eps["loss"],
@@ -590,10 +672,14 @@ def measure_sharpness(
         "sharpness_random_std": eps["random_std"],
         "rho": eps["rho"],
         "radius": eps["radius"],
+        "rho_random": eps["rho_random"],
+        "radius_random": eps["radius_random"],
         "grad_norm": eps["grad_norm"],
         "param_norm": eps["param_norm"],
         "num_params": float(sum(p.numel() for p in tensors)),
-        "num_batches": float(len(loss_fn)),
+        "num_parts": float(len(loss_fn)),
+        "num_tokens": float(loss_fn.tokens),
+        "graphs_retained": 1.0 if retain else 0.0,
         "seconds_eigenvalue": t1 - t0,
         "seconds_trace": t2 - t1,
         "seconds_epsilon": t3 - t2,
