@@ -618,7 +618,7 @@ def measure_sharpness(
     graphs are built once and kept; otherwise the batches are cut into row
     groups of at most that many tokens and each product rebuilds each group's
     graph in turn (about twice the time). A SmolLM2-135M graph takes about
-    8 MB per token in float32 (docs/readme/sharpness.md).
+    12 MB per token in float32 (docs/readme/sharpness.md).
     ``progress`` receives one line per Hessian-vector product.
 
     Returns ``loss``, ``top_eigenvalue``, ``hessian_trace``, ``sharpness_worst``,
