@@ -1,0 +1,110 @@
+"""The Triton kernel of the fused path; imported only when that path runs (see ``fused``)."""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def cast(x, DTYPE: tl.constexpr, EMULATE_RTNE: tl.constexpr):
+    # Compiled kernels round fp32 -> bf16 to nearest even; the interpreter
+    # truncates (triton/runtime/interpreter.py, cast_impl), which biases every
+    # stored bf16 parameter toward zero. Round by hand only there.
+    if EMULATE_RTNE and DTYPE == tl.bfloat16:
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = bits + 0x7FFF + ((bits >> 16) & 1)
+        return (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    else:
+        return x.to(DTYPE)
+
+
+@triton.jit
+def update_block(p_ptrs, g_ptrs, m_ptrs, v_ptrs, offs, numel, decay, adam, inv, eps_c, b1, b2,
+                 P_DTYPE: tl.constexpr, S_DTYPE: tl.constexpr, MAXIMIZE: tl.constexpr,
+                 EMULATE_RTNE: tl.constexpr, MASKED: tl.constexpr):
+    """The update of DESIGN section 1 on one block, in fp32, with folded scalars."""
+    if MASKED:
+        mask = offs < numel
+        g = tl.load(g_ptrs, mask=mask, other=0.0).to(tl.float32)
+        m = tl.load(m_ptrs, mask=mask, other=0.0).to(tl.float32)
+        v = tl.load(v_ptrs, mask=mask, other=0.0).to(tl.float32)
+        p = tl.load(p_ptrs, mask=mask, other=0.0).to(tl.float32)
+    else:
+        g = tl.load(g_ptrs).to(tl.float32)
+        m = tl.load(m_ptrs).to(tl.float32)
+        v = tl.load(v_ptrs).to(tl.float32)
+        p = tl.load(p_ptrs).to(tl.float32)
+    if MAXIMIZE:
+        g = -g
+    m = m + (1.0 - b1) * (g - m)
+    v = b2 * v + (1.0 - b2) * g * g
+    den = tl.sqrt_rn(v) + eps_c
+    p = p * decay - adam * tl.div_rn(m, den) - inv * (m * den)
+    if MASKED:
+        tl.store(p_ptrs, cast(p, P_DTYPE, EMULATE_RTNE), mask=mask)
+        tl.store(m_ptrs, cast(m, S_DTYPE, EMULATE_RTNE), mask=mask)
+        tl.store(v_ptrs, cast(v, S_DTYPE, EMULATE_RTNE), mask=mask)
+    else:
+        tl.store(p_ptrs, cast(p, P_DTYPE, EMULATE_RTNE))
+        tl.store(m_ptrs, cast(m, S_DTYPE, EMULATE_RTNE))
+        tl.store(v_ptrs, cast(v, S_DTYPE, EMULATE_RTNE))
+
+
+# n_tensors varies with the model; specializing on it would compile per model size.
+@triton.jit(do_not_specialize=["n_tensors"])
+def dualadam_kernel(
+    # "fp64": Triton passes Python floats as fp32 unless annotated (ruff reads the
+    # strings as names, hence noqa).
+    chunk_tensor, table, n_tensors, lr_ptr, lr_value: "fp64",  # noqa: F821
+    beta1: "fp64", beta2: "fp64", log_beta1: "fp64", log_beta2: "fp64", eps: "fp64",  # noqa: F821
+    weight_decay: "fp64", switch_rate: "fp64", last_step: "fp64",  # noqa: F821
+    P_DTYPE: tl.constexpr, G_DTYPE: tl.constexpr, S_DTYPE: tl.constexpr,
+    LR_FROM_PTR: tl.constexpr, MAXIMIZE: tl.constexpr, BLOCK: tl.constexpr,
+    EMULATE_RTNE: tl.constexpr, ALIGNED: tl.constexpr,
+):
+    # table rows (int64, n_tensors each): p, g, m, v, step pointers, numel, first program
+    pid = tl.program_id(0)
+    i = tl.load(chunk_tensor + pid)
+    p_ptr = tl.load(table + i).to(tl.pointer_type(P_DTYPE))
+    g_ptr = tl.load(table + n_tensors + i).to(tl.pointer_type(G_DTYPE))
+    m_ptr = tl.load(table + 2 * n_tensors + i).to(tl.pointer_type(S_DTYPE))
+    v_ptr = tl.load(table + 3 * n_tensors + i).to(tl.pointer_type(S_DTYPE))
+    step_ptr = tl.load(table + 4 * n_tensors + i).to(tl.pointer_type(tl.float32))
+    numel = tl.load(table + 5 * n_tensors + i)
+    first = tl.load(table + 6 * n_tensors + i)
+
+    # Per-tensor scalars in float64 (the step was already incremented).
+    t = tl.load(step_ptr).to(tl.float64)
+    if LR_FROM_PTR:
+        lr = tl.load(lr_ptr).to(tl.float64)
+    else:
+        lr = lr_value
+    bc1 = 1.0 - tl.exp(t * log_beta1)
+    bc2 = 1.0 - tl.exp(t * log_beta2)
+    r = tl.where(t <= last_step, tl.maximum(1.0 - t * switch_rate, 0.0), 0.0)
+    c = tl.sqrt(bc2)  # float64 sqrt is correctly rounded
+    # mh/d = (c/bc1) * m/den and mh*d = m*den/(bc1*c) with den = sqrt(v) + eps*c
+    adam = (lr * (1.0 - r) * c / bc1).to(tl.float32)
+    inv = (lr * r / (bc1 * c)).to(tl.float32)
+    decay = (1.0 - lr * weight_decay).to(tl.float32)
+    eps_c = (eps * c).to(tl.float32)
+    b1 = tl.cast(beta1, tl.float32)
+    b2 = tl.cast(beta2, tl.float32)
+
+    start = (pid - first) * BLOCK
+    offs = start + tl.arange(0, BLOCK).to(tl.int64)
+    if ALIGNED:
+        # Pointers read from a table carry no alignment facts; without these
+        # hints every access is a scalar load. The launcher checks alignment.
+        p_ptr = tl.multiple_of(p_ptr, 16)
+        g_ptr = tl.multiple_of(g_ptr, 16)
+        m_ptr = tl.multiple_of(m_ptr, 16)
+        v_ptr = tl.multiple_of(v_ptr, 16)
+        offs = tl.max_contiguous(tl.multiple_of(offs, BLOCK), BLOCK)
+    # A mask of unknown divisibility also forces scalar accesses: only the
+    # last block of a tensor is masked.
+    if start + BLOCK <= numel:
+        update_block(p_ptr + offs, g_ptr + offs, m_ptr + offs, v_ptr + offs, offs, numel,
+                     decay, adam, inv, eps_c, b1, b2, P_DTYPE, S_DTYPE, MAXIMIZE, EMULATE_RTNE, False)
+    else:
+        update_block(p_ptr + offs, g_ptr + offs, m_ptr + offs, v_ptr + offs, offs, numel,
+                     decay, adam, inv, eps_c, b1, b2, P_DTYPE, S_DTYPE, MAXIMIZE, EMULATE_RTNE, True)

@@ -1,0 +1,131 @@
+"""The Triton kernel against the float64 reference, run on CPU by the Triton interpreter.
+
+The kernel module is (re)imported with TRITON_INTERPRET=1, which Triton reads
+when it decorates a kernel, and the previous kernel is put back afterwards, so
+the rest of a test session (on a GPU machine: inductor's Triton kernels) is not
+interpreted. The tests are skipped only when triton cannot be imported.
+Interpreted kernels are slow: tiny tensors and few steps, with a switch rate
+that still crosses from the blend into the Adam phase.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import pytest
+import torch
+
+pytest.importorskip("triton", reason="triton is not installed")
+
+from dualadam_hf import fused  # noqa: E402
+from dualadam_hf.compiled import last_active_step  # noqa: E402
+from dualadam_hf.fused import fused_dualadam  # noqa: E402
+from tests.reference import ReferenceDualAdam, max_rel_err  # noqa: E402
+
+
+@pytest.fixture(scope="module", autouse=True)
+def interpreted_kernel():
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("TRITON_INTERPRET", "1")
+        import dualadam_hf._fused_kernel as kernel_module
+
+        kernel_module = importlib.reload(kernel_module)
+        mp.setattr(fused, "_kernel", kernel_module.dualadam_kernel)
+        yield
+
+
+# Sizes straddle the program block (set to 64 below); () and (0,) test the edges.
+SHAPES = [(), (1,), (7,), (5, 3), (0,), (9, 17), (130,)]
+STEPS = 24
+SWITCH = 0.1  # blend active through step 9, then Adam
+
+
+@pytest.fixture(autouse=True)
+def small_block(monkeypatch):
+    monkeypatch.setattr(fused, "BLOCK", 64)
+    fused._tables.clear()
+    yield
+    fused._tables.clear()
+
+
+def _run(*, p_dtype=torch.float32, s_dtype=torch.float32, maximize=False, inverse_only=False,
+         lr_tensor=False, steps=STEPS, noncontig=False, drop_every=0):
+    gen = torch.Generator().manual_seed(0)
+    params = [torch.randn(s, generator=gen).to(p_dtype) for s in SHAPES]
+    if noncontig:
+        params[5] = torch.randn(17, 9, generator=gen).to(p_dtype).t()
+    lr, wd = 1e-2, 0.1
+    ref = ReferenceDualAdam(params, lrs=[lr] * len(params), weight_decays=[wd] * len(params),
+                            switch_rate=SWITCH, maximize=maximize, inverse_only=inverse_only,
+                            round_to=p_dtype if p_dtype != torch.float32 else None)
+    ms = [torch.zeros(p.shape, dtype=s_dtype) for p in params]
+    vs = [torch.zeros(p.shape, dtype=s_dtype) for p in params]
+    steps_t = [torch.tensor(0.0) for _ in params]
+    for k in range(steps):
+        grads = [torch.randn(p.shape, generator=gen) * (0.5 + i) for i, p in enumerate(params)]
+        live = [i for i in range(len(params)) if not (drop_every and i == 1 and k % drop_every == 0)]
+        fused_dualadam(
+            [params[i] for i in live], [grads[i].to(p_dtype) for i in live], [ms[i] for i in live],
+            [vs[i] for i in live], [steps_t[i] for i in live],
+            lr=torch.tensor(lr) if lr_tensor else lr, beta1=0.9, beta2=0.999, eps=1e-8,
+            weight_decay=wd, switch_rate=SWITCH, inverse_only=inverse_only, maximize=maximize,
+        )
+        ref.step([g if i in live else None for i, g in enumerate(grads)])
+    return params, ref, steps_t
+
+
+@pytest.mark.parametrize("maximize", [False, True])
+def test_fp32_matches_reference_across_the_blend(maximize):
+    params, ref, steps = _run(maximize=maximize)
+    assert max_rel_err(params, ref.p) < 1e-5
+    assert all(s.item() == STEPS for s in steps)
+
+
+def test_invadam_and_tensor_lr():
+    params, ref, _ = _run(inverse_only=True, lr_tensor=True, steps=8)
+    assert max_rel_err(params, ref.p) < 1e-5
+
+
+def test_parameters_at_different_steps_and_noncontiguous_fallback():
+    params, ref, steps = _run(drop_every=3, noncontig=True)
+    assert max_rel_err(params, ref.p) < 1e-5
+    assert steps[1].item() == STEPS - len(range(0, STEPS, 3))
+
+
+def test_bf16_params_fp32_state():
+    params, ref, _ = _run(p_dtype=torch.bfloat16, steps=12)
+    # The reference rounds to bf16 after every step as the kernel does.
+    assert max_rel_err(params, ref.p) < 1e-2
+
+
+def test_bf16_state_stays_close():
+    a, ref, _ = _run(s_dtype=torch.bfloat16, steps=12)
+    assert max_rel_err(a, ref.p) < 2e-2
+
+
+def test_launch_tables_are_reused_while_tensors_stay_put():
+    # What CUDA graph capture needs: with static gradient buffers a step does no
+    # host-to-device copy, so the step, blend weight and lr are read on the device.
+    p = [torch.randn(70), torch.randn(3, 5)]
+    g = [torch.zeros_like(x) for x in p]
+    m = [torch.zeros_like(x) for x in p]
+    v = [torch.zeros_like(x) for x in p]
+    s = [torch.tensor(0.0) for _ in p]
+    lr = torch.tensor(1e-2)
+    for k in range(3):
+        for x in g:
+            x.copy_(torch.randn(x.shape))
+        lr.fill_(1e-2 / (k + 1))
+        fused_dualadam(p, g, m, v, s, lr=lr, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0,
+                       switch_rate=0.5)
+    assert len(fused._tables) == 1
+    assert [x.item() for x in s] == [3.0, 3.0]
+
+
+@pytest.mark.parametrize("rate", [0.01, 0.1, 0.3, 1 / 7, 8e-5, 1.0, 0.0])
+def test_last_active_step_matches_schedule(rate):
+    from dualadam_hf.schedule import blend_weight
+
+    last = last_active_step(rate)
+    for t in [1, 2, 3, 6, 7, 8, 9, 10, 11, 99, 100, 101, 12499, 12500, 12501]:
+        assert (blend_weight(t, rate) > 0) == (t <= last)
