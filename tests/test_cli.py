@@ -1,0 +1,94 @@
+"""The `dualadam-hf` command: subcommands, error exits before training, and `train` end to end."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from dualadam_hf import __version__
+from dualadam_hf.cli import main
+
+DEFAULT_RECIPE = str(Path(__file__).resolve().parents[1] / "recipes" / "smollm2_math_lora.yaml")
+
+
+def test_version_and_help_list_the_subcommands(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0 and __version__ in capsys.readouterr().out
+    assert main([]) == 0
+    printed = capsys.readouterr().out
+    for command in ("train", "compare", "sharpness"):
+        assert command in printed
+
+
+def test_console_entry_point_runs_as_a_module():
+    result = subprocess.run([sys.executable, "-m", "dualadam_hf.cli", "--version"], capture_output=True, text=True)
+    assert result.returncode == 0 and result.stdout.strip() == f"dualadam-hf {__version__}"
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["train", "--config", "recipes/nope.yaml"], "recipe not found: recipes/nope.yaml"),
+        (["train", "--config", DEFAULT_RECIPE, "--optim", "adam_w"], "unknown optimizer 'adam_w'"),
+        (["train", "--config", DEFAULT_RECIPE, "--lora_alfa", "4"], "'lora_alfa' (did you mean 'lora_alpha'?)"),
+        (["compare", "--config", DEFAULT_RECIPE, "--optims", "adamw_torch,foo"], "unknown optimizer 'foo'"),
+        (["compare", "--config", DEFAULT_RECIPE, "--seeds", "0"], "--seeds must be >= 1"),
+    ],
+)
+def test_bad_input_exits_with_code_2_and_a_message(argv, message, capsys):
+    assert main(argv) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_missing_model_is_reported_before_training(tmp_path, capsys):
+    argv = ["train", "--config", DEFAULT_RECIPE, "--model_name_or_path", str(tmp_path / "nothing"),
+            "--output_dir", str(tmp_path / "out")]
+    assert main(argv) == 2
+    assert "model path not found" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_sharpness_subcommand_is_wired(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["sharpness", "--help"])
+    assert exit_info.value.code == 0 and "--model" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_train_smoke_on_the_default_recipe_with_a_tiny_model(tiny_model_dir, tmp_path):
+    """`train --smoke`: real math data, answer-only loss, accuracy by generation, then resume from the log."""
+    out = tmp_path / "run"
+    argv = ["train", "--config", DEFAULT_RECIPE, "--smoke", "--model_name_or_path", tiny_model_dir,
+            "--output_dir", str(out)]
+    assert main(argv) == 0
+    state = json.loads((out / "trainer_state.json").read_text())
+    assert state["global_step"] == 2
+    keys = {k for entry in state["log_history"] for k in entry}
+    assert {"loss", "eval_loss", "eval_accuracy", "peak_memory_mb", "train_runtime", "dualadam/blend"} <= keys
+    assert (out / "adapter_config.json").is_file() and (out / "checkpoint-2").is_dir()
+    # Asking for 2 more steps resumes from checkpoint-2 instead of starting over.
+    assert main(argv + ["--max_steps", "4", "--resume_from_checkpoint", "last"]) == 0
+    history = json.loads((out / "trainer_state.json").read_text())["log_history"]
+    assert [e["step"] for e in history if "loss" in e] == [1, 2, 3, 4]
+
+
+@pytest.mark.multiprocess
+def test_train_under_accelerate_launch_with_two_processes(tiny_model_dir, tmp_path):
+    out = tmp_path / "run"
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2", "--num_machines", "1",
+        "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "dualadam_hf.cli", "train",
+        "--config", DEFAULT_RECIPE, "--smoke", "--model_name_or_path", tiny_model_dir, "--output_dir", str(out),
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    state = json.loads((out / "trainer_state.json").read_text())
+    assert state["global_step"] == 2
+    assert any("eval_accuracy" in entry for entry in state["log_history"])

@@ -1,0 +1,216 @@
+"""Recipe parsing: every shipped recipe loads, overrides win, and each kind of bad input gets a clear error."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from dualadam_hf.recipes import RecipeError, load_recipe
+from dualadam_hf.recipes.data import gsm8k_to_chat, load_splits
+from dualadam_hf.recipes.train import build_trainer
+
+RECIPES = sorted((Path(__file__).resolve().parents[1] / "recipes").glob("*.yaml"))
+GPU_RECIPES = [p for p in RECIPES if "bf16: true" in p.read_text()]
+# What makes a GPU recipe parse on this CPU machine.
+CPU_OVERRIDES = ["--bf16", "false", "--dtype", "float32"]
+
+
+def write_recipe(folder: Path, text: str) -> Path:
+    path = folder / "recipe.yaml"
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+BASE = """
+model_name_or_path: some/model
+dataset_name: data.jsonl
+learning_rate: 1e-4
+optim: dualadam
+optim_args: blend_fraction=0.1
+use_peft: true
+lora_target_modules: [q_proj, v_proj]
+max_steps: 3
+bf16: false
+"""
+
+
+def test_there_are_cpu_and_gpu_recipes():
+    names = {p.name for p in RECIPES}
+    assert {"smollm2_math_lora.yaml", "smollm2_math_full.yaml", "roberta_sst2_lora.yaml"} <= names
+    assert len(GPU_RECIPES) >= 3
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.name)
+def test_recipe_loads_and_its_header_is_the_command(path):
+    overrides = CPU_OVERRIDES if path in GPU_RECIPES else []
+    recipe = load_recipe(path, overrides)
+    assert recipe.args.model_name_or_path and recipe.args.dataset_name
+    assert recipe.training_args.optim == "dualadam"
+    lines = path.read_text().splitlines()
+    assert lines[0].startswith("# ")
+    header = [line for line in lines if line.startswith("#   ")]
+    # The first command line of the header names this very recipe.
+    assert header and f"--config recipes/{path.name}" in header[0] and "dualadam-hf" in header[0]
+    assert any("Hardware:" in line for line in lines[:12])
+    if path in GPU_RECIPES:
+        assert "accelerate_configs/" in path.read_text()
+        for config in re.findall(r"accelerate_configs/[\w.]+\.yaml", path.read_text()):
+            assert (path.parents[1] / config).is_file(), config
+
+
+def test_command_line_overrides_win_and_are_typed(tmp_path):
+    recipe = load_recipe(
+        write_recipe(tmp_path, BASE),
+        ["--learning_rate", "3e-3", "--max_steps=7", "--lora_target_modules", "k_proj", "--use_peft", "false",
+         "--eval_size", "none", "--train_size", "12", "--logging_first_step"],
+    )
+    assert recipe.training_args.learning_rate == pytest.approx(3e-3)
+    assert recipe.training_args.max_steps == 7
+    assert recipe.args.lora_target_modules == ["k_proj"]
+    assert recipe.args.use_peft is False
+    assert recipe.args.eval_size is None and recipe.args.train_size == 12
+    assert recipe.training_args.logging_first_step is True
+    # Untouched YAML values stay, with YAML's "1e-4" string read as a float.
+    assert recipe.training_args.optim_args == "blend_fraction=0.1"
+    plain = load_recipe(write_recipe(tmp_path, BASE))
+    assert plain.training_args.learning_rate == pytest.approx(1e-4)
+    assert plain.args.lora_target_modules == ["q_proj", "v_proj"]
+
+
+def test_list_override_with_several_values_and_commas(tmp_path):
+    path = write_recipe(tmp_path, BASE)
+    assert load_recipe(path, ["--lora_target_modules", "a", "b"]).args.lora_target_modules == ["a", "b"]
+    assert load_recipe(path, ["--lora_target_modules", "a,b"]).args.lora_target_modules == ["a", "b"]
+    with pytest.raises(RecipeError, match="max_steps takes one value"):
+        load_recipe(path, ["--max_steps", "1", "2"])
+
+
+def test_unknown_yaml_key_is_named_with_a_suggestion_and_the_valid_keys(tmp_path):
+    with pytest.raises(RecipeError) as error:
+        load_recipe(write_recipe(tmp_path, BASE + "lerning_rate: 0.1\n"))
+    message = str(error.value)
+    assert "'lerning_rate'" in message and "did you mean 'learning_rate'" in message
+    assert "Valid recipe keys:" in message and "accuracy_size" in message
+    assert "Valid SFTConfig keys:" in message and "gradient_accumulation_steps" in message
+
+
+def test_unknown_command_line_key_is_an_error(tmp_path):
+    with pytest.raises(RecipeError, match=r"on the command line: 'max_step' \(did you mean 'max_steps'"):
+        load_recipe(write_recipe(tmp_path, BASE), ["--max_step", "3"])
+
+
+def test_unknown_optimizer_lists_the_valid_names(tmp_path):
+    with pytest.raises(RecipeError) as error:
+        load_recipe(write_recipe(tmp_path, BASE), ["--optim", "dualadm"])
+    message = str(error.value)
+    assert "unknown optimizer 'dualadm'" in message and "did you mean 'dualadam'" in message
+    assert "adamw_torch" in message and "invadam" in message
+
+
+def test_bad_values_are_errors_naming_the_key(tmp_path):
+    path = write_recipe(tmp_path, BASE)
+    with pytest.raises(RecipeError, match="max_steps.*invalid int value: 'many'"):
+        load_recipe(path, ["--max_steps", "many"])
+    with pytest.raises(RecipeError, match="bogus is not a valid IntervalStrategy"):
+        load_recipe(path, ["--eval_strategy", "bogus"])
+    with pytest.raises(RecipeError, match="unknown task 'regression'.*sft, classification"):
+        load_recipe(path, ["--task", "regression"])
+    with pytest.raises(RecipeError, match="unknown dataset_format 'csv'"):
+        load_recipe(path, ["--dataset_format", "csv"])
+    with pytest.raises(RecipeError, match="sets no dataset_name"):
+        load_recipe(write_recipe(tmp_path, BASE.replace("dataset_name: data.jsonl", "")))
+
+
+def test_missing_or_malformed_recipe_files(tmp_path):
+    with pytest.raises(RecipeError, match="recipe not found"):
+        load_recipe(tmp_path / "nope.yaml")
+    with pytest.raises(RecipeError, match="must be a mapping"):
+        load_recipe(write_recipe(tmp_path, "- a\n- b\n"))
+    with pytest.raises(RecipeError, match="not valid YAML"):
+        load_recipe(write_recipe(tmp_path, "a: [1, 2\n"))
+
+
+def tiny_recipe(tmp_path: Path, model_dir: str, dataset: str, extra: str = "") -> Path:
+    return write_recipe(
+        tmp_path,
+        f"model_name_or_path: {model_dir}\ndataset_name: {dataset}\noutput_dir: {tmp_path / 'out'}\n"
+        "bf16: false\nreport_to: none\nmax_steps: 1\n" + extra,
+    )
+
+
+def test_missing_model_path_fails_before_loading_data(tmp_path):
+    recipe = load_recipe(tiny_recipe(tmp_path, str(tmp_path / "no_model"), str(tmp_path / "no_data.jsonl")))
+    with pytest.raises(RecipeError, match="model path not found"):
+        build_trainer(recipe)
+
+
+def test_missing_dataset_file_and_columns_are_named(tmp_path, tiny_model_dir):
+    recipe = load_recipe(tiny_recipe(tmp_path, tiny_model_dir, str(tmp_path / "missing.jsonl")))
+    with pytest.raises(RecipeError, match="dataset file not found"):
+        build_trainer(recipe)
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text("".join(json.dumps({"question": f"q{i}", "reply": "r"}) + "\n" for i in range(8)))
+    with pytest.raises(RecipeError, match=r"needs columns prompt\+completion or messages or text.*'question'"):
+        build_trainer(load_recipe(tiny_recipe(tmp_path, tiny_model_dir, str(rows))))
+    with pytest.raises(RecipeError, match="dataset_format gsm8k needs columns 'question' and 'answer'"):
+        load_splits(load_recipe(tiny_recipe(tmp_path, tiny_model_dir, str(rows), "dataset_format: gsm8k\n")).args)
+    classification = tiny_recipe(tmp_path, tiny_model_dir, str(rows), "task: classification\n")
+    with pytest.raises(RecipeError, match=r"lacks column\(s\) \['text', 'label'\]"):
+        load_splits(load_recipe(classification).args)
+
+
+def test_accuracy_eval_needs_prompt_and_answer(tmp_path, tiny_model_dir, tiny_chat_dataset_dir):
+    path = tiny_recipe(tmp_path, tiny_model_dir, tiny_chat_dataset_dir, "accuracy_size: 2\neval_size: 4\n")
+    with pytest.raises(RecipeError, match="accuracy_size > 0 needs held-out columns 'prompt' and 'answer'"):
+        load_splits(load_recipe(path).args)
+
+
+def test_local_folder_without_test_split_holds_out_disjoint_rows(tmp_path, tiny_model_dir, tiny_chat_dataset_dir):
+    path = tiny_recipe(tmp_path, tiny_model_dir, tiny_chat_dataset_dir, "eval_size: 8\ntrain_size: 20\n")
+    train, heldout = load_splits(load_recipe(path).args)
+    assert len(train) == 20 and len(heldout) == 8
+    as_text = lambda ds: {json.dumps(row["messages"]) for row in ds}
+    assert not as_text(train) & as_text(heldout)
+
+
+def test_gsm8k_rows_become_chat_with_the_final_answer():
+    row = gsm8k_to_chat({"question": "How many?", "answer": "She has 3+4=<<3+4=7>>7 apples.\n#### 1,007"})
+    assert row["answer"] == "1007"
+    assert row["prompt"][0]["role"] == "user" and row["prompt"][0]["content"].startswith("How many?")
+    completion = row["completion"][0]["content"]
+    assert "<<" not in completion and completion.endswith("#### 1007") and "7 apples" in completion
+    with pytest.raises(RecipeError, match="no '#### <answer>' line"):
+        gsm8k_to_chat({"question": "q", "answer": "no final line"})
+
+
+def test_eval_batches_label_the_completion_only(tmp_path, tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    from dualadam_hf.recipes import load_eval_batches
+
+    rows = tmp_path / "pc.jsonl"
+    with rows.open("w") as f:
+        for i in range(10):
+            prompt = [{"role": "user", "content": f"what is {i} + 1 ?"}]
+            completion = [{"role": "assistant", "content": f"{i} + 1 = {i + 1}" + " . so" * i}]
+            f.write(json.dumps({"prompt": prompt, "completion": completion, "answer": str(i + 1)}) + "\n")
+    path = tiny_recipe(tmp_path, tiny_model_dir, str(rows), "eval_size: 5\nper_device_eval_batch_size: 2\n")
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    batches = load_eval_batches(str(path), tokenizer, 2)
+    assert len(batches) == 2 and all(b["input_ids"].shape[0] == 2 for b in batches)
+    _, heldout = load_splits(load_recipe(path).args)
+    for index, row in enumerate(heldout.select(range(4))):
+        batch, line = batches[index // 2], index % 2
+        prompt_text = tokenizer.apply_chat_template(row["prompt"], tokenize=False, add_generation_prompt=True)
+        n_prompt = len(tokenizer(prompt_text, add_special_tokens=False)["input_ids"])
+        n_tokens = int(batch["attention_mask"][line].sum())
+        labels, ids = batch["labels"][line], batch["input_ids"][line]
+        assert (labels[:n_prompt] == -100).all() and (labels[n_tokens:] == -100).all()
+        assert (labels[n_prompt:n_tokens] == ids[n_prompt:n_tokens]).all()
+        answer = tokenizer.decode(ids[n_prompt:n_tokens])
+        assert row["answer"].replace("", " ").strip() in answer  # the tiny tokenizer spells digits apart
+    again = load_eval_batches(str(path), tokenizer, 2)
+    assert all((a["input_ids"] == b["input_ids"]).all() for a, b in zip(batches, again, strict=True))
