@@ -141,16 +141,20 @@ class DualAdam(Optimizer):
         if self.inverse_only:
             return 1.0
         group = self.param_groups[group_index]
+        rate = group.get("switch_rate")
+        if rate is None:
+            return 0.0  # blend_fraction not resolved yet, so no step has been taken
         steps = [float(self.state[p]["step"]) for p in group["params"] if "step" in self.state.get(p, {})]
-        if not steps and not group["params"]:
+        if steps:
+            step = max(steps)
+        elif not group["params"]:
             # DeepSpeed ZeRO-3 puts one sub-group's partition in params only for the
             # duration of its step() and empties the list afterwards; the state keeps them.
-            steps = [float(s["step"]) for s in self.state.values() if "step" in s]
-        step = max(steps) if steps else 0
-        rate = group.get("switch_rate")
-        if rate is None or step == 0:
-            return 0.0 if step == 0 and rate is None else blend_weight(max(step, 1), rate)
-        return blend_weight(step, rate)
+            step = self.current_step()
+        else:
+            step = 0
+        # Before the first step: the weight step 1 will use.
+        return blend_weight(max(step, 1), rate)
 
     # -- state --------------------------------------------------------------
 
