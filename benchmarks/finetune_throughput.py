@@ -12,6 +12,10 @@ is reported separately.
 
     OMP_WAIT_POLICY=PASSIVE python benchmarks/finetune_throughput.py                    # tiny Llama on CPU
     python benchmarks/finetune_throughput.py --device cuda --model HuggingFaceTB/SmolLM2-135M --batch 16 --seq 1024
+    python benchmarks/finetune_throughput.py --device cuda --preset smollm2-360m --amp bf16 --batch 8 --seq 1024
+
+``--preset`` builds a real model's architecture with random weights (no hub
+access needed); step time does not depend on the weights' values.
 """
 
 from __future__ import annotations
@@ -35,8 +39,22 @@ from optimizer_step import peak_temporary_bytes, sync  # noqa: E402
 
 from dualadam_hf import DualAdam  # noqa: E402
 
+# Architectures of real models, built from their configs with random weights.
+PRESETS = {
+    "smollm2-135m": dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                         num_attention_heads=9, num_key_value_heads=3, tie_word_embeddings=True),
+    "smollm2-360m": dict(vocab_size=49152, hidden_size=960, intermediate_size=2560, num_hidden_layers=32,
+                         num_attention_heads=15, num_key_value_heads=5, tie_word_embeddings=True),
+}
+
 
 def build_model(args, device):
+    if args.preset:
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        config = LlamaConfig(**PRESETS[args.preset], max_position_embeddings=max(2048, args.seq))
+        torch.manual_seed(0)
+        return LlamaForCausalLM(config).to(device=device, dtype=getattr(torch, args.dtype))
     if args.model:
         from transformers import AutoModelForCausalLM
 
@@ -53,7 +71,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--model", default="", help="a Hugging Face causal LM name or path (default: a tiny Llama)")
-    ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--preset", default="", choices=["", *PRESETS], help="a real architecture, random weights")
+    ap.add_argument("--dtype", default="float32", help="dtype of the parameters")
+    ap.add_argument("--amp", default="", choices=["", "bf16"], help="bf16 autocast for forward/backward")
     ap.add_argument("--vocab", type=int, default=8000)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seq", type=int, default=128)
@@ -82,7 +102,8 @@ def main() -> None:
         model, opt = models[name], opts[name]
         ids = batches[counter["i"] % len(batches)]
         counter["i"] += 1
-        loss = model(input_ids=ids, labels=ids).loss
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp == "bf16"):
+            loss = model(input_ids=ids, labels=ids).loss
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -104,8 +125,13 @@ def main() -> None:
 
     n_params = sum(p.numel() for p in base.parameters())
     tokens = args.batch * args.seq
-    print(f"device={device} model={args.model or 'tiny Llama (hidden 256, 4 layers)'} params={n_params / 1e6:.1f}M "
-          f"batch={args.batch}x{args.seq} threads={torch.get_num_threads()}")
+    model_name = args.preset and f"{args.preset} (random weights)" or args.model or "tiny Llama (hidden 256, 4 layers)"
+    gpu = f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""
+    dual = next(o for o in opts.values() if isinstance(o, DualAdam))
+    path = dual._path(dual.param_groups[0], dual.param_groups[0]["params"])
+    print(f"device={device}{gpu} model={model_name} params={n_params / 1e6:.1f}M dtype={args.dtype} "
+          f"amp={args.amp or 'off'} batch={args.batch}x{args.seq} threads={torch.get_num_threads()} "
+          f"torch={torch.__version__} DualAdam path={path}")
     def ratio(name, ref):  # median of per-round ratios (robust to load drift)
         return statistics.median(a / b for a, b in zip(times[name], times[ref], strict=True))
 

@@ -10,7 +10,8 @@ Every path computes, per element,
     p  = p - lr*wd*p ;  p = p - lr*u
 
 and increments ``step`` by one. Low-precision parameters are updated in fp32
-and written back; moments of such parameters are kept in fp32.
+and written back; moments of such parameters are kept in fp32 unless the
+caller keeps them in bf16, in which case they are also worked on in fp32.
 """
 
 from __future__ import annotations
@@ -100,6 +101,9 @@ def dualadam_single_tensor(
     for i, p, g, m, v in _prepare(params, grads, exp_avgs, exp_avg_sqs):
         bc1, bc2, r = step_scalars(state_steps[i].item(), beta1, beta2, switch_rate, inverse_only)
         work = p.float() if p.dtype in LOW_PRECISION else p
+        m_in, v_in = m, v
+        if m.dtype in LOW_PRECISION:
+            m, v = m.float(), v.float()
         g = g.float() if g.dtype != m.dtype else g
         if maximize:
             g = -g
@@ -115,6 +119,9 @@ def dualadam_single_tensor(
         work.add_(u, alpha=-lr)
         if work is not p:
             p.copy_(work)
+        if m is not m_in:
+            m_in.copy_(m)
+            v_in.copy_(v)
 
 
 def _blocks(items, block: int):
@@ -196,14 +203,20 @@ def dualadam_foreach(
         for batch in _blocks(items, block):
             p, g, m, v = (list(x) for x in zip(*batch, strict=True))
             work = [x.float() for x in p] if p_dtype in LOW_PRECISION else p
-            if g_dtype != m[0].dtype:
+            low_state = m[0].dtype in LOW_PRECISION
+            m_work = [x.float() for x in m] if low_state else m
+            v_work = [x.float() for x in v] if low_state else v
+            if g_dtype != m_work[0].dtype:
                 g = [x.float() for x in g]
             _foreach_block(
-                work, g, m, v, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
+                work, g, m_work, v_work, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
                 weight_decay=weight_decay, bc1=bc1, bc2=bc2, r=r, maximize=maximize,
             )
             if work is not p:
                 torch._foreach_copy_(p, work)
+            if low_state:
+                torch._foreach_copy_(m, m_work)
+                torch._foreach_copy_(v, v_work)
 
 
 def dualadam(

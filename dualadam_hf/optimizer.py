@@ -44,6 +44,22 @@ def _check_hyperparameters(lr, betas, eps, weight_decay, switch_rate=None) -> No
         raise ValueError(f"Invalid switch_rate: {switch_rate!r} (must be in [0, 1])")
 
 
+_STATE_DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16"}
+
+
+def _resolve_state_dtype(state_dtype: torch.dtype | str | None) -> str | None:
+    """None, "float32" or "bfloat16" (kept as a string so checkpoints hold no torch objects)."""
+    if state_dtype is None:
+        return None
+    name = str(state_dtype).removeprefix("torch.")
+    if name not in _STATE_DTYPES:
+        raise ValueError(
+            f"Invalid state_dtype: {state_dtype!r} (must be None, float32 or bfloat16; "
+            "None keeps fp32 moments for bf16/fp16 params and the param dtype otherwise)"
+        )
+    return _STATE_DTYPES[name]
+
+
 def _resolve_switch_rate(switch_rate, blend_steps, blend_fraction):
     """Return (switch_rate, blend_fraction) from the three ways to state the blend."""
     given = [n for n, v in (("switch_rate", switch_rate), ("blend_steps", blend_steps),
@@ -75,6 +91,10 @@ class DualAdam(Optimizer):
         blend_fraction: the blend length as a fraction of the run; resolved by
             :meth:`set_total_steps` (the Trainer integration calls it).
         maximize: maximize the objective instead of minimizing it.
+        state_dtype: dtype of the two moments: None (default) keeps them in fp32
+            for bf16/fp16 params and in the param dtype otherwise; "bfloat16"
+            halves the state memory and traffic (the math stays fp32), as
+            ``torch.optim.AdamW`` does for bf16 params.
         foreach: False selects the plain single-tensor path; True the multi-tensor path.
         fused: True selects the single-pass path of the device: a Triton kernel on
             CUDA (``dualadam_hf.fused``), ``torch.compile`` on CPU
@@ -101,6 +121,7 @@ class DualAdam(Optimizer):
         maximize: bool = False,
         foreach: bool | None = None,
         fused: bool | None = None,
+        state_dtype: torch.dtype | str | None = None,
     ) -> None:
         switch_rate, blend_fraction = _resolve_switch_rate(switch_rate, blend_steps, blend_fraction)
         _check_hyperparameters(lr, betas, eps, weight_decay, switch_rate)
@@ -110,6 +131,7 @@ class DualAdam(Optimizer):
             lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
             switch_rate=switch_rate, blend_fraction=blend_fraction,
             maximize=maximize, foreach=foreach, fused=fused,
+            state_dtype=_resolve_state_dtype(state_dtype),
         )
         super().__init__(params, defaults)
 
@@ -158,10 +180,17 @@ class DualAdam(Optimizer):
 
     # -- state --------------------------------------------------------------
 
-    def _init_state(self, p: Tensor, state: dict[str, Any]) -> None:
-        # Moments of low-precision params are kept in fp32; zeros_like keeps the
-        # DTensor placement under FSDP2 and the device under offload.
-        dtype = torch.float32 if p.dtype in functional.LOW_PRECISION else p.dtype
+    @staticmethod
+    def _moment_dtype(group: dict[str, Any], p: Tensor) -> torch.dtype:
+        # Moments of low-precision params are kept in fp32 unless asked otherwise.
+        name = group.get("state_dtype")
+        if name is not None:
+            return getattr(torch, name)
+        return torch.float32 if p.dtype in functional.LOW_PRECISION else p.dtype
+
+    def _init_state(self, p: Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:
+        # zeros_like keeps the DTensor placement under FSDP2 and the device under offload.
+        dtype = self._moment_dtype(group, p)
         state["step"] = torch.tensor(0.0, dtype=torch.float32)
         state["exp_avg"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
         state["exp_avg_sq"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
@@ -178,7 +207,7 @@ class DualAdam(Optimizer):
                 )
             state = self.state[p]
             if len(state) == 0:
-                self._init_state(p, state)
+                self._init_state(p, state, group)
             params.append(p)
             grads.append(p.grad)
             exp_avgs.append(state["exp_avg"])
@@ -188,17 +217,18 @@ class DualAdam(Optimizer):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
-        # torch casts floating state to the param dtype; keep fp32 moments for
-        # low-precision params so a resume is exact.
+        # torch casts floating state to the param dtype; give the moments back the
+        # dtype they were saved in (fp32 for low-precision params) so a resume is exact.
         ids = [i for g in state_dict["param_groups"] for i in g["params"]]
-        params = [p for g in self.param_groups for p in g["params"]]
-        for pid, p in zip(ids, params):
+        params = [(p, g) for g in self.param_groups for p in g["params"]]
+        for pid, (p, group) in zip(ids, params):
             saved = state_dict["state"].get(pid)
-            if saved is None or p.dtype not in functional.LOW_PRECISION:
+            if saved is None:
                 continue
+            dtype = self._moment_dtype(group, p)
             for key in ("exp_avg", "exp_avg_sq"):
-                if key in saved:
-                    self.state[p][key] = saved[key].to(device=p.device, dtype=torch.float32)
+                if key in saved and self.state[p][key].dtype != dtype:
+                    self.state[p][key] = saved[key].to(device=p.device, dtype=dtype)
 
     # -- step ---------------------------------------------------------------
 
@@ -294,8 +324,9 @@ class InvAdam(DualAdam):
         maximize: bool = False,
         foreach: bool | None = None,
         fused: bool | None = None,
+        state_dtype: torch.dtype | str | None = None,
     ) -> None:
         super().__init__(
             params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, switch_rate=0.0,
-            maximize=maximize, foreach=foreach, fused=fused,
+            maximize=maximize, foreach=foreach, fused=fused, state_dtype=state_dtype,
         )

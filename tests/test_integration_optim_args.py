@@ -41,7 +41,7 @@ def test_bad_optim_args_name_the_problem_and_the_valid_keys(text, message):
     with pytest.raises(ValueError, match=message) as error:
         parse_optim_args(text)
     if "twice" not in message and "only one" not in message:
-        assert "switch_rate, blend_steps, blend_fraction, foreach, fused, maximize" in str(error.value)
+        assert "switch_rate, blend_steps, blend_fraction, foreach, fused, maximize, state_dtype" in str(error.value)
 
 
 def test_invadam_has_no_switch_keys():
@@ -85,3 +85,16 @@ def test_find_dualadam_through_wrappers():
     loop = SimpleNamespace()
     loop.optimizer = loop
     assert find_dualadam(loop) is None
+
+
+def test_state_dtype_in_optim_args_reaches_the_optimizer_and_bad_values_fail_early():
+    from dualadam_hf.integrations.optim_args import check_training_args
+
+    cls, kwargs = optimizer_cls_and_kwargs(fake_args(optim_args="state_dtype=bfloat16"))
+    p = torch.zeros(4, requires_grad=True)
+    optimizer = cls([p], **kwargs)
+    p.grad = torch.ones(4)
+    optimizer.step()
+    assert optimizer.state[p]["exp_avg"].dtype == torch.bfloat16
+    with pytest.raises(ValueError, match="--optim dualadam: Invalid state_dtype: 'int8'"):
+        check_training_args(fake_args(optim_args="state_dtype=int8"))

@@ -41,7 +41,9 @@ _SWITCH_KEYS: dict[str, Callable[[str], Any]] = {
     "blend_steps": _parse_whole_number,
     "blend_fraction": float,
 }
-_COMMON_KEYS: dict[str, Callable[[str], Any]] = {"foreach": _parse_bool, "fused": _parse_bool, "maximize": _parse_bool}
+_COMMON_KEYS: dict[str, Callable[[str], Any]] = {
+    "foreach": _parse_bool, "fused": _parse_bool, "maximize": _parse_bool, "state_dtype": str,
+}
 _OPTIM_ARGS_PARSERS: dict[str, dict[str, Callable[[str], Any]]] = {
     DUALADAM_NAME: {**_SWITCH_KEYS, **_COMMON_KEYS},
     INVADAM_NAME: dict(_COMMON_KEYS),  # InvAdam holds the blend at 1: no switch keys
