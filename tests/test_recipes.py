@@ -214,3 +214,33 @@ def test_eval_batches_label_the_completion_only(tmp_path, tiny_model_dir):
         assert row["answer"].replace("", " ").strip() in answer  # the tiny tokenizer spells digits apart
     again = load_eval_batches(str(path), tokenizer, 2)
     assert all((a["input_ids"] == b["input_ids"]).all() for a, b in zip(batches, again, strict=True))
+
+
+def test_bare_names_resolve_and_unknown_names_list_the_recipes(monkeypatch, tmp_path):
+    from dualadam_hf.recipes import config
+
+    assert config.find_recipe("smollm2_math_lora").name == "smollm2_math_lora.yaml"
+    with pytest.raises(RecipeError, match="one of: .*roberta_sst2_lora.*smollm2_math_lora"):
+        config.find_recipe("smollm3_math")
+    # Outside a clone only the copy inside the installed package is there.
+    shipped = tmp_path / "_recipes"
+    shipped.mkdir()
+    (shipped / "only_here.yaml").write_text("model_name_or_path: x\n")
+    monkeypatch.setattr(config, "recipe_folders", lambda: [shipped])
+    assert config.find_recipe("only_here") == shipped / "only_here.yaml"
+
+
+@pytest.mark.slow
+def test_wheel_ships_the_recipes(tmp_path):
+    import subprocess
+    import sys
+    import zipfile
+
+    root = Path(__file__).resolve().parents[1]
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
+                    "-w", str(tmp_path), str(root)], check=True)
+    (wheel,) = tmp_path.glob("dualadam_hf-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    for recipe in (root / "recipes").glob("*.yaml"):
+        assert f"dualadam_hf/_recipes/{recipe.name}" in names
+    assert "_dualadam_hf_autoregister.py" in names and "dualadam_hf_autoregister.pth" in names

@@ -257,13 +257,22 @@ def check_recipe_arguments(args: RecipeArguments, path: str | os.PathLike = "<re
         raise RecipeError(f"dataset_name {BUILTIN_MATH_DATASET} generates data: set train_size and eval_size")
 
 
+def recipe_folders() -> list[Path]:
+    """Where bare recipe names are looked up: the clone's recipes/, then the copy shipped in the wheel."""
+    package = Path(__file__).resolve().parents[1]
+    return [folder for folder in (package.parent / "recipes", package / "_recipes") if folder.is_dir()]
+
+
 def find_recipe(name_or_path: str) -> Path:
-    """A recipe path as given, or a bare name looked up in the repository's recipes/ folder."""
+    """A recipe path as given, or a bare name looked up in :func:`recipe_folders`."""
     path = Path(name_or_path)
     if path.is_file():
         return path
-    here = Path(__file__).resolve().parents[2] / "recipes"
-    for candidate in (here / name_or_path, here / f"{name_or_path}.yaml", here / path.name):
-        if candidate.is_file():
-            return candidate
-    raise RecipeError(f"recipe not found: {name_or_path} (give --config recipes/<name>.yaml)")
+    for here in recipe_folders():
+        for candidate in (here / name_or_path, here / f"{name_or_path}.yaml", here / path.name):
+            if candidate.is_file():
+                return candidate
+    names = sorted({p.stem for folder in recipe_folders() for p in folder.glob("*.yaml")})
+    raise RecipeError(
+        f"recipe not found: {name_or_path} (give a path to a YAML file or one of: {', '.join(names) or 'none'})"
+    )
