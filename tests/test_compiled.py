@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import gc
 import logging
+import weakref
 
 import pytest
 import torch
@@ -82,6 +84,44 @@ def test_new_sizes_do_not_recompile():
     before = _unique_graphs()
     step_model([(16,), (40,), (5, 7), (1000,), (2, 2)] * 3)
     assert _unique_graphs() == before
+
+
+def test_cached_plan_follows_storage_changes_and_dies_with_the_optimizer():
+    # The flat aliases of p, m, v are cached across steps (compiled._Plan). A
+    # `p.data = ...` swap keeps p but moves its storage: a stale alias would go
+    # on updating the old storage. Checked against the eager foreach path.
+    gen = torch.Generator().manual_seed(1)
+    params = [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in [(16, 4), (32,), (5, 3), (9,)]]
+    twins = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    opt = DualAdam(params, lr=1e-2, fused=True, switch_rate=SWITCH)
+    ref = DualAdam(twins, lr=1e-2, foreach=True, switch_rate=SWITCH)
+    for k in range(8):
+        for p, t in zip(params, twins, strict=True):
+            p.grad = torch.randn(p.shape, generator=gen)  # new gradient tensors every step
+            t.grad = p.grad.clone()
+        if k == 3:
+            old = params[0].data
+            old_values = old.clone()
+            params[0].data = old.clone()
+            # Same values, column-major: no longer taken by the graph (the eager fallback).
+            for ps in (params, twins):
+                ps[2].data = ps[2].data.t().contiguous().t()
+        opt.step()
+        ref.step()
+        for p, t in zip(params, twins, strict=True):
+            torch.testing.assert_close(p, t, rtol=1e-5, atol=1e-6)
+    assert torch.equal(old, old_values)
+    # The plan keeps no gradient alive (zero_grad(set_to_none=True) must free them).
+    grad = weakref.ref(params[0].grad)
+    for p in params:
+        p.grad = None
+    assert grad() is None
+    # The plan (and its aliases of the moments) goes with the optimizer state.
+    key = tuple(id(opt.state[p]["step"]) for p in params)
+    plan = weakref.ref(compiled._plans[key][0])
+    del opt
+    gc.collect()
+    assert plan() is None
 
 
 @pytest.mark.parametrize("rate", [0.01, 0.1, 1 / 7, 8e-5, 1.0, 0.0])
