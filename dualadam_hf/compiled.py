@@ -15,12 +15,14 @@ on CPU. Design, chosen so that one compilation serves the whole run:
 - The boundary of the blend (``r >= switch_rate``) is a comparison of the
   integer-valued step with :func:`last_active_step`, computed on the host with
   the schedule's own arithmetic, so it cannot flip on rounding or FMA.
+- Past the blend the update is AdamW's and goes to torch's fused AdamW kernel
+  through the foreach path (:func:`_blend_is_over`).
 - Every loop is parallel (``cpp.dynamic_threads``): inductor otherwise picks
   serial loops from the first call's sizes, see :func:`_get_compiled`.
 - The routing and the flat aliases of p, m, v are built once and cached across
   steps (:class:`_Plan`); a step re-checks their addresses and layouts and
   flattens only the gradients.
-- Cold compile is about 30 s on a 2-core CPU (BUCKET 16), independent of the
+- Cold compile is about 41 s on a 2-core CPU (BUCKET 32), independent of the
   number of tensors; the inductor cache makes later runs start in seconds.
 
 Tensors the graph does not take (non-contiguous, fewer than 2 elements, which
@@ -46,8 +48,9 @@ __all__ = ["BUCKET", "compiled_dualadam", "hyper_vector", "last_active_step"]
 # Quads per compiled call. Each call costs ~0.1 ms (guards, wrapper) plus one
 # OpenMP thread wake-up, so fewer calls are faster; the one-time compile grows
 # with BUCKET (measured cold, 200 tensors, 2 cores: 8 -> 26 s, 16 -> 30 s,
-# 32 -> 48 s), so 16 takes most of the gain at a small compile cost.
-BUCKET = 16
+# 32 -> 41 s on idle cores). 32 put the step at 1.00-1.06x AdamW(fused=True)
+# where 16 gave 1.04-1.14x (benchmarks/optimizer_step.py, README).
+BUCKET = 32
 
 _compiled_fn = None
 _scratch: dict[tuple, tuple[Tensor, ...]] = {}
@@ -260,6 +263,17 @@ def _plan_for(params, grads, exp_avgs, exp_avg_sqs, state_steps) -> _Plan:
     return plan
 
 
+def _blend_is_over(state_steps: Sequence[Tensor], switch_rate: float, inverse_only: bool) -> bool:
+    """Whether the coming step of every tensor has blend weight 0 (reads CPU step tensors only)."""
+    last = last_active_step(switch_rate, inverse_only)
+    if math.isinf(last):
+        return False
+    steps = [functional._local(s) for s in state_steps]
+    if any(s.device.type != "cpu" for s in steps):
+        return False
+    return min(float(s) for s in steps) >= last
+
+
 def compiled_dualadam(
     params: Sequence[Tensor],
     grads: Sequence[Tensor],
@@ -278,6 +292,13 @@ def compiled_dualadam(
 ) -> None:
     """Same contract as :func:`dualadam_hf.functional.dualadam_foreach`; increments the steps."""
     if not params:
+        return
+    if _blend_is_over(state_steps, switch_rate, inverse_only):
+        # Past the blend the update is AdamW's: the foreach path hands it to torch's
+        # fused AdamW kernel, which is a little faster than this graph.
+        functional.dualadam_foreach(params, grads, exp_avgs, exp_avg_sqs, state_steps, lr=float(lr),
+                                    beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
+                                    switch_rate=switch_rate, inverse_only=inverse_only, maximize=maximize)
         return
     plan = _plan_for(params, grads, exp_avgs, exp_avg_sqs, state_steps)
     if plan.empty:

@@ -163,9 +163,36 @@ def _foreach_block(p, g, m, v, *, lr, beta1, beta2, eps, weight_decay, bc1, bc2,
     # Adam part: lr*(1-r)*mh/d = lr*(1-r)*c/bc1 * m/den
     torch._foreach_addcdiv_(p, m, den, -lr * (1.0 - r) * c / bc1)
     if r > 0.0:
-        # Inverse part: lr*r*mh*d = lr*r/(bc1*c) * m*den (den reused in place)
-        torch._foreach_mul_(den, m)
-        torch._foreach_add_(p, den, alpha=-lr * r / (bc1 * c))
+        # Inverse part: lr*r*mh*d = lr*r/(bc1*c) * m*den, one fused pass.
+        torch._foreach_addcmul_(p, m, den, -lr * r / (bc1 * c))
+
+
+def _takes_adamw_fused(p: Tensor, g: Tensor, m: Tensor, v: Tensor, step: Tensor) -> bool:
+    return (p.device.type == "cpu" and step.device.type == "cpu" and p.dtype == g.dtype == m.dtype == v.dtype
+            and all(t.is_contiguous() and t.device == p.device for t in (p, g, m, v)))
+
+
+def _adamw_fused(items: list[tuple], *, lr, beta1, beta2, eps, weight_decay, maximize) -> list[tuple]:
+    """The Adam phase through torch's fused AdamW kernel; returns the items it did not take.
+
+    Once the blend weight is 0 the update is exactly AdamW's (decoupled weight
+    decay, eps added to the bias-corrected sqrt(v)), and torch's fused CPU kernel
+    does it in one pass per element, 3-4x faster than a dozen foreach passes.
+    Only CPU tensors of one dtype qualify (the kernel wants step tensors on the
+    parameters' device and one dtype for p, g and the moments); steps are
+    already incremented, which is what the kernel expects.
+    """
+    taken = [item for item in items if _takes_adamw_fused(*item)]
+    if not taken:
+        return items
+    by_dtype: dict[torch.dtype, list] = defaultdict(list)
+    for item in taken:
+        by_dtype[item[0].dtype].append(item)
+    for group in by_dtype.values():
+        p, g, m, v, steps = (list(x) for x in zip(*group, strict=True))
+        torch._fused_adamw_(p, g, m, v, [], steps, lr=lr, beta1=beta1, beta2=beta2,
+                            weight_decay=weight_decay, eps=eps, amsgrad=False, maximize=maximize)
+    return [item for item in items if not _takes_adamw_fused(*item)]
 
 
 def dualadam_foreach(
@@ -188,7 +215,8 @@ def dualadam_foreach(
     """The multi-tensor path: foreach ops over L2-sized blocks of elements.
 
     Parameters are bucketed by their step (normally one bucket) because the bias
-    corrections and the blend weight are per-step scalars.
+    corrections and the blend weight are per-step scalars. Past the blend, CPU
+    tensors of one dtype take torch's fused AdamW kernel (see ``_adamw_fused``).
     """
     if not params:
         return
@@ -197,10 +225,13 @@ def dualadam_foreach(
     torch._foreach_add_(list(state_steps), 1.0)
     buckets: dict[tuple, list] = defaultdict(list)
     for i, p, g, m, v in _prepare(params, grads, exp_avgs, exp_avg_sqs):
-        buckets[(state_steps[i].item(), p.dtype, g.dtype)].append((p, g, m, v))
+        buckets[(state_steps[i].item(), p.dtype, g.dtype)].append((p, g, m, v, state_steps[i]))
     for (step, p_dtype, g_dtype), items in buckets.items():
         bc1, bc2, r = step_scalars(step, beta1, beta2, switch_rate, inverse_only)
-        for batch in _blocks(items, block):
+        if r == 0.0:
+            items = _adamw_fused(items, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
+                                 weight_decay=weight_decay, maximize=maximize)
+        for batch in _blocks([item[:4] for item in items], block):
             p, g, m, v = (list(x) for x in zip(*batch, strict=True))
             work = [x.float() for x in p] if p_dtype in LOW_PRECISION else p
             low_state = m[0].dtype in LOW_PRECISION
