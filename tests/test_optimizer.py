@@ -334,3 +334,19 @@ def test_trains_a_small_model(foreach):
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < 0.1 * losses[0]
+
+
+@pytest.mark.parametrize("kw", [{"foreach": True}, {"fused": True}], ids=["foreach", "compiled"])
+def test_adam_phase_is_torch_fused_adamw_on_cpu(kw):
+    # With switch_rate=1 the blend weight is 0 from step 1: DualAdam is AdamW, and
+    # the CPU paths hand fp32 tensors to torch's fused AdamW kernel (bit-identical).
+    a, b = make_params(), make_params()
+    dual = DualAdam(a, lr=1e-2, weight_decay=0.1, switch_rate=1.0, **kw)
+    adamw = torch.optim.AdamW(b, lr=1e-2, weight_decay=0.1, fused=True)
+    for grads in grad_stream(a, 5):
+        for p, q, g in zip(a, b, grads):
+            p.grad, q.grad = g.clone(), g.clone()
+        dual.step()
+        adamw.step()
+    for p, q in zip(a, b):
+        assert torch.equal(p, q)
