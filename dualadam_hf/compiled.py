@@ -293,12 +293,13 @@ def compiled_dualadam(
     """Same contract as :func:`dualadam_hf.functional.dualadam_foreach`; increments the steps."""
     if not params:
         return
+    hyper = dict(lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
+                 switch_rate=switch_rate, inverse_only=inverse_only, maximize=maximize)
+    tensors = (params, grads, exp_avgs, exp_avg_sqs, state_steps)
     if _blend_is_over(state_steps, switch_rate, inverse_only):
         # Past the blend the update is AdamW's: the foreach path hands it to torch's
         # fused AdamW kernel, which is a little faster than this graph.
-        functional.dualadam_foreach(params, grads, exp_avgs, exp_avg_sqs, state_steps, lr=float(lr),
-                                    beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
-                                    switch_rate=switch_rate, inverse_only=inverse_only, maximize=maximize)
+        functional.dualadam_foreach_subset(range(len(params)), *tensors, **hyper)
         return
     plan = _plan_for(params, grads, exp_avgs, exp_avg_sqs, state_steps)
     if plan.empty:
@@ -310,15 +311,8 @@ def compiled_dualadam(
         duck = shape_config.use_duck_shape
         shape_config.use_duck_shape = False
         try:
-            plan.run(params, grads, state_steps, lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
-                     switch_rate=switch_rate, inverse_only=inverse_only, maximize=maximize)
+            plan.run(params, grads, state_steps, **hyper)
         finally:
             shape_config.use_duck_shape = duck
     if plan.rest:
-        rest = plan.rest
-        functional.dualadam_foreach(
-            [params[i] for i in rest], [grads[i] for i in rest], [exp_avgs[i] for i in rest],
-            [exp_avg_sqs[i] for i in rest], [state_steps[i] for i in rest],
-            lr=float(lr), beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
-            switch_rate=switch_rate, inverse_only=inverse_only, maximize=maximize,
-        )
+        functional.dualadam_foreach_subset(plan.rest, *tensors, **hyper)

@@ -37,6 +37,7 @@ __all__ = [
     "FOREACH_BLOCK",
     "dualadam",
     "dualadam_foreach",
+    "dualadam_foreach_subset",
     "dualadam_single_tensor",
     "step_scalars",
 ]
@@ -182,17 +183,15 @@ def _adamw_fused(items: list[tuple], *, lr, beta1, beta2, eps, weight_decay, max
     parameters' device and one dtype for p, g and the moments); steps are
     already incremented, which is what the kernel expects.
     """
-    taken = [item for item in items if _takes_adamw_fused(*item)]
-    if not taken:
-        return items
     by_dtype: dict[torch.dtype, list] = defaultdict(list)
-    for item in taken:
-        by_dtype[item[0].dtype].append(item)
+    rest = []
+    for item in items:
+        (by_dtype[item[0].dtype] if _takes_adamw_fused(*item) else rest).append(item)
     for group in by_dtype.values():
         p, g, m, v, steps = (list(x) for x in zip(*group, strict=True))
         torch._fused_adamw_(p, g, m, v, [], steps, lr=lr, beta1=beta1, beta2=beta2,
                             weight_decay=weight_decay, eps=eps, amsgrad=False, maximize=maximize)
-    return [item for item in items if not _takes_adamw_fused(*item)]
+    return rest
 
 
 def dualadam_foreach(
@@ -248,6 +247,24 @@ def dualadam_foreach(
             if low_state:
                 torch._foreach_copy_(m, m_work)
                 torch._foreach_copy_(v, v_work)
+
+
+def dualadam_foreach_subset(
+    indices: Sequence[int],
+    params: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    exp_avgs: Sequence[Tensor],
+    exp_avg_sqs: Sequence[Tensor],
+    state_steps: Sequence[Tensor],
+    **hyper,
+) -> None:
+    """:func:`dualadam_foreach` on the tensors at ``indices``: the fallback of the single-pass paths.
+
+    A tensor ``lr`` is read once on the host, as the foreach path takes plain numbers.
+    """
+    pick = lambda xs: [xs[i] for i in indices]
+    hyper["lr"] = float(hyper["lr"])
+    dualadam_foreach(pick(params), pick(grads), pick(exp_avgs), pick(exp_avg_sqs), pick(state_steps), **hyper)
 
 
 def dualadam(

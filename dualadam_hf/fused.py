@@ -168,9 +168,7 @@ def fused_dualadam(
             EMULATE_RTNE=os.environ.get("TRITON_INTERPRET", "0") == "1", ALIGNED=aligned,
         )
     if rest:
-        functional.dualadam_foreach(
-            [params[i] for i in rest], [grads[i] for i in rest], [exp_avgs[i] for i in rest],
-            [exp_avg_sqs[i] for i in rest], [state_steps[i] for i in rest],
-            lr=float(lr), beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
-            switch_rate=switch_rate, inverse_only=inverse_only, maximize=maximize,
+        functional.dualadam_foreach_subset(
+            rest, params, grads, exp_avgs, exp_avg_sqs, state_steps, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
+            weight_decay=weight_decay, switch_rate=switch_rate, inverse_only=inverse_only, maximize=maximize,
         )
