@@ -217,8 +217,9 @@ class DualAdam(Optimizer):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
-        # torch casts floating state to the param dtype; give the moments back the
-        # dtype they were saved in (fp32 for low-precision params) so a resume is exact.
+        # torch casts floating state to the param dtype; put the moments back in the
+        # moment dtype (fp32 for low-precision params unless state_dtype says otherwise)
+        # from the saved values, so a resume is exact.
         ids = [i for g in state_dict["param_groups"] for i in g["params"]]
         params = [(p, g) for g in self.param_groups for p in g["params"]]
         for pid, (p, group) in zip(ids, params):
