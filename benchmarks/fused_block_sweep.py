@@ -24,17 +24,17 @@ from optimizer_step import transformer_shapes  # noqa: E402
 from dualadam_hf import DualAdam, fused  # noqa: E402
 
 
-def time_steps(opt, steps: int, repeats: int) -> float:
-    """Median seconds per step."""
+def seconds_per_call(fn, calls: int, repeats: int) -> float:
+    """Median over ``repeats`` of the per-call time of ``calls`` back-to-back calls (CUDA events)."""
     out = []
     for _ in range(repeats):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
-        for _ in range(steps):
-            opt.step()
+        for _ in range(calls):
+            fn()
         end.record()
         end.synchronize()
-        out.append(start.elapsed_time(end) / 1e3 / steps)
+        out.append(start.elapsed_time(end) / 1e3 / calls)
     return statistics.median(out)
 
 
@@ -61,7 +61,8 @@ def main() -> None:
     # Copy bandwidth of a flat buffer of the model's size (bytes read + written).
     src = torch.rand(numel, device="cuda")
     dst = torch.empty_like(src)
-    copy_s = statistics.median(_time(lambda: dst.copy_(src), args) for _ in range(3))
+    dst.copy_(src)
+    copy_s = seconds_per_call(lambda: dst.copy_(src), args.steps, 3)
     copy_bw = 8 * numel / copy_s
     elem = 2 if dtype != torch.float32 else 4
     moved = numel * (3 * elem + 4 * elem)  # read p, g, m, v; write p, m, v (state dtype = param dtype here)
@@ -77,24 +78,13 @@ def main() -> None:
             dual.step()
             ratios, times = [], []
             for _ in range(3):
-                t_a = time_steps(adamw, args.steps, args.repeats)
-                t_d = time_steps(dual, args.steps, args.repeats)
+                t_a = seconds_per_call(adamw.step, args.steps, args.repeats)
+                t_d = seconds_per_call(dual.step, args.steps, args.repeats)
                 ratios.append(t_d / t_a)
                 times.append(t_d)
             t = statistics.median(times)
             print(f"{block:6d} {warps:5d} {t * 1e3:7.3f} {statistics.median(ratios):12.3f} "
                   f"{moved / t / 1e9:6.0f} {moved / t / copy_bw * 100:6.0f}")
-
-
-def _time(fn, args) -> float:
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    fn()
-    start.record()
-    for _ in range(args.steps):
-        fn()
-    end.record()
-    end.synchronize()
-    return start.elapsed_time(end) / 1e3 / args.steps
 
 
 if __name__ == "__main__":
