@@ -31,6 +31,7 @@ dynamic shapes would specialize on) go through the eager foreach path.
 
 from __future__ import annotations
 
+import functools
 import math
 import weakref
 from collections import defaultdict
@@ -56,11 +57,13 @@ _compiled_fn = None
 _scratch: dict[tuple, tuple[Tensor, ...]] = {}
 
 
+@functools.lru_cache(maxsize=64)
 def last_active_step(switch_rate: float, inverse_only: bool = False) -> float:
     """The last step with a non-zero blend weight (inf if the blend never ends).
 
     ``blend_weight(t) > 0`` exactly when ``t <= last_active_step(...)``, checked
-    against the schedule itself rather than re-derived.
+    against the schedule itself rather than re-derived. Cached: a pure function of
+    the hyperparameters, asked for on every step (twice on the compiled path).
     """
     if inverse_only or switch_rate <= 0:
         return math.inf

@@ -124,12 +124,12 @@ def test_cached_plan_follows_storage_changes_and_dies_with_the_optimizer():
     assert plan() is None
 
 
-@pytest.mark.parametrize("rate", [0.01, 0.1, 1 / 7, 8e-5, 1.0, 0.0])
+@pytest.mark.parametrize("rate", [0.01, 0.1, 0.3, 1 / 7, 8e-5, 1.0, 0.0])
 def test_last_active_step_matches_schedule(rate):
     from dualadam_hf.schedule import blend_weight
 
     last = compiled.last_active_step(rate)
-    for t in [1, 2, 6, 7, 8, 9, 10, 11, 99, 100, 101, 12499, 12500, 12501]:
+    for t in [1, 2, 3, 6, 7, 8, 9, 10, 11, 99, 100, 101, 12499, 12500, 12501]:
         assert (blend_weight(t, rate) > 0) == (t <= last)
 
 

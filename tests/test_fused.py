@@ -18,7 +18,6 @@ import torch
 pytest.importorskip("triton", reason="triton is not installed")
 
 from dualadam_hf import fused  # noqa: E402
-from dualadam_hf.compiled import last_active_step  # noqa: E402
 from dualadam_hf.fused import fused_dualadam  # noqa: E402
 from tests.reference import ReferenceDualAdam, max_rel_err  # noqa: E402
 
@@ -120,12 +119,3 @@ def test_launch_tables_are_reused_while_tensors_stay_put():
                        switch_rate=0.5)
     assert len(fused._tables) == 1
     assert [x.item() for x in s] == [3.0, 3.0]
-
-
-@pytest.mark.parametrize("rate", [0.01, 0.1, 0.3, 1 / 7, 8e-5, 1.0, 0.0])
-def test_last_active_step_matches_schedule(rate):
-    from dualadam_hf.schedule import blend_weight
-
-    last = last_active_step(rate)
-    for t in [1, 2, 3, 6, 7, 8, 9, 10, 11, 99, 100, 101, 12499, 12500, 12501]:
-        assert (blend_weight(t, rate) > 0) == (t <= last)
