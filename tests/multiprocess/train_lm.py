@@ -108,8 +108,9 @@ def main() -> None:
         torch.distributed.destroy_process_group()
     # Everything this run reports is written. Skip interpreter finalization, where
     # threads left by gloo/DeepSpeed still abort a rank now and then (seen in CI on
-    # 2026-11-28 after a complete ZeRO-3 and FSDP2 run; a known torch teardown
-    # problem, pytorch/pytorch#190489).
+    # 2026-11-28 after a complete ZeRO-3 and FSDP2 run). The mechanism is described
+    # in pytorch/pytorch#179291: gloo worker threads still hold tensors whose release
+    # needs the GIL while the interpreter is being torn down.
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)
