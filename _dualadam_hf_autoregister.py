@@ -3,10 +3,12 @@
 Run at interpreter start by dualadam_hf_autoregister.pth. It imports nothing heavy: it only puts a finder on
 sys.meta_path which, once transformers.training_args or transformers.trainer has finished importing, hands that
 module to dualadam_hf.integrations.transformers to patch. Set DUALADAM_HF_NO_AUTOREGISTER=1 to turn it off.
+Whatever goes wrong in the patch, the import of transformers goes on: the hook then warns once.
 """
 
 import os
 import sys
+import warnings
 
 OPT_OUT_VARIABLE = "DUALADAM_HF_NO_AUTOREGISTER"
 _WATCHED_MODULES = frozenset({"transformers.training_args", "transformers.trainer"})
@@ -34,8 +36,20 @@ class _PatchAfterExec:
         except ModuleNotFoundError as error:
             if error.name and error.name.split(".")[0] == "dualadam_hf":
                 return  # the package was removed but this hook was left behind: nothing to register
-            raise
+            _warn(error)
+            return
+        except Exception as error:  # a broken install must not break `import transformers`
+            _warn(error)
+            return
         on_module_loaded(module)
+
+
+def _warn(error):
+    warnings.warn(
+        f"dualadam-hf could not load its transformers integration ({type(error).__name__}: {error}); "
+        f"--optim dualadam is not registered. Set {OPT_OUT_VARIABLE}=1 to silence this.",
+        stacklevel=3,
+    )
 
 
 class _TransformersWatcher:

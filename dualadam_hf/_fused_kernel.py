@@ -21,7 +21,7 @@ def cast(x, DTYPE: tl.constexpr, EMULATE_RTNE: tl.constexpr):
 def update_block(p_ptrs, g_ptrs, m_ptrs, v_ptrs, offs, numel, decay, adam, inv, eps_c, b1, b2,
                  P_DTYPE: tl.constexpr, S_DTYPE: tl.constexpr, MAXIMIZE: tl.constexpr,
                  EMULATE_RTNE: tl.constexpr, MASKED: tl.constexpr):
-    """The update of DESIGN section 1 on one block, in fp32, with folded scalars."""
+    """The folded update (dualadam_hf.schedule.fold) on one block, in fp32."""
     if MASKED:
         mask = offs < numel
         g = tl.load(g_ptrs, mask=mask, other=0.0).to(tl.float32)
@@ -54,39 +54,24 @@ def update_block(p_ptrs, g_ptrs, m_ptrs, v_ptrs, offs, numel, decay, adam, inv, 
 def dualadam_kernel(
     # "fp64": Triton passes Python floats as fp32 unless annotated (ruff reads the
     # strings as names, hence noqa).
-    chunk_tensor, table, n_tensors, lr_ptr, lr_value: "fp64",  # noqa: F821
-    beta1: "fp64", beta2: "fp64", log_beta1: "fp64", log_beta2: "fp64", eps: "fp64",  # noqa: F821
-    weight_decay: "fp64", switch_rate: "fp64", last_step: "fp64",  # noqa: F821
+    chunk_tensor, table, coefs, n_tensors, beta1: "fp64", beta2: "fp64",  # noqa: F821
     P_DTYPE: tl.constexpr, G_DTYPE: tl.constexpr, S_DTYPE: tl.constexpr,
-    LR_FROM_PTR: tl.constexpr, MAXIMIZE: tl.constexpr, BLOCK: tl.constexpr,
-    EMULATE_RTNE: tl.constexpr, ALIGNED: tl.constexpr,
+    MAXIMIZE: tl.constexpr, BLOCK: tl.constexpr, EMULATE_RTNE: tl.constexpr, ALIGNED: tl.constexpr,
 ):
-    # table rows (int64, n_tensors each): p, g, m, v, step pointers, numel, first program
+    # table rows (int64, n_tensors each): p, g, m, v pointers, numel, first program.
+    # coefs: float32 [n_tensors, 4] rows (adam, inverse, eps_c, decay), see fused.coefficient_table.
     pid = tl.program_id(0)
     i = tl.load(chunk_tensor + pid)
     p_ptr = tl.load(table + i).to(tl.pointer_type(P_DTYPE))
     g_ptr = tl.load(table + n_tensors + i).to(tl.pointer_type(G_DTYPE))
     m_ptr = tl.load(table + 2 * n_tensors + i).to(tl.pointer_type(S_DTYPE))
     v_ptr = tl.load(table + 3 * n_tensors + i).to(tl.pointer_type(S_DTYPE))
-    step_ptr = tl.load(table + 4 * n_tensors + i).to(tl.pointer_type(tl.float32))
-    numel = tl.load(table + 5 * n_tensors + i)
-    first = tl.load(table + 6 * n_tensors + i)
-
-    # Per-tensor scalars in float64 (the step was already incremented).
-    t = tl.load(step_ptr).to(tl.float64)
-    if LR_FROM_PTR:
-        lr = tl.load(lr_ptr).to(tl.float64)
-    else:
-        lr = lr_value
-    bc1 = 1.0 - tl.exp(t * log_beta1)
-    bc2 = 1.0 - tl.exp(t * log_beta2)
-    r = tl.where(t <= last_step, tl.maximum(1.0 - t * switch_rate, 0.0), 0.0)
-    c = tl.sqrt(bc2)  # float64 sqrt is correctly rounded
-    # mh/d = (c/bc1) * m/den and mh*d = m*den/(bc1*c) with den = sqrt(v) + eps*c
-    adam = (lr * (1.0 - r) * c / bc1).to(tl.float32)
-    inv = (lr * r / (bc1 * c)).to(tl.float32)
-    decay = (1.0 - lr * weight_decay).to(tl.float32)
-    eps_c = (eps * c).to(tl.float32)
+    numel = tl.load(table + 4 * n_tensors + i)
+    first = tl.load(table + 5 * n_tensors + i)
+    adam = tl.load(coefs + 4 * i)
+    inv = tl.load(coefs + 4 * i + 1)
+    eps_c = tl.load(coefs + 4 * i + 2)
+    decay = tl.load(coefs + 4 * i + 3)
     b1 = tl.cast(beta1, tl.float32)
     b2 = tl.cast(beta2, tl.float32)
 

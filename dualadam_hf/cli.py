@@ -1,20 +1,19 @@
 """The ``dualadam-hf`` command: train a recipe, compare optimizers on it, measure sharpness.
 
     dualadam-hf train --config recipes/smollm2_math_lora.yaml [--key value ...]
-    dualadam-hf compare --config recipes/smollm2_math_lora.yaml --optims adamw_torch,dualadam --seeds 2
+    dualadam-hf compare --config recipes/smollm2_math_lora.yaml --optims adamw_torch,matched_warmup,dualadam
     dualadam-hf sharpness --help
 
-Any `--key value` after the known options overrides the recipe (a recipe key or a TrainingArguments /
-SFTConfig field). Under several processes: `accelerate launch --config_file accelerate_configs/<name>.yaml
--m dualadam_hf.cli train --config ...`.
+Any `--key value` after the known options overrides the recipe (a field of TRL's ScriptArguments,
+SFTConfig / TrainingArguments, ModelConfig, or of dualadam_hf.experiments.ExperimentArguments). Under
+several processes: `accelerate launch --config_file accelerate_configs/<name>.yaml -m dualadam_hf.cli train
+--config ...`.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import sys
-from pathlib import Path
 
 from ._version import __version__
 
@@ -44,8 +43,18 @@ def _add_compare(subparsers: argparse._SubParsersAction) -> None:
         "`--key value` after the options overrides the recipe for every run.",
     )
     parser.add_argument("--config", default=DEFAULT_RECIPE, help=f"recipe YAML (default: {DEFAULT_RECIPE})")
-    parser.add_argument("--optims", default=DEFAULT_OPTIMS, help=f"comma-separated optim names ({DEFAULT_OPTIMS})")
-    parser.add_argument("--seeds", type=int, default=1, help="seeds per optimizer: recipe seed, seed+1, ... (1)")
+    parser.add_argument(
+        "--optims", default=None,
+        help="comma-separated variants, each NAME or NAME[key=value,...] (e.g. adamw_torch,matched_warmup,"
+        "dualadam[blend_steps=10],dualadam[inverse_scale=auto,label=scaled]); default: the recipe's "
+        f"compare: optims, else {DEFAULT_OPTIMS}",
+    )
+    parser.add_argument("--seeds", type=int, default=None,
+                        help="seeds per variant: recipe seed, seed+1, ... (default: the recipe's, else 1)")
+    parser.add_argument("--lr_grid", default=None,
+                        help="learning rates to choose from per variant on the validation split, e.g. 3e-4,1e-3")
+    parser.add_argument("--select_metric", default=None, choices=("eval_loss", "eval_accuracy"),
+                        help="what the grid chooses on (default eval_loss)")
     parser.add_argument("--output_dir", default=None, help="report folder (default: compare/<recipe name>)")
     parser.add_argument(
         "--no-sharpness", dest="sharpness", action="store_false", help="skip the sharpness column (saves time)"
@@ -58,20 +67,14 @@ def _add_compare(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _add_sharpness(subparsers: argparse._SubParsersAction) -> None:
-    try:
-        sharpness_cli = importlib.import_module("dualadam_hf.sharpness_cli")
-    except ModuleNotFoundError as error:  # written separately; the other subcommands work without it
-        if error.name != "dualadam_hf.sharpness_cli":
-            raise
-        return
-
-    parser = subparsers.add_parser(
+    # Listed here for `dualadam-hf --help`; its options belong to the HfArgumentParser of
+    # dualadam_hf.experiments.sharpness_cli, which main() hands every argument after `sharpness` to
+    # (add_help=False: `sharpness --help` is handed over too and prints that parser's help).
+    subparsers.add_parser(
         "sharpness",
-        allow_abbrev=False,
-        help="measure the sharpness of a trained model",
-        description=sharpness_cli.__doc__,
+        add_help=False,
+        help="measure the sharpness of a trained model (dualadam-hf sharpness --help)",
     )
-    sharpness_cli.add_arguments(parser)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -90,38 +93,30 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _train(args: argparse.Namespace, overrides: list[str]) -> int:
-    from .recipes.compare import smoke_overrides
-    from .recipes.config import find_recipe, load_recipe
-    from .recipes.train import run
+    from .experiments.arguments import find_recipe, load_experiment
+    from .experiments.compare import smoke_overrides
+    from .experiments.train import run
 
-    recipe = load_recipe(find_recipe(args.config), (smoke_overrides() if args.smoke else []) + overrides)
-    numbers = run(recipe)
-    print(f"[train] done: {recipe.training_args.output_dir}: " + ", ".join(f"{k}={v:.4g}" for k, v in numbers.items()))
+    experiment = load_experiment(find_recipe(args.config), (smoke_overrides() if args.smoke else []) + overrides)
+    numbers = run(experiment)
+    print(f"[train] done: {experiment.training.output_dir}: "
+          + ", ".join(f"{k}={v:.4g}" for k, v in numbers.items() if not k.startswith(("sharpness/", "dualadam/"))))
     return 0
 
 
 def _compare(args: argparse.Namespace, overrides: list[str]) -> int:
-    from .recipes.compare import compare, parse_optims, smoke_overrides
-    from .recipes.config import find_recipe
+    from .experiments.arguments import find_recipe
+    from .experiments.compare import run_compare
 
-    config = str(find_recipe(args.config))
-    output_dir = args.output_dir or str(Path("compare") / (Path(config).stem + ("-smoke" if args.smoke else "")))
-    report, results = compare(
-        config,
-        parse_optims(args.optims),
-        args.seeds,
-        output_dir,
-        (smoke_overrides() if args.smoke else []) + overrides,
-        sharpness=args.sharpness,
-        launcher=args.launcher,
-        rerun=args.rerun,
+    return run_compare(
+        str(find_recipe(args.config)), optims=args.optims, seeds=args.seeds, lr_grid=args.lr_grid,
+        select_metric=args.select_metric, output_dir=args.output_dir, overrides=overrides, sharpness=args.sharpness,
+        smoke=args.smoke, launcher=args.launcher, rerun=args.rerun,
     )
-    print(f"[compare] report: {report}")
-    return 0 if all(r.ok for r in results) else 1
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .recipes.config import RecipeError
+    from .experiments.arguments import RecipeError
 
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
@@ -131,11 +126,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 0
     if args.command == "sharpness":
-        if extra:
-            parser.error(f"unrecognized arguments: {' '.join(extra)}")
-        from . import sharpness_cli
+        from .experiments import sharpness_cli
 
-        return sharpness_cli.run(args)
+        return sharpness_cli.main(extra)
     try:
         return (_train if args.command == "train" else _compare)(args, extra)
     except RecipeError as error:

@@ -1,38 +1,30 @@
-"""The compiled CPU path: ``torch.compile`` over fixed-size buckets of tensors (issue 6).
+"""The compiled CPU path: ``torch.compile`` over fixed-size buckets of tensors.
 
-Meant for CPU training and for DeepSpeed optimizer offload, where the step runs
-on CPU. Design, chosen so that one compilation serves the whole run:
+Meant for CPU training and for DeepSpeed optimizer offload, where the step runs on CPU. Design,
+chosen so that one compilation serves the whole run:
 
-- The per-tensor coefficients (bias corrections, blend weight, lr) are
-  computed from the step tensors in float64 by a few vectorized eager ops per
-  step and enter the graph as a float32 tensor, so neither the blend schedule
-  nor an lr scheduler changes anything Dynamo guards on. (Computed inside the
-  graph, inductor inlined them, two pow per 16 elements, into the element loop.)
-- Every tensor enters as a flat 1-D alias with a dynamic size, and every call
-  takes exactly ``BUCKET`` quads (p, g, m, v); the last bucket is padded with
-  tiny scratch tensors. Duck shaping is off during the call, so two sizes that
-  happen to be equal on the first step are not assumed equal later.
-- The boundary of the blend (``r >= switch_rate``) is a comparison of the
-  integer-valued step with :func:`last_active_step`, computed on the host with
-  the schedule's own arithmetic, so it cannot flip on rounding or FMA.
-- Past the blend the update is AdamW's and goes to torch's fused AdamW kernel
-  through the foreach path (:func:`_blend_is_over`).
-- Every loop is parallel (``cpp.dynamic_threads``): inductor otherwise picks
-  serial loops from the first call's sizes, see :func:`_get_compiled`.
-- The routing and the flat aliases of p, m, v are built once and cached across
-  steps (:class:`_Plan`); a step re-checks their addresses and layouts and
-  flattens only the gradients.
-- Cold compile is about 41 s on a 2-core CPU (BUCKET 32), independent of the
-  number of tensors; the inductor cache makes later runs start in seconds.
+- The per-tensor coefficients come from :func:`dualadam_hf.schedule.fold`, evaluated eagerly on a
+  float64 vector of steps and passed to the graph as a float32 tensor, so neither the blend schedule
+  nor an lr scheduler changes anything Dynamo guards on. (Computed inside the graph, inductor inlined
+  them, two pow per 16 elements, into the element loop.)
+- Every tensor enters as a flat 1-D alias with a dynamic size, and every call takes exactly
+  ``BUCKET`` quads (p, g, m, v); the last bucket is padded with tiny scratch tensors. Duck shaping is
+  off during the call, so two sizes that happen to be equal on the first step are not assumed equal.
+- Past the blend the update is AdamW's and goes to torch's fused AdamW kernel through the foreach path.
+- Every loop is parallel (``cpp.dynamic_threads``): inductor otherwise picks serial loops from the
+  first call's sizes, see :func:`_get_compiled`.
+- The routing and the flat aliases of p, m, v are built once and cached across steps (:class:`_Plan`);
+  a step re-checks their addresses and layouts and flattens only the gradients.
+- Cold compile is about 41 s on a 2-core CPU (BUCKET 32), independent of the number of tensors; the
+  inductor cache makes later runs start in seconds.
 
-Tensors the graph does not take (non-contiguous, fewer than 2 elements, which
-dynamic shapes would specialize on) go through the eager foreach path.
+Tensors the graph does not take (non-contiguous, float64, fewer than 2 elements, which dynamic shapes
+would specialize on) go through the eager foreach path; the graph computes in float32.
 """
 
 from __future__ import annotations
 
-import functools
-import math
+import dataclasses
 import weakref
 from collections import defaultdict
 from collections.abc import Sequence
@@ -41,81 +33,35 @@ import torch
 import torch.fx.experimental._config as shape_config
 from torch import Tensor
 
-from . import functional
-from .schedule import blend_weight, last_blend_step
+from .functional import StepTensors, foreach, grad_like_param, local, prepare
+from .schedule import Hyper, fold, last_blend_step
 
-__all__ = ["BUCKET", "compiled_dualadam", "hyper_vector", "last_active_step"]
+__all__ = ["BUCKET", "compiled"]
 
 # Quads per compiled call. Each call costs ~0.1 ms (guards, wrapper) plus one
 # OpenMP thread wake-up, so fewer calls are faster; the one-time compile grows
 # with BUCKET (measured cold, 200 tensors, 2 cores: 8 -> 26 s, 16 -> 30 s,
 # 32 -> 41 s on idle cores). 32 put the step at 1.00-1.06x AdamW(fused=True)
-# where 16 gave 1.04-1.14x (benchmarks/optimizer_step.py, README).
+# where 16 gave 1.04-1.14x (benchmarks/optimizer_step.py).
 BUCKET = 32
+# The graph computes in float32 (as the other fast paths); float64 parameters keep their precision
+# on the foreach path.
+GRAPH_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 _compiled_fn = None
 _scratch: dict[tuple, tuple[Tensor, ...]] = {}
 
 
-@functools.lru_cache(maxsize=64)
-def last_active_step(switch_rate: float, inverse_only: bool = False) -> float:
-    """The last step with a non-zero blend weight (inf if the blend never ends).
-
-    ``blend_weight(t) > 0`` exactly when ``t <= last_active_step(...)``, checked
-    against the schedule itself rather than re-derived. Cached: a pure function of
-    the hyperparameters, asked for on every step (twice on the compiled path).
-    """
-    if inverse_only or switch_rate <= 0:
-        return math.inf
-    t = last_blend_step(switch_rate)
-    while blend_weight(t + 1, switch_rate) > 0:
-        t += 1
-    while t > 0 and blend_weight(t, switch_rate) == 0:
-        t -= 1
-    return float(t)
-
-
-def hyper_vector(
-    *, lr: float | Tensor, beta1: float, beta2: float, eps: float, weight_decay: float,
-    switch_rate: float, inverse_only: bool, device: torch.device | str = "cpu",
-) -> Tensor:
-    """The float64 vector [lr, beta1, beta2, eps, weight_decay, switch_rate, last_active_step]."""
-    sr = 0.0 if inverse_only else float(switch_rate)
-    last = last_active_step(switch_rate, inverse_only)
-    if isinstance(lr, Tensor):
-        rest = torch.tensor([beta1, beta2, eps, weight_decay, sr, last], dtype=torch.float64, device=lr.device)
-        return torch.cat([lr.detach().reshape(1).to(torch.float64), rest]).to(device)
-    return torch.tensor([float(lr), beta1, beta2, eps, weight_decay, sr, last], dtype=torch.float64, device=device)
-
-
-def _coefficients(t: Tensor, hp: Tensor) -> tuple[Tensor, Tensor]:
-    """Per-tensor update coefficients from the steps ``t`` (float64), eagerly and vectorized.
-
-    Computed outside the graph: inductor would otherwise inline these scalar
-    float64 ops (two pow per 16 elements) into the element loop.
-    Returns ([n, 3] float32: adam, inv, eps*c) and (float32 [decay, 1-b1, b2, 1-b2]).
-    """
-    lr, b1, b2, eps, wd, sr, last = hp.unbind()
-    bc1, bc2 = 1 - b1**t, 1 - b2**t
-    r = torch.where(t <= last, (1 - t * sr).clamp_min(0), 0)
-    # d = sqrt(v/bc2) + eps = den / c with c = sqrt(bc2) and den = sqrt(v) + eps*c,
-    # so mh/d = (c/bc1) * m/den and mh*d = m*den / (bc1*c).
-    c = bc2.sqrt()
-    per_tensor = torch.stack([lr * (1 - r) * c / bc1, lr * r / (bc1 * c), eps * c], 1).float()
-    shared = torch.stack([1 - lr * wd, 1 - b1, b2, 1 - b2]).float()
-    return per_tensor, shared
-
-
 def _update(ps, gs, ms, vs, coef, shared, maximize: bool):
-    """DualAdam on BUCKET flat quads, one fused loop each (DESIGN section 1)."""
+    """The folded update on BUCKET flat quads, one fused loop each (see schedule.fold)."""
     decay, w1, b2, w2 = shared.unbind()
     for k, (p, g, m, v) in enumerate(zip(ps, gs, ms, vs, strict=True)):
-        adam, inv, eps_c = coef[k].unbind()
+        adam, inverse, eps_c = coef[k].unbind()
         gf = -g.float() if maximize else g.float()
         m.copy_(m + w1 * (gf - m))
         v.copy_(v * b2 + w2 * gf * gf)
         den = v.sqrt() + eps_c
-        p.copy_(p.float() * decay - adam * (m / den) - inv * (m * den))
+        p.copy_(p.float() * decay - adam * (m / den) - inverse * (m * den))
 
 
 def _get_compiled():
@@ -160,7 +106,8 @@ def _flat(t: Tensor) -> Tensor:
 
 
 def _takes(p: Tensor, g: Tensor, m: Tensor, v: Tensor) -> bool:
-    return p.numel() >= 2 and p.is_contiguous() and g.is_contiguous() and m.is_contiguous() and v.is_contiguous()
+    return (p.numel() >= 2 and p.dtype in GRAPH_DTYPES and m.dtype in GRAPH_DTYPES
+            and all(t.is_contiguous() for t in (p, g, m, v)))
 
 
 def _signature(*lists: Sequence[Tensor]) -> list[tuple]:
@@ -176,18 +123,17 @@ def _signature(*lists: Sequence[Tensor]) -> list[tuple]:
 class _Plan:
     """One call's routing: buckets of flat aliases of p, m, v with their padding, and the fallbacks.
 
-    Building it (``_prepare``, the routing, flattening p, m and v) cost ~2-3 ms
-    per step for the 122 tensors of benchmarks/optimizer_step.py, 5-8% of the
-    step (benchmarks/NOTES_compiled.md). An optimizer
-    passes the same p, m, v every step, so a plan of plain tensors is cached and
-    a step then only checks their signature and flattens the gradients, which
-    may be new tensors every step (and are not kept, so set_to_none frees them).
+    Building it (the routing, flattening p, m and v) cost ~2-3 ms per step for the 122 tensors of
+    benchmarks/optimizer_step.py, 5-8% of the step (benchmarks/NOTES_compiled.md). An optimizer passes
+    the same p, m, v every step, so a plan of plain tensors is cached and a step then only checks their
+    signature and flattens the gradients, which may be new tensors every step (and are not kept, so
+    set_to_none frees them).
     """
 
-    def __init__(self, params, grads, exp_avgs, exp_avg_sqs, state_steps):
-        prepared = functional._prepare(params, grads, exp_avgs, exp_avg_sqs)
+    def __init__(self, tensors: StepTensors):
+        prepared = list(prepare(tensors))
         kept = {quad[0] for quad in prepared}
-        self.empty = [i for i in range(len(params)) if i not in kept]
+        self.empty = [i for i in range(len(tensors.params)) if i not in kept]
         self.rest: list[int] = []
         groups: dict[tuple, list] = defaultdict(list)
         for i, p, g, m, v in prepared:
@@ -196,9 +142,9 @@ class _Plan:
             else:
                 self.rest.append(i)
         # DTensor shards are new objects every step: such a plan is rebuilt each step.
-        self.plain = all(p is params[i] and m is exp_avgs[i] and v is exp_avg_sqs[i]
+        self.plain = all(p is tensors.params[i] and m is tensors.exp_avgs[i] and v is tensors.exp_avg_sqs[i]
                          for i, p, _, m, v in prepared)
-        self.plain = self.plain and all(functional._local(s) is s for s in state_steps)
+        self.plain = self.plain and all(local(s) is s for s in tensors.steps)
         # Per dtype/device key: (key, indices, chunks); a chunk is (indices, P, G padding, M, V).
         # Steps are looked up per call, not kept: the plan must not keep them alive (see _plans).
         self.buckets = []
@@ -213,31 +159,44 @@ class _Plan:
                 chunks.append(([item[0] for item in chunk], P, [q[1] for q in pad], M, V))
             self.buckets.append((key, [item[0] for item in items], chunks))
         self.bucketed = [i for _, _, chunks in self.buckets for chunk in chunks for i in chunk[0]]
-        self.grad_signature = self._grad_signature(grads)
-        self.signature = _signature(params, exp_avgs, exp_avg_sqs) if self.plain else None
+        self.grad_signature = self._grad_signature(tensors.grads)
+        self.signature = self._signature(tensors) if self.plain else None
+
+    @staticmethod
+    def _signature(tensors: StepTensors) -> list[tuple]:
+        return _signature(tensors.params, tensors.exp_avgs, tensors.exp_avg_sqs)
 
     def _grad_signature(self, grads) -> list[tuple]:
         return [(grads[i].dtype, grads[i].is_contiguous()) for i in self.bucketed]
 
-    def matches(self, params, grads, exp_avgs, exp_avg_sqs) -> bool:
-        return (self.signature == _signature(params, exp_avgs, exp_avg_sqs)
-                and self.grad_signature == self._grad_signature(grads))
+    def matches(self, tensors: StepTensors) -> bool:
+        return self.signature == self._signature(tensors) and self.grad_signature == self._grad_signature(
+            tensors.grads)
 
-    def run(self, params, grads, state_steps, *, maximize: bool, **hyper) -> None:
+    def run(self, tensors: StepTensors, hyper: Hyper) -> None:
         fn = _get_compiled()
         for key, indices, chunks in self.buckets:
-            hp = hyper_vector(**hyper, device=key[3])
-            steps = [state_steps[i] for i in indices] if self.plain else [
-                functional._local(state_steps[i]) for i in indices]
+            device = key[3]
+            steps = [local(tensors.steps[i]) for i in indices]
             torch._foreach_add_(steps, 1.0)
-            t = torch.ones(len(chunks) * BUCKET, dtype=torch.float64, device=key[3])
+            n = len(chunks) * BUCKET
+            t = torch.ones(n, dtype=torch.float64, device=device)
             t[: len(steps)] = torch.stack(steps)
-            coef, shared = _coefficients(t, hp)
+            scale = 1.0
+            if tensors.scales is not None:
+                scale = torch.zeros(n, dtype=torch.float64, device=device)
+                scale[: len(steps)] = torch.stack([tensors.scales[i] for i in indices]).to(device)
+            lr = hyper.lr.to(device, torch.float64) if isinstance(hyper.lr, Tensor) else hyper.lr
+            adam, inverse, eps_c, decay = fold(t, dataclasses.replace(hyper, lr=lr), scale)
+            coef = torch.stack([adam, inverse, eps_c], 1).float()
+            shared = torch.stack([torch.as_tensor(decay, dtype=torch.float64, device=device),
+                                  *torch.tensor([1 - hyper.beta1, hyper.beta2, 1 - hyper.beta2],
+                                                dtype=torch.float64, device=device)]).float()
             for (idx, P, G_pad, M, V), rows in zip(chunks, coef.view(-1, BUCKET, 3).unbind(0), strict=True):
-                gs = (grads[i] for i in idx) if self.plain else (
-                    functional._grad_like_param(params[i], grads[i]) for i in idx)
+                gs = (tensors.grads[i] for i in idx) if self.plain else (
+                    grad_like_param(tensors.params[i], tensors.grads[i]) for i in idx)
                 # rows.detach() drops the view's base (coef), whose shape Dynamo would guard on.
-                fn(P, [_flat(g) for g in gs] + G_pad, M, V, rows.detach(), shared, maximize)
+                fn(P, [_flat(g) for g in gs] + G_pad, M, V, rows.detach(), shared, hyper.maximize)
 
 
 # Cached plans, keyed by the ids of the step tensors (one optimizer state entry
@@ -250,72 +209,51 @@ _plans: dict[tuple[int, ...], tuple[_Plan, list]] = {}
 _MAX_PLANS = 64
 
 
-def _plan_for(params, grads, exp_avgs, exp_avg_sqs, state_steps) -> _Plan:
-    key = tuple(map(id, state_steps))
+def _plan_for(tensors: StepTensors) -> _Plan:
+    key = tuple(map(id, tensors.steps))
     cached = _plans.get(key)
-    if cached is not None and cached[0].matches(params, grads, exp_avgs, exp_avg_sqs):
+    if cached is not None and cached[0].matches(tensors):
         return cached[0]
-    plan = _Plan(params, grads, exp_avgs, exp_avg_sqs, state_steps)
+    plan = _Plan(tensors)
     if plan.plain:
         def drop(_ref, key=key):
             _plans.pop(key, None)
 
-        _plans[key] = (plan, [weakref.ref(s, drop) for s in state_steps])
+        _plans[key] = (plan, [weakref.ref(s, drop) for s in tensors.steps])
         while len(_plans) > _MAX_PLANS:
             _plans.pop(next(iter(_plans)))
     return plan
 
 
-def _blend_is_over(state_steps: Sequence[Tensor], switch_rate: float, inverse_only: bool) -> bool:
+def _blend_is_over(tensors: StepTensors, hyper: Hyper) -> bool:
     """Whether the coming step of every tensor has blend weight 0 (reads CPU step tensors only)."""
-    last = last_active_step(switch_rate, inverse_only)
-    if math.isinf(last):
-        return False
-    steps = [functional._local(s) for s in state_steps]
+    steps = [local(s) for s in tensors.steps]
     if any(s.device.type != "cpu" for s in steps):
         return False
-    return min(float(s) for s in steps) >= last
+    return min(float(s) for s in steps) >= last_blend_step(hyper.switch_rate)
 
 
-def compiled_dualadam(
-    params: Sequence[Tensor],
-    grads: Sequence[Tensor],
-    exp_avgs: Sequence[Tensor],
-    exp_avg_sqs: Sequence[Tensor],
-    state_steps: Sequence[Tensor],
-    *,
-    lr: float | Tensor,
-    beta1: float,
-    beta2: float,
-    eps: float,
-    weight_decay: float,
-    switch_rate: float,
-    inverse_only: bool = False,
-    maximize: bool = False,
-) -> None:
-    """Same contract as :func:`dualadam_hf.functional.dualadam_foreach`; increments the steps."""
-    if not params:
+def compiled(tensors: StepTensors, hyper: Hyper) -> None:
+    """The compiled update path (see the module's notes); increments the steps."""
+    if not tensors.params:
         return
-    hyper = dict(lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
-                 switch_rate=switch_rate, inverse_only=inverse_only, maximize=maximize)
-    tensors = (params, grads, exp_avgs, exp_avg_sqs, state_steps)
-    if _blend_is_over(state_steps, switch_rate, inverse_only):
+    if _blend_is_over(tensors, hyper):
         # Past the blend the update is AdamW's: the foreach path hands it to torch's
         # fused AdamW kernel, which is a little faster than this graph.
-        functional.dualadam_foreach_subset(range(len(params)), *tensors, **hyper)
+        foreach(tensors, hyper)
         return
-    plan = _plan_for(params, grads, exp_avgs, exp_avg_sqs, state_steps)
+    plan = _plan_for(tensors)
     if plan.empty:
         # Empty shards still count a step, as on the other paths.
-        torch._foreach_add_([state_steps[i] for i in plan.empty], 1.0)
+        torch._foreach_add_([tensors.steps[i] for i in plan.empty], 1.0)
     if plan.buckets:
         # Duck shaping would guard sizes that are equal on the first step as equal
         # forever. Set directly: config.patch() costs ~0.1 ms per call.
         duck = shape_config.use_duck_shape
         shape_config.use_duck_shape = False
         try:
-            plan.run(params, grads, state_steps, **hyper)
+            plan.run(tensors, hyper)
         finally:
             shape_config.use_duck_shape = duck
     if plan.rest:
-        functional.dualadam_foreach_subset(plan.rest, *tensors, **hyper)
+        foreach(tensors.subset(plan.rest), hyper)

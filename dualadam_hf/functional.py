@@ -1,29 +1,32 @@
-"""The DualAdam update as pure functions over tensors (DESIGN sections 1 and 3).
+"""The DualAdam update as pure functions over lists of tensors; no Optimizer plumbing.
 
-No Optimizer plumbing lives here: callers pass parameters, gradients, the two
-moments and the per-parameter step tensors, plus plain-number hyperparameters.
-Every path computes, per element,
+Every update path has one signature, ``path(tensors: StepTensors, hyper: Hyper) -> None``: it
+increments each tensor's step by one and applies the rule of :mod:`dualadam_hf.schedule` in place.
+The paths, by name (:data:`UPDATE_PATHS`):
 
-    m  = b1*m + (1-b1)*g ;  v = b2*v + (1-b2)*g*g
-    mh = m / (1-b1**t)   ;  d = sqrt(v / (1-b2**t)) + eps
-    u  = (1-r)*mh/d + r*mh*d        (r = blend weight, 0 in the Adam phase)
-    p  = p - lr*wd*p ;  p = p - lr*u
+- ``single``: one tensor at a time, written to read like the formulas;
+- ``foreach``: foreach ops over L2-sized blocks, torch's fused AdamW kernel past the blend (CPU);
+- ``compiled``: ``torch.compile`` over fixed buckets (:mod:`dualadam_hf.compiled`, CPU);
+- ``fused``: one Triton kernel for all tensors (:mod:`dualadam_hf.fused`, CUDA).
 
-and increments ``step`` by one. Low-precision parameters are updated in fp32
-and written back; moments of such parameters are kept in fp32 unless the
-caller keeps them in bf16, in which case they are also worked on in fp32.
+Low-precision parameters are updated in fp32 and written back; their moments are fp32 unless the
+caller keeps them in bf16, in which case they too are worked on in fp32. Helpers that several paths
+use (:func:`local`, :func:`prepare`, :func:`scales_of`) are public on purpose.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import importlib
 import math
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
-from .schedule import blend_weight
+from .schedule import Hyper, blend_weight, fold
 
 LOW_PRECISION = (torch.float16, torch.bfloat16)
 
@@ -33,25 +36,30 @@ LOW_PRECISION = (torch.float16, torch.bfloat16)
 # the temporary memory at one block instead of one copy of the model.
 FOREACH_BLOCK = 1 << 18
 
-__all__ = [
-    "FOREACH_BLOCK",
-    "dualadam",
-    "dualadam_foreach",
-    "dualadam_foreach_subset",
-    "dualadam_single_tensor",
-    "step_scalars",
-]
+
+class StepTensors(NamedTuple):
+    """The operands of one update: aligned lists, one entry per parameter tensor.
+
+    ``steps`` are float32 0-d tensors counting the updates taken so far. ``scales`` are the
+    per-tensor inverse scales of ``inverse_scale="auto"`` (0-d tensors, 0 until calibrated), or None.
+    """
+
+    params: Sequence[Tensor]
+    grads: Sequence[Tensor]
+    exp_avgs: Sequence[Tensor]
+    exp_avg_sqs: Sequence[Tensor]
+    steps: Sequence[Tensor]
+    scales: Sequence[Tensor] | None = None
+
+    def subset(self, indices: Sequence[int]) -> StepTensors:
+        pick = lambda xs: None if xs is None else [xs[i] for i in indices]
+        return StepTensors(*(pick(xs) for xs in self))
 
 
-def step_scalars(
-    step: float, beta1: float, beta2: float, switch_rate: float, inverse_only: bool
-) -> tuple[float, float, float]:
-    """Bias corrections (1-b1**t, 1-b2**t) and the blend weight at step ``t``."""
-    r = 1.0 if inverse_only else blend_weight(step, switch_rate)
-    return 1.0 - beta1**step, 1.0 - beta2**step, r
+UpdatePath = Callable[[StepTensors, Hyper], None]
 
 
-def _local(t: Tensor) -> Tensor:
+def local(t: Tensor) -> Tensor:
     """The local shard of a DTensor (FSDP2); plain tensors pass through.
 
     The update is element-wise and p, g, m, v share one placement, so working on
@@ -61,62 +69,61 @@ def _local(t: Tensor) -> Tensor:
     return to_local() if to_local is not None else t
 
 
-def _grad_like_param(p: Tensor, g: Tensor) -> Tensor:
+def grad_like_param(p: Tensor, g: Tensor) -> Tensor:
+    """The local gradient, redistributed first if its DTensor placement differs from the parameter's."""
     placements = getattr(p, "placements", None)
     if placements is not None and getattr(g, "placements", placements) != placements:
         g = g.redistribute(p.device_mesh, placements)
-    return _local(g)
+    return local(g)
 
 
-def _prepare(params, grads, exp_avgs, exp_avg_sqs):
-    """Local, non-empty operands; the (possibly DTensor) step list stays aligned."""
-    keep = []
-    for i, (p, g) in enumerate(zip(params, grads)):
-        pl = _local(p)
-        if pl.numel() == 0:
-            continue
-        keep.append((i, pl, _grad_like_param(p, g), _local(exp_avgs[i]), _local(exp_avg_sqs[i])))
-    return keep
+def prepare(tensors: StepTensors) -> Iterator[tuple[int, Tensor, Tensor, Tensor, Tensor]]:
+    """(index, p, g, m, v) as local tensors, skipping empty ones (their steps still count)."""
+    for i, (p, g) in enumerate(zip(tensors.params, tensors.grads)):
+        pl = local(p)
+        if pl.numel():
+            yield i, pl, grad_like_param(p, g), local(tensors.exp_avgs[i]), local(tensors.exp_avg_sqs[i])
 
 
-def dualadam_single_tensor(
-    params: Sequence[Tensor],
-    grads: Sequence[Tensor],
-    exp_avgs: Sequence[Tensor],
-    exp_avg_sqs: Sequence[Tensor],
-    state_steps: Sequence[Tensor],
-    *,
-    lr: float,
-    beta1: float,
-    beta2: float,
-    eps: float,
-    weight_decay: float,
-    switch_rate: float,
-    inverse_only: bool = False,
-    maximize: bool = False,
-) -> None:
+def scales_of(tensors: StepTensors) -> list[float]:
+    """Per-tensor factors on ``hyper.inverse_scale`` as numbers (all 1 without calibrated scales)."""
+    if tensors.scales is None:
+        return [1.0] * len(tensors.params)
+    return [float(s) for s in tensors.scales]
+
+
+def _fp32(xs: list[Tensor]) -> list[Tensor]:
+    return [x.float() for x in xs]
+
+
+# --------------------------------------------------------------------------- single tensor
+
+
+def single_tensor(tensors: StepTensors, hyper: Hyper) -> None:
     """The plain path: one parameter at a time, written to read like the formulas."""
-    lr = float(lr)
-    for step_t in state_steps:
-        step_t += 1
-    for i, p, g, m, v in _prepare(params, grads, exp_avgs, exp_avg_sqs):
-        bc1, bc2, r = step_scalars(state_steps[i].item(), beta1, beta2, switch_rate, inverse_only)
+    lr, b1, b2 = float(hyper.lr), hyper.beta1, hyper.beta2
+    for step in tensors.steps:
+        step += 1
+    scales = scales_of(tensors)
+    for i, p, g, m, v in prepare(tensors):
+        t = float(tensors.steps[i])
+        r = blend_weight(t, hyper.switch_rate)
         work = p.float() if p.dtype in LOW_PRECISION else p
         m_in, v_in = m, v
         if m.dtype in LOW_PRECISION:
             m, v = m.float(), v.float()
-        g = g.float() if g.dtype != m.dtype else g
-        if maximize:
+        g = g.to(m.dtype)
+        if hyper.maximize:
             g = -g
-        if weight_decay != 0:
-            work.mul_(1.0 - lr * weight_decay)
-        m.lerp_(g, 1.0 - beta1)
-        v.mul_(beta2).addcmul_(g, g, value=1.0 - beta2)
-        d = (v / bc2).sqrt_().add_(eps)
-        mh = m / bc1
+        if hyper.weight_decay != 0:
+            work.mul_(1.0 - lr * hyper.weight_decay)
+        m.lerp_(g, 1.0 - b1)
+        v.mul_(b2).addcmul_(g, g, value=1.0 - b2)
+        mh = m / (1.0 - b1**t)
+        d = (v / (1.0 - b2**t)).sqrt_().add_(hyper.eps)
         u = mh / d
         if r > 0.0:
-            u.mul_(1.0 - r).add_(mh * d, alpha=r)
+            u.mul_(1.0 - r).add_(mh * d, alpha=r * hyper.inverse_scale * scales[i])
         work.add_(u, alpha=-lr)
         if work is not p:
             p.copy_(work)
@@ -125,21 +132,24 @@ def dualadam_single_tensor(
             v_in.copy_(v)
 
 
-def _blocks(items, block: int):
-    """Yield lists of (p, g, m, v) views holding about ``block`` elements in all.
+# --------------------------------------------------------------------------- foreach
 
-    Large contiguous tensors are cut into views of ``block`` elements; small ones
-    are gathered so each foreach call still does a useful amount of work.
+
+def _blocks(items: list[tuple], block: int) -> Iterator[list[tuple]]:
+    """Batches of (p, g, m, v, coefficients) holding about ``block`` elements in all.
+
+    Large contiguous tensors are cut into views of ``block`` elements; small ones are
+    gathered so each foreach call still does a useful amount of work.
     """
     batch, size = [], 0
-    for p, g, m, v in items:
+    for p, g, m, v, coef in items:
         if all(t.is_contiguous() for t in (p, g, m, v)) and p.numel() > block:
-            views = zip(*(t.view(-1).split(block) for t in (p, g, m, v)), strict=True)
+            views = [(*quad, coef) for quad in zip(*(t.view(-1).split(block) for t in (p, g, m, v)), strict=True)]
         else:
-            views = [(p, g, m, v)]
-        for quad in views:
-            batch.append(quad)
-            size += quad[0].numel()
+            views = [(p, g, m, v, coef)]
+        for item in views:
+            batch.append(item)
+            size += item[0].numel()
             if size >= block:
                 yield batch
                 batch, size = [], 0
@@ -147,25 +157,22 @@ def _blocks(items, block: int):
         yield batch
 
 
-def _foreach_block(p, g, m, v, *, lr, beta1, beta2, eps, weight_decay, bc1, bc2, r, maximize):
-    """One block of the update with foreach ops; p, g are fp32 lists here."""
-    if maximize:
+def _foreach_block(batch: list[tuple], hyper: Hyper, decay: float) -> None:
+    """The folded update (see :func:`~dualadam_hf.schedule.fold`) on one block of fp32 work lists."""
+    p, g, m, v, coefs = (list(x) for x in zip(*batch, strict=True))
+    adam, inverse, eps_c = ([c[k] for c in coefs] for k in range(3))
+    if hyper.maximize:
         g = torch._foreach_neg(g)
-    if weight_decay != 0:
-        torch._foreach_mul_(p, 1.0 - lr * weight_decay)
-    torch._foreach_lerp_(m, g, 1.0 - beta1)
-    torch._foreach_mul_(v, beta2)
-    torch._foreach_addcmul_(v, g, g, 1.0 - beta2)
-    # den = sqrt(v) + eps*c = c*d with c = sqrt(bc2): the bias correction folds
-    # into scalars, so the only temporary is ``den``.
-    c = math.sqrt(bc2)
+    if decay != 1.0:
+        torch._foreach_mul_(p, decay)
+    torch._foreach_lerp_(m, g, 1.0 - hyper.beta1)
+    torch._foreach_mul_(v, hyper.beta2)
+    torch._foreach_addcmul_(v, g, g, 1.0 - hyper.beta2)
     den = torch._foreach_sqrt(v)
-    torch._foreach_add_(den, eps * c)
-    # Adam part: lr*(1-r)*mh/d = lr*(1-r)*c/bc1 * m/den
-    torch._foreach_addcdiv_(p, m, den, -lr * (1.0 - r) * c / bc1)
-    if r > 0.0:
-        # Inverse part: lr*r*mh*d = lr*r/(bc1*c) * m*den, one fused pass.
-        torch._foreach_addcmul_(p, m, den, -lr * r / (bc1 * c))
+    torch._foreach_add_(den, eps_c)
+    torch._foreach_addcdiv_(p, m, den, [-a for a in adam])
+    if any(inverse):
+        torch._foreach_addcmul_(p, m, den, [-x for x in inverse])
 
 
 def _takes_adamw_fused(p: Tensor, g: Tensor, m: Tensor, v: Tensor, step: Tensor) -> bool:
@@ -173,110 +180,133 @@ def _takes_adamw_fused(p: Tensor, g: Tensor, m: Tensor, v: Tensor, step: Tensor)
             and all(t.is_contiguous() and t.device == p.device for t in (p, g, m, v)))
 
 
-def _adamw_fused(items: list[tuple], *, lr, beta1, beta2, eps, weight_decay, maximize) -> list[tuple]:
-    """The Adam phase through torch's fused AdamW kernel; returns the items it did not take.
+def _adamw_fused(items: list[tuple], hyper: Hyper, lr: float) -> None:
+    """Past the blend, through torch's fused AdamW kernel (items: p, g, m, v, step of one dtype).
 
-    Once the blend weight is 0 the update is exactly AdamW's (decoupled weight
-    decay, eps added to the bias-corrected sqrt(v)), and torch's fused CPU kernel
-    does it in one pass per element, 3-4x faster than a dozen foreach passes.
-    Only CPU tensors of one dtype qualify (the kernel wants step tensors on the
-    parameters' device and one dtype for p, g and the moments); steps are
-    already incremented, which is what the kernel expects.
+    Once the blend weight is 0 the update is exactly AdamW's (decoupled weight decay, eps added to the
+    bias-corrected sqrt(v)), and torch's fused CPU kernel does it in one pass per element, 3-4x faster
+    than a dozen foreach passes. The steps are already incremented, which is what the kernel expects.
     """
-    by_dtype: dict[torch.dtype, list] = defaultdict(list)
-    rest = []
-    for item in items:
-        (by_dtype[item[0].dtype] if _takes_adamw_fused(*item) else rest).append(item)
-    for group in by_dtype.values():
-        p, g, m, v, steps = (list(x) for x in zip(*group, strict=True))
-        torch._fused_adamw_(p, g, m, v, [], steps, lr=lr, beta1=beta1, beta2=beta2,
-                            weight_decay=weight_decay, eps=eps, amsgrad=False, maximize=maximize)
-    return rest
+    p, g, m, v, steps = (list(x) for x in zip(*items, strict=True))
+    torch._fused_adamw_(p, g, m, v, [], steps, lr=lr, beta1=hyper.beta1, beta2=hyper.beta2,
+                        weight_decay=hyper.weight_decay, eps=hyper.eps, amsgrad=False, maximize=hyper.maximize)
 
 
-def dualadam_foreach(
-    params: Sequence[Tensor],
-    grads: Sequence[Tensor],
-    exp_avgs: Sequence[Tensor],
-    exp_avg_sqs: Sequence[Tensor],
-    state_steps: Sequence[Tensor],
-    *,
-    lr: float,
-    beta1: float,
-    beta2: float,
-    eps: float,
-    weight_decay: float,
-    switch_rate: float,
-    inverse_only: bool = False,
-    maximize: bool = False,
-    block: int | None = None,
-) -> None:
-    """The multi-tensor path: foreach ops over L2-sized blocks of elements.
+def foreach(tensors: StepTensors, hyper: Hyper, block: int | None = None) -> None:
+    """The multi-tensor path: foreach ops over L2-sized blocks with per-tensor coefficients.
 
-    Parameters are bucketed by their step (normally one bucket) because the bias
-    corrections and the blend weight are per-step scalars. Past the blend, CPU
-    tensors of one dtype take torch's fused AdamW kernel (see ``_adamw_fused``).
+    Parameters may sit at different steps (missing gradients): each tensor gets its own folded
+    coefficients. Past the blend, CPU tensors of one dtype take torch's fused AdamW kernel.
+    A tensor ``lr`` is read once on the host.
     """
-    if not params:
+    if not tensors.params:
         return
-    lr = float(lr)
+    lr = float(hyper.lr)
+    hyper = dataclasses.replace(hyper, lr=lr)
     block = block or FOREACH_BLOCK
-    torch._foreach_add_(list(state_steps), 1.0)
+    torch._foreach_add_(list(tensors.steps), 1.0)
+    scales = scales_of(tensors)
+    decay = 1.0 - lr * hyper.weight_decay
+    adamw: dict[torch.dtype, list] = defaultdict(list)
     buckets: dict[tuple, list] = defaultdict(list)
-    for i, p, g, m, v in _prepare(params, grads, exp_avgs, exp_avg_sqs):
-        buckets[(state_steps[i].item(), p.dtype, g.dtype)].append((p, g, m, v, state_steps[i]))
-    for (step, p_dtype, g_dtype), items in buckets.items():
-        bc1, bc2, r = step_scalars(step, beta1, beta2, switch_rate, inverse_only)
-        if r == 0.0:
-            items = _adamw_fused(items, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
-                                 weight_decay=weight_decay, maximize=maximize)
-        for batch in _blocks([item[:4] for item in items], block):
-            p, g, m, v = (list(x) for x in zip(*batch, strict=True))
-            work = [x.float() for x in p] if p_dtype in LOW_PRECISION else p
-            low_state = m[0].dtype in LOW_PRECISION
-            m_work = [x.float() for x in m] if low_state else m
-            v_work = [x.float() for x in v] if low_state else v
-            if g_dtype != m_work[0].dtype:
-                g = [x.float() for x in g]
-            _foreach_block(
-                work, g, m_work, v_work, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
-                weight_decay=weight_decay, bc1=bc1, bc2=bc2, r=r, maximize=maximize,
-            )
+    for i, p, g, m, v in prepare(tensors):
+        step = local(tensors.steps[i])
+        t = float(step)
+        adam, inverse, eps_c, _ = fold(t, hyper, scales[i])
+        if blend_weight(t, hyper.switch_rate) == 0.0 and _takes_adamw_fused(p, g, m, v, step):
+            adamw[p.dtype].append((p, g, m, v, step))
+        else:
+            buckets[(p.dtype, g.dtype, m.dtype)].append((p, g, m, v, (adam, inverse, eps_c)))
+    for items in adamw.values():
+        _adamw_fused(items, hyper, lr)
+    for (p_dtype, g_dtype, s_dtype), items in buckets.items():
+        for batch in _blocks(items, block):
+            p, g, m, v, coefs = (list(x) for x in zip(*batch, strict=True))
+            work = _fp32(p) if p_dtype in LOW_PRECISION else p
+            m_work, v_work = (_fp32(m), _fp32(v)) if s_dtype in LOW_PRECISION else (m, v)
+            g_work = _fp32(g) if g_dtype != m_work[0].dtype else g
+            _foreach_block(list(zip(work, g_work, m_work, v_work, coefs, strict=True)), hyper, decay)
             if work is not p:
                 torch._foreach_copy_(p, work)
-            if low_state:
+            if m_work is not m:
                 torch._foreach_copy_(m, m_work)
                 torch._foreach_copy_(v, v_work)
 
 
-def dualadam_foreach_subset(
-    indices: Sequence[int],
-    params: Sequence[Tensor],
-    grads: Sequence[Tensor],
-    exp_avgs: Sequence[Tensor],
-    exp_avg_sqs: Sequence[Tensor],
-    state_steps: Sequence[Tensor],
-    **hyper,
-) -> None:
-    """:func:`dualadam_foreach` on the tensors at ``indices``: the fallback of the single-pass paths.
+# --------------------------------------------------------------------------- registry
 
-    A tensor ``lr`` is read once on the host, as the foreach path takes plain numbers.
+
+UPDATE_PATHS: dict[str, str] = {
+    "single": "dualadam_hf.functional:single_tensor",
+    "foreach": "dualadam_hf.functional:foreach",
+    "compiled": "dualadam_hf.compiled:compiled",  # imports torch.compile machinery on first use
+    "fused": "dualadam_hf.fused:fused",  # imports triton on first use
+}
+
+
+def update_path(name: str) -> UpdatePath:
+    """The update function registered under ``name`` (see :data:`UPDATE_PATHS`)."""
+    if name not in UPDATE_PATHS:
+        raise ValueError(f"unknown update path {name!r}; one of {', '.join(UPDATE_PATHS)}")
+    module, _, attribute = UPDATE_PATHS[name].partition(":")
+    return getattr(importlib.import_module(module), attribute)
+
+
+def update(tensors: StepTensors, hyper: Hyper, path: str = "foreach") -> None:
+    """Apply one DualAdam update with the named path."""
+    update_path(path)(tensors, hyper)
+
+
+# --------------------------------------------------------------------------- diagnostics
+
+
+def update_norms(tensors: StepTensors, hyper: Hyper) -> tuple[float, float]:
+    """Squared norms of the Adam part (1-r)*mh/d and the inverse part r*s*mh*d of the latest update.
+
+    Read from the state the update left behind (steps already counted, moments updated), so it costs
+    nothing unless called. ``grads`` are not used. Sums over the local elements of every tensor.
     """
-    pick = lambda xs: [xs[i] for i in indices]
-    hyper["lr"] = float(hyper["lr"])
-    dualadam_foreach(pick(params), pick(grads), pick(exp_avgs), pick(exp_avg_sqs), pick(state_steps), **hyper)
+    adam_sq = inverse_sq = 0.0
+    scales = scales_of(tensors)
+    for i, (m, v) in enumerate(zip(tensors.exp_avgs, tensors.exp_avg_sqs)):
+        m, v = local(m), local(v)
+        t = float(local(tensors.steps[i]))
+        if t < 1 or m.numel() == 0:
+            continue
+        r = blend_weight(t, hyper.switch_rate)
+        mh = m.float() / (1.0 - hyper.beta1**t)
+        d = (v.float() / (1.0 - hyper.beta2**t)).sqrt_().add_(hyper.eps)
+        adam_sq += (1.0 - r) ** 2 * float((mh / d).square().sum())
+        if r > 0.0:
+            inverse_sq += (r * hyper.inverse_scale * scales[i]) ** 2 * float((mh * d).square().sum())
+    return adam_sq, inverse_sq
 
 
-def dualadam(
-    params: Sequence[Tensor],
-    grads: Sequence[Tensor],
-    exp_avgs: Sequence[Tensor],
-    exp_avg_sqs: Sequence[Tensor],
-    state_steps: Sequence[Tensor],
-    *,
-    foreach: bool = True,
-    **hyper,
-) -> None:
-    """Dispatch to the foreach or single-tensor path (same keyword arguments)."""
-    fn = dualadam_foreach if foreach else dualadam_single_tensor
-    fn(params, grads, exp_avgs, exp_avg_sqs, state_steps, **hyper)
+def inverse_share(adam_sq: float, inverse_sq: float) -> float:
+    """||inverse part|| / (||Adam part|| + ||inverse part||) from squared norms (0 when both are 0)."""
+    a, b = math.sqrt(adam_sq), math.sqrt(inverse_sq)
+    return b / (a + b) if a + b > 0 else 0.0
+
+
+def calibrated_scale(grad: Tensor, exp_avg_sq: Tensor, step: float, hyper: Hyper) -> Tensor | None:
+    """1 / mean(d**2) over a tensor for its coming update at ``step``, or None while its gradient is 0.
+
+    The scale of ``inverse_scale="auto"``: it makes r*s*mh*d as large as (1-r)*mh/d for an element whose
+    d is the tensor's root-mean-square d, so the inverse part acts at any gradient scale. It is taken at
+    a tensor's first update with a non-zero gradient (LoRA's A matrices get exactly 0 at their first
+    step, while B is 0). For a DTensor the mean runs over the whole tensor (a collective).
+    """
+    g = grad.detach().float()
+    v = exp_avg_sq.detach().float() * hyper.beta2 + g.square() * (1.0 - hyper.beta2)
+    vhat = v / (1.0 - hyper.beta2**step)
+    # Both reductions run on every rank (collectives on a DTensor) before anything is decided.
+    total, mean_d2 = (full(x) for x in (vhat.sum(), (vhat.sqrt() + hyper.eps).square().mean()))
+    if not float(total) > 0.0:
+        return None
+    return (1.0 / mean_d2).reshape(()).to(device="cpu", dtype=torch.float32)
+
+
+def full(t: Tensor) -> Tensor:
+    """The whole value of a DTensor (a collective); plain tensors pass through."""
+    full_tensor = getattr(t, "full_tensor", None)
+    return full_tensor() if full_tensor is not None else t

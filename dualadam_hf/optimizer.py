@@ -1,15 +1,16 @@
 """DualAdam and InvAdam: thin Optimizer shells over ``dualadam_hf.functional``.
 
-The classes validate hyperparameters, create state lazily per parameter and
-hand lists of tensors to the pure update functions. The step counter lives in
-each parameter's state (never on the optimizer or in a param group), so a
-resumed run continues bias correction and the blend exactly, and DeepSpeed
-ZeRO-3, which calls ``step()`` once per sub-group, cannot over-count.
+The classes validate hyperparameters, create state lazily per parameter and hand the tensors to one
+of the update paths. The step counter lives in each parameter's state (never on the optimizer or in a
+param group), so a resumed run continues bias correction and the blend exactly, and DeepSpeed ZeRO-3,
+which calls ``step()`` once per sub-group, cannot over-count.
 """
 
 from __future__ import annotations
 
 import logging
+import math
+import warnings
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -18,36 +19,53 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from . import functional
-from .schedule import blend_weight, switch_rate_from_fraction, switch_rate_from_steps
+from .functional import StepTensors
+from .schedule import Hyper, blend_weight, switch_rate_from_fraction, switch_rate_from_steps
 
 DEFAULT_SWITCH_RATE = 0.01
+BLEND_KEYS = ("switch_rate", "blend_steps", "blend_fraction")
+AUTO = "auto"
 
 _logger = logging.getLogger(__name__)
 
 ParamsT = Iterable[Tensor] | Iterable[dict[str, Any]]
 
+_STATE_DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16"}
+_STATE_KEYS = ("step", "exp_avg", "exp_avg_sq")
 
-def _check_hyperparameters(lr, betas, eps, weight_decay, switch_rate=None) -> None:
-    lr_value = float(lr.item()) if isinstance(lr, Tensor) else lr
-    if not 0.0 <= lr_value:
-        raise ValueError(f"Invalid learning rate: {lr!r} (must be >= 0)")
-    if len(betas) != 2:
+
+def _number(value: Any) -> float:
+    return float(value.item()) if isinstance(value, Tensor) else value
+
+
+def check_group(group: dict[str, Any]) -> None:
+    """Raise ValueError naming the first bad hyperparameter of a param group (or of the defaults)."""
+    lr, betas = _number(group["lr"]), group["betas"]
+    if not isinstance(lr, (int, float)) or not 0.0 <= lr < math.inf:
+        raise ValueError(f"Invalid learning rate: {group['lr']!r} (must be a number >= 0)")
+    if not isinstance(betas, (tuple, list)) or len(betas) != 2:
         raise ValueError(f"betas must be a pair (beta1, beta2), got {betas!r}")
     for i, beta in enumerate(betas):
         if not 0.0 <= beta < 1.0:
             raise ValueError(f"Invalid beta{i + 1}: {beta!r} (must be in [0, 1))")
-    if not 0.0 <= eps:
-        raise ValueError(f"Invalid eps: {eps!r} (must be >= 0)")
-    if not 0.0 <= weight_decay:
-        raise ValueError(f"Invalid weight_decay: {weight_decay!r} (must be >= 0)")
-    if switch_rate is not None and not 0.0 <= switch_rate <= 1.0:
-        raise ValueError(f"Invalid switch_rate: {switch_rate!r} (must be in [0, 1])")
+    for name in ("eps", "weight_decay"):
+        if not 0.0 <= group[name] < math.inf:
+            raise ValueError(f"Invalid {name}: {group[name]!r} (must be a number >= 0)")
+    rate = group["switch_rate"]
+    if rate is not None and not 0.0 <= rate <= 1.0:
+        raise ValueError(f"Invalid switch_rate: {rate!r} (must be in [0, 1])")
+    fraction = group.get("blend_fraction")
+    if fraction is not None and not 0.0 < fraction <= 1.0:
+        raise ValueError(f"Invalid blend_fraction: {fraction!r} (must be in (0, 1])")
+    scale = group["inverse_scale"]
+    if scale != AUTO and (isinstance(scale, (bool, str)) or not 0.0 <= scale < math.inf):
+        raise ValueError(f"Invalid inverse_scale: {scale!r} (a number >= 0, or 'auto')")
+    if group.get("foreach") and group.get("fused"):
+        raise ValueError("foreach and fused cannot both be True")
+    resolve_state_dtype(group.get("state_dtype"))
 
 
-_STATE_DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16"}
-
-
-def _resolve_state_dtype(state_dtype: torch.dtype | str | None) -> str | None:
+def resolve_state_dtype(state_dtype: torch.dtype | str | None) -> str | None:
     """None, "float32" or "bfloat16" (kept as a string so checkpoints hold no torch objects)."""
     if state_dtype is None:
         return None
@@ -60,17 +78,15 @@ def _resolve_state_dtype(state_dtype: torch.dtype | str | None) -> str | None:
     return _STATE_DTYPES[name]
 
 
-def _resolve_switch_rate(switch_rate, blend_steps, blend_fraction):
-    """Return (switch_rate, blend_fraction) from the three ways to state the blend."""
-    given = [n for n, v in (("switch_rate", switch_rate), ("blend_steps", blend_steps),
-                            ("blend_fraction", blend_fraction)) if v is not None]
+def resolve_blend(switch_rate: float | None, blend_steps: int | None,
+                  blend_fraction: float | None) -> tuple[float | None, float | None]:
+    """(switch_rate, blend_fraction) from the three ways to state the blend; at most one may be given."""
+    given = [n for n, v in zip(BLEND_KEYS, (switch_rate, blend_steps, blend_fraction)) if v is not None]
     if len(given) > 1:
         raise ValueError(f"Give only one of switch_rate, blend_steps, blend_fraction; got {', '.join(given)}")
     if blend_steps is not None:
         return switch_rate_from_steps(blend_steps), None
     if blend_fraction is not None:
-        if not 0.0 < blend_fraction <= 1.0:
-            raise ValueError(f"Invalid blend_fraction: {blend_fraction!r} (must be in (0, 1])")
         # Resolved by set_total_steps() once the run length is known.
         return None, float(blend_fraction)
     return (DEFAULT_SWITCH_RATE if switch_rate is None else float(switch_rate)), None
@@ -79,33 +95,40 @@ def _resolve_switch_rate(switch_rate, blend_steps, blend_fraction):
 class DualAdam(Optimizer):
     """DualAdam (arXiv 2603.07122): Adam blended with inverse Adam, annealed to Adam.
 
+    Per element, at the parameter's step t: u = (1-r)*mh/d + r*s*mh*d with r = 1 - t*switch_rate
+    while r >= switch_rate and 0 after (plain Adam); see :mod:`dualadam_hf.schedule`.
+
     Args:
         params: parameters or param groups.
         lr: learning rate (default 1e-3).
         betas: coefficients of the moment averages (default (0.9, 0.999)).
         eps: added to sqrt(v_hat) (default 1e-8).
         weight_decay: decoupled, lr-scaled weight decay (AdamW style, default 0).
-        switch_rate: the blend weight falls by this much per optimizer step; the
-            inverse part lasts about 1/switch_rate steps (default 0.01).
-        blend_steps: the blend length in optimizer steps (switch_rate = 1/N).
+        switch_rate: the blend weight falls by this much per optimizer step; the inverse part lasts
+            about 1/switch_rate steps (default 0.01). 0 holds it at 1 for good: that is InvAdam.
+        blend_steps: the blend length in optimizer steps, a positive integer (switch_rate = 1/N).
         blend_fraction: the blend length as a fraction of the run; resolved by
             :meth:`set_total_steps` (the Trainer integration calls it).
+        inverse_scale: s in the inverse part r*s*mh*d. 1 (default) is the paper's rule. With
+            LLM-sized gradients mh*d is about 1e-4 of mh/d, so the paper's blend acts like a linear
+            learning-rate warmup. ``"auto"`` makes the inverse step unit-free: s = 1/mean(d**2) per
+            parameter tensor, measured at its first update with a non-zero gradient and kept in the
+            state. 0 drops the inverse part, leaving Adam with a warmup that matches the blend exactly.
+            A research option beyond the paper.
         maximize: maximize the objective instead of minimizing it.
-        state_dtype: dtype of the two moments: None (default) keeps them in fp32
-            for bf16/fp16 params and in the param dtype otherwise; "bfloat16"
-            halves the state memory and traffic (the math stays fp32), as
-            ``torch.optim.AdamW`` does for bf16 params.
+        state_dtype: dtype of the two moments: None (default) keeps them in fp32 for bf16/fp16
+            params and in the param dtype otherwise; "bfloat16" halves the state memory and traffic
+            (the math stays fp32), as ``torch.optim.AdamW`` does for bf16 params.
         foreach: False selects the plain single-tensor path; True the multi-tensor path.
-        fused: True selects the single-pass path of the device: a Triton kernel on
-            CUDA (``dualadam_hf.fused``), ``torch.compile`` on CPU
-            (``dualadam_hf.compiled``). With both None the fastest path that needs
-            no compile step is picked per device and logged once (INFO).
+        fused: True selects the single-pass path of the device: a Triton kernel on CUDA
+            (``dualadam_hf.fused``), ``torch.compile`` on CPU (``dualadam_hf.compiled``). With both
+            None the fastest path that needs no compile step is picked per device and logged once.
 
-    Steps count optimizer steps: with gradient accumulation a run of N batches
-    takes N / accumulation_steps optimizer steps.
+    Steps count optimizer steps: with gradient accumulation a run of N batches takes
+    N / accumulation_steps optimizer steps. Train with gradient clipping (the Trainer clips at
+    max_grad_norm=1.0 by default): the inverse part grows like g*|g|, and on raw, unclipped large
+    gradients it diverges where Adam does not.
     """
-
-    inverse_only = False
 
     def __init__(
         self,
@@ -118,22 +141,41 @@ class DualAdam(Optimizer):
         *,
         blend_steps: int | None = None,
         blend_fraction: float | None = None,
+        inverse_scale: float | str = 1.0,
         maximize: bool = False,
         foreach: bool | None = None,
         fused: bool | None = None,
         state_dtype: torch.dtype | str | None = None,
     ) -> None:
-        switch_rate, blend_fraction = _resolve_switch_rate(switch_rate, blend_steps, blend_fraction)
-        _check_hyperparameters(lr, betas, eps, weight_decay, switch_rate)
-        if foreach and fused:
-            raise ValueError("foreach and fused cannot both be True")
+        switch_rate, blend_fraction = resolve_blend(switch_rate, blend_steps, blend_fraction)
+        if switch_rate == 0.0 and not isinstance(self, InvAdam):
+            warnings.warn(
+                "DualAdam(switch_rate=0) holds the blend weight at 1 for the whole run: that is InvAdam, "
+                "the inverse rule alone, not plain Adam. Use InvAdam to say so, or torch.optim.AdamW "
+                "for Adam.",
+                UserWarning,
+                stacklevel=2,
+            )
         defaults = dict(
             lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
-            switch_rate=switch_rate, blend_fraction=blend_fraction,
-            maximize=maximize, foreach=foreach, fused=fused,
-            state_dtype=_resolve_state_dtype(state_dtype),
+            switch_rate=switch_rate, blend_fraction=blend_fraction, inverse_scale=inverse_scale,
+            maximize=maximize, foreach=foreach, fused=fused, state_dtype=resolve_state_dtype(state_dtype),
         )
+        check_group({**defaults, "state_dtype": state_dtype})
         super().__init__(params, defaults)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a group, checking its hyperparameters as the constructor checks the defaults."""
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        try:
+            group["state_dtype"] = resolve_state_dtype(group.get("state_dtype"))
+            if "betas" in param_group:
+                group["betas"] = tuple(group["betas"])
+            check_group(group)
+        except ValueError:
+            self.param_groups.pop()
+            raise
 
     # -- schedule ---------------------------------------------------------
 
@@ -153,6 +195,16 @@ class DualAdam(Optimizer):
             )
         return rate
 
+    def hyper(self, group: dict[str, Any]) -> Hyper:
+        """The group's hyperparameters as the update paths take them."""
+        beta1, beta2 = group["betas"]
+        scale = group["inverse_scale"]
+        return Hyper(
+            lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"],
+            switch_rate=self._switch_rate(group), inverse_scale=1.0 if scale == AUTO else float(scale),
+            maximize=group["maximize"],
+        )
+
     def current_step(self) -> int:
         """The largest per-parameter step taken so far (0 before the first step)."""
         steps = [float(s["step"]) for s in self.state.values() if "step" in s]
@@ -160,8 +212,6 @@ class DualAdam(Optimizer):
 
     def blend_weight(self, group_index: int = 0) -> float:
         """Blend weight used by the most recent step of ``param_groups[group_index]``."""
-        if self.inverse_only:
-            return 1.0
         group = self.param_groups[group_index]
         rate = group.get("switch_rate")
         if rate is None:
@@ -176,7 +226,30 @@ class DualAdam(Optimizer):
         else:
             step = 0
         # Before the first step: the weight step 1 will use.
-        return blend_weight(max(step, 1), rate)
+        return float(blend_weight(max(step, 1), rate))
+
+    def inverse_share(self) -> float:
+        """Share of the latest update that comes from the inverse part, over all parameters:
+
+        ||r*s*mh*d|| / (||(1-r)*mh/d|| + ||r*s*mh*d||), read from the state (costs one pass over it
+        when called, nothing otherwise). 0 before the first step and after the blend. Under sharded
+        engines (ZeRO, FSDP2) it covers this process's shard.
+        """
+        adam_sq = inverse_sq = 0.0
+        seen: set[int] = set()
+        for group in self.param_groups:
+            if group.get("switch_rate") is None:
+                continue
+            states = [self.state[p] for p in group["params"] if "step" in self.state.get(p, {})]
+            seen.update(id(s) for s in states)
+            a, b = functional.update_norms(self._state_tensors(states), self.hyper(group))
+            adam_sq, inverse_sq = adam_sq + a, inverse_sq + b
+        orphans = [s for s in self.state.values() if "step" in s and id(s) not in seen]
+        if orphans and self.param_groups[0].get("switch_rate") is not None:
+            # DeepSpeed ZeRO-3 empties the groups' params between steps; the groups share one rule there.
+            a, b = functional.update_norms(self._state_tensors(orphans), self.hyper(self.param_groups[0]))
+            adam_sq, inverse_sq = adam_sq + a, inverse_sq + b
+        return functional.inverse_share(adam_sq, inverse_sq)
 
     # -- state --------------------------------------------------------------
 
@@ -190,13 +263,28 @@ class DualAdam(Optimizer):
 
     def _init_state(self, p: Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:
         # zeros_like keeps the DTensor placement under FSDP2 and the device under offload.
-        dtype = self._moment_dtype(group, p)
+        dtype = p.dtype if p.is_complex() else self._moment_dtype(group, p)
         state["step"] = torch.tensor(0.0, dtype=torch.float32)
         state["exp_avg"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
         state["exp_avg_sq"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
+        if group["inverse_scale"] == AUTO:
+            state["inverse_scale"] = torch.tensor(0.0, dtype=torch.float32)  # 0: not calibrated yet
 
-    def _gather(self, group: dict[str, Any]):
-        params, grads, exp_avgs, exp_avg_sqs, steps = [], [], [], [], []
+    @staticmethod
+    def _real(t: Tensor) -> Tensor:
+        # Complex tensors are updated as pairs of reals, as torch's Adam does.
+        return torch.view_as_real(t) if t.is_complex() else t
+
+    def _state_tensors(self, states: list[dict[str, Any]]) -> StepTensors:
+        scales = [s["inverse_scale"] for s in states] if states and "inverse_scale" in states[0] else None
+        # Diagnostics read moments and steps only; the params and grads slots are not used.
+        return StepTensors([self._real(s["exp_avg"]) for s in states], [None] * len(states),
+                           [self._real(s["exp_avg"]) for s in states], [self._real(s["exp_avg_sq"]) for s in states],
+                           [s["step"] for s in states], scales)
+
+    def _gather(self, group: dict[str, Any]) -> StepTensors:
+        params, grads, exp_avgs, exp_avg_sqs, steps, scales = [], [], [], [], [], []
+        auto = group["inverse_scale"] == AUTO
         for p in group["params"]:
             if p.grad is None:
                 continue
@@ -208,15 +296,27 @@ class DualAdam(Optimizer):
             state = self.state[p]
             if len(state) == 0:
                 self._init_state(p, state, group)
-            params.append(p)
-            grads.append(p.grad)
-            exp_avgs.append(state["exp_avg"])
-            exp_avg_sqs.append(state["exp_avg_sq"])
+            p_real, g_real, v_real = self._real(p), self._real(p.grad), self._real(state["exp_avg_sq"])
+            if auto and float(state["inverse_scale"]) == 0.0:
+                scale = functional.calibrated_scale(g_real, v_real, float(state["step"]) + 1, self.hyper(group))
+                if scale is not None:
+                    state["inverse_scale"] = scale.to(state["inverse_scale"].device)
+            params.append(p_real)
+            grads.append(g_real)
+            exp_avgs.append(self._real(state["exp_avg"]))
+            exp_avg_sqs.append(v_real)
             steps.append(state["step"])
-        return params, grads, exp_avgs, exp_avg_sqs, steps
+            if auto:
+                scales.append(state["inverse_scale"])
+        return StepTensors(params, grads, exp_avgs, exp_avg_sqs, steps, scales if auto else None)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a DualAdam/InvAdam state; another optimizer's state is refused with what is missing."""
+        self._check_loadable(state_dict)
         super().load_state_dict(state_dict)
+        for group in self.param_groups:
+            for key, value in self.defaults.items():
+                group.setdefault(key, value)  # keys added after the checkpoint was written
         # torch casts floating state to the param dtype; put the moments back in the
         # moment dtype (fp32 for low-precision params unless state_dtype says otherwise)
         # from the saved values, so a resume is exact.
@@ -224,24 +324,40 @@ class DualAdam(Optimizer):
         params = [(p, g) for g in self.param_groups for p in g["params"]]
         for pid, (p, group) in zip(ids, params):
             saved = state_dict["state"].get(pid)
-            if saved is None:
+            if saved is None or p.is_complex():
                 continue
             dtype = self._moment_dtype(group, p)
             for key in ("exp_avg", "exp_avg_sq"):
                 if key in saved and self.state[p][key].dtype != dtype:
                     self.state[p][key] = saved[key].to(device=p.device, dtype=dtype)
 
+    def _check_loadable(self, state_dict: dict[str, Any]) -> None:
+        name = type(self).__name__
+        groups = state_dict.get("param_groups", [])
+        lacking = sorted({k for g in groups for k in ("betas", "eps", "switch_rate") if k not in g})
+        if lacking:
+            raise ValueError(
+                f"{name}.load_state_dict: this state was saved by another optimizer (its param groups lack "
+                f"{', '.join(lacking)}); build that optimizer to load it, or start {name} from a fresh state"
+            )
+        for pid, saved in state_dict.get("state", {}).items():
+            missing = [k for k in _STATE_KEYS if k not in saved]
+            if saved and missing:
+                raise ValueError(
+                    f"{name}.load_state_dict: the state of parameter {pid} lacks {', '.join(missing)} "
+                    f"(it has {', '.join(saved)}): it was saved by another optimizer"
+                )
+
     # -- step ---------------------------------------------------------------
 
     def _path(self, group: dict[str, Any], params: list[Tensor]) -> str:
         """The update path for this group: "fused", "compiled", "foreach" or "single".
 
-        ``fused=True`` asks for the single-pass path of the parameters' device:
-        the Triton kernel on CUDA, the ``torch.compile`` path on CPU (as
-        ``torch.optim.AdamW(fused=True)`` has a fused kernel per device). With
-        ``foreach=None, fused=None`` CUDA gets the Triton kernel when it applies
-        and everything else the foreach path; the compiled CPU path is opt-in
-        because its one-time compile takes tens of seconds (issue 6).
+        ``fused=True`` asks for the single-pass path of the parameters' device: the Triton kernel on
+        CUDA, the ``torch.compile`` path on CPU (as ``torch.optim.AdamW(fused=True)`` has a fused
+        kernel per device). With ``foreach=None, fused=None`` CUDA gets the Triton kernel when it
+        applies and everything else the foreach path; the compiled CPU path is opt-in because its
+        one-time compile takes tens of seconds.
         """
         fused, foreach = group.get("fused"), group.get("foreach")
         devices = {p.device for p in params}
@@ -275,59 +391,38 @@ class DualAdam(Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
-            params, grads, exp_avgs, exp_avg_sqs, steps = self._gather(group)
-            if not params:
+            tensors = self._gather(group)
+            if not tensors.params:
                 continue
-            beta1, beta2 = group["betas"]
-            hyper = dict(
-                lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
-                weight_decay=group["weight_decay"],
-                switch_rate=1.0 if self.inverse_only else self._switch_rate(group),
-                inverse_only=self.inverse_only, maximize=group["maximize"],
-            )
-            path = self._path(group, params)
+            path = self._path(group, tensors.params)
             if path == "fused":
-                from .fused import fused_dualadam
-
-                # The kernel reads the step on the device (no host sync); move it
-                # there once, e.g. after a load_state_dict that kept it on CPU.
-                for p in params:
-                    if self.state[p]["step"].device != p.device:
-                        self.state[p]["step"] = self.state[p]["step"].to(p.device)
-                steps = [self.state[p]["step"] for p in params]
-                fused_dualadam(params, grads, exp_avgs, exp_avg_sqs, steps, **hyper)
-            elif path == "compiled":
-                from .compiled import compiled_dualadam
-
-                compiled_dualadam(params, grads, exp_avgs, exp_avg_sqs, steps, **hyper)
-            else:
-                functional.dualadam(params, grads, exp_avgs, exp_avg_sqs, steps, foreach=path == "foreach", **hyper)
+                # The kernel reads steps and scales on the device (no host sync); move them there once,
+                # e.g. after a load_state_dict that kept them on CPU.
+                tensors = self._state_on_device(group, tensors)
+            functional.update(tensors, self.hyper(group), path)
         return loss
+
+    def _state_on_device(self, group: dict[str, Any], tensors: StepTensors) -> StepTensors:
+        params = [p for p in group["params"] if p.grad is not None]
+        for p in params:
+            state = self.state[p]
+            for key in ("step", "inverse_scale"):
+                if key in state and state[key].device != p.device:
+                    state[key] = state[key].to(p.device)
+        scales = [self.state[p]["inverse_scale"] for p in params] if tensors.scales is not None else None
+        return tensors._replace(steps=[self.state[p]["step"] for p in params], scales=scales)
 
 
 class InvAdam(DualAdam):
-    """The inverse-Adam rule alone (u = mh * d): DualAdam with the blend held at 1.
+    """The inverse-Adam rule alone (u = s*mh*d): DualAdam with ``switch_rate=0``, the blend held at 1.
 
-    The paper reports that InvAdam alone may fail to converge; it is exposed for
-    research. Use :class:`DualAdam` for training.
+    Takes DualAdam's arguments except the three that set the blend. The paper reports that InvAdam
+    alone may fail to converge; it is exposed for research. Use :class:`DualAdam` for training.
     """
 
-    inverse_only = True
-
-    def __init__(
-        self,
-        params: ParamsT,
-        lr: float | Tensor = 1e-3,
-        betas: tuple[float, float] = (0.9, 0.999),
-        eps: float = 1e-8,
-        weight_decay: float = 0.0,
-        *,
-        maximize: bool = False,
-        foreach: bool | None = None,
-        fused: bool | None = None,
-        state_dtype: torch.dtype | str | None = None,
-    ) -> None:
-        super().__init__(
-            params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, switch_rate=0.0,
-            maximize=maximize, foreach=foreach, fused=fused, state_dtype=state_dtype,
-        )
+    def __init__(self, params: ParamsT, lr: float | Tensor = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-8, weight_decay: float = 0.0, **kwargs: Any) -> None:
+        blend = [key for key in BLEND_KEYS if key in kwargs]
+        if blend:
+            raise TypeError(f"InvAdam holds the blend weight at 1 and takes no {', '.join(blend)}")
+        super().__init__(params, lr, betas, eps, weight_decay, switch_rate=0.0, **kwargs)

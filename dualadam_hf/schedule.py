@@ -1,34 +1,119 @@
-"""The blend-weight schedule of DualAdam (DESIGN section 1).
+"""The DualAdam rule's scalars, written once: the hyperparameter record, the blend schedule and the
+coefficients every fast update path folds the bias corrections into.
 
-The blend weight ``r`` is the share of the inverse-Adam step in the update. It
-starts at 1 - switch_rate, falls linearly by ``switch_rate`` per optimizer step,
-and once it drops below ``switch_rate`` the update is plain Adam.
+Per element, for a parameter at its own step ``t`` (1, 2, ... kept in its optimizer state)::
+
+    m  = b1*m + (1-b1)*g            v  = b2*v + (1-b2)*g*g
+    mh = m / (1 - b1**t)            d  = sqrt(v / (1 - b2**t)) + eps
+    r  = 1 - t*switch_rate  while r >= switch_rate, else 0      (the blend weight)
+    u  = (1-r)*mh/d + r*s*mh*d                                  (s = inverse_scale, 1 in the paper)
+    p  = p - lr*weight_decay*p ;  p = p - lr*u
+
+``switch_rate = 0`` holds r at 1 forever: that is InvAdam, the inverse rule alone. ``s`` is a research
+option beyond the paper (see ``DualAdam``'s ``inverse_scale``); ``s = 0`` turns the blend into a plain
+linear learning-rate warmup of Adam over the same steps.
+
+The functions below take Python floats or tensors for ``step`` (and ``lr``), so the eager paths, the
+compiled path and the fused kernel's launcher share one piece of code.
 """
 
 from __future__ import annotations
 
+import functools
 import math
+from dataclasses import dataclass
+from typing import Any
 
-_TOLERANCE = 1e-12
+# The rule r >= switch_rate is meant in exact arithmetic: with switch_rate = 1/5, 1 - 4*0.2 rounds to
+# 0.19999999999999996 and the fifth-step boundary would move by one step. A relative tolerance far above
+# the rounding (1e-16) and far below any meaningful difference of rates keeps the intended boundary.
+_RTOL = 1e-9
 
 
-def blend_weight(step: int | float, switch_rate: float) -> float:
-    """Effective weight of the inverse step at optimizer step ``step`` (1-based).
+@dataclass(frozen=True)
+class Hyper:
+    """The hyperparameters of one update (one param group's values at one step).
 
-    Returns 0.0 once the blend is spent (``r < switch_rate``), so callers can use
-    the value directly: ``u = (1 - r) * mh / d + r * mh * d``.
+    ``lr`` may be a tensor (as in torch's optimizers); every other field is a plain number.
+    ``inverse_scale`` multiplies the inverse part: u = (1-r)*mh/d + r*s*mh*d.
     """
-    r = max(0.0, 1.0 - float(step) * switch_rate)
-    # The rule is r >= switch_rate in exact arithmetic; without the tolerance
-    # 1 - 4*0.2 rounds just under 0.2 and blend_steps=5 would lose its last step.
-    return r if r >= switch_rate - _TOLERANCE else 0.0
+
+    lr: Any
+    beta1: float
+    beta2: float
+    eps: float
+    weight_decay: float
+    switch_rate: float
+    inverse_scale: float = 1.0
+    maximize: bool = False
 
 
-def switch_rate_from_steps(blend_steps: int | float) -> float:
-    """The switch rate that spends the blend over ``blend_steps`` optimizer steps."""
-    if not blend_steps >= 1:
-        raise ValueError(f"blend_steps must be >= 1, got {blend_steps!r}")
-    return 1.0 / float(blend_steps)
+@functools.lru_cache(maxsize=256)
+def last_blend_step(switch_rate: float) -> float:
+    """The last step whose update holds an inverse part: inf when ``switch_rate`` is 0, 0 if none.
+
+    In exact arithmetic r >= switch_rate  <=>  t <= 1/switch_rate - 1, so ``blend_steps = N``
+    (switch_rate 1/N) blends steps 1 .. N-1 and step N is plain Adam. Cached: asked for every step.
+    """
+    if switch_rate <= 0:
+        return math.inf
+
+    def blended(t: int) -> bool:
+        return 1.0 - t * switch_rate >= switch_rate * (1.0 - _RTOL)
+
+    t = math.floor((1.0 - switch_rate * (1.0 - _RTOL)) / switch_rate)
+    # The division rounds: step to the boundary exactly as blended() evaluates it (a step or two at most;
+    # bounded, as for a tiny switch_rate one step no longer changes t * switch_rate).
+    for _ in range(4):
+        if t > 0 and not blended(t):
+            t -= 1
+        elif blended(t + 1):
+            t += 1
+        else:
+            break
+    return float(max(t, 0))
+
+
+def blend_weight(step: Any, switch_rate: float) -> Any:
+    """The blend weight r at ``step`` (1-based): 1 - step*switch_rate during the blend, 0 after it.
+
+    ``step`` may be a number or a tensor of steps; the result has the same kind.
+    """
+    # + 0.0: past the blend the product is -0.0 (a negative number times False), shown as "-0" in logs.
+    return (1.0 - step * switch_rate) * (step <= last_blend_step(switch_rate)) + 0.0
+
+
+def fold(step: Any, hyper: Hyper, scale: Any = 1.0) -> tuple[Any, Any, Any, Any]:
+    """The coefficients of the update in the form the fast paths compute it:
+
+        den = sqrt(v) + eps_c ;   p = decay*p - adam * m/den - inverse * m*den
+
+    With c = sqrt(1 - b2**t) the update's d equals den/c, so
+    lr*(1-r)*mh/d = lr*(1-r)*c/bc1 * m/den and lr*r*s*mh*d = lr*r*s/(bc1*c) * m*den: the bias
+    corrections become scalars and den is the only temporary. ``scale`` is a per-tensor factor on top of
+    ``hyper.inverse_scale`` (the calibrated scale of ``inverse_scale="auto"``). ``step`` and ``scale``
+    may be tensors (one entry per parameter tensor); ``step`` must already count the coming update.
+    Returns (adam, inverse, eps_c, decay).
+    """
+    bc1 = 1.0 - hyper.beta1**step
+    c = (1.0 - hyper.beta2**step) ** 0.5
+    r = blend_weight(step, hyper.switch_rate)
+    lr = hyper.lr
+    adam = lr * (1.0 - r) * c / bc1
+    inverse = lr * r * (hyper.inverse_scale * scale) / (bc1 * c)
+    return adam, inverse, hyper.eps * c, 1.0 - lr * hyper.weight_decay
+
+
+def switch_rate_from_steps(blend_steps: int) -> float:
+    """The switch rate that spends the blend over ``blend_steps`` optimizer steps (a positive integer)."""
+    if isinstance(blend_steps, bool) or not isinstance(blend_steps, (int, float)) or not (
+        math.isfinite(blend_steps) and blend_steps >= 1 and float(blend_steps).is_integer()
+    ):
+        raise ValueError(
+            f"blend_steps must be a positive whole number of optimizer steps, got {blend_steps!r} "
+            "(for the inverse rule throughout use InvAdam, i.e. switch_rate=0)"
+        )
+    return 1.0 / int(blend_steps)
 
 
 def switch_rate_from_fraction(blend_fraction: float, total_steps: int) -> float:
@@ -38,16 +123,3 @@ def switch_rate_from_fraction(blend_fraction: float, total_steps: int) -> float:
     if total_steps < 1:
         raise ValueError(f"total_steps must be >= 1 to resolve blend_fraction, got {total_steps!r}")
     return switch_rate_from_steps(max(1, math.ceil(blend_fraction * total_steps)))
-
-
-def last_blend_step(switch_rate: float) -> int:
-    """The last step whose update still holds an inverse part (0 if none)."""
-    if switch_rate <= 0:
-        return math.inf  # type: ignore[return-value]
-    # r >= switch_rate  <=>  t <= 1/switch_rate - 1
-    t = math.floor((1.0 - switch_rate) / switch_rate + 1e-9)
-    while t > 0 and blend_weight(t, switch_rate) == 0.0:
-        t -= 1
-    while blend_weight(t + 1, switch_rate) > 0.0:
-        t += 1
-    return max(t, 0)

@@ -22,7 +22,7 @@ import contextlib
 import math
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -193,6 +193,48 @@ class HessianVectorProduct:
 # --------------------------------------------------------------------------- #
 # Top eigenvalue (power iteration)
 # --------------------------------------------------------------------------- #
+
+
+PARAM_CHOICES = ("trainable", "all", "lora")
+DEFAULT_BATCH_SIZE = 2  # rows per batch when neither the settings nor a run's eval batch size say
+
+
+@dataclass
+class SharpnessSettings:
+    """How sharpness is measured: one record for :func:`measure_sharpness`, the CLI and the recipes.
+
+    Every Hessian-vector product costs about three forward passes of the model on the batches.
+    """
+
+    batches: int = field(default=2, metadata={"help": "Held-out batches the loss is measured on."})
+    batch_size: int | None = field(
+        default=None,
+        metadata={"help": f"Rows per batch (None: the run's per_device_eval_batch_size, else {DEFAULT_BATCH_SIZE})."})
+    max_iters: int = field(default=20, metadata={"help": "Power iterations for the top Hessian eigenvalue."})
+    tol: float = field(default=1e-3, metadata={"help": "Relative eigenvalue tolerance that stops the iteration."})
+    probes: int = field(default=10, metadata={"help": "Hutchinson probes for the Hessian trace."})
+    rho: float = field(default=1e-3, metadata={"help": "Gradient-step radius relative to ||theta|| (worst case)."})
+    rho_random: float = field(default=0.05, metadata={"help": "Random-direction radius relative to ||theta||."})
+    seeds: int = field(default=3, metadata={"help": "Random directions for sharpness_random."})
+    params: str = field(default="trainable", metadata={"help": f"Which weights: one of {PARAM_CHOICES}."})
+    max_graph_tokens: int = field(
+        default=512, metadata={"help": "Input tokens whose double-backward graphs may be alive at once (memory)."})
+    seed: int = field(default=0, metadata={"help": "Seed of the random vectors."})
+
+    def __post_init__(self) -> None:
+        # Checked before minutes of Hessian products, not after.
+        for name in ("batches", "max_iters", "probes", "seeds", "max_graph_tokens"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"sharpness {name} must be an int >= 1, got {value!r}")
+        if self.batch_size is not None and (not isinstance(self.batch_size, int) or self.batch_size < 1):
+            raise ValueError(f"sharpness batch_size must be an int >= 1, got {self.batch_size!r}")
+        for name in ("tol", "rho", "rho_random"):
+            value = getattr(self, name)
+            if not (isinstance(value, int | float) and value > 0 and math.isfinite(value)):
+                raise ValueError(f"sharpness {name} must be a finite number > 0, got {value!r}")
+        if self.params not in PARAM_CHOICES:
+            raise ValueError(f"sharpness params must be one of {PARAM_CHOICES}, got {self.params!r}")
 
 
 @dataclass
@@ -557,9 +599,6 @@ def model_loss_fn(
                         tokens=sum(int(p["input_ids"].numel()) for p in parts))
 
 
-PARAM_CHOICES = ("trainable", "all", "lora")
-
-
 def select_parameters(model: torch.nn.Module, which: str = "trainable") -> list[tuple[str, Tensor]]:
     """Named parameters to measure: ``trainable`` (requires_grad), ``all``, or ``lora`` adapters."""
     if which not in PARAM_CHOICES:
@@ -597,29 +636,20 @@ def _measuring(model: torch.nn.Module, params: Sequence[Tensor]) -> Iterator[Non
 def measure_sharpness(
     model: torch.nn.Module,
     batches: Sequence[Mapping[str, Any]],
+    settings: SharpnessSettings | None = None,
     *,
-    seed: int = 0,
-    max_iters: int = 20,
-    tol: float = 1e-3,
-    probes: int = 10,
-    rho: float = 1e-3,
-    rho_random: float = 0.05,
-    seeds: int = 3,
-    params: str | Sequence[Tensor] = "trainable",
-    max_graph_tokens: int = 512,
+    params: Sequence[Tensor] | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> dict[str, float]:
     """All flatness numbers for a Hugging Face model (full or PEFT) on fixed batches.
 
-    ``params`` is ``"trainable"`` (default; the adapters of a PEFT model),
-    ``"lora"``, ``"all"``, or an explicit list of the model's tensors.
-    ``max_graph_tokens`` bounds memory: the double-backward graphs of at most
-    that many input tokens are alive at once. When all batches fit, their
-    graphs are built once and kept; otherwise the batches are cut into row
-    groups of at most that many tokens and each product rebuilds each group's
-    graph in turn (about twice the time). A SmolLM2-135M graph takes about
-    12 MB per token in float32 (docs/readme/sharpness.md).
-    ``progress`` receives one line per Hessian-vector product.
+    ``settings`` (default :class:`SharpnessSettings()`) says how; ``settings.params`` picks the weights
+    (``"trainable"``: the adapters of a PEFT model, ``"lora"``, ``"all"``) unless ``params`` gives the
+    tensors. ``settings.max_graph_tokens`` bounds memory: the double-backward graphs of at most that many
+    input tokens are alive at once. When all batches fit, their graphs are built once and kept; otherwise
+    the batches are cut into row groups of at most that many tokens and each product rebuilds each
+    group's graph in turn (about twice the time). A SmolLM2-135M graph takes about 12 MB per token in
+    float32 (docs/flatness.md). ``progress`` receives one line per Hessian-vector product.
 
     Returns ``loss``, ``top_eigenvalue``, ``hessian_trace``, ``sharpness_worst``,
     ``sharpness_random`` and, for context, ``eigenvalue_iterations``,
@@ -630,18 +660,11 @@ def measure_sharpness(
     ``graphs_retained`` (1.0/0.0) and wall times ``seconds_eigenvalue``,
     ``seconds_trace``, ``seconds_epsilon``, ``seconds_total``.
     """
-    # Check every setting before minutes of Hessian products, not after.
-    for name, value in (("max_iters", max_iters), ("probes", probes), ("seeds", seeds)):
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise ValueError(f"{name} must be an int >= 1, got {value!r}")
-    if not (isinstance(tol, int | float) and tol > 0):
-        raise ValueError(f"tol must be > 0, got {tol!r}")
-    for name, value in (("rho", rho), ("rho_random", rho_random)):
-        if not (isinstance(value, int | float) and value > 0 and math.isfinite(value)):
-            raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
-    if not isinstance(max_graph_tokens, int) or max_graph_tokens < 1:
-        raise ValueError(f"max_graph_tokens must be an int >= 1, got {max_graph_tokens!r}")
-    tensors = [p for _, p in select_parameters(model, params)] if isinstance(params, str) else list(params)
+    settings = settings or SharpnessSettings()
+    seed, max_iters, tol, probes = settings.seed, settings.max_iters, settings.tol, settings.probes
+    rho, rho_random, seeds, max_graph_tokens = settings.rho, settings.rho_random, settings.seeds, \
+        settings.max_graph_tokens
+    tensors = [p for _, p in select_parameters(model, settings.params)] if params is None else list(params)
     if not tensors:
         raise ValueError("params is empty: there are no parameters to measure")
     start = time.perf_counter()

@@ -1,7 +1,14 @@
-"""A slow float64 reference of DualAdam written straight from DESIGN section 1.
+"""A slow float64 reference of DualAdam written straight from the update rule.
 
-It shares no code with the package on purpose: the fast paths are checked
-against these lines, not against themselves.
+It shares no code with the package on purpose: the fast paths are checked against these lines, not
+against themselves. The rule, per element at a parameter's step t:
+
+    m = b1*m + (1-b1)*g ;  v = b2*v + (1-b2)*g*g ;  mh = m/(1-b1**t) ;  d = sqrt(v/(1-b2**t)) + eps
+    r = 1 - t*switch_rate if that is >= switch_rate (in exact arithmetic) else 0   (switch_rate 0: r = 1)
+    u = (1-r)*mh/d + r*s*mh*d ;  p = p - lr*wd*p - lr*u
+
+s is inverse_scale: a number, or "auto": 1/mean(d**2) over the tensor at its first step with a non-zero
+gradient, kept from then on.
 """
 
 from __future__ import annotations
@@ -12,19 +19,27 @@ import torch
 
 
 class ReferenceDualAdam:
-    """Per-element DualAdam in float64; ``inverse_only`` holds the blend at 1."""
+    """Per-element DualAdam in float64."""
 
     def __init__(self, params, *, lrs, weight_decays, betas=(0.9, 0.999), eps=1e-8, switch_rate=0.01,
-                 maximize=False, inverse_only=False, round_to=None):
+                 maximize=False, inverse_scale=1.0, round_to=None):
         self.p = [p.detach().to(torch.float64).clone() for p in params]
         self.m = [torch.zeros_like(p) for p in self.p]
         self.v = [torch.zeros_like(p) for p in self.p]
         self.t = [0 for _ in self.p]
+        self.s = [None if inverse_scale == "auto" else float(inverse_scale) for _ in self.p]
         self.lrs, self.wds = lrs, weight_decays
         self.b1, self.b2 = betas
         self.eps, self.switch_rate = eps, switch_rate
-        self.maximize, self.inverse_only = maximize, inverse_only
+        self.maximize = maximize
         self.round_to = round_to  # emulate storing params in a low-precision dtype
+
+    def blend(self, t):
+        if self.switch_rate == 0:
+            return 1.0
+        r = 1 - t * self.switch_rate
+        # r >= switch_rate in exact arithmetic (1 - 4*0.2 must count as 0.2).
+        return r if r >= self.switch_rate * (1 - 1e-9) else 0.0
 
     def step(self, grads):
         for i, g in enumerate(grads):
@@ -40,12 +55,10 @@ class ReferenceDualAdam:
             mh = self.m[i] / (1 - b1**t)
             vh = self.v[i] / (1 - b2**t)
             d = torch.sqrt(vh) + self.eps
-            if self.inverse_only:
-                u = mh * d
-            else:
-                r = max(0.0, 1 - t * self.switch_rate)
-                # r >= switch_rate in exact arithmetic (1 - 4*0.2 must count as 0.2).
-                u = (1 - r) * mh / d + r * mh * d if r >= self.switch_rate - 1e-12 else mh / d
+            if self.s[i] is None and self.p[i].numel() and bool((vh > 0).any()):
+                self.s[i] = 1.0 / float((d * d).mean())
+            r = self.blend(t)
+            u = (1 - r) * mh / d + r * (self.s[i] or 0.0) * mh * d
             lr, wd = self.lrs[i], self.wds[i]
             p = self.p[i] - lr * wd * self.p[i]
             p = p - lr * u

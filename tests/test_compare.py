@@ -1,25 +1,33 @@
-"""`dualadam-hf compare`: the report's table holds exactly what the runs logged, and the plots exist."""
+"""`dualadam-hf compare`: variants, the learning-rate grid, paired statistics, the report, resume and signals."""
 
 from __future__ import annotations
 
 import json
+import os
 import random
+import signal
 import statistics
+import sys
+import threading
 from pathlib import Path
 
 import pytest
 
 from dualadam_hf.cli import main
-from dualadam_hf.recipes.compare import RunSpec, parse_optims, train_command
-from dualadam_hf.recipes.config import RecipeError
-from dualadam_hf.recipes.report import METRICS, RunResult, markdown_table, write_report
+from dualadam_hf.experiments import RecipeError
+from dualadam_hf.experiments import compare as compare_module
+from dualadam_hf.experiments.compare import Interrupted, RunSpec, choose_rates, make_plan, run_child, train_command
+from dualadam_hf.experiments.report import METRICS, RunResult, results_table, write_report
+from dualadam_hf.experiments.stats import paired_bootstrap_interval, paired_t_interval, t_quantile_975
+from dualadam_hf.experiments.variants import parse_variant, parse_variants, split_entries
 
 DEFAULT_RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "smollm2_math_lora.yaml"
 
 
 def parse_table(markdown: str) -> dict[str, dict[str, tuple[float, float | None]]]:
-    """{optimizer: {column header: (mean, std or None)}} from the report's Markdown table."""
-    lines = [line for line in markdown.splitlines() if line.startswith("|")]
+    """{variant: {column header: (mean, std or None)}} from the report's results table."""
+    section = markdown.split("## Results", 1)[1].split("\n## ", 1)[0]
+    lines = [line for line in section.splitlines() if line.startswith("|")]
     headers = [cell.strip() for cell in lines[0].strip("|").split("|")]
     table = {}
     for line in lines[2:]:
@@ -42,63 +50,167 @@ def assert_cell_matches(cell: tuple[float, float | None], values: list[float], d
 
 
 def fake_history(rng: random.Random, steps: int = 4) -> list[dict]:
-    history = [{"loss": rng.uniform(1, 3), "step": s} for s in range(1, steps + 1)]
+    history = [{"loss": rng.uniform(1, 3), "dualadam/inverse_share": rng.uniform(1e-5, 1e-3), "step": s}
+               for s in range(1, steps + 1)]
     history += [{"eval_loss": rng.uniform(1, 3), "step": s} for s in (2, steps)]
     history.append({"train_runtime": rng.uniform(5, 9), "train_loss": 2.0, "step": steps})
-    history.append({"peak_memory_mb": rng.uniform(500, 900), "eval_accuracy": rng.random(), "step": steps})
+    history.append({"peak_memory_mb": rng.uniform(500, 900), "eval_accuracy": rng.random(),
+                    "train_wall_time_s": rng.uniform(5, 9), "step": steps})
     return history
+
+
+class FakePlan:
+    def __init__(self, out: Path, variants=("adamw_torch", "dualadam")):
+        self.output_dir, self.config = out, Path("recipe.yaml")
+        self.variants = parse_variants(",".join(variants))
+        self.seeds, self.overrides, self.test_split = [0, 1, 2], [], "test"
+        self.lr_grid, self.chosen_lr, self.select_metric, self.grid_seed = [], {}, "eval_loss", 1000
+        self.validation_split = "validation"
 
 
 def test_report_table_is_mean_and_std_of_the_last_logged_values(tmp_path):
     rng = random.Random(0)
-    results = [RunResult(optim, seed, fake_history(rng)) for optim in ("adamw_torch", "dualadam") for seed in (0, 1, 2)]
+    results = [RunResult(label, seed, fake_history(rng)) for label in ("adamw_torch", "dualadam") for seed in (0, 1, 2)]
     results.append(RunResult("dualadam", 3, [], ok=False, error="exit code 1"))
-    report = write_report(tmp_path, results, title="t")
-    text = report.read_text()
+    text = write_report(FakePlan(tmp_path), results).read_text()
     table = parse_table(text)
     assert set(table) == {"adamw_torch", "dualadam"}
-    headers = {name: (key, header, digits) for name, key, header, digits in METRICS}
+    headers = {name: (keys, header, digits) for name, keys, header, digits, _ in METRICS}
     assert headers["sharpness"][1] not in table["dualadam"]  # nobody logged sharpness: no column
-    for optim, row in table.items():
-        runs = [r for r in results if r.optim == optim and r.ok]
+    for label, row in table.items():
+        runs = [r for r in results if r.label == label and r.ok]
         for name in ("heldout_loss", "heldout_accuracy", "final_train_loss", "wall_time_s", "peak_memory_mb"):
-            key, header, digits = headers[name]
-            last = [[e[key] for e in r.log_history if key in e][-1] for r in runs]
+            keys, header, digits = headers[name]
+            last = [[e[keys[0]] for e in r.log_history if keys[0] in e][-1] for r in runs]
             assert_cell_matches(row[header], last, digits)
-    assert "**failed**: dualadam seed 3: exit code 1" in text
-    assert (tmp_path / "train_loss.png").stat().st_size > 1000 and (tmp_path / "eval_loss.png").is_file()
-    assert "![Train loss](train_loss.png)" in text
-    saved = json.loads((tmp_path / "runs" / "dualadam-seed1.json").read_text())
+    assert "**failed**: dualadam seed 3 (final): exit code 1" in text
+    assert "## Paired differences" in text and "dualadam − adamw_torch" in text
+    for name in ("train_loss.png", "eval_loss.png", "inverse_share.png"):
+        assert (tmp_path / name).stat().st_size > 1000 and f"({name})" in text
+    saved = json.loads((tmp_path / "raw" / "final-dualadam-seed1.json").read_text())
     assert saved["log_history"] == results[4].log_history and saved["summary"] == results[4].summary
 
 
 def test_single_seed_cells_have_no_std():
-    rng = random.Random(1)
-    table = parse_table(markdown_table([RunResult("sgd", 0, fake_history(rng))]))
+    table = parse_table("## Results\n" + results_table([RunResult("sgd", 0, fake_history(random.Random(1)))]))
     assert all(std is None for _, std in table["sgd"].values())
 
 
-def test_optims_are_checked_before_any_run():
-    assert parse_optims("adamw_torch, dualadam") == ["adamw_torch", "dualadam"]
-    with pytest.raises(RecipeError, match="unknown optimizer 'adamm'"):
-        parse_optims("adamw_torch,adamm")
-    with pytest.raises(RecipeError, match="twice"):
-        parse_optims("dualadam,dualadam")
+def test_report_without_matplotlib_still_writes_the_tables(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib now raises ImportError
+    rng = random.Random(2)
+    results = [RunResult(label, seed, fake_history(rng)) for label in ("adamw_torch", "dualadam") for seed in (0, 1)]
+    text = write_report(FakePlan(tmp_path), results).read_text()
+    assert "## Results" in text and "No plots: matplotlib is not installed" in text
 
 
-def test_each_run_gets_its_own_optim_seed_and_folder_after_the_overrides(tmp_path):
-    spec = RunSpec("dualadam", 4, tmp_path / "dualadam-seed4")
-    command = train_command("r.yaml", spec, ["--max_steps", "3"], sharpness=False, launcher="accelerate launch")
+# --- statistics ----------------------------------------------------------------------------------
+
+
+def test_paired_t_interval_matches_the_formula():
+    diffs = [0.2, 0.3, 0.25]
+    interval = paired_t_interval(diffs)
+    half = 4.303 * statistics.stdev(diffs) / 3**0.5
+    assert interval.mean == pytest.approx(0.25)
+    assert (interval.low, interval.high) == pytest.approx((0.25 - half, 0.25 + half))
+    assert interval.contains_zero is False and "excludes 0" in interval.words("loss", "lower")
+    assert "worse" in interval.words("loss", "lower") and "better" in interval.words("accuracy", "higher")
+    assert paired_t_interval([0.1, -0.1, 0.05]).contains_zero
+    assert "contains 0" in paired_t_interval([0.1, -0.1, 0.05]).words("loss", "lower")
+    assert paired_t_interval([0.5]).low is None
+    assert t_quantile_975(2) == 4.303 and t_quantile_975(100) == 1.96
+
+
+def test_bootstrap_interval_over_seeds_and_problems():
+    rng = random.Random(0)
+    better = [[int(rng.random() < 0.7) for _ in range(300)] for _ in range(3)]
+    worse = [[int(rng.random() < 0.4) for _ in range(300)] for _ in range(3)]
+    interval = paired_bootstrap_interval(better, worse, resamples=500)
+    assert 0.2 < interval.mean < 0.4 and 0 < interval.low < interval.mean < interval.high
+    same = paired_bootstrap_interval(better, better, resamples=200)
+    assert same.mean == 0 and same.low == 0 == same.high
+    noise = paired_bootstrap_interval(worse, [list(reversed(w)) for w in worse], resamples=500)
+    assert noise.contains_zero
+    with pytest.raises(ValueError, match="same"):
+        paired_bootstrap_interval(better, worse[:2])
+
+
+# --- variants ------------------------------------------------------------------------------------
+
+
+def test_variant_syntax_presets_and_labels():
+    assert split_entries("adamw_torch, dualadam[blend_steps=10,inverse_scale=auto],matched_warmup") == [
+        "adamw_torch", "dualadam[blend_steps=10,inverse_scale=auto]", "matched_warmup"]
+    warm = parse_variant("adamw_torch[warmup_steps=10,label=adamw-warmup]")
+    assert (warm.label, warm.optim, warm.optim_args, warm.settings) == (
+        "adamw-warmup", "adamw_torch", {}, {"warmup_steps": "10"})
+    assert warm.overrides() == ["--optim", "adamw_torch", "--optim_args", "", "--warmup_steps", "10"]
+    matched = parse_variant("matched_warmup", "blend_steps=8,foreach=false")
+    assert (matched.label, matched.optim) == ("matched-warmup", "dualadam")
+    assert matched.optim_args == {"blend_steps": "8", "foreach": "false", "inverse_scale": "0"}
+    scaled = parse_variant("dualadam[inverse_scale=auto,blend_fraction=0.2]", "blend_steps=8")
+    assert scaled.optim_args == {"blend_fraction": "0.2", "inverse_scale": "auto"}  # the variant's blend wins
+    # The recipe's optim_args reach InvAdam without the blend keys it does not take.
+    assert parse_variant("invadam", "blend_fraction=0.5,foreach=true").optim_args == {"foreach": "true"}
+    assert parse_variant({"optim": "dualadam", "label": "d", "blend_steps": 4}).optim_args == {"blend_steps": "4"}
+
+
+@pytest.mark.parametrize("text, match", [
+    ("adamw_torch,adamm", "unknown optimizer 'adamm'"),
+    ("dualadam,dualadam", "names a variant twice: dualadam"),
+    ("dualadam[blend_steps=4", "a '\\[' without its '\\]'"),
+    ("dualadam[blend_steps]", "'blend_steps' is not key=value"),
+    ("dualadam[inverse_scale=huge]", "inverse_scale"),
+    ("invadam[blend_steps=4]", "invadam"),
+    ("dualadam[seed=3]", "seed is set by compare"),
+    ("", "at least one optimizer"),
+])
+def test_bad_variants_are_named(text, match):
+    with pytest.raises(RecipeError, match=match):
+        parse_variants(text)
+
+
+# --- plan, commands, learning-rate choice --------------------------------------------------------
+
+
+def test_commands_paths_and_splits(tmp_path, monkeypatch, tiny_model_dir):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "r.yaml").write_text(DEFAULT_RECIPE.read_text())
+    common = dict(optims="adamw_torch,matched_warmup", lr_grid="1e-3,3e-3", smoke=True,
+                  overrides=[*compare_module.smoke_overrides(), "--model_name_or_path", tiny_model_dir])
+    relative = make_plan("r.yaml", output_dir="out", **common)
+    absolute = make_plan(tmp_path / "r.yaml", output_dir=tmp_path / "out", **common)
+    assert relative.output_dir == absolute.output_dir == (tmp_path / "out")
+    same = RunSpec(relative.variants[0], 0, relative.output_dir / "f", "final")
+    assert train_command(relative, same, None) == train_command(absolute, same, None)  # one run folder, reused
+    spec = RunSpec(relative.variants[1], 1000, relative.output_dir / "g", "grid", 1e-3)
+    command = train_command(relative, spec, "accelerate launch")
     assert command[:4] == ["accelerate", "launch", "-m", "dualadam_hf.cli"]
     text = " ".join(command)
-    assert text.index("--max_steps 3") < text.index("--optim dualadam --seed 4")
-    assert f"--output_dir {tmp_path / 'dualadam-seed4'}" in text and "--sharpness false" in text
+    assert text.index("--max_steps 2") < text.index("--optim dualadam --optim_args")
+    assert "inverse_scale=0" in text and "--learning_rate 0.001" in text and "--seed 1000" in text
+    assert "--dataset_test_split validation" in text and "--sharpness false" in text
+    final = train_command(relative, RunSpec(relative.variants[0], 0, relative.output_dir / "f", "final"), None)
+    assert "--dataset_test_split test" in " ".join(final) and "--learning_rate" not in final
+
+
+def test_the_grid_chooses_the_best_validation_result_and_failed_runs_lose(tmp_path):
+    plan = FakePlan(tmp_path)
+    plan.lr_grid = [1e-3, 3e-3]
+    results = [RunResult("adamw_torch", 9, [{"eval_loss": 1.0, "step": 1}], phase="grid", lr=1e-3),
+               RunResult("adamw_torch", 9, [{"eval_loss": 0.5, "step": 1}], phase="grid", lr=3e-3),
+               RunResult("dualadam", 9, [{"eval_loss": 0.7, "step": 1}], phase="grid", lr=1e-3),
+               RunResult("dualadam", 9, [], ok=False, error="diverged", phase="grid", lr=3e-3)]
+    assert choose_rates(plan, results) == {"adamw_torch": 3e-3, "dualadam": 1e-3}
+    with pytest.raises(RecipeError, match="no grid run of dualadam"):
+        choose_rates(plan, results[:2] + results[3:])
 
 
 def test_compare_refuses_overrides_it_sets_itself(tmp_path, capsys):
-    code = main(["compare", "--config", str(DEFAULT_RECIPE), "--output_dir", str(tmp_path), "--seed", "3"])
-    assert code == 2
-    assert "--seed is set by compare for each run" in capsys.readouterr().err
+    for flag in ("--seed", "--learning_rate", "--dataset_test_split"):
+        code = main(["compare", "--config", str(DEFAULT_RECIPE), "--output_dir", str(tmp_path), flag, "3"])
+        assert code == 2
+        assert f"{flag} is set by compare for each run" in capsys.readouterr().err
 
 
 def test_compare_checks_the_model_before_the_first_run(tmp_path, capsys):
@@ -109,30 +221,99 @@ def test_compare_checks_the_model_before_the_first_run(tmp_path, capsys):
     assert not (tmp_path / "c").exists()
 
 
+def test_a_signal_to_compare_reaches_the_child_and_is_waited_for(tmp_path):
+    marker = tmp_path / "child_stopped"
+    child = (f"import signal, sys, time\n"
+             f"def stop(*_):\n    open({str(marker)!r}, 'w').write('yes'); sys.exit(3)\n"
+             f"signal.signal(signal.SIGTERM, stop)\nprint('ready', flush=True)\ntime.sleep(60)\n")
+    timer = threading.Timer(1.5, os.kill, (os.getpid(), signal.SIGTERM))
+    timer.start()
+    try:
+        with pytest.raises(Interrupted) as stop:
+            run_child([sys.executable, "-c", child])
+    finally:
+        timer.cancel()
+    assert stop.value.signum == signal.SIGTERM
+    assert marker.read_text() == "yes"  # the child got the signal and finished before compare went on
+
+
+# --- end to end ----------------------------------------------------------------------------------
+
+
+def write_split_folder(folder: Path, sizes: dict[str, int]) -> Path:
+    from dualadam_hf.tiny import tiny_arithmetic_pairs
+
+    folder.mkdir(parents=True, exist_ok=True)
+    pairs = iter(tiny_arithmetic_pairs(sum(sizes.values()) * 3, seed=7))
+    seen = set()
+    for split, n in sizes.items():
+        with (folder / f"{split}.jsonl").open("w") as f:
+            written = 0
+            for question, answer in pairs:
+                if question in seen:
+                    continue
+                seen.add(question)
+                f.write(json.dumps({"prompt": [{"role": "user", "content": question}],
+                                    "completion": [{"role": "assistant", "content": answer}],
+                                    "answer": answer.split("=")[-1].strip()}) + "\n")
+                written += 1
+                if written == n:
+                    break
+    return folder
+
+
 @pytest.mark.slow
-def test_compare_end_to_end_on_a_tiny_model(tiny_model_dir, tmp_path, capsys):
-    """2 optimizers x 2 seeds of the default recipe (smoke sizes, tiny model, real math data, sharpness on)."""
+def test_grid_never_reads_the_test_split_and_seeds_are_paired(tiny_model_dir, tmp_path, capsys):
+    data = write_split_folder(tmp_path / "data", {"train": 32, "validation": 8, "test": 8})
+    out = tmp_path / "cmp"
+    overrides = ["--model_name_or_path", tiny_model_dir, "--dataset_name", str(data), "--eval_size", "8",
+                 "--accuracy_size", "4"]
+    plan = make_plan(DEFAULT_RECIPE, optims="adamw_torch,matched_warmup", seeds=2, lr_grid="1e-3,3e-2",
+                     output_dir=out, overrides=compare_module.smoke_overrides() + overrides, smoke=True,
+                     sharpness=False)
+    # Poison the test split: a grid run that read it would fail on its first line.
+    test_file = data / "test.jsonl"
+    good = test_file.read_text()
+    test_file.write_text("this is not json\n")
+    specs = [RunSpec(v, plan.grid_seed, out / "runs" / "grid" / v.folder / f"lr{lr:g}", "grid", lr)
+             for v in plan.variants for lr in plan.lr_grid]
+    grid = compare_module._execute(plan, specs, None, False, print)
+    assert all(r.ok for r in grid), [r.error for r in grid]
+    chosen = choose_rates(plan, grid)
+    test_file.write_text(good)
+    report, results = compare_module.compare(plan)  # reuses the grid runs, then runs the seeds
+    assert plan.chosen_lr == chosen and all(r.ok for r in results)
+    assert capsys.readouterr().out.count("already finished") == len(specs)
+    text = report.read_text()
+    assert "## Learning rates, chosen on the `validation` split" in text and "**" in text
+    assert "matched-warmup − adamw_torch" in text
+    for result in results:
+        command = json.loads((out / "runs" / f"{[v for v in plan.variants if v.label == result.label][0].folder}"
+                                           f"-seed{result.seed}" / compare_module.COMMAND_FILE).read_text())
+        assert command[command.index("--learning_rate") + 1] == repr(chosen[result.label])
+        assert result.accuracy_rows is not None and len(result.accuracy_rows) == 4
+    assert sorted({r.seed for r in results}) == [0, 1]
+
+
+@pytest.mark.slow
+def test_interrupted_comparison_resumes_without_training_finished_runs_again(tiny_model_dir, tmp_path, capsys):
     out = tmp_path / "compare"
-    argv = ["compare", "--config", str(DEFAULT_RECIPE), "--smoke", "--optims", "adamw_torch,dualadam",
-            "--seeds", "2", "--output_dir", str(out), "--model_name_or_path", tiny_model_dir]
+    argv = ["compare", "--config", str(DEFAULT_RECIPE), "--smoke", "--optims",
+            "adamw_torch,dualadam[blend_steps=2,label=dual2]", "--seeds", "2", "--output_dir", str(out),
+            "--model_name_or_path", tiny_model_dir, "--no-sharpness"]
+    assert main(argv) == 0
+    assert capsys.readouterr().out.count(": done in ") == 4
+    table = parse_table((out / "report.md").read_text())
+    assert set(table) == {"adamw_torch", "dual2"}
+    # A kill during the post-training evaluation leaves the run trained but without its record.
+    (out / "runs" / "dual2-seed1" / "run_done.json").unlink()
     assert main(argv) == 0
     printed = capsys.readouterr().out
-    assert printed.count(": done in ") == 4  # one line per finished run
-    text = (out / "report.md").read_text()
-    table = parse_table(text)
-    assert set(table) == {"adamw_torch", "dualadam"}
-    for optim in table:
-        states = [json.loads((out / "runs" / f"{optim}-seed{s}" / "trainer_state.json").read_text()) for s in (0, 1)]
-        assert all(s["global_step"] == 2 for s in states)
-        for _, key, header, digits in METRICS:
-            last = [[e[key] for e in s["log_history"] if key in e][-1] for s in states]
-            assert_cell_matches(table[optim][header], last, digits)
-        raw = json.loads((out / "runs" / f"{optim}-seed1.json").read_text())
-        assert raw["log_history"] == states[1]["log_history"]
-    assert (out / "train_loss.png").is_file() and (out / "eval_loss.png").is_file()
-    # Finished runs are reused, so an interrupted comparison resumes instead of starting over.
-    assert main(argv) == 0
-    assert capsys.readouterr().out.count("already finished") == 4
-    # ... but not for a different command, whose results would be mixed up with the old ones.
-    assert main(argv + ["--learning_rate", "0.1"]) == 2
+    assert printed.count("already finished") == 3 and printed.count(": done in ") == 1
+    state = json.loads((out / "runs" / "dual2-seed1" / "trainer_state.json").read_text())
+    assert state["global_step"] == 2 and not (out / "runs" / "dual2-seed1" / "checkpoint-3").exists()
+    assert [e["step"] for e in state["log_history"] if "loss" in e] == [1, 2]  # nothing trained again
+    assert any("eval_loss" in e for e in state["log_history"])  # the evaluation was redone
+    # A different command must not reuse these folders.
+    assert main(argv + ["--max_steps", "3"]) == 2
     assert "holds a run of a different command" in capsys.readouterr().err

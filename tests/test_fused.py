@@ -18,7 +18,9 @@ import torch
 pytest.importorskip("triton", reason="triton is not installed")
 
 from dualadam_hf import fused  # noqa: E402
-from dualadam_hf.fused import fused_dualadam  # noqa: E402
+from dualadam_hf.functional import StepTensors  # noqa: E402
+from dualadam_hf.fused import fused as fused_update  # noqa: E402
+from dualadam_hf.schedule import Hyper  # noqa: E402
 from tests.reference import ReferenceDualAdam, max_rel_err  # noqa: E402
 
 
@@ -47,28 +49,31 @@ def small_block(monkeypatch):
     fused._tables.clear()
 
 
-def _run(*, p_dtype=torch.float32, s_dtype=torch.float32, maximize=False, inverse_only=False,
-         lr_tensor=False, steps=STEPS, noncontig=False, drop_every=0):
+def _run(*, p_dtype=torch.float32, s_dtype=torch.float32, maximize=False, switch_rate=SWITCH,
+         lr_tensor=False, steps=STEPS, noncontig=False, drop_every=0, inverse_scale=1.0):
     gen = torch.Generator().manual_seed(0)
     params = [torch.randn(s, generator=gen).to(p_dtype) for s in SHAPES]
     if noncontig:
         params[5] = torch.randn(17, 9, generator=gen).to(p_dtype).t()
     lr, wd = 1e-2, 0.1
     ref = ReferenceDualAdam(params, lrs=[lr] * len(params), weight_decays=[wd] * len(params),
-                            switch_rate=SWITCH, maximize=maximize, inverse_only=inverse_only,
+                            switch_rate=switch_rate, maximize=maximize,
+                            inverse_scale=1.0 if inverse_scale == "per-tensor" else inverse_scale,
                             round_to=p_dtype if p_dtype != torch.float32 else None)
     ms = [torch.zeros(p.shape, dtype=s_dtype) for p in params]
     vs = [torch.zeros(p.shape, dtype=s_dtype) for p in params]
     steps_t = [torch.tensor(0.0) for _ in params]
+    # A fixed scale stands in for the calibrated one (calibration is the optimizer's, tested there).
+    scales = [torch.tensor(2.0**k) for k in range(len(params))] if inverse_scale == "per-tensor" else None
+    if scales is not None:
+        ref.s = [float(s) for s in scales]
+    hyper = Hyper(lr=torch.tensor(lr) if lr_tensor else lr, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=wd,
+                  switch_rate=switch_rate, inverse_scale=1.0 if scales else inverse_scale, maximize=maximize)
     for k in range(steps):
         grads = [torch.randn(p.shape, generator=gen) * (0.5 + i) for i, p in enumerate(params)]
         live = [i for i in range(len(params)) if not (drop_every and i == 1 and k % drop_every == 0)]
-        fused_dualadam(
-            [params[i] for i in live], [grads[i].to(p_dtype) for i in live], [ms[i] for i in live],
-            [vs[i] for i in live], [steps_t[i] for i in live],
-            lr=torch.tensor(lr) if lr_tensor else lr, beta1=0.9, beta2=0.999, eps=1e-8,
-            weight_decay=wd, switch_rate=SWITCH, inverse_only=inverse_only, maximize=maximize,
-        )
+        tensors = StepTensors(params, [g.to(p_dtype) for g in grads], ms, vs, steps_t, scales)
+        fused_update(tensors.subset(live), hyper)
         ref.step([g if i in live else None for i, g in enumerate(grads)])
     return params, ref, steps_t
 
@@ -81,7 +86,13 @@ def test_fp32_matches_reference_across_the_blend(maximize):
 
 
 def test_invadam_and_tensor_lr():
-    params, ref, _ = _run(inverse_only=True, lr_tensor=True, steps=8)
+    params, ref, _ = _run(switch_rate=0.0, lr_tensor=True, steps=8)
+    assert max_rel_err(params, ref.p) < 1e-5
+
+
+@pytest.mark.parametrize("scale", [0.0, 300.0, "per-tensor"])
+def test_inverse_scales(scale):
+    params, ref, _ = _run(inverse_scale=scale, steps=14)
     assert max_rel_err(params, ref.p) < 1e-5
 
 
@@ -115,7 +126,7 @@ def test_launch_tables_are_reused_while_tensors_stay_put():
         for x in g:
             x.copy_(torch.randn(x.shape))
         lr.fill_(1e-2 / (k + 1))
-        fused_dualadam(p, g, m, v, s, lr=lr, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0,
-                       switch_rate=0.5)
+        fused_update(StepTensors(p, g, m, v, s), Hyper(lr=lr, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0,
+                                                       switch_rate=0.5))
     assert len(fused._tables) == 1
     assert [x.item() for x in s] == [3.0, 3.0]

@@ -47,8 +47,8 @@ def _run(*, dtype=torch.float32, cls=DualAdam, steps=STEPS, drop_every=0, maximi
     opt = cls(groups, maximize=maximize, state_dtype=state_dtype, **extra, **kw)
     ref = ReferenceDualAdam(
         [p.cpu() for p in params], lrs=[1e-2] * half + [3e-3] * (len(params) - half),
-        weight_decays=[0.1] * half + [0.0] * (len(params) - half), switch_rate=SWITCH,
-        maximize=maximize, inverse_only=cls is InvAdam,
+        weight_decays=[0.1] * half + [0.0] * (len(params) - half), switch_rate=0.0 if cls is InvAdam else SWITCH,
+        maximize=maximize, inverse_scale=kw.get("inverse_scale", 1.0),
         round_to=dtype if dtype != torch.float32 else None,
     )
     gen = torch.Generator().manual_seed(1)
@@ -233,3 +233,9 @@ def test_tensor_over_2_31_elements():
         got = p.detach()[s].double().cpu()
         assert max_rel_err([got], [twin.detach().double().cpu()]) < 1e-2
         assert not torch.equal(got, old.double().cpu())  # the update was written
+
+
+def test_fused_calibrated_inverse_scale_matches_reference():
+    params, ref, opt = _run(inverse_scale="auto")
+    assert max_rel_err(params, ref.p) < 1e-5
+    assert all(opt.state[p]["inverse_scale"].device.type == "cuda" for p in opt.state)

@@ -48,6 +48,10 @@ def check_dualadam_run(output_dir: Path, output: str) -> None:
     assert logs[0]["dualadam/blend"] > 0
     assert logs[-1]["loss"] < logs[0]["loss"]
     assert "dualadam/blend" in output  # printed with the other training logs
+    # The inverse share is logged beside the blend: > 0 while blending, 0 once the blend is spent.
+    shares = [entry["dualadam/inverse_share"] for entry in logs]
+    assert all((share > 0) == (entry["dualadam/blend"] > 0) for share, entry in zip(shares, logs, strict=True))
+    assert all(0 <= share < 1 for share in shares) and "dualadam/inverse_share" in output
 
 
 @pytest.mark.slow

@@ -41,7 +41,17 @@ def test_bad_optim_args_name_the_problem_and_the_valid_keys(text, message):
     with pytest.raises(ValueError, match=message) as error:
         parse_optim_args(text)
     if "twice" not in message and "only one" not in message:
-        assert "switch_rate, blend_steps, blend_fraction, foreach, fused, maximize, state_dtype" in str(error.value)
+        assert ("switch_rate, blend_steps, blend_fraction, inverse_scale, foreach, fused, maximize, state_dtype"
+                in str(error.value))
+
+
+def test_inverse_scale_and_yaml_mappings():
+    assert parse_optim_args("inverse_scale=auto,blend_steps=4") == {"inverse_scale": "auto", "blend_steps": 4}
+    assert parse_optim_args("inverse_scale=0") == {"inverse_scale": 0.0}
+    assert parse_optim_args({"blend_steps": 4, "foreach": False}) == {"blend_steps": 4, "foreach": False}
+    assert parse_optim_args({"inverse_scale": "auto"}, "invadam") == {"inverse_scale": "auto"}
+    with pytest.raises(ValueError, match="inverse_scale='big' is malformed"):
+        parse_optim_args("inverse_scale=big")
 
 
 def test_invadam_has_no_switch_keys():

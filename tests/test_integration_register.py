@@ -139,12 +139,52 @@ def test_startup_hook_registers_with_the_real_transformers():
     assert result.stdout.split() == ["True", "True"]
 
 
-def test_hook_fails_loudly_when_transformers_has_moved_internals(tmp_path):
-    root = fake_transformers(tmp_path, "class TrainingArguments:\n    pass\n")
-    result = run_python("import transformers.training_args", PYTHONPATH=root)
-    assert result.returncode != 0
-    assert "TransformersLayoutError" in result.stderr
-    assert "cannot register --optim dualadam" in result.stderr and "DUALADAM_HF_NO_AUTOREGISTER=1" in result.stderr
+# A drifted layout: the enum is no longer a str Enum and post-init moved away.
+DRIFTED_TRAINING_ARGS = """
+import enum
+
+class OptimizerNames(enum.Enum):
+    ADAMW_TORCH = "adamw_torch"
+
+class TrainingArguments:
+    def __init__(self, optim="adamw_torch"):
+        self.optim = OptimizerNames(optim)
+"""
+
+
+def test_hook_fails_soft_when_transformers_has_moved_internals(tmp_path):
+    """A layout the patch does not know must not break `import transformers` for anyone: one warning, no change."""
+    root = fake_transformers(tmp_path, DRIFTED_TRAINING_ARGS)
+    result = run_python("""
+        import warnings
+        warnings.simplefilter("always")
+        from transformers.training_args import OptimizerNames, TrainingArguments
+        import transformers.training_args as module
+        print([m.value for m in OptimizerNames], TrainingArguments("adamw_torch").optim.value)
+        print(hasattr(TrainingArguments, "_dualadam_hf_patched"))
+    """, PYTHONPATH=root)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["['adamw_torch']", "adamw_torch", "False"]  # transformers left untouched
+    assert result.stderr.count("DualAdamRegistrationWarning") == 1
+    assert "cannot register --optim dualadam" in result.stderr and "optimizer_cls_and_kwargs" in result.stderr
+    # Only an explicit register() raises.
+    explicit = run_python("""
+        import dualadam_hf.integrations.transformers as hook
+        import transformers.training_args as module
+        hook.patch_training_args(module)
+    """, PYTHONPATH=root)
+    assert explicit.returncode != 0 and "TransformersLayoutError" in explicit.stderr
+
+
+def test_hook_survives_an_unexpected_error_in_the_patch(monkeypatch):
+    from dualadam_hf.integrations import transformers as hook
+
+    def boom(module):
+        raise RuntimeError("boom")
+
+    monkeypatch.setitem(hook._PATCHES, "transformers.training_args", boom)
+    with pytest.warns(hook.DualAdamRegistrationWarning, match="RuntimeError: boom"):
+        hook.on_module_loaded(types.ModuleType("transformers.training_args"))
 
 
 @pytest.mark.slow

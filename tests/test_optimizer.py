@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import math
 
 import pytest
 import torch
@@ -41,8 +42,9 @@ def run_pair(*, foreach, maximize=False, drop_every=0, cls=DualAdam, dtype=torch
     wds = [0.1] * half + [0.0] * (len(params) - half)
     opt = cls(groups, foreach=foreach, maximize=maximize, **kw)
     ref = ReferenceDualAdam(
-        params, lrs=lrs, weight_decays=wds, maximize=maximize, inverse_only=cls is InvAdam,
-        switch_rate=kw.get("switch_rate", 0.01), round_to=dtype if dtype != torch.float32 else None,
+        params, lrs=lrs, weight_decays=wds, maximize=maximize, inverse_scale=kw.get("inverse_scale", 1.0),
+        switch_rate=0.0 if cls is InvAdam else kw.get("switch_rate", 0.01),
+        round_to=dtype if dtype != torch.float32 else None,
     )
     for grads in grad_stream(params, STEPS, drop_every=drop_every):
         for p, g in zip(params, grads):
@@ -104,9 +106,10 @@ def test_foreach_and_single_tensor_agree(small_blocks):
 
 
 def test_invadam_is_dualadam_with_blend_held_at_one(foreach):
-    # switch_rate=0 keeps r = 1 forever: DualAdam then is the inverse rule alone.
+    # switch_rate=0 keeps r = 1 forever: DualAdam then is the inverse rule alone, and says so.
     a, _, _ = run_pair(foreach=foreach, cls=InvAdam)
-    b, _, _ = run_pair(foreach=foreach, switch_rate=0.0)
+    with pytest.warns(UserWarning, match="switch_rate=0.*that is InvAdam"):
+        b, _, _ = run_pair(foreach=foreach, switch_rate=0.0)
     for x, y in zip(a, b):
         torch.testing.assert_close(x, y, rtol=0, atol=0)
 
@@ -123,6 +126,21 @@ def test_blend_weight_schedule():
     assert blend_weight(5, 0.2) == 0.0
     for n in (3, 5, 7, 10, 100, 500):
         assert last_blend_step(1 / n) == n - 1
+
+
+@pytest.mark.parametrize("rate", [0.01, 0.1, 0.2, 0.3, 1 / 7, 8e-5, 1.0, 0.0])
+def test_last_blend_step_agrees_with_the_blend_weight(rate):
+    last = last_blend_step(rate)
+    for t in [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 99, 100, 101, 12499, 12500, 12501]:
+        assert (blend_weight(t, rate) > 0) == (t <= last)
+        expected = max(0.0, 1 - t * rate) if (rate == 0 or 1 - t * rate >= rate * (1 - 1e-9)) else 0.0
+        assert blend_weight(t, rate) == pytest.approx(expected)
+
+
+def test_blend_weight_works_on_tensors_of_steps():
+    steps = torch.arange(1, 12, dtype=torch.float64)
+    expected = [blend_weight(float(t), 0.1) for t in steps]
+    assert blend_weight(steps, 0.1).tolist() == pytest.approx(expected)
 
 
 def test_blend_steps_and_fraction():
@@ -149,6 +167,12 @@ def test_blend_steps_and_fraction():
         (dict(switch_rate=1.5), "switch_rate"),
         (dict(switch_rate=-0.1), "switch_rate"),
         (dict(blend_steps=0), "blend_steps"),
+        (dict(blend_steps=2.5), "blend_steps must be a positive whole number"),
+        (dict(blend_steps=float("inf")), "InvAdam"),
+        (dict(blend_steps=True), "blend_steps"),
+        (dict(inverse_scale=-1.0), "inverse_scale"),
+        (dict(inverse_scale="big"), "inverse_scale"),
+        (dict(lr=float("nan")), "learning rate"),
         (dict(blend_fraction=0.0), "blend_fraction"),
         (dict(switch_rate=0.1, blend_steps=10), "only one of"),
     ],
@@ -350,3 +374,147 @@ def test_adam_phase_is_torch_fused_adamw_on_cpu(kw):
         adamw.step()
     for p, q in zip(a, b):
         assert torch.equal(p, q)
+
+
+# --- inverse_scale: the paper's rule (1), a given scale, the calibrated scale and 0 (matched warmup) -----
+
+
+@pytest.mark.parametrize("scale", [0.0, 250.0, "auto"])
+def test_inverse_scale_matches_reference(foreach, scale, small_blocks):
+    params, ref, _ = run_pair(foreach=foreach, switch_rate=0.01, inverse_scale=scale)
+    assert max_rel_err(params, ref.p) < 1e-5
+
+
+def test_auto_scale_is_calibrated_per_tensor_and_waits_for_a_nonzero_gradient():
+    a, b = torch.nn.Parameter(torch.ones(4)), torch.nn.Parameter(torch.ones(3))
+    opt = DualAdam([a, b], inverse_scale="auto", blend_steps=10)
+    a.grad, b.grad = torch.full((4,), 2.0), torch.zeros(3)  # b's first gradient is 0, as LoRA's A
+    opt.step()
+    assert opt.state[a]["inverse_scale"].item() == pytest.approx(1 / (2.0 + 1e-8) ** 2)
+    assert opt.state[b]["inverse_scale"].item() == 0.0  # not calibrated yet
+    a.grad, b.grad = torch.full((4,), 2.0), torch.full((3,), 0.5)
+    opt.step()
+    # b's first non-zero gradient, at its step 2: vh = (1-b2)*0.25 / (1-b2**2), d = sqrt(vh) + eps.
+    d = math.sqrt(0.001 * 0.25 / (1 - 0.999**2)) + 1e-8
+    assert opt.state[b]["inverse_scale"].item() == pytest.approx(1 / d**2, rel=1e-6)
+    before = opt.state[a]["inverse_scale"].item()
+    a.grad = torch.full((4,), 100.0)
+    opt.step()
+    assert opt.state[a]["inverse_scale"].item() == before  # set once
+
+
+def test_auto_scale_survives_resume_bit_identically(foreach):
+    make = lambda ps: DualAdam(ps, lr=1e-2, blend_steps=20, inverse_scale="auto", foreach=foreach)
+    data = _batches()
+    full = _fresh_model()
+    _fit(full, make(full.parameters()), data)
+    half = _fresh_model()
+    opt = make(half.parameters())
+    _fit(half, opt, data[:10])
+    buf = io.BytesIO()
+    torch.save({"model": half.state_dict(), "optim": opt.state_dict()}, buf)
+    buf.seek(0)
+    saved = torch.load(buf, weights_only=True)
+    resumed = _fresh_model()
+    resumed.load_state_dict(saved["model"])
+    opt2 = make(resumed.parameters())
+    opt2.load_state_dict(saved["optim"])
+    _fit(resumed, opt2, data[10:])
+    for x, y in zip(full.parameters(), resumed.parameters()):
+        assert torch.equal(x, y)
+
+
+def test_scale_zero_is_adamw_with_a_warmup_matching_the_blend(foreach):
+    # inverse_scale=0 leaves (1-r)*mh/d: AdamW whose lr rises as t*switch_rate over the blend.
+    a, b = make_params(), make_params()
+    n = 8
+    dual = DualAdam(a, lr=1e-2, blend_steps=n, inverse_scale=0.0, foreach=foreach)
+    adamw = torch.optim.AdamW(b, lr=1e-2, weight_decay=0.0)
+    warmup = torch.optim.lr_scheduler.LambdaLR(adamw, lambda k: min(1.0, (k + 1) / n))
+    for grads in grad_stream(a, 20):
+        for p, q, g in zip(a, b, grads):
+            p.grad, q.grad = g.clone(), g.clone()
+        dual.step()
+        adamw.step()
+        warmup.step()
+    for p, q in zip(a, b):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+
+
+def test_inverse_share_is_read_from_the_state():
+    p = torch.nn.Parameter(torch.zeros(3))
+    opt = DualAdam([p], blend_steps=4)
+    assert opt.inverse_share() == 0.0  # no step yet
+    p.grad = torch.tensor([1e-3, -2e-3, 3e-3])
+    opt.step()
+    r = 0.75
+    mh, d = p.grad, p.grad.abs() + 1e-8  # step 1: mh = g, d = |g| + eps
+    adam, inverse = ((1 - r) * mh / d).norm(), (r * mh * d).norm()
+    assert opt.inverse_share() == pytest.approx(float(inverse / (adam + inverse)), rel=1e-4)
+    assert opt.inverse_share() < 1e-2  # tiny gradients: the inverse part is tiny
+    scaled = DualAdam([p], blend_steps=4, inverse_scale="auto")
+    scaled.step()
+    assert 0.4 < scaled.inverse_share() < 0.9  # calibrated: a share of the order of r
+    for _ in range(3):
+        opt.step()
+    assert opt.inverse_share() == 0.0  # step 4: the blend is over
+
+
+# --- bad input: complex and float64 parameters, other optimizers' states, added groups ------------------
+
+
+@pytest.mark.parametrize("kw", [{"foreach": True}, {"foreach": False},
+                                pytest.param({"fused": True}, marks=pytest.mark.compile)],
+                         ids=["foreach", "single", "compiled"])
+def test_complex_params_are_updated_as_pairs_of_reals(kw):
+    # torch's AdamW treats a complex number as two reals; so does DualAdam, on every path and past the blend.
+    gen = torch.Generator().manual_seed(0)
+    z = torch.nn.Parameter(torch.randn(6, dtype=torch.complex64, generator=gen))
+    x = torch.nn.Parameter(torch.view_as_real(z.detach()).clone())
+    opt_z = DualAdam([z], lr=1e-2, blend_steps=3, **kw)
+    opt_x = DualAdam([x], lr=1e-2, blend_steps=3, foreach=False)
+    for _ in range(5):
+        g = torch.randn(6, dtype=torch.complex64, generator=gen)
+        z.grad, x.grad = g, torch.view_as_real(g).clone()
+        opt_z.step()
+        opt_x.step()
+    torch.testing.assert_close(torch.view_as_real(z.detach()), x.detach(), rtol=1e-6, atol=1e-7)
+
+
+def test_float64_params_keep_float64_precision_on_the_compiled_path():
+    gen = torch.Generator().manual_seed(0)
+    a = [torch.nn.Parameter(torch.randn(50, dtype=torch.float64, generator=gen))]
+    b = [torch.nn.Parameter(a[0].detach().clone())]
+    opt_a, opt_b = DualAdam(a, fused=True), DualAdam(b, foreach=False)
+    g = torch.randn(50, dtype=torch.float64, generator=gen)
+    a[0].grad, b[0].grad = g, g.clone()
+    opt_a.step()
+    opt_b.step()
+    assert (a[0] - b[0]).abs().max().item() < 1e-14
+
+
+def test_another_optimizers_state_is_refused_at_load_time():
+    model = torch.nn.Linear(3, 2)
+    model(torch.randn(4, 3)).sum().backward()
+    for other in (torch.optim.AdamW(model.parameters()), torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)):
+        other.step()
+        with pytest.raises(ValueError, match="saved by another optimizer"):
+            DualAdam(model.parameters()).load_state_dict(other.state_dict())
+
+
+def test_add_param_group_is_validated_like_the_constructor():
+    opt = DualAdam([torch.nn.Parameter(torch.ones(2))])
+    for bad, match in (({"lr": -1.0}, "learning rate"), ({"betas": (1.5, 0.9)}, "beta1"),
+                       ({"switch_rate": 7.0}, "switch_rate"), ({"inverse_scale": -2}, "inverse_scale")):
+        with pytest.raises(ValueError, match=match):
+            opt.add_param_group({"params": [torch.nn.Parameter(torch.ones(2))], **bad})
+    assert len(opt.param_groups) == 1
+    opt.add_param_group({"params": [torch.nn.Parameter(torch.ones(2))], "lr": 0.5, "betas": [0.8, 0.99]})
+    assert opt.param_groups[1]["betas"] == (0.8, 0.99)
+
+
+def test_invadam_takes_no_blend_arguments():
+    with pytest.raises(TypeError, match="InvAdam holds the blend weight at 1 and takes no blend_steps"):
+        InvAdam([torch.nn.Parameter(torch.ones(2))], blend_steps=10)
+    opt = InvAdam([torch.nn.Parameter(torch.ones(2))], 1e-2, (0.8, 0.9), inverse_scale="auto")
+    assert opt.param_groups[0]["switch_rate"] == 0.0 and opt.blend_weight() == 1.0

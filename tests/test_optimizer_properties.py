@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -24,19 +26,27 @@ shapes = st.lists(st.integers(0, 6), min_size=0, max_size=3).map(tuple)
     maximize=st.booleans(),
     foreach=st.booleans(),
     inverse=st.booleans(),
+    inverse_scale=st.sampled_from([1.0, 0.0, 37.0, "auto"]),
     block=st.sampled_from([4, 64, functional.FOREACH_BLOCK]),
     seed=st.integers(0, 2**16),
 )
 def test_random_problems_match_reference(
-    shape_list, lr, beta1, beta2, eps, weight_decay, switch_rate, maximize, foreach, inverse, block, seed
+    shape_list, lr, beta1, beta2, eps, weight_decay, switch_rate, maximize, foreach, inverse, inverse_scale, block,
+    seed,
 ):
     gen = torch.Generator().manual_seed(seed)
     params = [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in shape_list]
-    common = dict(lr=lr, betas=(beta1, beta2), eps=eps, weight_decay=weight_decay, maximize=maximize, foreach=foreach)
-    opt = InvAdam(params, **common) if inverse else DualAdam(params, switch_rate=switch_rate, **common)
+    common = dict(lr=lr, betas=(beta1, beta2), eps=eps, weight_decay=weight_decay, maximize=maximize, foreach=foreach,
+                  inverse_scale=inverse_scale)
+    if inverse:
+        opt, switch_rate = InvAdam(params, **common), 0.0
+    else:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # switch_rate=0 warns that it is InvAdam
+            opt = DualAdam(params, switch_rate=switch_rate, **common)
     ref = ReferenceDualAdam(
         params, lrs=[lr] * len(params), weight_decays=[weight_decay] * len(params), betas=(beta1, beta2),
-        eps=eps, switch_rate=switch_rate, maximize=maximize, inverse_only=inverse,
+        eps=eps, switch_rate=switch_rate, maximize=maximize, inverse_scale=inverse_scale,
     )
     old_block = functional.FOREACH_BLOCK
     functional.FOREACH_BLOCK = block

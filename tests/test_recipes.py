@@ -8,9 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from dualadam_hf.recipes import RecipeError, load_recipe
-from dualadam_hf.recipes.data import gsm8k_to_chat, load_splits
-from dualadam_hf.recipes.train import build_trainer
+from dualadam_hf.experiments import RecipeError
+from dualadam_hf.experiments import arguments as config
+from dualadam_hf.experiments.arguments import load_experiment as load_recipe
+from dualadam_hf.experiments.data import gsm8k_to_chat, load_splits
+from dualadam_hf.experiments.train import build_trainer, eval_batches, run
 
 RECIPES = sorted((Path(__file__).resolve().parents[1] / "recipes").glob("*.yaml"))
 GPU_RECIPES = [p for p in RECIPES if "bf16: true" in p.read_text()]
@@ -47,8 +49,8 @@ def test_there_are_cpu_and_gpu_recipes():
 def test_recipe_loads_and_its_header_is_the_command(path):
     overrides = CPU_OVERRIDES if path in GPU_RECIPES else []
     recipe = load_recipe(path, overrides)
-    assert recipe.args.model_name_or_path and recipe.args.dataset_name
-    assert recipe.training_args.optim == "dualadam"
+    assert recipe.model.model_name_or_path and recipe.script.dataset_name
+    assert recipe.training.optim == "dualadam"
     lines = path.read_text().splitlines()
     assert lines[0].startswith("# ")
     header = [line for line in lines if line.startswith("#   ")]
@@ -67,25 +69,43 @@ def test_command_line_overrides_win_and_are_typed(tmp_path):
         ["--learning_rate", "3e-3", "--max_steps=7", "--lora_target_modules", "k_proj", "--use_peft", "false",
          "--eval_size", "none", "--train_size", "12", "--logging_first_step"],
     )
-    assert recipe.training_args.learning_rate == pytest.approx(3e-3)
-    assert recipe.training_args.max_steps == 7
-    assert recipe.args.lora_target_modules == ["k_proj"]
-    assert recipe.args.use_peft is False
+    assert recipe.training.learning_rate == pytest.approx(3e-3)
+    assert recipe.training.max_steps == 7
+    assert recipe.model.lora_target_modules == "k_proj"  # TRL's ModelConfig unwraps a one-element list
+    assert recipe.model.use_peft is False
     assert recipe.args.eval_size is None and recipe.args.train_size == 12
-    assert recipe.training_args.logging_first_step is True
+    assert recipe.training.logging_first_step is True
     # Untouched YAML values stay, with YAML's "1e-4" string read as a float.
-    assert recipe.training_args.optim_args == "blend_fraction=0.1"
+    assert recipe.training.optim_args == "blend_fraction=0.1"
     plain = load_recipe(write_recipe(tmp_path, BASE))
-    assert plain.training_args.learning_rate == pytest.approx(1e-4)
-    assert plain.args.lora_target_modules == ["q_proj", "v_proj"]
+    assert plain.training.learning_rate == pytest.approx(1e-4)
+    assert plain.model.lora_target_modules == ["q_proj", "v_proj"]
 
 
-def test_list_override_with_several_values_and_commas(tmp_path):
+def test_list_override_with_several_values(tmp_path):
     path = write_recipe(tmp_path, BASE)
-    assert load_recipe(path, ["--lora_target_modules", "a", "b"]).args.lora_target_modules == ["a", "b"]
-    assert load_recipe(path, ["--lora_target_modules", "a,b"]).args.lora_target_modules == ["a", "b"]
+    assert load_recipe(path, ["--lora_target_modules", "a", "b"]).model.lora_target_modules == ["a", "b"]
     with pytest.raises(RecipeError, match="max_steps takes one value"):
-        load_recipe(path, ["--max_steps", "1", "2"])
+        load_recipe(write_recipe(tmp_path, BASE + "max_steps: [1, 2]\n"))
+
+
+@pytest.mark.parametrize("line, match", [
+    ("max_steps: 2.7", "--max_steps.*invalid int value: '2.7'"),
+    ("eval_size: 2.5", "--eval_size.*invalid int value: '2.5'"),
+    ("learning_rate: fast", "--learning_rate.*invalid float value: 'fast'"),
+    ("use_peft: maybe", "use_peft"),
+    ("max_steps: 0", "max_steps must be a positive number of optimizer steps"),
+])
+def test_yaml_values_get_the_checks_command_line_values_get(tmp_path, line, match):
+    with pytest.raises(RecipeError, match=match):
+        load_recipe(write_recipe(tmp_path, BASE + line + "\n"))
+
+
+def test_optim_args_may_be_a_yaml_mapping(tmp_path):
+    text = BASE.replace("optim_args: blend_fraction=0.1", "optim_args: {blend_steps: 4, foreach: false}")
+    assert load_recipe(write_recipe(tmp_path, text)).training.optim_args == "blend_steps=4,foreach=false"
+    with pytest.raises(RecipeError, match="Unknown --optim_args key 'blend' for --optim dualadam"):
+        load_recipe(write_recipe(tmp_path, BASE.replace("blend_fraction=0.1", "{blend: 4}")))
 
 
 def test_unknown_yaml_key_is_named_with_a_suggestion_and_the_valid_keys(tmp_path):
@@ -93,8 +113,8 @@ def test_unknown_yaml_key_is_named_with_a_suggestion_and_the_valid_keys(tmp_path
         load_recipe(write_recipe(tmp_path, BASE + "lerning_rate: 0.1\n"))
     message = str(error.value)
     assert "'lerning_rate'" in message and "did you mean 'learning_rate'" in message
-    assert "Valid recipe keys:" in message and "accuracy_size" in message
-    assert "Valid SFTConfig keys:" in message and "gradient_accumulation_steps" in message
+    assert "Keys of this toolkit:" in message and "accuracy_size" in message
+    assert "Keys of TRL/transformers:" in message and "gradient_accumulation_steps" in message
 
 
 def test_unknown_command_line_key_is_an_error(tmp_path):
@@ -114,7 +134,7 @@ def test_bad_values_are_errors_naming_the_key(tmp_path):
     path = write_recipe(tmp_path, BASE)
     with pytest.raises(RecipeError, match="max_steps.*invalid int value: 'many'"):
         load_recipe(path, ["--max_steps", "many"])
-    with pytest.raises(RecipeError, match="bogus is not a valid IntervalStrategy"):
+    with pytest.raises(RecipeError, match="eval_strategy.*invalid choice: 'bogus'"):
         load_recipe(path, ["--eval_strategy", "bogus"])
     with pytest.raises(RecipeError, match="unknown task 'regression'.*sft, classification"):
         load_recipe(path, ["--task", "regression"])
@@ -144,36 +164,65 @@ def tiny_recipe(tmp_path: Path, model_dir: str, dataset: str, extra: str = "") -
 def test_missing_model_path_fails_before_loading_data(tmp_path):
     recipe = load_recipe(tiny_recipe(tmp_path, str(tmp_path / "no_model"), str(tmp_path / "no_data.jsonl")))
     with pytest.raises(RecipeError, match="model path not found"):
-        build_trainer(recipe)
+        run(recipe)
+
+
+def test_unwritable_output_dir_fails_before_the_model_loads(tmp_path, monkeypatch):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    recipe = load_recipe(tiny_recipe(tmp_path, str(tmp_path / "no_model"), "x.jsonl"),
+                         ["--output_dir", str(blocker / "out")])
+    with pytest.raises(RecipeError, match="output_dir .* is not writable"):
+        run(recipe)
 
 
 def test_missing_dataset_file_and_columns_are_named(tmp_path, tiny_model_dir):
     recipe = load_recipe(tiny_recipe(tmp_path, tiny_model_dir, str(tmp_path / "missing.jsonl")))
     with pytest.raises(RecipeError, match="dataset file not found"):
-        build_trainer(recipe)
+        load_splits(recipe)
     rows = tmp_path / "rows.jsonl"
     rows.write_text("".join(json.dumps({"question": f"q{i}", "reply": "r"}) + "\n" for i in range(8)))
-    with pytest.raises(RecipeError, match=r"needs columns prompt\+completion or messages or text.*'question'"):
-        build_trainer(load_recipe(tiny_recipe(tmp_path, tiny_model_dir, str(rows))))
+    with pytest.raises(RecipeError, match=r"rows.jsonl:1: a row needs columns prompt\+completion or messages or text"):
+        load_splits(load_recipe(tiny_recipe(tmp_path, tiny_model_dir, str(rows))))
     with pytest.raises(RecipeError, match="dataset_format gsm8k needs columns 'question' and 'answer'"):
-        load_splits(load_recipe(tiny_recipe(tmp_path, tiny_model_dir, str(rows), "dataset_format: gsm8k\n")).args)
+        load_splits(load_recipe(tiny_recipe(tmp_path, tiny_model_dir, str(rows), "dataset_format: gsm8k\n")))
     classification = tiny_recipe(tmp_path, tiny_model_dir, str(rows), "task: classification\n")
     with pytest.raises(RecipeError, match=r"lacks column\(s\) \['text', 'label'\]"):
-        load_splits(load_recipe(classification).args)
+        load_splits(load_recipe(classification))
+
+
+@pytest.mark.parametrize("content, match", [
+    ("", "holds no rows"),
+    ("\n\n", "holds no rows"),
+    ('{"messages": [{"role": "user", "content": "hi"}]}\n{"messages": [\n', r"bad.jsonl:2: not valid JSON"),
+    ('{"messages": []}\n', r"bad.jsonl:1: 'messages' must be a non-empty list of messages"),
+    ('{"messages": [{"role": "user"}]}\n', r"bad.jsonl:1: every message in 'messages' needs 'role' and 'content'"),
+    ('[1, 2]\n', r"bad.jsonl:1: expected a JSON object, got list"),
+    ('{"prompt": "q", "completion": ""}\n', r"bad.jsonl:1: 'completion' must be text"),
+])
+def test_bad_data_files_name_the_file_line_and_problem(tmp_path, tiny_model_dir, content, match):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(content)
+    with pytest.raises(RecipeError, match=match):
+        load_splits(load_recipe(tiny_recipe(tmp_path, tiny_model_dir, str(bad))))
 
 
 def test_accuracy_eval_needs_prompt_and_answer(tmp_path, tiny_model_dir, tiny_chat_dataset_dir):
     path = tiny_recipe(tmp_path, tiny_model_dir, tiny_chat_dataset_dir, "accuracy_size: 2\neval_size: 4\n")
     with pytest.raises(RecipeError, match="accuracy_size > 0 needs held-out columns 'prompt' and 'answer'"):
-        load_splits(load_recipe(path).args)
+        load_splits(load_recipe(path))
 
 
-def test_local_folder_without_test_split_holds_out_disjoint_rows(tmp_path, tiny_model_dir, tiny_chat_dataset_dir):
+def test_local_folder_without_held_out_splits_carves_disjoint_test_and_validation(
+        tmp_path, tiny_model_dir, tiny_chat_dataset_dir):
     path = tiny_recipe(tmp_path, tiny_model_dir, tiny_chat_dataset_dir, "eval_size: 8\ntrain_size: 20\n")
-    train, heldout = load_splits(load_recipe(path).args)
-    assert len(train) == 20 and len(heldout) == 8
+    train, test = load_splits(load_recipe(path))
+    train_again, validation = load_splits(load_recipe(path, ["--dataset_test_split", "validation"]))
+    assert len(train) == 20 and len(test) == 8 and len(validation) == 8
     as_text = lambda ds: {json.dumps(row["messages"]) for row in ds}
-    assert not as_text(train) & as_text(heldout)
+    assert not as_text(train) & as_text(test) and not as_text(train) & as_text(validation)
+    assert not as_text(test) & as_text(validation)
+    assert as_text(train) == as_text(train_again)  # the same train rows whichever split is held out
 
 
 def test_gsm8k_rows_become_chat_with_the_final_answer():
@@ -189,20 +238,20 @@ def test_gsm8k_rows_become_chat_with_the_final_answer():
 def test_eval_batches_label_the_completion_only(tmp_path, tiny_model_dir):
     from transformers import AutoTokenizer
 
-    from dualadam_hf.recipes import load_eval_batches
-
     rows = tmp_path / "pc.jsonl"
     with rows.open("w") as f:
         for i in range(10):
             prompt = [{"role": "user", "content": f"what is {i} + 1 ?"}]
             completion = [{"role": "assistant", "content": f"{i} + 1 = {i + 1}" + " . so" * i}]
             f.write(json.dumps({"prompt": prompt, "completion": completion, "answer": str(i + 1)}) + "\n")
-    path = tiny_recipe(tmp_path, tiny_model_dir, str(rows), "eval_size: 5\nper_device_eval_batch_size: 2\n")
+    path = tiny_recipe(tmp_path, tiny_model_dir, str(rows), "eval_size: 3\nper_device_eval_batch_size: 2\n")
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
-    batches = load_eval_batches(str(path), tokenizer, 2)
-    assert len(batches) == 2 and all(b["input_ids"].shape[0] == 2 for b in batches)
-    _, heldout = load_splits(load_recipe(path).args)
-    for index, row in enumerate(heldout.select(range(4))):
+    experiment = load_recipe(path)
+    train, heldout = load_splits(experiment)
+    trainer, _ = build_trainer(experiment, tiny_model_dir, train, heldout)
+    batches = eval_batches(trainer, 2)
+    assert [b["input_ids"].shape[0] for b in batches] == [2, 1]
+    for index, row in enumerate(heldout.select(range(3))):
         batch, line = batches[index // 2], index % 2
         prompt_text = tokenizer.apply_chat_template(row["prompt"], tokenize=False, add_generation_prompt=True)
         n_prompt = len(tokenizer(prompt_text, add_special_tokens=False)["input_ids"])
@@ -212,13 +261,12 @@ def test_eval_batches_label_the_completion_only(tmp_path, tiny_model_dir):
         assert (labels[n_prompt:n_tokens] == ids[n_prompt:n_tokens]).all()
         answer = tokenizer.decode(ids[n_prompt:n_tokens])
         assert row["answer"].replace("", " ").strip() in answer  # the tiny tokenizer spells digits apart
-    again = load_eval_batches(str(path), tokenizer, 2)
+    again = eval_batches(trainer, 2)
     assert all((a["input_ids"] == b["input_ids"]).all() for a, b in zip(batches, again, strict=True))
+    assert eval_batches(trainer, 1, batch_size=3)[0]["input_ids"].shape[0] == 3
 
 
 def test_bare_names_resolve_and_unknown_names_list_the_recipes(monkeypatch, tmp_path):
-    from dualadam_hf.recipes import config
-
     assert config.find_recipe("smollm2_math_lora").name == "smollm2_math_lora.yaml"
     with pytest.raises(RecipeError, match="one of: .*roberta_sst2_lora.*smollm2_math_lora"):
         config.find_recipe("smollm3_math")

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from dualadam_hf.recipes import load_recipe
-from dualadam_hf.recipes.train import ACCURACY_KEY, PEAK_MEMORY_KEY, run
+from dualadam_hf.experiments import load_experiment as load_recipe
+from dualadam_hf.experiments.train import ACCURACY_KEY, ACCURACY_ROWS_FILE, DONE_FILE, PEAK_MEMORY_KEY, run
 from dualadam_hf.tiny import build_tiny_tokenizer, tiny_arithmetic_pairs
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
@@ -40,6 +40,7 @@ def check_state(output_dir: Path) -> list[dict]:
     # save_total_limit 1 keeps only the newest checkpoint, and it holds the optimizer state to resume from.
     checkpoints = sorted(p.name for p in output_dir.glob("checkpoint-*"))
     assert checkpoints == ["checkpoint-2"] and (output_dir / "checkpoint-2" / "optimizer.pt").is_file()
+    assert json.loads((output_dir / DONE_FILE).read_text())["log_history"] == history
     return history
 
 
@@ -65,8 +66,9 @@ def test_math_gpu_recipe_runs_two_steps_on_a_tiny_model(name, tiny_model_dir, gs
     run(recipe)
     history = check_state(out)
     accuracy = [e[ACCURACY_KEY] for e in history if ACCURACY_KEY in e]
-    assert len(accuracy) == 1 and 0.0 <= accuracy[0] <= 1.0
-    assert (out / "adapter_config.json").is_file() == recipe.args.use_peft
+    rows = json.loads((out / ACCURACY_ROWS_FILE).read_text())
+    assert len(rows) == 2 and accuracy == [sum(rows) / 2]  # the logged accuracy is the scored rows' mean
+    assert (out / "adapter_config.json").is_file() == recipe.model.use_peft
 
 
 @pytest.fixture(scope="module")
@@ -99,9 +101,9 @@ def test_classification_recipe_runs_two_steps_on_a_tiny_classifier(tiny_classifi
         RECIPES / "roberta_sst2_lora.yaml",
         tiny_overrides(tiny_classifier_dir, str(data), out) + ["--text_column", "text"],
     )
-    assert recipe.args.task == "classification" and recipe.args.use_peft
+    assert recipe.args.task == "classification" and recipe.model.use_peft
     run(recipe)
     history = check_state(out)
     accuracy = [e["eval_accuracy"] for e in history if "eval_accuracy" in e]
-    assert accuracy and all(0.0 <= a <= 1.0 for a in accuracy)
+    assert accuracy and all(a in (0.0, 0.25, 0.5, 0.75, 1.0) for a in accuracy)  # 4 held-out rows
     assert (out / "adapter_config.json").is_file()

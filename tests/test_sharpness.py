@@ -10,6 +10,7 @@ import torch
 from dualadam_hf.sharpness import (
     BatchSetLoss,
     HessianVectorProduct,
+    SharpnessSettings,
     epsilon_sharpness,
     hessian_power_iteration,
     hessian_trace,
@@ -226,6 +227,11 @@ VOCAB = 32
 FAST = {"max_iters": 6, "tol": 1e-2, "probes": 3, "seeds": 2}
 
 
+def _fast(**changes) -> SharpnessSettings:
+    """Short settings for the tiny models: few products, a loose tolerance."""
+    return SharpnessSettings(**{**FAST, **changes})
+
+
 def _tiny_llama(seed=0):
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -294,8 +300,8 @@ def test_splitting_batches_into_row_groups_keeps_the_loss_and_the_hessian():
                     HessianVectorProduct(split, params, retain_graphs=False)(v), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
     # measure_sharpness keeps graphs while they fit in max_graph_tokens, rebuilds them otherwise.
-    kept = measure_sharpness(model, batches, max_graph_tokens=64, **FAST)
-    rebuilt = measure_sharpness(model, batches, max_graph_tokens=16, **FAST)
+    kept = measure_sharpness(model, batches, _fast(max_graph_tokens=64))
+    rebuilt = measure_sharpness(model, batches, _fast(max_graph_tokens=16))
     assert (kept["graphs_retained"], kept["num_parts"]) == (1.0, 2.0)
     assert (rebuilt["graphs_retained"], rebuilt["num_parts"]) == (0.0, 4.0)  # rows 2 + 1 per batch
     for key in ("loss", "top_eigenvalue", "hessian_trace", "sharpness_worst"):
@@ -317,10 +323,6 @@ def test_model_loss_fn_rejects_bad_batches():
         select_parameters(model, "some")
     with pytest.raises(ValueError, match="max_tokens_per_part"):
         model_loss_fn(model, _lm_batches(), max_tokens_per_part=0)
-    with pytest.raises(ValueError, match="max_graph_tokens"):
-        measure_sharpness(model, _lm_batches(), max_graph_tokens=0)
-    with pytest.raises(ValueError, match="rho_random"):
-        measure_sharpness(model, _lm_batches(), rho_random=0.0)
 
 
 def _head_with_feature_scale(model, scale):
@@ -336,10 +338,10 @@ def test_flat_and_sharp_constructions_rank_correctly(kind):
     # positive semi-definite Hessian. The same tiny network with its features scaled up by 3 has a bowl
     # about 9 times steeper (the Hessian holds the features twice) at nearly the same loss.
     make, batches = (_tiny_llama, _lm_batches()) if kind == "causal_lm" else (_tiny_classifier, _cls_batches())
-    settings = {**FAST, "rho": 0.2, "rho_random": 0.2, "seeds": 6}
+    settings = _fast(rho=0.2, rho_random=0.2, seeds=6)
     flat_model, sharp_model = make(), make()
-    flat = measure_sharpness(flat_model, batches, params=_head_with_feature_scale(flat_model, 1.0), **settings)
-    sharp = measure_sharpness(sharp_model, batches, params=_head_with_feature_scale(sharp_model, 3.0), **settings)
+    flat = measure_sharpness(flat_model, batches, settings, params=_head_with_feature_scale(flat_model, 1.0))
+    sharp = measure_sharpness(sharp_model, batches, settings, params=_head_with_feature_scale(sharp_model, 3.0))
     assert sharp["loss"] == pytest.approx(flat["loss"], rel=0.05)
     assert sharp["top_eigenvalue"] > 4.0 * flat["top_eigenvalue"] > 0
     assert sharp["hessian_trace"] > 4.0 * flat["hessian_trace"] > 0
@@ -360,8 +362,8 @@ def test_function_preserving_rescaling_moves_curvature_but_not_relative_sharpnes
             layer.mlp.down_proj.weight.div_(c)
     pa = [layer.mlp.down_proj.weight for layer in a.model.layers]
     pb = [layer.mlp.down_proj.weight for layer in b.model.layers]
-    ra = measure_sharpness(a, batches, params=pa, **FAST)
-    rb = measure_sharpness(b, batches, params=pb, **FAST)
+    ra = measure_sharpness(a, batches, _fast(), params=pa)
+    rb = measure_sharpness(b, batches, _fast(), params=pb)
     assert rb["loss"] == pytest.approx(ra["loss"], rel=1e-5)
     assert rb["top_eigenvalue"] == pytest.approx(c * c * ra["top_eigenvalue"], rel=1e-3)
     assert rb["hessian_trace"] == pytest.approx(c * c * ra["hessian_trace"], rel=1e-3)
@@ -382,7 +384,7 @@ def test_measure_sharpness_on_a_peft_lora_model_measures_only_the_adapters():
     flags = {n: p.requires_grad for n, p in model.named_parameters()}
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     lora_count = sum(p.numel() for n, p in model.named_parameters() if "lora_" in n)
-    out = measure_sharpness(model, _lm_batches(), **FAST)
+    out = measure_sharpness(model, _lm_batches(), _fast())
     assert out["num_params"] == lora_count
     for key in ("loss", "top_eigenvalue", "hessian_trace", "sharpness_worst", "sharpness_random"):
         assert math.isfinite(out[key]), key
@@ -394,7 +396,7 @@ def test_measure_sharpness_on_a_peft_lora_model_measures_only_the_adapters():
         assert torch.equal(p.detach(), before[n]), n
     # "lora" selects the same tensors here; "all" adds the frozen base and changes the numbers.
     assert [n for n, _ in select_parameters(model, "lora")] == [n for n, _ in select_parameters(model)]
-    everything = measure_sharpness(model, _lm_batches(), params="all", **FAST)
+    everything = measure_sharpness(model, _lm_batches(), _fast(params="all"))
     assert everything["num_params"] == sum(p.numel() for p in model.parameters())
     assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
 
@@ -402,12 +404,43 @@ def test_measure_sharpness_on_a_peft_lora_model_measures_only_the_adapters():
 def test_measure_sharpness_is_deterministic_given_a_seed():
     batches = _cls_batches()
     model = _tiny_classifier()
-    a = measure_sharpness(model, batches, seed=1, **FAST)
-    b = measure_sharpness(model, batches, seed=1, **FAST)
-    c = measure_sharpness(model, batches, seed=2, **FAST)
+    a = measure_sharpness(model, batches, _fast(seed=1))
+    b = measure_sharpness(model, batches, _fast(seed=1))
+    c = measure_sharpness(model, batches, _fast(seed=2))
     numbers = lambda r: {k: v for k, v in r.items() if not k.startswith("seconds")}
     assert numbers(a) == numbers(b)
     assert a["hessian_trace"] != c["hessian_trace"]
     assert a["loss"] == c["loss"]
     for key in ("seconds_eigenvalue", "seconds_trace", "seconds_epsilon", "seconds_total"):
         assert a[key] > 0
+
+
+def test_measure_sharpness_defaults_to_the_settings_record():
+    # No settings: SharpnessSettings() (the one place the defaults live); the record says what was used.
+    model = _tiny_classifier()
+    out = measure_sharpness(model, _cls_batches(n=1))
+    defaults = SharpnessSettings()
+    assert out["probes"] == defaults.probes
+    assert out["rho"] == defaults.rho and out["rho_random"] == defaults.rho_random
+    assert out["eigenvalue_iterations"] <= defaults.max_iters
+
+
+@pytest.mark.parametrize(
+    ("changes", "match"),
+    [
+        ({"batches": 0}, "batches must be an int >= 1"),
+        ({"batch_size": 0}, "batch_size must be an int >= 1"),
+        ({"max_iters": 0}, "max_iters must be an int >= 1"),
+        ({"probes": 2.5}, "probes must be an int >= 1"),
+        ({"seeds": True}, "seeds must be an int >= 1"),
+        ({"max_graph_tokens": 0}, "max_graph_tokens must be an int >= 1"),
+        ({"tol": 0.0}, "tol must be a finite number > 0"),
+        ({"rho": -1e-3}, "rho must be a finite number > 0"),
+        ({"rho_random": float("inf")}, "rho_random must be a finite number > 0"),
+        ({"params": "some"}, "params must be one of"),
+    ],
+)
+def test_settings_reject_bad_values_when_built(changes, match):
+    # Checked when the record is made (command line, recipe or code), before any Hessian product.
+    with pytest.raises(ValueError, match=match):
+        SharpnessSettings(**changes)

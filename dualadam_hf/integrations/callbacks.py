@@ -1,7 +1,8 @@
-"""A TrainerCallback that resolves the blend length and logs the blend weight as `dualadam/blend`."""
+"""A TrainerCallback that resolves the blend length and logs `dualadam/blend` and `dualadam/inverse_share`."""
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 from transformers import TrainerCallback
@@ -12,6 +13,7 @@ from .optim_args import OPTIMIZER_NAMES, optimizer_name
 from .unwrap import find_dualadam
 
 BLEND_LOG_KEY = "dualadam/blend"
+INVERSE_SHARE_LOG_KEY = "dualadam/inverse_share"
 
 
 def _wrapper_chain(optimizer: Any) -> str:
@@ -40,7 +42,12 @@ class DualAdamCallback(TrainerCallback):
     `set_total_steps(max_steps)`; if `--optim dualadam`/`invadam` was requested but the optimizer is something
     else (for example DeepSpeedCPUAdam swapped in under optimizer offload) it raises instead of training with the
     wrong optimizer. Each training log then gets `dualadam/blend`, the weight of the inverse-Adam part in the most
-    recent step, so it reaches TensorBoard/W&B and trainer_state.json.
+    recent step, and `dualadam/inverse_share`, the share of that step's update that came from the inverse
+    part (computed only when a log is written), so both reach TensorBoard/W&B and trainer_state.json.
+
+    It warns when gradient clipping is off (the inverse part grows like g*|g| on raw gradients) and when a run
+    resumes past step 0 with an empty optimizer state (the checkpoint had no optimizer file: the blend would
+    restart from its first step).
     """
 
     def __init__(self) -> None:
@@ -62,21 +69,37 @@ class DualAdamCallback(TrainerCallback):
         # Resolves blend_fraction (a no-op for switch_rate/blend_steps); max_steps counts optimizer steps.
         found.set_total_steps(state.max_steps)
         self._optimizer = found
+        if not args.max_grad_norm or args.max_grad_norm <= 0:
+            warnings.warn(
+                "DualAdam is training without gradient clipping (max_grad_norm is off). Its inverse part grows "
+                "like g*|g|: on raw, large gradients it can diverge where AdamW converges. Keep max_grad_norm "
+                "(the Trainer's default is 1.0) unless you know your gradients are small.",
+                UserWarning,
+                stacklevel=2,
+            )
+        if state.global_step > 0 and not any(found.state.values()):
+            warnings.warn(
+                f"Resumed at step {state.global_step} with an empty DualAdam state: the checkpoint held no "
+                "optimizer state (optimizer.pt), so bias correction and the blend restart from step 1.",
+                UserWarning,
+                stacklevel=2,
+            )
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if self._optimizer is None or logs is None or not ("loss" in logs or "learning_rate" in logs):
             return
-        blend = _blend_of_latest_step(self._optimizer)
-        logs[BLEND_LOG_KEY] = blend
-        # Trainer.log stores a copy of `logs` in log_history before calling the callbacks; add the blend to
-        # that copy too so it is saved in trainer_state.json.
+        added = {BLEND_LOG_KEY: _blend_of_latest_step(self._optimizer),
+                 INVERSE_SHARE_LOG_KEY: self._optimizer.inverse_share()}
+        # Trainer.log stores a copy of `logs` in log_history before calling the callbacks; add the numbers to
+        # that copy too so they are saved in trainer_state.json.
         if state.log_history:
             latest = state.log_history[-1]
             same_entry = latest.get("step") == state.global_step and all(
-                latest.get(key) == value for key, value in logs.items() if key != BLEND_LOG_KEY
+                latest.get(key) == value for key, value in logs.items() if key not in added
             )
             if same_entry:
-                latest[BLEND_LOG_KEY] = blend
+                latest.update(added)
+        logs.update(added)
 
 
 def wants_dualadam(trainer: Any) -> bool:

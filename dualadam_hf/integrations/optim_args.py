@@ -1,12 +1,13 @@
 """From TrainingArguments to DualAdam/InvAdam constructor arguments.
 
-`--optim_args` arrives as one string "k=v,k2=v2"; this module parses it with typed values and errors that list
-the valid keys. It needs no transformers import: it only reads attributes of the arguments object.
+`--optim_args` arrives as one string "k=v,k2=v2" (or, from a YAML config, a mapping); this module parses it
+with typed values and errors that list the valid keys. It needs no transformers import: it only reads
+attributes of the arguments object.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from ..optimizer import DualAdam, InvAdam
@@ -41,13 +42,19 @@ _SWITCH_KEYS: dict[str, Callable[[str], Any]] = {
     "blend_steps": _parse_whole_number,
     "blend_fraction": float,
 }
+def _parse_inverse_scale(raw: str) -> float | str:
+    return "auto" if raw.strip().lower() == "auto" else float(raw)
+
+
 _COMMON_KEYS: dict[str, Callable[[str], Any]] = {
+    "inverse_scale": _parse_inverse_scale,
     "foreach": _parse_bool, "fused": _parse_bool, "maximize": _parse_bool, "state_dtype": str,
 }
 _OPTIM_ARGS_PARSERS: dict[str, dict[str, Callable[[str], Any]]] = {
     DUALADAM_NAME: {**_SWITCH_KEYS, **_COMMON_KEYS},
     INVADAM_NAME: dict(_COMMON_KEYS),  # InvAdam holds the blend at 1: no switch keys
 }
+SWITCH_KEYS = tuple(_SWITCH_KEYS)
 
 
 def optimizer_name(training_args: Any) -> str:
@@ -63,12 +70,21 @@ def valid_optim_args_keys(name: str = DUALADAM_NAME) -> tuple[str, ...]:
     return tuple(_OPTIM_ARGS_PARSERS[name])
 
 
-def parse_optim_args(text: str | None, name: str = DUALADAM_NAME) -> dict[str, Any]:
-    """Parse `--optim_args "switch_rate=8e-5,foreach=true"` into typed keyword arguments for `--optim <name>`."""
+def optim_args_text(value: str | Mapping[str, Any] | None) -> str | None:
+    """`optim_args` as the "k=v,k2=v2" string transformers expects; a YAML mapping is joined into one."""
+    if value is None or isinstance(value, str):
+        return value
+    if not isinstance(value, Mapping):
+        raise ValueError(f"optim_args must be a string 'k=v,k2=v2' or a mapping, got {type(value).__name__}")
+    return ",".join(f"{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in value.items())
+
+
+def parse_optim_args(text: str | Mapping[str, Any] | None, name: str = DUALADAM_NAME) -> dict[str, Any]:
+    """Parse `--optim_args "switch_rate=8e-5,foreach=true"` (or a mapping) into kwargs for `--optim <name>`."""
     parsers = _OPTIM_ARGS_PARSERS[name] if name in _OPTIM_ARGS_PARSERS else {}
     valid_keys = ", ".join(valid_optim_args_keys(name))
     parsed: dict[str, Any] = {}
-    for entry in (text or "").split(","):
+    for entry in (optim_args_text(text) or "").split(","):
         entry = entry.strip()
         if not entry:
             continue

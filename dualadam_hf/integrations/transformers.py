@@ -9,7 +9,9 @@ Three small patches, each applied once the module it touches has been imported (
 - `transformers.trainer`: `Trainer.get_optimizer_cls_and_kwargs` (the documented override point) returns
   DualAdam/InvAdam for those names, and `Trainer.__init__` attaches DualAdamCallback when DualAdam is used.
 
-If transformers has moved any of this, the patch raises TransformersLayoutError naming what is missing.
+Each patch checks the layout it relies on before it changes anything. If transformers has moved any of it,
+the startup hook warns once (DualAdamRegistrationWarning) and leaves transformers untouched, so scripts that
+do not use DualAdam keep working; only an explicit `register()` raises TransformersLayoutError.
 """
 
 from __future__ import annotations
@@ -19,13 +21,22 @@ import functools
 import importlib.metadata
 import sys
 import warnings
+from collections.abc import Mapping
 from types import ModuleType
 from typing import Any
 
-from .optim_args import DUALADAM_NAME, INVADAM_NAME, OPTIMIZER_NAMES, check_training_args, optimizer_name
+from .optim_args import (
+    DUALADAM_NAME,
+    INVADAM_NAME,
+    OPTIMIZER_NAMES,
+    check_training_args,
+    optim_args_text,
+    optimizer_name,
+)
 
-# The transformers releases this patch was tested against; keep in sync with pyproject.toml.
-SUPPORTED_TRANSFORMERS = ">=5.0,<5.25"
+# The transformers releases the patch was tested against (docs/frameworks.md). Installing does not cap
+# transformers: outside this range the hook warns once and works wherever the layout is still there.
+TESTED_TRANSFORMERS = ">=5.0,<5.25"
 OPT_OUT_VARIABLE = "DUALADAM_HF_NO_AUTOREGISTER"
 _ENUM_MEMBERS = {"DUALADAM": DUALADAM_NAME, "INVADAM": INVADAM_NAME}
 _PATCHED_MARK = "_dualadam_hf_patched"
@@ -35,6 +46,16 @@ class TransformersLayoutError(RuntimeError):
     """The installed transformers no longer has the internals that `--optim dualadam` registration relies on."""
 
 
+class DualAdamRegistrationWarning(UserWarning):
+    """The startup hook could not register `--optim dualadam`; transformers was left as it is."""
+
+
+EXPLICIT_PATH = (
+    "pass the optimizer explicitly: Trainer(..., optimizer_cls_and_kwargs="
+    "dualadam_hf.optimizer_cls_and_kwargs(training_args)) with a TrainingArguments.optim that transformers knows"
+)
+
+
 def _layout_error(what: str) -> TransformersLayoutError:
     try:
         version = importlib.metadata.version("transformers")
@@ -42,9 +63,8 @@ def _layout_error(what: str) -> TransformersLayoutError:
         version = "unknown"
     return TransformersLayoutError(
         f"dualadam-hf cannot register --optim dualadam with transformers {version}: {what}. "
-        f"dualadam-hf supports transformers{SUPPORTED_TRANSFORMERS}; install such a release, or set "
-        f"{OPT_OUT_VARIABLE}=1 and pass the optimizer explicitly with "
-        "Trainer(optimizer_cls_and_kwargs=dualadam_hf.optimizer_cls_and_kwargs(training_args))."
+        f"It was tested with transformers{TESTED_TRANSFORMERS}; install such a release, or {EXPLICIT_PATH} "
+        f"(and set {OPT_OUT_VARIABLE}=1 to silence the startup hook)."
     )
 
 
@@ -55,10 +75,11 @@ def _warn_if_untested_version() -> None:
         version = importlib.metadata.version("transformers")
     except importlib.metadata.PackageNotFoundError:
         return
-    if version not in SpecifierSet(SUPPORTED_TRANSFORMERS, prereleases=True):
+    if version not in SpecifierSet(TESTED_TRANSFORMERS, prereleases=True):
         warnings.warn(
-            f"dualadam-hf was tested with transformers{SUPPORTED_TRANSFORMERS}, found {version}; "
-            "--optim dualadam may not work.",
+            f"dualadam-hf was tested with transformers{TESTED_TRANSFORMERS}, found {version}; "
+            f"--optim dualadam is registered because the layout it needs is there. If it misbehaves, {EXPLICIT_PATH}.",
+            DualAdamRegistrationWarning,
             stacklevel=3,
         )
 
@@ -103,6 +124,14 @@ def patch_training_args(module: ModuleType) -> None:
 
     @functools.wraps(original_post_init)
     def __post_init__(self, *args: Any, **kwargs: Any) -> None:
+        if isinstance(self.optim_args, Mapping):
+            # A YAML config (`trl sft --config`, HfArgumentParser.parse_yaml_file) may give a mapping.
+            if optimizer_name(self) not in OPTIMIZER_NAMES:
+                raise ValueError(
+                    f"optim_args is a mapping ({dict(self.optim_args)}); transformers takes it as one string "
+                    f"'k=v,k2=v2' for --optim {optimizer_name(self)}"
+                )
+            self.optim_args = optim_args_text(self.optim_args)
         original_post_init(self, *args, **kwargs)
         if optimizer_name(self) in OPTIMIZER_NAMES:
             check_training_args(self)
@@ -149,11 +178,27 @@ def patch_trainer(module: ModuleType) -> None:
 _PATCHES = {"transformers.training_args": patch_training_args, "transformers.trainer": patch_trainer}
 
 
+_warned: set[str] = set()
+
+
 def on_module_loaded(module: ModuleType) -> None:
-    """Called by the startup hook right after a watched transformers module has finished importing."""
+    """Called by the startup hook right after a watched transformers module has finished importing.
+
+    Never raises: a failure to register must not break `import transformers` for scripts that do not use
+    DualAdam. It warns once per process and leaves the module as it was.
+    """
     patch = _PATCHES.get(module.__name__)
-    if patch is not None:
+    if patch is None:
+        return
+    try:
         patch(module)
+    except Exception as error:  # noqa: BLE001 (whatever moved, the import of transformers must go on)
+        message = str(error) if isinstance(error, TransformersLayoutError) else (
+            f"dualadam-hf could not register --optim dualadam ({type(error).__name__}: {error}); {EXPLICIT_PATH}"
+        )
+        if message not in _warned:
+            _warned.add(message)
+            warnings.warn(f"{message} transformers was left unchanged.", DualAdamRegistrationWarning, stacklevel=2)
 
 
 def register() -> None:

@@ -1,28 +1,31 @@
-"""The offline math dataset: generation, train/eval disjointness, format, answer parsing and scoring,
+"""Generated tasks: generation, disjoint train/validation/test splits, format, answer parsing and scoring,
 and that TRL's SFTTrainer puts loss on the completion only."""
 
 from __future__ import annotations
 
-import json
-
 import pytest
 
-from dualadam_hf.recipes.math_data import (
+from dualadam_hf.experiments.tasks import (
     ANSWER_PREFIX,
-    exact_match_accuracy,
+    exact_match,
+    final_number,
     format_completion,
     generate_answers,
+    generated_dataset,
     is_correct,
-    load_jsonl_dataset,
-    math_dataset,
+    parse_config,
     parse_final_answer,
 )
+
+
+def math_dataset(split: str, size: int, seed: int = 0):
+    return generated_dataset("gsm_symbolic", split, size, seed)
 
 
 @pytest.fixture(scope="session")
 def smollm2_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
     """SmolLM2 converted once per test session (same folder as in test_smollm2.py, so converted once)."""
-    from dualadam_hf.recipes.smollm2 import smollm2_path
+    from dualadam_hf.experiments.smollm2 import smollm2_path
 
     return smollm2_path(str(tmp_path_factory.getbasetemp() / "smollm2_cache"))
 
@@ -45,19 +48,32 @@ def test_columns_and_conversational_format():
         assert is_correct(row["completion"][0]["content"], row["answer"])
 
 
-def test_train_and_eval_are_disjoint_for_any_seeds():
-    train = _questions(math_dataset("train", 400))
-    assert len(train) == 400  # no duplicates within a split
-    for seed in (None, 0, 1):
-        evaluation = _questions(math_dataset("eval", 100, seed=seed))
-        assert len(evaluation) == 100
-        assert not train & evaluation
-    # Even with the same seed for both splits the hash split keeps them apart.
-    assert not _questions(math_dataset("train", 200, seed=7)) & _questions(math_dataset("eval", 100, seed=7))
+def test_short_answer_tasks_have_just_the_final_line():
+    rows = generated_dataset("basic_arithmetic", "test", 5, config="min_terms=2,max_terms=2,max_digits=1")
+    for row in rows:
+        assert row["completion"][0]["content"] == f"{ANSWER_PREFIX} {row['answer']}"
+        assert "Write the final answer" in row["prompt"][0]["content"]
+    assert parse_config("min_terms=2,ratio=0.5,name=x,flag=true") == {
+        "min_terms": 2, "ratio": 0.5, "name": "x", "flag": True}
+    with pytest.raises(ValueError, match="basic_arithmetic"):
+        generated_dataset("basic_arithmetic", "test", 2, config="no_such_setting=3")
+
+
+def test_splits_are_disjoint_for_any_seeds():
+    train = _questions(math_dataset("train", 300))
+    assert len(train) == 300  # no duplicates within a split
+    for seed in (0, 1):
+        for split in ("validation", "test"):
+            held = _questions(math_dataset(split, 60, seed=seed))
+            assert len(held) == 60
+            assert not train & held
+    # Even with the same seed for every split the hash split keeps them apart.
+    same = [_questions(math_dataset(split, 50, seed=7)) for split in ("train", "validation", "test")]
+    assert not same[0] & same[1] and not same[0] & same[2] and not same[1] & same[2]
 
 
 def test_deterministic_prefix_stable_and_seeded():
-    assert math_dataset("eval", 20)["answer"] == math_dataset("eval", 20)["answer"]
+    assert math_dataset("test", 20)["answer"] == math_dataset("test", 20)["answer"]
     # A smaller dataset is the start of a larger one, so growing a recipe's train set keeps its first rows.
     assert math_dataset("train", 30)["prompt"] == math_dataset("train", 60)["prompt"][:30]
     assert _questions(math_dataset("train", 30, seed=1)) != _questions(math_dataset("train", 30, seed=2))
@@ -65,34 +81,42 @@ def test_deterministic_prefix_stable_and_seeded():
 
 def test_bad_arguments():
     with pytest.raises(ValueError, match="split"):
-        math_dataset("test", 4)
+        math_dataset("eval", 4)
     with pytest.raises(ValueError, match="size"):
         math_dataset("train", 0)
 
 
 def test_completion_rewrites_final_line():
     # gsm_symbolic sometimes ends with "#### 20.0" for gold "20"; the completion uses the gold form.
-    completion = format_completion("2 * 10 = 20\n#### 20.0", "20")
+    completion = format_completion("20", "2 * 10 = 20\n#### 20.0")
     assert completion == [{"role": "assistant", "content": "2 * 10 = 20\n#### 20"}]
-    assert format_completion("no marker here", "5")[0]["content"] == "no marker here\n#### 5"
+    assert format_completion("5", "no marker here")[0]["content"] == "no marker here\n#### 5"
+    assert format_completion("5")[0]["content"] == "#### 5"
 
 
 @pytest.mark.parametrize(
-    ("text", "parsed"),
+    ("text", "number"),
     [
-        ("2 + 2 = 4\n#### 4", "4"),
-        ("#### 1,200", "1200"),
-        ("#### $45.50 dollars\nthen 9", "45.50"),
-        ("#### -3", "-3"),
-        ("#### 1 3", "13"),  # a word-level tokenizer decodes digits with spaces
-        ("first 5, then the answer is 7.", "7"),  # no marker: last number
-        ("#### none\nso 12", "12"),  # marker without a number: fall back
+        ("2 + 2 = 4\n#### 4", 4),
+        ("#### 1,200", 1200),
+        ("#### $45.50 dollars\nthen 9", 45.5),
+        ("#### -3", -3),
+        ("#### 1 3", 13),  # a word-level tokenizer decodes digits with spaces
+        ("first 5, then the answer is 7.", 7),  # no marker: last number
+        ("#### none\nso 12", 12),  # marker without a number: fall back
         ("no numbers at all", None),
         ("", None),
     ],
 )
-def test_parse_final_answer(text, parsed):
-    assert parse_final_answer(text) == parsed
+def test_final_number(text, number):
+    assert final_number(text) == number
+
+
+def test_parse_final_answer_reads_text_answers():
+    assert parse_final_answer("thinking\n#### Blue whale \nmore") == "Blue whale"
+    assert parse_final_answer("just this line") == "just this line"
+    assert parse_final_answer("   ") is None
+    assert is_correct("#### blue WHALE", "Blue whale") and not is_correct("#### orca", "Blue whale")
 
 
 def test_is_correct_uses_final_answer_only():
@@ -102,25 +126,6 @@ def test_is_correct_uses_final_answer_only():
     assert not is_correct("I cannot tell.", "42")
     assert is_correct("#### 6945.75", "6945.75")
     assert not is_correct("#### 6945", "6945.75")
-
-
-def test_load_jsonl_dataset(tmp_path):
-    good = tmp_path / "good.jsonl"
-    rows = [{"prompt": "a", "completion": "b"}, {"prompt": "c", "completion": "d", "extra": 1}]
-    good.write_text("\n".join(json.dumps(r) for r in rows) + "\n\n", encoding="utf-8")
-    dataset = load_jsonl_dataset(good, ["prompt", "completion"])
-    assert len(dataset) == 2 and dataset["prompt"] == ["a", "c"]
-
-    bad = tmp_path / "bad.jsonl"
-    bad.write_text(json.dumps({"prompt": "a"}) + "\n", encoding="utf-8")
-    with pytest.raises(ValueError, match=r"bad.jsonl:1: missing column\(s\) 'completion'"):
-        load_jsonl_dataset(bad, ["prompt", "completion"])
-    broken = tmp_path / "broken.jsonl"
-    broken.write_text("{not json\n", encoding="utf-8")
-    with pytest.raises(ValueError, match="not valid JSON"):
-        load_jsonl_dataset(broken, ["prompt"])
-    with pytest.raises(FileNotFoundError, match="missing.jsonl"):
-        load_jsonl_dataset(tmp_path / "missing.jsonl", ["prompt"])
 
 
 def test_sft_trainer_masks_prompt_tokens(tiny_model_dir, tmp_path):
@@ -161,14 +166,18 @@ def test_generate_and_exact_match_on_tiny_model(tiny_model_dir):
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     model.train()
-    dataset = math_dataset("eval", 3)
-    answers = generate_answers(model, tokenizer, dataset, max_new_tokens=4, batch_size=2)
+    dataset = math_dataset("test", 3)
+    answers = generate_answers(model, tokenizer, dataset["prompt"], max_new_tokens=4, batch_size=2)
     assert len(answers) == 3 and all(isinstance(a, str) for a in answers)
     assert tokenizer.padding_side == "right" and model.training  # left as found
-    accuracy = exact_match_accuracy(model, tokenizer, dataset, max_new_tokens=4, batch_size=2)
-    assert 0.0 <= accuracy <= 1.0
+    correct = exact_match(model, tokenizer, dataset, max_new_tokens=4, batch_size=2)
+    assert correct == [is_correct(a, g) for a, g in zip(answers, dataset["answer"], strict=True)]
+    # The row whose gold answer is what the model says is scored correct: the scorer reads the output.
+    fake = dataset.map(lambda row, i: {"answer": str(final_number(answers[i]) or "none")}, with_indices=True)
+    rescored = exact_match(model, tokenizer, fake, max_new_tokens=4, batch_size=2)
+    assert rescored == [final_number(a) is not None for a in answers]
     with pytest.raises(KeyError, match="'answer'"):
-        exact_match_accuracy(model, tokenizer, dataset.remove_columns("answer"), max_new_tokens=1)
+        exact_match(model, tokenizer, dataset.remove_columns("answer"), max_new_tokens=1)
 
 
 @pytest.mark.slow

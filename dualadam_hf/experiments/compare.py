@@ -1,0 +1,305 @@
+"""`dualadam-hf compare`: run one recipe for each variant x seed, everything else identical, then report.
+
+The protocol, in order:
+
+1. Learning rates (optional ``lr_grid``): each variant runs once per learning rate of the grid, on the
+   grid seed, evaluated on the validation split; the rate with the best validation result is chosen per
+   variant. The test split is never read in this phase.
+2. Seeds: each variant runs with its chosen rate (or the recipe's) on every seed, evaluated on the test
+   split. Run k of every variant uses the same seed, so differences are paired by seed.
+3. Report: tables with mean ± std and paired 95% intervals against the first variant, the grid, curves.
+
+Each run is its own ``dualadam-hf train`` process (optionally under a launcher such as
+``accelerate launch``), so runs cannot leak state into each other. A run's results are read only from its
+``run_done.json``; rerunning the same command reuses finished runs and resumes the others from their last
+checkpoint, so an interrupted comparison continues where it stopped. SIGINT/SIGTERM reach the running
+child, which is waited for before compare exits.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .arguments import RecipeError, load_experiment
+from .data import load_splits
+from .models import resolve_model
+from .report import RunResult, write_report
+from .train import DONE_FILE
+from .variants import Variant, parse_variants
+
+COMMAND_FILE = "compare_command.json"
+DEFAULT_OPTIMS = "adamw_torch,dualadam"
+SELECT_METRICS = {"eval_loss": "lower", "eval_accuracy": "higher"}
+VALIDATION_SPLIT = "validation"
+# Overrides of --smoke: a few steps on a few rows, to check a recipe end to end in CI.
+SMOKE_OVERRIDES = {
+    "max_steps": "2",
+    "train_size": "16",
+    "eval_size": "4",
+    "accuracy_size": "2",
+    "max_new_tokens": "8",
+    "per_device_train_batch_size": "2",
+    "per_device_eval_batch_size": "2",
+    "gradient_accumulation_steps": "1",
+    "eval_steps": "1",
+    "logging_steps": "1",
+    "save_steps": "2",
+    "sharpness_batches": "1",
+}
+_SET_BY_COMPARE = ("--optim", "--optim_args", "--seed", "--output_dir", "--dataset_test_split", "--learning_rate")
+
+
+def smoke_overrides() -> list[str]:
+    return [token for key, value in SMOKE_OVERRIDES.items() for token in (f"--{key}", value)]
+
+
+@dataclass
+class Plan:
+    """What a comparison runs: variants, seeds, the learning-rate grid and where results go."""
+
+    config: Path
+    variants: list[Variant]
+    seeds: list[int]
+    lr_grid: list[float]
+    grid_seed: int
+    select_metric: str
+    output_dir: Path
+    overrides: list[str]
+    sharpness: bool
+    test_split: str
+    validation_split: str = VALIDATION_SPLIT
+    chosen_lr: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class RunSpec:
+    variant: Variant
+    seed: int
+    output_dir: Path
+    phase: str  # "grid" or "final"
+    lr: float | None = None  # None: the recipe's learning rate
+
+    @property
+    def name(self) -> str:
+        lr = "" if self.lr is None else f" lr={self.lr:g}"
+        return f"{self.variant.label} seed {self.seed}{lr} ({self.phase})"
+
+
+def _floats(value: Any, what: str) -> list[float]:
+    items = value.split(",") if isinstance(value, str) else list(value or [])
+    try:
+        numbers = [float(x) for x in items if str(x).strip()]
+    except ValueError as error:
+        raise RecipeError(f"{what} must be numbers, got {value!r}") from error
+    if any(not (x > 0 and math.isfinite(x)) for x in numbers):
+        raise RecipeError(f"{what} must be positive numbers, got {value!r}")
+    return numbers
+
+
+def make_plan(config: str | Path, *, optims: str | None = None, seeds: int | None = None,
+              lr_grid: str | None = None, select_metric: str | None = None, output_dir: str | Path | None = None,
+              overrides: list[str] | None = None, sharpness: bool = True, smoke: bool = False) -> Plan:
+    """Read the recipe's ``compare:`` settings, apply the command line's, and check everything once."""
+    overrides = list(overrides or [])
+    for flag in _SET_BY_COMPARE:
+        if any(token == flag or token.startswith(flag + "=") for token in overrides):
+            raise RecipeError(f"{flag} is set by compare for each run; leave it out of the overrides")
+    config = Path(config).resolve()
+    base = load_experiment(config, overrides)
+    settings = dict(base.compare)
+    unknown = sorted(set(settings) - {"optims", "seeds", "lr_grid", "select_metric", "grid_seed", "sharpness"})
+    if unknown:
+        raise RecipeError(f"recipe {config}: unknown compare key(s) {unknown}; valid: optims, seeds, lr_grid, "
+                          "select_metric, grid_seed, sharpness")
+    variants = parse_variants(optims if optims is not None else settings.get("optims", DEFAULT_OPTIMS),
+                              base.training.optim_args)
+    n_seeds = seeds if seeds is not None else int(settings.get("seeds", 1))
+    if n_seeds < 1:
+        raise RecipeError(f"--seeds must be >= 1, got {n_seeds}")
+    grid = _floats(lr_grid if lr_grid is not None else settings.get("lr_grid"), "lr_grid")
+    metric = select_metric or settings.get("select_metric", "eval_loss")
+    if metric not in SELECT_METRICS:
+        raise RecipeError(f"select_metric must be one of {', '.join(SELECT_METRICS)}, got {metric!r}")
+    if metric == "eval_accuracy" and not base.args.accuracy_size:
+        raise RecipeError("select_metric eval_accuracy needs accuracy_size > 0")
+    base_seed = base.training.seed
+    plan = Plan(
+        config=config, variants=variants, seeds=[base_seed + k for k in range(n_seeds)], lr_grid=grid,
+        grid_seed=int(settings.get("grid_seed", base_seed + 1000)), select_metric=metric,
+        output_dir=Path(output_dir or Path("compare") / (config.stem + ("-smoke" if smoke else ""))).resolve(),
+        overrides=overrides, sharpness=bool(settings.get("sharpness", True)) and sharpness,
+        test_split=base.script.dataset_test_split,
+    )
+    if grid and plan.test_split == plan.validation_split:
+        raise RecipeError(f"dataset_test_split is {plan.test_split!r}: the learning-rate grid chooses on "
+                          f"{plan.validation_split!r}, so the test split must be another one")
+    # Every variant's run must parse, and the model and data must be there, before the first run starts.
+    for variant in variants:
+        load_experiment(config, [*overrides, *variant.overrides()])
+    resolve_model(base.model.model_name_or_path)
+    load_splits(base)
+    if grid:
+        load_splits(load_experiment(config, [*overrides, "--dataset_test_split", plan.validation_split]))
+    return plan
+
+
+def train_command(plan: Plan, spec: RunSpec, launcher: str | None) -> list[str]:
+    """The `dualadam-hf train` command of one run (the run's own settings after the shared overrides)."""
+    prefix = shlex.split(launcher) + ["-m"] if launcher else [sys.executable, "-m"]
+    split = plan.validation_split if spec.phase == "grid" else plan.test_split
+    lr = [] if spec.lr is None else ["--learning_rate", repr(spec.lr)]
+    sharpness = plan.sharpness and spec.phase == "final"
+    return prefix + [
+        "dualadam_hf.cli", "train", "--config", str(plan.config), *plan.overrides, *spec.variant.overrides(), *lr,
+        "--seed", str(spec.seed), "--output_dir", str(spec.output_dir), "--dataset_test_split", split,
+        "--sharpness", "true" if sharpness else "false", "--resume_from_checkpoint", "last",
+    ]
+
+
+def read_done(run_dir: Path) -> dict | None:
+    """A finished run's record, or None (not finished, or cut off while being written)."""
+    try:
+        return json.loads((run_dir / DONE_FILE).read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def check_reusable(spec: RunSpec, command: list[str], rerun: bool) -> None:
+    """A run folder left by a different command (other overrides or recipe) must not be silently reused."""
+    saved = spec.output_dir / COMMAND_FILE
+    if rerun or not saved.is_file():
+        return
+    if json.loads(saved.read_text()) != command[command.index("train"):]:
+        raise RecipeError(
+            f"{spec.output_dir} holds a run of a different command ({saved}); "
+            "give another --output_dir, or --rerun to replace it"
+        )
+
+
+class Interrupted(Exception):
+    """compare received SIGINT/SIGTERM; the running child was stopped and waited for."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def run_child(command: list[str]) -> int:
+    """Run one training process to its end; a SIGINT/SIGTERM to compare is passed on to it and waited for.
+
+    The child runs in its own session, so a Ctrl-C in the terminal reaches it once (through compare), and
+    compare never leaves a trainer running behind it.
+    """
+    child = subprocess.Popen(command, start_new_session=True)
+    received: list[int] = []
+
+    def forward(signum, _frame):
+        received.append(signum)
+        if child.poll() is None:
+            child.send_signal(signum)
+
+    previous = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        code = child.wait()
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    if received:
+        raise Interrupted(received[0])
+    return code
+
+
+def _execute(plan: Plan, specs: list[RunSpec], launcher: str | None, rerun: bool, log) -> list[RunResult]:
+    commands = [train_command(plan, spec, launcher) for spec in specs]
+    for spec, command in zip(specs, commands, strict=True):
+        check_reusable(spec, command, rerun)
+    results = []
+    for index, (spec, command) in enumerate(zip(specs, commands, strict=True), start=1):
+        where = f"[compare] {spec.phase} {index}/{len(specs)} {spec.name}"
+        done = None if rerun else read_done(spec.output_dir)
+        if done is None:
+            if rerun and spec.output_dir.exists():
+                shutil.rmtree(spec.output_dir)  # else `--resume_from_checkpoint last` would pick up the old run
+            spec.output_dir.mkdir(parents=True, exist_ok=True)
+            (spec.output_dir / COMMAND_FILE).write_text(json.dumps(command[command.index("train"):]) + "\n")
+            log(f"{where}: {shlex.join(command)}")
+            started = time.time()
+            code = run_child(command)
+            done = read_done(spec.output_dir)
+            if code != 0 or done is None:
+                error = f"exit code {code}" + ("" if done is not None else f", no {DONE_FILE}")
+                log(f"{where}: FAILED ({error})")
+                results.append(RunResult(spec.variant.label, spec.seed, [], ok=False, error=error, phase=spec.phase,
+                                         lr=spec.lr))
+                continue
+            log(f"{where}: done in {time.time() - started:.0f}s")
+        else:
+            log(f"{where}: already finished, reusing its log")
+        results.append(RunResult(spec.variant.label, spec.seed, done["log_history"], phase=spec.phase, lr=spec.lr,
+                                 accuracy_rows=done.get("accuracy_rows")))
+    return results
+
+
+def choose_rates(plan: Plan, grid_results: list[RunResult]) -> dict[str, float]:
+    """Per variant, the grid rate with the best final validation metric (failed or diverged runs lose)."""
+    lower = SELECT_METRICS[plan.select_metric] == "lower"
+    chosen = {}
+    for variant in plan.variants:
+        scored = []
+        for result in grid_results:
+            if result.label != variant.label or not result.ok:
+                continue
+            value = result.summary.get({"eval_loss": "heldout_loss", "eval_accuracy": "heldout_accuracy"}[
+                plan.select_metric])
+            if value is not None and math.isfinite(value):
+                scored.append((value if lower else -value, result.lr))
+        if not scored:
+            raise RecipeError(f"no grid run of {variant.label} finished with a finite {plan.select_metric}")
+        chosen[variant.label] = min(scored)[1]
+    return chosen
+
+
+def compare(plan: Plan, *, launcher: str | None = None, rerun: bool = False, log=print) -> tuple[Path, list]:
+    """Run the plan and write the report; return (report.md path, results of the seed runs)."""
+    started = time.time()
+    runs = plan.output_dir / "runs"
+    grid_results: list[RunResult] = []
+    if plan.lr_grid:
+        specs = [RunSpec(v, plan.grid_seed, runs / "grid" / v.folder / f"lr{lr:g}", "grid", lr)
+                 for v in plan.variants for lr in plan.lr_grid]
+        grid_results = _execute(plan, specs, launcher, rerun, log)
+        plan.chosen_lr = choose_rates(plan, grid_results)
+        log("[compare] chosen learning rates (on the validation split): "
+            + ", ".join(f"{k}={v:g}" for k, v in plan.chosen_lr.items()))
+    specs = [RunSpec(v, seed, runs / f"{v.folder}-seed{seed}", "final", plan.chosen_lr.get(v.label))
+             for seed in plan.seeds for v in plan.variants]
+    results = _execute(plan, specs, launcher, rerun, log)
+    report = write_report(plan, results, grid_results, seconds=time.time() - started)
+    return report, results
+
+
+def run_compare(config: str, *, optims: str | None, seeds: int | None, lr_grid: str | None,
+                select_metric: str | None, output_dir: str | None, overrides: list[str], sharpness: bool,
+                smoke: bool, launcher: str | None, rerun: bool) -> int:
+    """The `compare` subcommand: exit 0 when every run finished, 1 if some failed, 128+n on signal n."""
+    plan = make_plan(config, optims=optims, seeds=seeds, lr_grid=lr_grid, select_metric=select_metric,
+                     output_dir=output_dir, overrides=(smoke_overrides() if smoke else []) + overrides,
+                     sharpness=sharpness, smoke=smoke)
+    try:
+        report, results = compare(plan, launcher=launcher, rerun=rerun)
+    except Interrupted as stop:
+        print(f"[compare] interrupted by {stop}; the running child was stopped. Rerun the same command to "
+              "continue where it stopped.", file=sys.stderr)
+        return 128 + stop.signum
+    print(f"[compare] report: {report}")
+    return 0 if all(r.ok for r in results) else 1

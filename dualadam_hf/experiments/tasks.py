@@ -1,0 +1,202 @@
+"""Tasks generated offline by reasoning-gym, with answer-only loss and exact-match scoring.
+
+``dataset_name: reasoning-gym:<task>`` (e.g. ``reasoning-gym:gsm_symbolic``) makes any number of problems
+without a download; ``dataset_config: "key=value,..."`` passes settings to the generator. Each row is in
+TRL's conversational prompt-completion format, so ``SFTTrainer`` puts loss on the answer only, and every
+answer ends with a final line ``#### <answer>`` that :func:`parse_final_answer` reads. Where the generator
+gives a worked solution (gsm_symbolic's ``answer_cot``) the answer holds it before that line.
+
+The splits ``train``, ``validation`` and ``test`` are disjoint by construction: each question text belongs
+to one split, chosen by a hash of the text, whatever the seeds and sizes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections.abc import Sequence
+from typing import Any
+
+PREFIX = "reasoning-gym:"
+ANSWER_PREFIX = "####"
+INSTRUCTION = f"Write the final answer on the last line as '{ANSWER_PREFIX} <answer>'."
+COT_INSTRUCTION = f"Solve it step by step, then write the final answer on the last line as '{ANSWER_PREFIX} <number>'."
+# Share of all questions per split, by the hash of the question text (in eighths).
+_SPLIT_OF_BUCKET = {0: "test", 1: "test", 2: "validation"}
+_SHARE = {"test": 2 / 8, "validation": 1 / 8, "train": 5 / 8}
+SPLITS = tuple(_SHARE)
+
+
+def split_of(question: str) -> str:
+    """The split a question belongs to, decided by a hash of its text."""
+    bucket = int.from_bytes(hashlib.sha256(question.encode("utf-8")).digest()[:4], "big") % 8
+    return _SPLIT_OF_BUCKET.get(bucket, "train")
+
+
+def _generator_seed(task: str, split: str, seed: int) -> int:
+    # Generators seed item i with Random(seed + i), so nearby seeds would share most items; hashing
+    # (task, split, seed) spreads them far apart.
+    return int.from_bytes(hashlib.sha256(f"{task}:{split}:{seed}".encode()).digest()[:4], "big")
+
+
+def parse_config(text: str | None) -> dict[str, Any]:
+    """Generator settings from "key=value,key=value" (numbers parsed; everything else kept as text)."""
+    settings: dict[str, Any] = {}
+    for entry in (text or "").split(","):
+        if not entry.strip():
+            continue
+        key, sep, raw = (part.strip() for part in entry.partition("="))
+        if not sep or not key:
+            raise ValueError(f"dataset_config entry {entry!r} is not key=value")
+        for convert in (int, float):
+            try:
+                settings[key] = convert(raw)
+                break
+            except ValueError:
+                continue
+        else:
+            settings[key] = {"true": True, "false": False}.get(raw.lower(), raw)
+    return settings
+
+
+def format_prompt(question: str, worked: bool) -> list[dict[str, str]]:
+    """The chat prompt for one problem: a single user message with the answer-format instruction."""
+    return [{"role": "user", "content": f"{question.strip()}\n{COT_INSTRUCTION if worked else INSTRUCTION}"}]
+
+
+def format_completion(answer: str, worked_solution: str | None = None) -> list[dict[str, str]]:
+    """The assistant message: the worked solution if any, ending with exactly one line "#### <answer>".
+
+    Some solutions end with "#### 20.0" where the gold answer is "20"; the last line is rewritten from the
+    gold answer so the model learns one format.
+    """
+    lines = (worked_solution or "").strip().splitlines()
+    if lines and lines[-1].lstrip().startswith(ANSWER_PREFIX):
+        lines = lines[:-1]
+    body = "\n".join(lines).rstrip()
+    final = f"{ANSWER_PREFIX} {answer}"
+    return [{"role": "assistant", "content": f"{body}\n{final}" if body else final}]
+
+
+def generated_dataset(task: str, split: str, size: int, seed: int = 0, config: str | None = None) -> Any:
+    """``size`` problems of a reasoning-gym task for ``split`` as a prompt-completion Dataset.
+
+    Columns: ``prompt``, ``completion`` and ``answer`` (the gold answer text). No question occurs twice or
+    in two splits. Deterministic for given arguments; a smaller dataset is a prefix of a larger one.
+    """
+    from datasets import Dataset
+
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
+    if size < 1:
+        raise ValueError(f"size must be at least 1, got {size}")
+    import reasoning_gym
+
+    settings = parse_config(config)
+    # Generate with margin for the hash filter and duplicates; grow if the draw was unlucky. Growing keeps
+    # the earlier items (item i depends on the seed and i only), so the rows found first stay first.
+    n_generate = int(size / _SHARE[split] * 1.2) + 32
+    for _ in range(8):
+        try:
+            source = reasoning_gym.create_dataset(task, seed=_generator_seed(task, split, seed), size=n_generate,
+                                                  **settings)
+        except (TypeError, ValueError, AssertionError) as error:
+            raise ValueError(f"reasoning-gym task {task!r} with {settings}: {error}") from error
+        rows: dict[str, list[Any]] = {"prompt": [], "completion": [], "answer": []}
+        seen: set[str] = set()
+        for entry in source:
+            question = entry["question"]
+            if question in seen or split_of(question) != split:
+                continue
+            seen.add(question)
+            answer = str(entry["answer"]).strip()
+            worked = (entry.get("metadata") or {}).get("answer_cot")
+            rows["prompt"].append(format_prompt(question, worked is not None))
+            rows["completion"].append(format_completion(answer, worked))
+            rows["answer"].append(answer)
+            if len(rows["answer"]) == size:
+                return Dataset.from_dict(rows)
+        n_generate *= 2
+    raise ValueError(f"could not generate {size} distinct {split} problems of {task} (too few distinct questions)")
+
+
+_NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
+
+
+def parse_final_answer(text: str) -> str | None:
+    """The final answer of a generated text, or None if it has none.
+
+    Reads the line after the last "####"; without one, falls back to the last line, the usual GSM8K
+    convention, so an untuned model that answers in prose still gets scored.
+    """
+    if ANSWER_PREFIX in text:
+        tail = text.rsplit(ANSWER_PREFIX, 1)[1].strip().split("\n", 1)[0].strip()
+        return tail or None
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+    return lines[-1] if lines else None
+
+
+def final_number(text: str) -> float | None:
+    """The number a generated text answers with: the first number after the last "####" (commas, spaces
+    and $ removed, so "1,200" and a word-level tokenizer's "1 2" both read as numbers), else the text's
+    last number, the usual GSM8K convention, so an untuned model that answers in prose still gets scored.
+    """
+    if ANSWER_PREFIX in text:
+        tail = text.rsplit(ANSWER_PREFIX, 1)[1].strip().split("\n", 1)[0]
+        match = _NUMBER.search(re.sub(r"[\s,$]", "", tail))
+        if match:
+            return float(match.group(0))
+    numbers = _NUMBER.findall(text.replace(",", ""))
+    return float(numbers[-1]) if numbers else None
+
+
+def is_correct(text: str, gold: str) -> bool:
+    """Whether a generated ``text`` answers ``gold``: numbers compare as numbers (:func:`final_number`),
+    anything else as the final answer's text, ignoring case and surrounding spaces."""
+    gold = str(gold).strip()
+    if _NUMBER.fullmatch(gold.replace(",", "")):
+        return final_number(text) == float(gold.replace(",", ""))
+    parsed = parse_final_answer(text)
+    return parsed is not None and parsed.lower() == gold.lower()
+
+
+def generate_answers(model: Any, tokenizer: Any, prompts: Sequence[list[dict[str, str]]], *,
+                     max_new_tokens: int = 128, batch_size: int = 8) -> list[str]:
+    """Greedy answers of ``model`` to chat ``prompts`` (template applied), as decoded text."""
+    import torch
+
+    texts = [tokenizer.apply_chat_template(p, add_generation_prompt=True, tokenize=False) for p in prompts]
+    # Decoder-only models continue from the last position, so the batch is padded on the left; the
+    # tokenizer's own setting is restored afterwards because training pads on the right.
+    padding_side = tokenizer.padding_side
+    tokenizer.padding_side = "left"
+    was_training = model.training
+    model.eval()
+    answers: list[str] = []
+    try:
+        for start in range(0, len(texts), batch_size):
+            # The chat template already holds the special tokens (BOS etc.); do not add them twice.
+            batch = tokenizer(texts[start:start + batch_size], return_tensors="pt", padding=True,
+                              add_special_tokens=False).to(model.device)
+            with torch.no_grad():
+                output = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
+                                        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+            answers.extend(tokenizer.batch_decode(output[:, batch["input_ids"].shape[1]:], skip_special_tokens=True))
+    finally:
+        tokenizer.padding_side = padding_side
+        model.train(was_training)
+    return answers
+
+
+def exact_match(model: Any, tokenizer: Any, rows: Any, *, max_new_tokens: int = 128,
+                batch_size: int = 8) -> list[bool]:
+    """Per row, whether the greedy answer to its ``prompt`` matches its ``answer``."""
+    rows = list(rows)
+    if not rows:
+        raise ValueError("exact-match evaluation needs at least one row")
+    missing = [c for c in ("prompt", "answer") if c not in rows[0]]
+    if missing:
+        raise KeyError(f"rows lack {missing} (columns: {sorted(rows[0])})")
+    answers = generate_answers(model, tokenizer, [r["prompt"] for r in rows], max_new_tokens=max_new_tokens,
+                               batch_size=batch_size)
+    return [is_correct(text, str(row["answer"])) for text, row in zip(answers, rows, strict=True)]

@@ -1,0 +1,275 @@
+"""Run one experiment: load the model and data, train with TRL's SFTTrainer (Trainer for classification),
+then evaluate held-out loss, exact-match accuracy and, optionally, sharpness.
+
+Every number goes into the trainer's log history, which ``save_state()`` writes to
+``<output_dir>/trainer_state.json``. The last thing a run writes is ``<output_dir>/run_done.json``
+(atomically): ``compare`` reads a run's results only from there, so a run killed at any moment is
+either finished or resumable. Resuming a finished run trains nothing: it redoes only the evaluation.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import resource
+import sys
+import time
+from itertools import islice
+from pathlib import Path
+from typing import Any
+
+from .arguments import Experiment, RecipeError
+from .checkpoints import TRAINER_STATE, WALL_TIME, read_state, resume_checkpoint, saved_wall_time
+from .data import load_splits, sft_columns
+from .models import load_model, load_tokenizer, resolve_model
+
+PEAK_MEMORY_KEY = "peak_memory_mb"
+ACCURACY_KEY = "eval_accuracy"
+WALL_TIME_KEY = "train_wall_time_s"
+SEGMENTS_KEY = "train_segments"
+SHARPNESS_PREFIX = "sharpness/"
+DONE_FILE = "run_done.json"
+ACCURACY_ROWS_FILE = "accuracy_rows.json"
+
+
+def peak_memory_mb() -> float:
+    """Peak memory of this process so far: CUDA allocations on a GPU, else the resident set size."""
+    import torch
+
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        return torch.cuda.max_memory_allocated() / 2**20
+    kilobytes = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return kilobytes / 1024 if sys.platform != "darwin" else kilobytes / 2**20
+
+
+def check_output_dir(folder: str | os.PathLike) -> None:
+    """Fail before the model loads when the output folder could not be written (creates nothing)."""
+    path = Path(folder).absolute()
+    existing = path
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise RecipeError(f"output_dir {path} is not writable: {existing} is a file")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise RecipeError(f"output_dir {path} is not writable: no write permission on {existing}")
+
+
+def write_atomically(path: Path, data: Any) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=1) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _tokenize_classification(dataset: Any, tokenizer: Any, experiment: Experiment, max_length: int) -> Any:
+    args = experiment.args
+
+    def encode(batch: dict[str, list]) -> dict[str, Any]:
+        encoded = tokenizer(batch[args.text_column], truncation=True, max_length=max_length)
+        encoded["labels"] = batch[args.label_column]
+        return encoded
+
+    return dataset.map(encode, batched=True, remove_columns=dataset.column_names)
+
+
+def _accuracy_metric(eval_prediction: Any) -> dict[str, float]:
+    import numpy as np
+
+    logits, labels = eval_prediction
+    return {"accuracy": float((np.argmax(logits, axis=-1) == labels).mean())}
+
+
+def build_trainer(experiment: Experiment, model_path: str, train_data: Any, heldout: Any, *,
+                  adapter: str | None = None, model: Any = None) -> tuple[Any, Any]:
+    """(trainer, tokenizer). ``adapter`` loads a PEFT adapter folder onto the base model instead of a new
+    LoRA; ``model`` is used as it is (sharpness of a saved model)."""
+    args, training, model_args = experiment.args, experiment.training, experiment.model
+    eval_data = heldout if args.eval_size is None else heldout.select(range(min(args.eval_size, len(heldout))))
+    from transformers import set_seed
+
+    set_seed(training.seed)
+    tokenizer = load_tokenizer(model_path)
+    given = model is not None
+    if model is None:
+        model = load_model(model_path, task=args.task, num_labels=args.num_labels, dtype=model_args.dtype,
+                           attn_implementation=model_args.attn_implementation, adapter=adapter)
+    peft_config = None
+    if model_args.use_peft and adapter is None and not given:
+        from trl import get_peft_config
+
+        peft_config = get_peft_config(model_args)
+        target = peft_config.target_modules
+        if isinstance(target, str) and target != "all-linear" and re.fullmatch(r"[\w.]+", target):
+            # TRL's ModelConfig turns a one-element list into a string, which PEFT reads as a regex over
+            # full module paths (matching nothing); a plain name means that module.
+            peft_config.target_modules = {target}
+    if args.task == "classification":
+        from peft import get_peft_model
+        from transformers import DataCollatorWithPadding, Trainer
+
+        if model.config.pad_token_id is None:
+            model.config.pad_token_id = tokenizer.pad_token_id
+        if peft_config is not None:
+            model = get_peft_model(model, peft_config)
+        max_length = min(getattr(tokenizer, "model_max_length", 512), 512)
+        trainer = Trainer(
+            model=model, args=training, processing_class=tokenizer, compute_metrics=_accuracy_metric,
+            train_dataset=_tokenize_classification(train_data, tokenizer, experiment, max_length),
+            eval_dataset=_tokenize_classification(eval_data, tokenizer, experiment, max_length),
+            data_collator=DataCollatorWithPadding(tokenizer),
+        )
+    else:
+        from trl import SFTTrainer
+
+        trainer = SFTTrainer(model=model, args=training, train_dataset=sft_columns(train_data),
+                             eval_dataset=sft_columns(eval_data), processing_class=tokenizer, peft_config=peft_config)
+    return trainer, tokenizer
+
+
+def eval_batches(trainer: Any, n_batches: int, batch_size: int | None = None) -> list[dict[str, Any]]:
+    """The first ``n_batches`` batches of the trainer's eval dataloader: the held-out rows tokenized and
+    collated exactly as for the eval loss (for chat data, labels on the answer only)."""
+    old = trainer.args.per_device_eval_batch_size
+    if batch_size:
+        trainer.args.per_device_eval_batch_size = batch_size
+    try:
+        loader = trainer.get_eval_dataloader()
+    finally:
+        trainer.args.per_device_eval_batch_size = old
+    batches = [dict(batch) for batch in islice(loader, n_batches)]
+    if not batches:
+        raise RecipeError("the held-out split gave no batch for sharpness")
+    return batches
+
+
+class _WallClock:
+    """Training seconds across resumed segments, written into every checkpoint the run saves."""
+
+    def __init__(self, offset: float, segments: int) -> None:
+        self.offset, self.segments, self.start = offset, segments + 1, time.time()
+        self.stopped: float | None = None
+
+    def seconds(self) -> float:
+        return self.stopped if self.stopped is not None else self.offset + time.time() - self.start
+
+    def stop(self) -> None:
+        self.stopped = self.seconds()
+
+    def callback(self) -> Any:
+        from transformers import TrainerCallback
+
+        clock = self
+
+        class WallClockCallback(TrainerCallback):
+            def on_train_begin(self, args, state, control, **kwargs):
+                clock.start = time.time()
+
+            def on_train_end(self, args, state, control, **kwargs):
+                clock.stop()
+
+            def on_save(self, args, state, control, **kwargs):
+                folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+                if state.is_world_process_zero and folder.is_dir():
+                    write_atomically(folder / WALL_TIME, {"train_seconds": clock.seconds(),
+                                                          "segments": clock.segments})
+
+        return WallClockCallback()
+
+
+class _Accuracy:
+    """Exact match of greedy answers on the held-out rows; optionally at every evaluation (a callback)."""
+
+    def __init__(self, experiment: Experiment, rows: Any, tokenizer: Any) -> None:
+        self.args, self.rows, self.tokenizer = experiment.args, rows, tokenizer
+        self.last: tuple[int, list[bool]] | None = None
+
+    def measure(self, model: Any, step: int) -> list[bool]:
+        from .tasks import exact_match
+
+        if self.last is None or self.last[0] != step:
+            correct = exact_match(model, self.tokenizer, self.rows, max_new_tokens=self.args.max_new_tokens,
+                                  batch_size=self.args.generation_batch_size)
+            self.last = (step, correct)
+        return self.last[1]
+
+    def callback(self) -> Any:
+        from transformers import TrainerCallback
+
+        accuracy = self
+
+        class AccuracyCallback(TrainerCallback):
+            def on_evaluate(self, args, state, control, model=None, **kwargs):
+                correct = accuracy.measure(model, state.global_step)
+                state.log_history.append({ACCURACY_KEY: sum(correct) / len(correct), "step": state.global_step})
+
+        return AccuracyCallback()
+
+
+def _finished(checkpoint: Path | None, training: Any) -> bool:
+    """Whether the checkpoint already holds all the training the arguments ask for."""
+    if checkpoint is None:
+        return False
+    state = read_state(checkpoint) or {}
+    planned = training.max_steps if training.max_steps > 0 else state.get("max_steps", math.inf)
+    return state.get("global_step", 0) >= planned
+
+
+def run(experiment: Experiment, log=print) -> dict[str, float]:
+    """Train and evaluate one experiment; return the final numbers (all of them are in the log history)."""
+    args, training = experiment.args, experiment.training
+    check_output_dir(training.output_dir)
+    model_path = resolve_model(experiment.model.model_name_or_path)
+    train_data, heldout = load_splits(experiment)
+    checkpoint = resume_checkpoint(training.resume_from_checkpoint, training.output_dir,
+                                   allow_fresh_optimizer=args.resume_without_optimizer_state, log=log)
+    finished = _finished(checkpoint, training)
+    adapter = str(checkpoint) if finished and experiment.model.use_peft else None
+    base = str(checkpoint) if finished and adapter is None else model_path
+    trainer, tokenizer = build_trainer(experiment, base, train_data, heldout, adapter=adapter)
+    clock = _WallClock(*saved_wall_time(checkpoint))
+    trainer.add_callback(clock.callback())
+    accuracy = None
+    if args.task == "sft" and args.accuracy_size:
+        accuracy = _Accuracy(experiment, heldout.select(range(min(args.accuracy_size, len(heldout)))), tokenizer)
+        if args.accuracy_during_training:
+            trainer.add_callback(accuracy.callback())
+    if finished:
+        from transformers import TrainerState
+
+        # Training again would take one more step past the end (the Trainer's resume does that); the
+        # checkpoint's weights and log are the finished run: only what follows training is redone.
+        trainer.state = TrainerState.load_from_json(str(checkpoint / TRAINER_STATE))
+        clock.stopped, clock.segments = clock.offset, max(clock.segments - 1, 1)
+        log(f"[train] {checkpoint} finished training at step {trainer.state.global_step}: evaluating it, "
+            "training nothing")
+    else:
+        trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    final: dict[str, float] = {PEAK_MEMORY_KEY: peak_memory_mb(), WALL_TIME_KEY: clock.seconds(),
+                               SEGMENTS_KEY: float(clock.segments)}
+    step = trainer.state.global_step
+    if not any("eval_loss" in e and e.get("step") == step for e in trainer.state.log_history):
+        trainer.evaluate()
+    rows: list[bool] | None = None
+    if accuracy is not None:
+        rows = accuracy.measure(trainer.model, step)
+        final[ACCURACY_KEY] = sum(rows) / len(rows)
+    if args.sharpness:
+        from ..sharpness import measure_sharpness
+
+        settings = args.sharpness_settings(seed=training.seed)
+        numbers = measure_sharpness(trainer.model, eval_batches(trainer, settings.batches, settings.batch_size),
+                                    settings)
+        # Non-finite numbers (e.g. the standard error of a single probe) are left out: JSON has no NaN.
+        final.update({f"{SHARPNESS_PREFIX}{k}": float(v) for k, v in numbers.items() if math.isfinite(v)})
+    trainer.log(final)
+    trainer.save_model()
+    trainer.save_state()
+    numbers = {k: v for e in trainer.state.log_history for k, v in e.items() if isinstance(v, (int, float))}
+    if trainer.is_world_process_zero():
+        output = Path(training.output_dir)
+        if rows is not None:
+            write_atomically(output / ACCURACY_ROWS_FILE, [int(r) for r in rows])
+        write_atomically(output / DONE_FILE, {"log_history": trainer.state.log_history,
+                                              "accuracy_rows": None if rows is None else [int(r) for r in rows]})
+    return numbers
