@@ -324,9 +324,11 @@ class DualAdam(Optimizer):
         params = [(p, g) for g in self.param_groups for p in g["params"]]
         for pid, (p, group) in zip(ids, params):
             saved = state_dict["state"].get(pid)
-            if saved is None or p.is_complex():
+            if saved is None:
                 continue
-            dtype = self._moment_dtype(group, p)
+            if "inverse_scale" in saved:  # a calibrated scale is kept in float32 on the host, as created
+                self.state[p]["inverse_scale"] = saved["inverse_scale"].to(device="cpu", dtype=torch.float32)
+            dtype = p.dtype if p.is_complex() else self._moment_dtype(group, p)
             for key in ("exp_avg", "exp_avg_sq"):
                 if key in saved and self.state[p][key].dtype != dtype:
                     self.state[p][key] = saved[key].to(device=p.device, dtype=dtype)

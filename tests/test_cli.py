@@ -80,15 +80,29 @@ def test_train_smoke_on_the_default_recipe_with_a_tiny_model(tiny_model_dir, tmp
 
 @pytest.mark.multiprocess
 def test_train_under_accelerate_launch_with_two_processes(tiny_model_dir, tmp_path):
+    """The shipped CPU DDP config starts two processes; `--use_cpu true` puts them on the CPU with gloo.
+    (`accelerate launch --cpu` would start one process, whatever --num_processes says.)"""
+    import socket
+
     out = tmp_path / "run"
+    repo = Path(__file__).resolve().parents[1]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
     command = [
-        sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2", "--num_machines", "1",
-        "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "dualadam_hf.cli", "train",
-        "--config", DEFAULT_RECIPE, "--smoke", "--model_name_or_path", tiny_model_dir, "--output_dir", str(out),
+        sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+        str(repo / "accelerate_configs" / "cpu" / "multi_cpu.yaml"), "--main_process_port", str(port),
+        "-m", "dualadam_hf.cli", "train", "--config", DEFAULT_RECIPE, "--smoke", "--model_name_or_path", tiny_model_dir,
+        "--output_dir", str(out), "--use_cpu", "true", "--log_level", "info", "--log_level_replica", "info",
     ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
+    log = result.stdout + result.stderr
+    assert result.returncode == 0, log[-3000:]
+    # Each rank logs the start of training; the global batch is 2 per device x 2 processes.
+    assert log.count("***** Running training *****") == 2, log[-3000:]
+    assert "Instantaneous batch size per device = 2" in log, log[-3000:]
+    assert "Total train batch size (w. parallel, distributed & accumulation) = 4" in log, log[-3000:]
     state = json.loads((out / "trainer_state.json").read_text())
     assert state["global_step"] == 2
     assert any("eval_accuracy" in entry for entry in state["log_history"])

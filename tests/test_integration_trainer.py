@@ -142,3 +142,31 @@ def test_resume_from_checkpoint_matches_uninterrupted_run(tiny_model_dir, tmp_pa
     assert set(resumed_logs) == {1, 2, 3, 4, 5, 6}  # steps 1-3 come from the checkpoint's trainer_state.json
     assert resumed_logs == full_logs
     assert find_dualadam(resumed.optimizer).current_step() == 6
+
+
+def test_inverse_share_is_logged_with_the_blend_and_tracks_inverse_scale(tiny_model_dir, tmp_path):
+    shares = {}
+    for scale in ("1", "auto"):
+        args = make_args(tmp_path / scale, optim_args=f"blend_steps=4,inverse_scale={scale}")
+        trainer = make_trainer(tiny_model_dir, args)
+        trainer.train()
+        logs = training_logs(trainer)
+        shares[scale] = [entry["dualadam/inverse_share"] for entry in logs]
+        assert all((s > 0) == (entry[BLEND_LOG_KEY] > 0) for s, entry in zip(shares[scale], logs, strict=True))
+    # With the calibrated scale the inverse part is a share of the order of r, far above the paper's rule.
+    assert shares["auto"][0] > 0.3 and shares["auto"][0] > 10 * shares["1"][0]
+
+
+def test_training_without_clipping_warns_once(tiny_model_dir, tmp_path):
+    with pytest.warns(UserWarning, match="without gradient clipping") as caught:
+        make_trainer(tiny_model_dir, make_args(tmp_path, max_grad_norm=0.0, max_steps=2)).train()
+    assert sum("gradient clipping" in str(w.message) for w in caught) == 1
+
+
+def test_resuming_with_an_empty_optimizer_state_warns(tiny_model_dir, tmp_path):
+    first = make_trainer(tiny_model_dir, make_args(tmp_path, max_steps=2, save_strategy="steps", save_steps=2))
+    first.train()
+    (tmp_path / "checkpoint-2" / "optimizer.pt").unlink()
+    again = make_trainer(tiny_model_dir, make_args(tmp_path, max_steps=4))
+    with pytest.warns(UserWarning, match="Resumed at step 2 with an empty DualAdam state"):
+        again.train(resume_from_checkpoint=str(tmp_path / "checkpoint-2"))

@@ -518,3 +518,14 @@ def test_invadam_takes_no_blend_arguments():
         InvAdam([torch.nn.Parameter(torch.ones(2))], blend_steps=10)
     opt = InvAdam([torch.nn.Parameter(torch.ones(2))], 1e-2, (0.8, 0.9), inverse_scale="auto")
     assert opt.param_groups[0]["switch_rate"] == 0.0 and opt.blend_weight() == 1.0
+
+
+def test_calibrated_scale_of_low_precision_params_survives_reload_in_float32():
+    p = torch.nn.Parameter(torch.randn(8).bfloat16())
+    opt = DualAdam([p], inverse_scale="auto")
+    p.grad = (torch.randn(8) * 0.37).bfloat16()
+    opt.step()
+    opt2 = DualAdam([p], inverse_scale="auto")
+    opt2.load_state_dict(opt.state_dict())
+    saved, loaded = opt.state[p]["inverse_scale"], opt2.state[p]["inverse_scale"]
+    assert loaded.dtype == torch.float32 and torch.equal(loaded, saved)

@@ -2,7 +2,7 @@
 
 ZeRO-3 (stage3.py ``_optimizer_step``) puts one sub-group's flat fp32 partition in
 ``param_groups[g]["params"]``, calls ``step()``, then empties the list again, once
-per sub-group and optimizer step. The real engine is exercised by test_engines.py;
+per sub-group and optimizer step. The real engine is exercised by tests/multiprocess/test_engines.py;
 this pins the two properties that protocol can break cheaply.
 """
 

@@ -77,6 +77,15 @@ class DualAdamCallback(TrainerCallback):
                 UserWarning,
                 stacklevel=2,
             )
+        if any(g.get("inverse_scale") == "auto" for g in found.param_groups) and "deepspeed" in _wrapper_chain(
+                optimizer).lower():
+            warnings.warn(
+                'inverse_scale="auto" under DeepSpeed ZeRO is calibrated per flat partition of each rank, not per '
+                "parameter tensor: the run differs from a single-process one and depends on the number of "
+                "processes (docs/engines.md). DDP and FSDP2 calibrate per tensor.",
+                UserWarning,
+                stacklevel=2,
+            )
         if state.global_step > 0 and not any(found.state.values()):
             warnings.warn(
                 f"Resumed at step {state.global_step} with an empty DualAdam state: the checkpoint held no "

@@ -3,8 +3,9 @@
 It never imports dualadam_hf: ``--optim dualadam`` works here only through the
 package's startup hook, as it would in any user script. Each rank writes a
 small JSON report (what optimizer does the math under the engine's wrappers,
-the per-parameter step counters, how many ``exp_avg`` elements it holds) and
-the full final model is saved with ``trainer.save_model``.
+the per-parameter step counters, how many ``exp_avg`` elements it holds, the
+scales ``inverse_scale="auto"`` calibrated) and the full final model is saved
+with ``trainer.save_model``.
 """
 
 from __future__ import annotations
@@ -67,6 +68,11 @@ def report(trainer: Trainer, args: ScriptArguments) -> None:
     inner = chain[-1]
     states = [s for s in getattr(inner, "state", {}).values() if "exp_avg" in s]
     rank = int(os.environ.get("RANK", "0"))
+    # The parameter name where the optimizer holds the model's own tensors (one process, DDP, FSDP2);
+    # DeepSpeed ZeRO hands the optimizer flat partitions, numbered here in the order of the state.
+    names = {id(p): n for n, p in trainer.model.named_parameters()}
+    scales = {names.get(id(p), f"#{i}"): float(s["inverse_scale"])
+              for i, (p, s) in enumerate(getattr(inner, "state", {}).items()) if "inverse_scale" in s}
     data = {
         "rank": rank,
         "world_size": trainer.args.world_size,
@@ -79,9 +85,12 @@ def report(trainer: Trainer, args: ScriptArguments) -> None:
         "exp_avg_devices": sorted({str(s["exp_avg"].device) for s in states}),
         "exp_avg_classes": sorted({type(s["exp_avg"]).__name__ for s in states}),
         "param_classes": sorted({type(p).__name__ for p in trainer.model.parameters()}),
+        # inverse_scale="auto": the scale each parameter tensor (or flat partition) calibrated.
+        "inverse_scales": scales,
         # DeepSpeed ZeRO keeps this flag on its optimizer wrapper (the one just above the inner optimizer).
         "offload_optimizer": bool(getattr(chain[-2], "offload_optimizer", False)) if len(chain) > 1 else False,
-        # Whatever callbacks logged with the losses (the DualAdam callback adds its blend weight).
+        # Whatever callbacks logged with the losses (the DualAdam callback adds dualadam/blend and
+        # dualadam/inverse_share).
         "logged": [{k: v for k, v in h.items() if k not in ("epoch", "grad_norm")}
                    for h in trainer.state.log_history if "loss" in h],
         "param_groups": [{k: v for k, v in g.items() if k != "params" and isinstance(v, (int, float, str))}

@@ -1,0 +1,169 @@
+"""Nothing lost under interruption: which checkpoint a run resumes from, refused resumes, finished runs.
+
+The unit tests build checkpoint folders by hand as a kill would leave them; the slow ones train a tiny
+model, damage or interrupt the run, and resume it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from dualadam_hf.experiments import RecipeError
+from dualadam_hf.experiments.checkpoints import resume_checkpoint, saved_wall_time
+
+DEFAULT_RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "smollm2_math_lora.yaml"
+
+
+def fake_checkpoint(folder: Path, step: int, *, state: bool = True, optimizer: str | None = "ok") -> Path:
+    """A checkpoint folder as the Trainer writes it (weights, optimizer, then trainer_state.json last)."""
+    path = folder / f"checkpoint-{step}"
+    path.mkdir(parents=True)
+    (path / "adapter_model.safetensors").write_bytes(b"weights")
+    if optimizer == "ok":
+        torch.save({"state": {}, "param_groups": []}, path / "optimizer.pt")
+    elif optimizer == "empty":
+        (path / "optimizer.pt").write_bytes(b"")
+    elif optimizer == "truncated":
+        torch.save({"state": {0: torch.zeros(1000)}, "param_groups": []}, path / "optimizer.pt")
+        data = (path / "optimizer.pt").read_bytes()
+        (path / "optimizer.pt").write_bytes(data[: len(data) // 2])
+    if state:
+        (path / "trainer_state.json").write_text(json.dumps({"global_step": step, "max_steps": 10}))
+    return path
+
+
+def test_last_takes_the_newest_complete_checkpoint_and_says_which_it_skipped(tmp_path):
+    good = fake_checkpoint(tmp_path, 20)
+    fake_checkpoint(tmp_path, 100)  # numeric order, not text order: 100 > 20
+    fake_checkpoint(tmp_path, 150, state=False, optimizer="truncated")  # killed while saving
+    cut = fake_checkpoint(tmp_path, 120)
+    (cut / "trainer_state.json").write_text('{"global_st')  # state file cut off
+    said = []
+    assert resume_checkpoint("last", tmp_path, log=said.append) == tmp_path / "checkpoint-100"
+    assert said == [f"[train] skipping incomplete checkpoint {tmp_path / 'checkpoint-150'}: no trainer_state.json: "
+                    "the save was cut off",
+                    f"[train] skipping incomplete checkpoint {tmp_path / 'checkpoint-120'}: trainer_state.json is "
+                    "truncated"]
+    assert resume_checkpoint(str(good), tmp_path) == good
+    assert resume_checkpoint("last", tmp_path / "empty") is None and resume_checkpoint(None, tmp_path) is None
+    with pytest.raises(RecipeError, match="is not a complete checkpoint: no trainer_state.json"):
+        resume_checkpoint(str(tmp_path / "checkpoint-150"), tmp_path)
+    with pytest.raises(RecipeError, match="checkpoint folder not found"):
+        resume_checkpoint(str(tmp_path / "nope"), tmp_path)
+
+
+@pytest.mark.parametrize("damage, match", [
+    (None, r"has no optimizer state \(optimizer.pt is missing\)"),
+    ("empty", r"optimizer.pt is empty"),
+    ("truncated", r"optimizer.pt is truncated or corrupt"),
+])
+def test_a_checkpoint_without_usable_optimizer_state_is_refused_unless_allowed(tmp_path, damage, match):
+    fake_checkpoint(tmp_path, 65, optimizer=damage)
+    with pytest.raises(RecipeError, match=match + r".*restart the optimizer.*resume_without_optimizer_state"):
+        resume_checkpoint("last", tmp_path)
+    said = []
+    chosen = resume_checkpoint("last", tmp_path, allow_fresh_optimizer=True, log=said.append)
+    assert chosen == tmp_path / "checkpoint-65" and "with a fresh optimizer" in said[0]
+
+
+def test_deepspeed_and_fsdp_optimizer_layouts_are_accepted(tmp_path):
+    for step, extra in ((1, "global_step1"), (2, "optimizer_0")):
+        path = fake_checkpoint(tmp_path, step, optimizer=None)
+        (path / extra).mkdir()
+        assert resume_checkpoint(str(path), tmp_path) == path
+
+
+def test_wall_time_of_earlier_segments(tmp_path):
+    path = fake_checkpoint(tmp_path, 3)
+    assert saved_wall_time(None) == (0.0, 0)
+    assert saved_wall_time(path) == (0.0, 1)  # written by a run that did not record it
+    (path / "wall_time.json").write_text(json.dumps({"train_seconds": 4.5, "segments": 2}))
+    assert saved_wall_time(path) == (4.5, 2)
+
+
+def train_argv(model_dir: str, out: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "dualadam_hf.cli", "train", "--config", str(DEFAULT_RECIPE), "--smoke",
+            "--model_name_or_path", model_dir, "--output_dir", str(out), "--save_steps", "2",
+            "--save_total_limit", "5", "--accuracy_size", "0", "--eval_steps", "2", *extra]
+
+
+def run_train(argv: list[str]) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=600)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    return result
+
+
+def adapter(out: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(out / "adapter_model.safetensors"))
+
+
+@pytest.mark.slow
+def test_runs_damaged_or_killed_at_any_moment_resume_to_the_same_model(tiny_model_dir, tmp_path):
+    reference = tmp_path / "reference"
+    run_train(train_argv(tiny_model_dir, reference, "--max_steps", "6"))
+    state = json.loads((reference / "trainer_state.json").read_text())
+    assert state["global_step"] == 6
+
+    # Killed while writing checkpoint-6: no trainer_state.json and a truncated optimizer.pt.
+    damaged = tmp_path / "damaged"
+    run_train(train_argv(tiny_model_dir, damaged, "--max_steps", "6"))
+    (damaged / "checkpoint-6" / "trainer_state.json").unlink()
+    optimizer = damaged / "checkpoint-6" / "optimizer.pt"
+    optimizer.write_bytes(optimizer.read_bytes()[:100])
+    (damaged / "run_done.json").unlink()
+    result = run_train(train_argv(tiny_model_dir, damaged, "--max_steps", "6", "--resume_from_checkpoint", "last"))
+    assert "skipping incomplete checkpoint" in result.stdout and "checkpoint-6" in result.stdout
+    for name, tensor in adapter(reference).items():
+        torch.testing.assert_close(adapter(damaged)[name], tensor, rtol=0, atol=1e-6)
+    history = json.loads((damaged / "run_done.json").read_text())["log_history"]
+    assert [e["step"] for e in history if "loss" in e] == [1, 2, 3, 4, 5, 6]
+    segments = [e["train_segments"] for e in history if "train_segments" in e]
+    assert segments == [2.0]  # the report sums the wall time of both segments and says so
+
+    # A finished run resumed again trains nothing and keeps its model.
+    before = adapter(damaged)
+    result = run_train(train_argv(tiny_model_dir, damaged, "--max_steps", "6", "--resume_from_checkpoint", "last"))
+    assert "finished training at step 6: evaluating it, training nothing" in result.stdout
+    assert not (damaged / "checkpoint-7").exists()
+    assert all(torch.equal(adapter(damaged)[k], v) for k, v in before.items())
+
+    # Killed (SIGKILL) in the middle of training, then resumed.
+    killed = tmp_path / "killed"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    child = subprocess.Popen(train_argv(tiny_model_dir, killed, "--max_steps", "6"), env=env,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not (killed / "checkpoint-4" / "trainer_state.json").exists() and time.time() < deadline:
+        time.sleep(0.05)
+    child.send_signal(signal.SIGKILL)
+    child.wait()
+    run_train(train_argv(tiny_model_dir, killed, "--max_steps", "6", "--resume_from_checkpoint", "last"))
+    for name, tensor in adapter(reference).items():
+        torch.testing.assert_close(adapter(killed)[name], tensor, rtol=0, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_resuming_without_optimizer_state_is_refused(tiny_model_dir, tmp_path):
+    out = tmp_path / "run"
+    run_train(train_argv(tiny_model_dir, out, "--max_steps", "4"))
+    (out / "checkpoint-4" / "optimizer.pt").unlink()
+    (out / "checkpoint-4" / "trainer_state.json").write_text(
+        (out / "checkpoint-4" / "trainer_state.json").read_text())
+    argv = train_argv(tiny_model_dir, out, "--max_steps", "6", "--resume_from_checkpoint", "last")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    refused = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=600)
+    assert refused.returncode == 2 and "optimizer.pt is missing" in refused.stderr
+    allowed = run_train(argv + ["--resume_without_optimizer_state", "true"])
+    assert "with a fresh optimizer" in allowed.stdout
