@@ -95,39 +95,14 @@ def resolve_blend(switch_rate: float | None, blend_steps: int | None,
 class DualAdam(Optimizer):
     """DualAdam (arXiv 2603.07122): Adam blended with inverse Adam, annealed to Adam.
 
-    Per element, at the parameter's step t: u = (1-r)*mh/d + r*s*mh*d with r = 1 - t*switch_rate
-    while r >= switch_rate and 0 after (plain Adam); see :mod:`dualadam_hf.schedule`.
-
-    Args:
-        params: parameters or param groups.
-        lr: learning rate (default 1e-3).
-        betas: coefficients of the moment averages (default (0.9, 0.999)).
-        eps: added to sqrt(v_hat) (default 1e-8).
-        weight_decay: decoupled, lr-scaled weight decay (AdamW style, default 0).
-        switch_rate: the blend weight falls by this much per optimizer step; the inverse part lasts
-            about 1/switch_rate steps (default 0.01). 0 holds it at 1 for good: that is InvAdam.
-        blend_steps: the blend length in optimizer steps, a positive integer (switch_rate = 1/N).
-        blend_fraction: the blend length as a fraction of the run; resolved by
-            :meth:`set_total_steps` (the Trainer integration calls it).
-        inverse_scale: s in the inverse part r*s*mh*d. 1 (default) is the paper's rule. With
-            LLM-sized gradients mh*d is about 1e-4 of mh/d, so the paper's blend acts like a linear
-            learning-rate warmup. ``"auto"`` makes the inverse step unit-free: s = 1/mean(d**2) per
-            parameter tensor, measured at its first update with a non-zero gradient and kept in the
-            state. 0 drops the inverse part, leaving Adam with a warmup that matches the blend exactly.
-            A research option beyond the paper.
-        maximize: maximize the objective instead of minimizing it.
-        state_dtype: dtype of the two moments: None (default) keeps them in fp32 for bf16/fp16
-            params and in the param dtype otherwise; "bfloat16" halves the state memory and traffic
-            (the math stays fp32), as ``torch.optim.AdamW`` does for bf16 params.
-        foreach: False selects the plain single-tensor path; True the multi-tensor path.
-        fused: True selects the single-pass path of the device: a Triton kernel on CUDA
-            (``dualadam_hf.fused``), ``torch.compile`` on CPU (``dualadam_hf.compiled``). With both
-            None the fastest path that needs no compile step is picked per device and logged once.
-
-    Steps count optimizer steps: with gradient accumulation a run of N batches takes
-    N / accumulation_steps optimizer steps. Train with gradient clipping (the Trainer clips at
-    max_grad_norm=1.0 by default): the inverse part grows like g*|g|, and on raw, unclipped large
-    gradients it diverges where Adam does not.
+    u = (1-r)*mh/d + r*s*mh*d, with r = 1 - t*switch_rate while r >= switch_rate, then 0 (plain Adam);
+    the rule and every argument are described in docs/optimizer.md and :mod:`dualadam_hf.schedule`.
+    Give the blend as ``switch_rate`` (the paper's), ``blend_steps`` (optimizer steps) or
+    ``blend_fraction`` (of the run, resolved by :meth:`set_total_steps`). ``inverse_scale`` is ``s``:
+    1 is the paper's rule, ``"auto"`` a unit-free inverse step calibrated per tensor, 0 no inverse part.
+    ``state_dtype="bfloat16"`` keeps bf16 moments. ``foreach=False`` picks the single-tensor path;
+    ``fused=True`` the single-pass path of the device (Triton on CUDA, torch.compile on CPU).
+    Train with gradient clipping: the inverse part grows like g*|g|.
     """
 
     def __init__(
@@ -149,13 +124,8 @@ class DualAdam(Optimizer):
     ) -> None:
         switch_rate, blend_fraction = resolve_blend(switch_rate, blend_steps, blend_fraction)
         if switch_rate == 0.0 and not isinstance(self, InvAdam):
-            warnings.warn(
-                "DualAdam(switch_rate=0) holds the blend weight at 1 for the whole run: that is InvAdam, "
-                "the inverse rule alone, not plain Adam. Use InvAdam to say so, or torch.optim.AdamW "
-                "for Adam.",
-                UserWarning,
-                stacklevel=2,
-            )
+            warnings.warn("DualAdam(switch_rate=0) holds the blend weight at 1 for the whole run: that is InvAdam, "
+                          "the inverse rule alone, not plain Adam (use InvAdam to say so).", UserWarning, stacklevel=2)
         defaults = dict(
             lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
             switch_rate=switch_rate, blend_fraction=blend_fraction, inverse_scale=inverse_scale,
@@ -353,13 +323,9 @@ class DualAdam(Optimizer):
     # -- step ---------------------------------------------------------------
 
     def _path(self, group: dict[str, Any], params: list[Tensor]) -> str:
-        """The update path for this group: "fused", "compiled", "foreach" or "single".
+        """"fused" (Triton, CUDA), "compiled" (CPU), "foreach" or "single"; logged once per device.
 
-        ``fused=True`` asks for the single-pass path of the parameters' device: the Triton kernel on
-        CUDA, the ``torch.compile`` path on CPU (as ``torch.optim.AdamW(fused=True)`` has a fused
-        kernel per device). With ``foreach=None, fused=None`` CUDA gets the Triton kernel when it
-        applies and everything else the foreach path; the compiled CPU path is opt-in because its
-        one-time compile takes tens of seconds.
+        The compiled CPU path is opt-in (``fused=True``): its one-time compile takes tens of seconds.
         """
         fused, foreach = group.get("fused"), group.get("foreach")
         devices = {p.device for p in params}

@@ -228,7 +228,7 @@ def test_local_folder_without_held_out_splits_carves_disjoint_test_and_validatio
 def test_gsm8k_rows_become_chat_with_the_final_answer():
     row = gsm8k_to_chat({"question": "How many?", "answer": "She has 3+4=<<3+4=7>>7 apples.\n#### 1,007"})
     assert row["answer"] == "1007"
-    assert row["prompt"][0]["role"] == "user" and row["prompt"][0]["content"].startswith("How many?")
+    assert row["prompt"][-1]["role"] == "user" and row["prompt"][-1]["content"].startswith("How many?")
     completion = row["completion"][0]["content"]
     assert "<<" not in completion and completion.endswith("#### 1007") and "7 apples" in completion
     with pytest.raises(RecipeError, match="no '#### <answer>' line"):

@@ -31,7 +31,7 @@ def smollm2_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
 
 
 def _questions(dataset) -> set[str]:
-    return {prompt[0]["content"] for prompt in dataset["prompt"]}
+    return {prompt[-1]["content"] for prompt in dataset["prompt"]}
 
 
 def test_columns_and_conversational_format():
@@ -39,20 +39,21 @@ def test_columns_and_conversational_format():
     assert dataset.column_names == ["prompt", "completion", "answer"]
     assert len(dataset) == 16
     for row in dataset:
-        assert [m["role"] for m in row["prompt"]] == ["user"]
+        assert [m["role"] for m in row["prompt"]] == ["system", "user"] and not row["prompt"][0]["content"]
         assert [m["role"] for m in row["completion"]] == ["assistant"]
-        assert ANSWER_PREFIX in row["prompt"][0]["content"]  # the prompt states the answer format
+        assert ANSWER_PREFIX in row["prompt"][-1]["content"]  # the prompt states the answer format
         # The worked answer ends with the final line the parser reads, and it parses to the gold answer.
         assert row["completion"][0]["content"].splitlines()[-1] == f"{ANSWER_PREFIX} {row['answer']}"
         assert parse_final_answer(row["completion"][0]["content"]) == row["answer"]
         assert is_correct(row["completion"][0]["content"], row["answer"])
 
 
-def test_short_answer_tasks_have_just_the_final_line():
-    rows = generated_dataset("basic_arithmetic", "test", 5, config="min_terms=2,max_terms=2,max_digits=1")
+def test_short_answer_tasks_answer_with_the_answer_alone():
+    rows = generated_dataset("chain_sum", "test", 5, config="min_terms=2,max_terms=2,min_digits=1,max_digits=2")
     for row in rows:
-        assert row["completion"][0]["content"] == f"{ANSWER_PREFIX} {row['answer']}"
-        assert "Write the final answer" in row["prompt"][0]["content"]
+        assert row["completion"][0]["content"] == row["answer"]
+        assert row["prompt"][-1]["content"].endswith("Reply with only the final answer.")
+        assert is_correct(row["completion"][0]["content"], row["answer"])
     assert parse_config("min_terms=2,ratio=0.5,name=x,flag=true") == {
         "min_terms": 2, "ratio": 0.5, "name": "x", "flag": True}
     with pytest.raises(ValueError, match="basic_arithmetic"):
@@ -91,7 +92,7 @@ def test_completion_rewrites_final_line():
     completion = format_completion("20", "2 * 10 = 20\n#### 20.0")
     assert completion == [{"role": "assistant", "content": "2 * 10 = 20\n#### 20"}]
     assert format_completion("5", "no marker here")[0]["content"] == "no marker here\n#### 5"
-    assert format_completion("5")[0]["content"] == "#### 5"
+    assert format_completion("5")[0]["content"] == "5"
 
 
 @pytest.mark.parametrize(
@@ -197,4 +198,5 @@ def test_sft_masks_prompt_with_smollm2_template(smollm2_dir, tmp_path):
     masked = tokenizer.decode([t for t, label in zip(row["input_ids"], row["labels"], strict=True) if label == -100])
     answer = dataset[0]["completion"][0]["content"]
     assert learned.startswith(answer) and "<|im_end|>" in learned
-    assert masked.endswith("<|im_start|>assistant\n") and dataset[0]["prompt"][0]["content"] in masked
+    assert masked.endswith("<|im_start|>assistant\n") and dataset[0]["prompt"][-1]["content"] in masked
+

@@ -159,9 +159,13 @@ def train_command(plan: Plan, spec: RunSpec, launcher: str | None) -> list[str]:
     split = plan.validation_split if spec.phase == "grid" else plan.test_split
     lr = [] if spec.lr is None else ["--learning_rate", repr(spec.lr)]
     sharpness = plan.sharpness and spec.phase == "final"
+    # A grid run only needs the final value of the metric it is chosen on.
+    grid = ["--eval_strategy", "no"] if spec.phase == "grid" else []
+    if spec.phase == "grid" and plan.select_metric == "eval_loss":
+        grid += ["--accuracy_size", "0", "--accuracy_during_training", "false"]
     return prefix + [
         "dualadam_hf.cli", "train", "--config", str(plan.config), *plan.overrides, *spec.variant.overrides(), *lr,
-        "--seed", str(spec.seed), "--output_dir", str(spec.output_dir), "--dataset_test_split", split,
+        *grid, "--seed", str(spec.seed), "--output_dir", str(spec.output_dir), "--dataset_test_split", split,
         "--sharpness", "true" if sharpness else "false", "--resume_from_checkpoint", "last",
     ]
 

@@ -2,9 +2,9 @@
 
 ``dataset_name: reasoning-gym:<task>`` (e.g. ``reasoning-gym:gsm_symbolic``) makes any number of problems
 without a download; ``dataset_config: "key=value,..."`` passes settings to the generator. Each row is in
-TRL's conversational prompt-completion format, so ``SFTTrainer`` puts loss on the answer only, and every
-answer ends with a final line ``#### <answer>`` that :func:`parse_final_answer` reads. Where the generator
-gives a worked solution (gsm_symbolic's ``answer_cot``) the answer holds it before that line.
+TRL's conversational prompt-completion format, so ``SFTTrainer`` puts loss on the answer only. Where the
+generator gives a worked solution (gsm_symbolic's ``answer_cot``) the answer is that solution ending with a
+line ``#### <answer>``; otherwise it is the bare answer ("Reply with only the final answer.").
 
 The splits ``train``, ``validation`` and ``test`` are disjoint by construction: each question text belongs
 to one split, chosen by a hash of the text, whatever the seeds and sizes.
@@ -19,7 +19,7 @@ from typing import Any
 
 PREFIX = "reasoning-gym:"
 ANSWER_PREFIX = "####"
-INSTRUCTION = f"Write the final answer on the last line as '{ANSWER_PREFIX} <answer>'."
+INSTRUCTION = "Reply with only the final answer."
 COT_INSTRUCTION = f"Solve it step by step, then write the final answer on the last line as '{ANSWER_PREFIX} <number>'."
 # Share of all questions per split, by the hash of the question text (in eighths).
 _SPLIT_OF_BUCKET = {0: "test", 1: "test", 2: "validation"}
@@ -60,17 +60,24 @@ def parse_config(text: str | None) -> dict[str, Any]:
 
 
 def format_prompt(question: str, worked: bool) -> list[dict[str, str]]:
-    """The chat prompt for one problem: a single user message with the answer-format instruction."""
-    return [{"role": "user", "content": f"{question.strip()}\n{COT_INSTRUCTION if worked else INSTRUCTION}"}]
+    """The chat prompt for one problem: the question with the answer-format instruction.
+
+    The empty system message keeps a template's default system prompt out of every row (SmolLM2's adds 16
+    tokens to a 41-token problem, a quarter of the compute of a short-answer task).
+    """
+    instruction = COT_INSTRUCTION if worked else INSTRUCTION
+    return [{"role": "system", "content": ""}, {"role": "user", "content": f"{question.strip()}\n{instruction}"}]
 
 
 def format_completion(answer: str, worked_solution: str | None = None) -> list[dict[str, str]]:
-    """The assistant message: the worked solution if any, ending with exactly one line "#### <answer>".
+    """The assistant message: the bare answer, or a worked solution ending with one line "#### <answer>".
 
     Some solutions end with "#### 20.0" where the gold answer is "20"; the last line is rewritten from the
     gold answer so the model learns one format.
     """
-    lines = (worked_solution or "").strip().splitlines()
+    if worked_solution is None:
+        return [{"role": "assistant", "content": answer}]
+    lines = worked_solution.strip().splitlines()
     if lines and lines[-1].lstrip().startswith(ANSWER_PREFIX):
         lines = lines[:-1]
     body = "\n".join(lines).rstrip()

@@ -249,11 +249,13 @@ def run(experiment: Experiment, log=print) -> dict[str, float]:
                                SEGMENTS_KEY: float(clock.segments)}
     step = trainer.state.global_step
     if not any("eval_loss" in e and e.get("step") == step for e in trainer.state.log_history):
-        trainer.evaluate()
+        trainer.evaluate()  # with accuracy_during_training this also scores the accuracy at this step
     rows: list[bool] | None = None
     if accuracy is not None:
         rows = accuracy.measure(trainer.model, step)
-        final[ACCURACY_KEY] = sum(rows) / len(rows)
+        if not (args.accuracy_during_training and any(ACCURACY_KEY in e and e.get("step") == step
+                                                      for e in trainer.state.log_history)):
+            final[ACCURACY_KEY] = sum(rows) / len(rows)
     if args.sharpness:
         from ..sharpness import measure_sharpness
 
