@@ -17,7 +17,7 @@ import sys
 
 from ._version import __version__
 
-DEFAULT_RECIPE = "recipes/smollm2_math_lora.yaml"
+DEFAULT_RECIPE = "recipes/smollm2_chainsum_lora.yaml"
 DEFAULT_OPTIMS = "adamw_torch,dualadam"
 
 

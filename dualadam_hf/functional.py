@@ -288,22 +288,24 @@ def inverse_share(adam_sq: float, inverse_sq: float) -> float:
     return b / (a + b) if a + b > 0 else 0.0
 
 
-def calibrated_scale(grad: Tensor, exp_avg_sq: Tensor, step: float, hyper: Hyper) -> Tensor | None:
-    """1 / mean(d**2) over a tensor for its coming update at ``step``, or None while its gradient is 0.
+def calibrated_scale(grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, step: float, hyper: Hyper) -> Tensor | None:
+    """||mh/d|| / ||mh*d|| over a tensor for its coming update at ``step``, or None while its gradient is 0.
 
-    The scale of ``inverse_scale="auto"``: it makes r*s*mh*d as large as (1-r)*mh/d for an element whose
-    d is the tensor's root-mean-square d, so the inverse part acts at any gradient scale. It is taken at
-    a tensor's first update with a non-zero gradient (LoRA's A matrices get exactly 0 at their first
-    step, while B is 0). For a DTensor the mean runs over the whole tensor (a collective).
+    The scale of ``inverse_scale="auto"``: with it the inverse part r*s*mh*d has the norm of the Adam part
+    times r/(1-r) at that update, so the inverse share is r, whatever the gradients' units. It is taken at a
+    tensor's first update with a non-zero gradient (LoRA's A matrices get exactly 0 at their first step,
+    while B is 0) and kept. For a DTensor the norms run over the whole tensor (a collective).
     """
     g = grad.detach().float()
+    m = exp_avg.detach().float() * hyper.beta1 + g * (1.0 - hyper.beta1)
     v = exp_avg_sq.detach().float() * hyper.beta2 + g.square() * (1.0 - hyper.beta2)
-    vhat = v / (1.0 - hyper.beta2**step)
+    mh = m / (1.0 - hyper.beta1**step)
+    d = (v / (1.0 - hyper.beta2**step)).sqrt() + hyper.eps
     # Both reductions run on every rank (collectives on a DTensor) before anything is decided.
-    total, mean_d2 = (full(x) for x in (vhat.sum(), (vhat.sqrt() + hyper.eps).square().mean()))
-    if not float(total) > 0.0:
+    adam_sq, inverse_sq = (full(x) for x in ((mh / d).square().sum(), (mh * d).square().sum()))
+    if not float(inverse_sq) > 0.0:
         return None
-    return (1.0 / mean_d2).reshape(()).to(device="cpu", dtype=torch.float32)
+    return (adam_sq / inverse_sq).sqrt().reshape(()).to(device="cpu", dtype=torch.float32)
 
 
 def full(t: Tensor) -> Tensor:

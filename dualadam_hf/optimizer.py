@@ -99,7 +99,8 @@ class DualAdam(Optimizer):
     the rule and every argument are described in docs/optimizer.md and :mod:`dualadam_hf.schedule`.
     Give the blend as ``switch_rate`` (the paper's), ``blend_steps`` (optimizer steps) or
     ``blend_fraction`` (of the run, resolved by :meth:`set_total_steps`). ``inverse_scale`` is ``s``:
-    1 is the paper's rule, ``"auto"`` a unit-free inverse step calibrated per tensor, 0 no inverse part.
+    1 is the paper's rule, ``"auto"`` a unit-free inverse step calibrated per tensor (its norm matched to
+    Adam's at the tensor's first update, so the inverse share is r there), 0 no inverse part.
     ``state_dtype="bfloat16"`` keeps bf16 moments. ``foreach=False`` picks the single-tensor path;
     ``fused=True`` the single-pass path of the device (Triton on CUDA, torch.compile on CPU).
     Train with gradient clipping: the inverse part grows like g*|g|.
@@ -268,7 +269,8 @@ class DualAdam(Optimizer):
                 self._init_state(p, state, group)
             p_real, g_real, v_real = self._real(p), self._real(p.grad), self._real(state["exp_avg_sq"])
             if auto and float(state["inverse_scale"]) == 0.0:
-                scale = functional.calibrated_scale(g_real, v_real, float(state["step"]) + 1, self.hyper(group))
+                scale = functional.calibrated_scale(g_real, self._real(state["exp_avg"]), v_real,
+                                                    float(state["step"]) + 1, self.hyper(group))
                 if scale is not None:
                     state["inverse_scale"] = scale.to(state["inverse_scale"].device)
             params.append(p_real)

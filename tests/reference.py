@@ -7,8 +7,8 @@ against themselves. The rule, per element at a parameter's step t:
     r = 1 - t*switch_rate if that is >= switch_rate (in exact arithmetic) else 0   (switch_rate 0: r = 1)
     u = (1-r)*mh/d + r*s*mh*d ;  p = p - lr*wd*p - lr*u
 
-s is inverse_scale: a number, or "auto": 1/mean(d**2) over the tensor at its first step with a non-zero
-gradient, kept from then on.
+s is inverse_scale: a number, or "auto": ||mh/d|| / ||mh*d|| over the tensor at its first step with a
+non-zero gradient, kept from then on.
 """
 
 from __future__ import annotations
@@ -55,8 +55,8 @@ class ReferenceDualAdam:
             mh = self.m[i] / (1 - b1**t)
             vh = self.v[i] / (1 - b2**t)
             d = torch.sqrt(vh) + self.eps
-            if self.s[i] is None and self.p[i].numel() and bool((vh > 0).any()):
-                self.s[i] = 1.0 / float((d * d).mean())
+            if self.s[i] is None and self.p[i].numel() and bool((mh * d != 0).any()):
+                self.s[i] = float((mh / d).norm() / (mh * d).norm())
             r = self.blend(t)
             u = (1 - r) * mh / d + r * (self.s[i] or 0.0) * mh * d
             lr, wd = self.lrs[i], self.wds[i]

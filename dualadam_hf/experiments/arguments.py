@@ -46,6 +46,10 @@ class ExperimentArguments:
         default="auto", metadata={"help": f"One of {DATASET_FORMATS}; gsm8k turns question/answer into chat."}
     )
     dataset_seed: int = field(default=0, metadata={"help": "Seed of generated data and of subsampling."})
+    dataset_validation_split: str = field(
+        default="validation",
+        metadata={"help": "The split compare chooses learning rates on (carved from train if the source lacks it)."},
+    )
     train_size: int | None = field(default=None, metadata={"help": "Train rows to use (None: all)."})
     eval_size: int | None = field(default=None, metadata={"help": "Held-out rows for the eval loss (None: all)."})
     text_column: str = field(default="text", metadata={"help": "Input text column, for task: classification."})

@@ -40,7 +40,6 @@ from .variants import Variant, parse_variants
 COMMAND_FILE = "compare_command.json"
 DEFAULT_OPTIMS = "adamw_torch,dualadam"
 SELECT_METRICS = {"eval_loss": "lower", "eval_accuracy": "higher"}
-VALIDATION_SPLIT = "validation"
 # Overrides of --smoke: a few steps on a few rows, to check a recipe end to end in CI.
 SMOKE_OVERRIDES = {
     "max_steps": "2",
@@ -77,7 +76,7 @@ class Plan:
     overrides: list[str]
     sharpness: bool
     test_split: str
-    validation_split: str = VALIDATION_SPLIT
+    validation_split: str
     chosen_lr: dict[str, float] = field(default_factory=dict)
 
 
@@ -138,7 +137,7 @@ def make_plan(config: str | Path, *, optims: str | None = None, seeds: int | Non
         grid_seed=int(settings.get("grid_seed", base_seed + 1000)), select_metric=metric,
         output_dir=Path(output_dir or Path("compare") / (config.stem + ("-smoke" if smoke else ""))).resolve(),
         overrides=overrides, sharpness=bool(settings.get("sharpness", True)) and sharpness,
-        test_split=base.script.dataset_test_split,
+        test_split=base.script.dataset_test_split, validation_split=base.args.dataset_validation_split,
     )
     if grid and plan.test_split == plan.validation_split:
         raise RecipeError(f"dataset_test_split is {plan.test_split!r}: the learning-rate grid chooses on "

@@ -9,7 +9,8 @@
 
 The held-out split is the one ``dataset_test_split`` names (``compare`` points it at ``validation`` while
 it tunes learning rates). A local source without that split holds out rows of its train split instead:
-``test`` and ``validation`` are then two disjoint slices, and the train rows are the same for both.
+``test`` and ``validation`` are then two disjoint slices, and the train rows are the same for both (also
+when the source has one of them and not the other).
 Bad files are reported with their name, line and what is wrong, before any model is loaded.
 """
 
@@ -27,7 +28,6 @@ from .arguments import Experiment, RecipeError
 SFT_FORMATS = (("prompt", "completion"), ("messages",), ("text",))
 # The name the default recipes used for the built-in math problems.
 ALIASES = {"reasoning-gym-math": f"{tasks.PREFIX}gsm_symbolic"}
-_CARVED = ("test", "validation")
 
 
 def heldout_rows_needed(experiment: Experiment) -> int | None:
@@ -118,37 +118,42 @@ def _dataset(file: Path, task: str) -> Any:
         raise RecipeError(f"{file}: the rows do not share one layout of columns and types ({error})") from None
 
 
-def _carve(train: Any, size: int | None, seed: int, split: str) -> tuple[Any, Any]:
-    """(rest of train, held-out slice): 'test' and 'validation' take disjoint slices of one shuffle."""
+def _carve(train: Any, missing: list[str], size: int | None, seed: int) -> tuple[Any, dict[str, Any]]:
+    """(rest of train, {split: slice}): the missing held-out splits as disjoint slices of one shuffle."""
     size = size or max(1, len(train) // 10)
-    if len(train) <= 2 * size:
+    if len(train) <= len(missing) * size:
         raise RecipeError(
-            f"the train split has {len(train)} rows: too few to hold out {size} for test and {size} for validation "
+            f"the train split has {len(train)} rows: too few to hold out {size} each for {', '.join(missing)} "
             "(lower eval_size or give <split>.jsonl files)"
         )
     shuffled = train.shuffle(seed=seed)
-    k = _CARVED.index(split) if split in _CARVED else 0
-    heldout = shuffled.select(range(k * size, (k + 1) * size))
+    slices = {split: shuffled.select(range(k * size, (k + 1) * size)) for k, split in enumerate(missing)}
     # A row repeated in the source must not sit on both sides: train keeps no copy of a held-out row.
-    held = {json.dumps(row, sort_keys=True) for row in shuffled.select(range(2 * size))}
-    rest = shuffled.select(range(2 * size, len(shuffled)))
-    return rest.filter(lambda row: json.dumps(row, sort_keys=True) not in held), heldout
+    held = {json.dumps(row, sort_keys=True) for row in shuffled.select(range(len(missing) * size))}
+    rest = shuffled.select(range(len(missing) * size, len(shuffled)))
+    return rest.filter(lambda row: json.dumps(row, sort_keys=True) not in held), slices
 
 
-def _load_source(experiment: Experiment) -> tuple[Any, Any | None]:
-    """(train, held-out or None) straight from the source, before formatting and subsampling."""
+def _held_out_names(experiment: Experiment) -> list[str]:
+    """The held-out splits a source is asked for: the requested one, the validation split and "test", so the
+    carved rows, and with them the train rows, are the same whichever of them a run holds out."""
+    return list(dict.fromkeys(["test", experiment.args.dataset_validation_split, experiment.script.dataset_test_split]))
+
+
+def _load_source(experiment: Experiment) -> tuple[Any, dict[str, Any]]:
+    """(train, {held-out split: dataset or None}) straight from the source, before formatting."""
     script, args = experiment.script, experiment.args
     task = args.task if args.dataset_format == "auto" else args.dataset_format
-    name = str(script.dataset_name)
+    name, wanted = str(script.dataset_name), _held_out_names(experiment)
     path = Path(name).expanduser()
     if path.is_file():
-        return _dataset(path, task), None
+        return _dataset(path, task), dict.fromkeys(wanted)
     if path.is_dir():
         train_file = _split_file(path, script.dataset_train_split)
         if train_file is None:
             raise RecipeError(f"dataset folder {path} holds no {script.dataset_train_split}.jsonl (or .json)")
-        test_file = _split_file(path, script.dataset_test_split)
-        return _dataset(train_file, task), (_dataset(test_file, task) if test_file else None)
+        files = {split: _split_file(path, split) for split in wanted}
+        return _dataset(train_file, task), {k: _dataset(f, task) if f else None for k, f in files.items()}
     if name.endswith((".json", ".jsonl")) or name.startswith((".", "/", "~")):
         raise RecipeError(f"dataset file not found: {name}")
     from datasets import get_dataset_split_names, load_dataset
@@ -156,14 +161,13 @@ def _load_source(experiment: Experiment) -> tuple[Any, Any | None]:
     try:
         splits = get_dataset_split_names(name, script.dataset_config)
         train = load_dataset(name, script.dataset_config, split=script.dataset_train_split)
-        test = load_dataset(name, script.dataset_config, split=script.dataset_test_split) if (
-            script.dataset_test_split in splits) else None
+        held = {k: load_dataset(name, script.dataset_config, split=k) if k in splits else None for k in wanted}
     except Exception as error:  # datasets raises many types (connection, not found, config); all are fatal here
         raise RecipeError(
             f"dataset {name!r} (config {script.dataset_config!r}) could not be loaded: {error}. Offline, point "
             f"dataset_name at a local .jsonl file or a generated task such as {tasks.PREFIX}gsm_symbolic."
         ) from error
-    return train, test
+    return train, held
 
 
 _GSM8K_FINAL = re.compile(r"####\s*(.+?)\s*$", re.S)
@@ -234,19 +238,21 @@ def load_splits(experiment: Experiment) -> tuple[Any, Any]:
     if name.startswith(tasks.PREFIX):
         train, heldout = _generated(experiment, name.removeprefix(tasks.PREFIX), heldout_size)
     else:
-        train, heldout = _load_source(experiment)
+        train, held = _load_source(experiment)
         if args.dataset_format == "gsm8k":
-            for what, dataset in (("train", train), ("held-out", heldout)):
+            for what, dataset in (("train", train), *held.items()):
                 if dataset is not None and not {"question", "answer"} <= set(dataset.column_names):
                     raise RecipeError(
                         f"dataset_format gsm8k needs columns 'question' and 'answer'; {what} data has "
                         f"{sorted(dataset.column_names)}"
                     )
-            train = train.map(gsm8k_to_chat, remove_columns=train.column_names)
-            if heldout is not None:
-                heldout = heldout.map(gsm8k_to_chat, remove_columns=heldout.column_names)
-        if heldout is None:
-            train, heldout = _carve(train, heldout_size, args.dataset_seed, script.dataset_test_split)
+            convert = lambda d: None if d is None else d.map(gsm8k_to_chat, remove_columns=d.column_names)
+            train, held = convert(train), {k: convert(d) for k, d in held.items()}
+        missing = [split for split, dataset in held.items() if dataset is None]
+        if missing:
+            train, carved = _carve(train, missing, heldout_size, args.dataset_seed)
+            held.update(carved)
+        heldout = held[script.dataset_test_split]
         train = _subsample(train, args.train_size, args.dataset_seed)
         heldout = _subsample(heldout, heldout_size, args.dataset_seed)
     check_columns(train, experiment, "train")
