@@ -1,30 +1,23 @@
-"""The compiled CPU path: ``torch.compile`` over fixed-size buckets of tensors.
+"""The compiled CPU path: ``torch.compile`` over fixed-size buckets of tensors (``fused=True`` on CPU).
 
-Meant for CPU training and for DeepSpeed optimizer offload, where the step runs on CPU. Design,
-chosen so that one compilation serves the whole run:
+For CPU training and DeepSpeed optimizer offload. One compilation serves the whole run:
 
-- The per-tensor coefficients come from :func:`dualadam_hf.schedule.fold`, evaluated eagerly on a
-  float64 vector of steps and passed to the graph as a float32 tensor, so neither the blend schedule
-  nor an lr scheduler changes anything Dynamo guards on. (Computed inside the graph, inductor inlined
-  them, two pow per 16 elements, into the element loop.)
-- Every tensor enters as a flat 1-D alias with a dynamic size, and every call takes exactly
-  ``BUCKET`` quads (p, g, m, v); the last bucket is padded with tiny scratch tensors. Duck shaping is
-  off during the call, so two sizes that happen to be equal on the first step are not assumed equal.
-- Past the blend the update is AdamW's and goes to torch's fused AdamW kernel through the foreach path.
-- Every loop is parallel (``cpp.dynamic_threads``): inductor otherwise picks serial loops from the
-  first call's sizes, see :func:`_get_compiled`.
-- The routing and the flat aliases of p, m, v are built once and cached across steps (:class:`_Plan`);
-  a step re-checks their addresses and layouts and flattens only the gradients.
-- Cold compile is about 41 s on a 2-core CPU (BUCKET 32), independent of the number of tensors; the
-  inductor cache makes later runs start in seconds.
+- The per-tensor coefficients (:func:`dualadam_hf.schedule.fold` on a float64 vector of steps) enter the
+  graph as a tensor, so neither the blend nor an lr scheduler changes anything Dynamo guards on. (Computed
+  inside the graph, inductor inlined two pow per 16 elements into the element loop.)
+- Every tensor enters as a flat 1-D alias with a dynamic size, every call takes exactly ``BUCKET`` quads
+  (p, g, m, v; the last bucket padded with scratch tensors), and duck shaping is off during the call, so
+  sizes equal on the first step are not assumed equal later.
+- Past the blend the update is AdamW's: torch's fused AdamW kernel, through the foreach path.
+- The routing and the flat aliases are cached across steps (:class:`_Plan`).
 
-Tensors the graph does not take (non-contiguous, float64, fewer than 2 elements, which dynamic shapes
-would specialize on) go through the eager foreach path; the graph computes in float32.
+Cold compile: about 41 s on 2 cores (BUCKET 32), whatever the number of tensors; the inductor cache makes
+later runs start in seconds. Non-contiguous, float64 and 0/1-element tensors (dynamic shapes specialize on
+those sizes) take the eager foreach path; the graph computes in float32.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import weakref
 from collections import defaultdict
 from collections.abc import Sequence
@@ -33,19 +26,15 @@ import torch
 import torch.fx.experimental._config as shape_config
 from torch import Tensor
 
-from .functional import StepTensors, foreach, grad_like_param, local, prepare
-from .schedule import Hyper, fold, last_blend_step
+from .functional import StepTensors, coefficients, foreach, grad_like_param, local, prepare
+from .schedule import Hyper, last_blend_step
 
 __all__ = ["BUCKET", "compiled"]
 
-# Quads per compiled call. Each call costs ~0.1 ms (guards, wrapper) plus one
-# OpenMP thread wake-up, so fewer calls are faster; the one-time compile grows
-# with BUCKET (measured cold, 200 tensors, 2 cores: 8 -> 26 s, 16 -> 30 s,
-# 32 -> 41 s on idle cores). 32 put the step at 1.00-1.06x AdamW(fused=True)
-# where 16 gave 1.04-1.14x (benchmarks/optimizer_step.py).
+# Quads per compiled call: each call costs ~0.1 ms plus one OpenMP wake-up, and the one-time compile grows
+# with BUCKET (cold, 200 tensors, 2 idle cores: 8 -> 26 s, 16 -> 30 s, 32 -> 41 s); 32 put the step at
+# 1.00-1.06x AdamW(fused=True) where 16 gave 1.04-1.14x (benchmarks/optimizer_step.py).
 BUCKET = 32
-# The graph computes in float32 (as the other fast paths); float64 parameters keep their precision
-# on the foreach path.
 GRAPH_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 _compiled_fn = None
@@ -68,13 +57,9 @@ def _get_compiled():
     global _compiled_fn
     if _compiled_fn is None:
         # size_asserts: the wrapper would check every input size in Python on every call.
-        # cpp.dynamic_threads: inductor decides per loop whether to parallelize it from
-        # the size hints of the *first* call (serial below 2 * 512 elements per thread),
-        # and a graph with dynamic sizes is then reused for every size. A first call on
-        # small tensors (or padding), or an inductor cache entry written by one, left
-        # loops serial for good: the step ran on one core, ~1.8x AdamW(fused=True) on 2
-        # cores. With it every loop is an OpenMP work-sharing loop in one parallel region
-        # per call (one thread wake-up per call; small loops only add a barrier).
+        # cpp.dynamic_threads: inductor picks serial or parallel per loop from the *first* call's sizes and
+        # reuses the dynamic graph for every size, so a first call on small tensors left every loop serial
+        # (one core, ~1.8x AdamW(fused=True)); with it every loop is parallel, one region per call.
         _compiled_fn = torch.compile(_update, dynamic=True, fullgraph=True,
                                      options={"size_asserts": False, "cpp.dynamic_threads": True})
     return _compiled_fn
@@ -93,13 +78,8 @@ def _scratch_quad(key: tuple, index: int) -> tuple[Tensor, ...]:
 
 
 def _flat(t: Tensor) -> Tensor:
-    """A 1-D alias of ``t`` that is not a view and does not require grad.
-
-    Dynamo guards on requires_grad (the padding never requires it) and on the
-    base of a view (the base's rank would then be part of the guard, and a
-    model with other shapes would recompile); the last detach() drops the base.
-    A 1-D tensor needs only the detach (~0.5 us against ~2.5 us).
-    """
+    """A 1-D alias of ``t`` that is not a view and does not require grad: Dynamo guards on requires_grad
+    (the padding never requires it) and on a view's base (its rank would enter the guard)."""
     if t.dim() == 1:
         return t.detach()
     return t.detach().view(-1).detach()
@@ -111,23 +91,17 @@ def _takes(p: Tensor, g: Tensor, m: Tensor, v: Tensor) -> bool:
 
 
 def _signature(*lists: Sequence[Tensor]) -> list[tuple]:
-    """What a flat alias of each tensor depends on.
-
-    The cached aliases keep their storage alive, so no other tensor can have the
-    same address: same address, shape, strides and dtype means the same memory
-    in the same layout (this catches ``p.data = ...`` too, which keeps ``p``).
-    """
+    """What a flat alias of each tensor depends on. The cached aliases keep their storage alive, so the
+    same address, shape, strides and dtype mean the same memory (``p.data = ...`` changes the address)."""
     return [(t.data_ptr(), t.shape, t.stride(), t.dtype) for ts in lists for t in ts]
 
 
 class _Plan:
     """One call's routing: buckets of flat aliases of p, m, v with their padding, and the fallbacks.
 
-    Building it (the routing, flattening p, m and v) cost ~2-3 ms per step for the 122 tensors of
-    benchmarks/optimizer_step.py, 5-8% of the step (benchmarks/NOTES_compiled.md). An optimizer passes
-    the same p, m, v every step, so a plan of plain tensors is cached and a step then only checks their
-    signature and flattens the gradients, which may be new tensors every step (and are not kept, so
-    set_to_none frees them).
+    Building it cost 5-8% of a step (benchmarks/NOTES_compiled.md); an optimizer passes the same p, m, v
+    every step, so a plan of plain tensors is cached and a step only checks their signature and flattens
+    the gradients (new tensors every step, not kept, so set_to_none frees them).
     """
 
     def __init__(self, tensors: StepTensors):
@@ -179,19 +153,10 @@ class _Plan:
             device = key[3]
             steps = [local(tensors.steps[i]) for i in indices]
             torch._foreach_add_(steps, 1.0)
-            n = len(chunks) * BUCKET
-            t = torch.ones(n, dtype=torch.float64, device=device)
-            t[: len(steps)] = torch.stack(steps)
-            scale = 1.0
-            if tensors.scales is not None:
-                scale = torch.zeros(n, dtype=torch.float64, device=device)
-                scale[: len(steps)] = torch.stack([tensors.scales[i] for i in indices]).to(device)
-            lr = hyper.lr.to(device, torch.float64) if isinstance(hyper.lr, Tensor) else hyper.lr
-            adam, inverse, eps_c, decay = fold(t, dataclasses.replace(hyper, lr=lr), scale)
-            coef = torch.stack([adam, inverse, eps_c], 1).float()
-            shared = torch.stack([torch.as_tensor(decay, dtype=torch.float64, device=device),
-                                  *torch.tensor([1 - hyper.beta1, hyper.beta2, 1 - hyper.beta2],
-                                                dtype=torch.float64, device=device)]).float()
+            scales = None if tensors.scales is None else [tensors.scales[i] for i in indices]
+            coef, decay = coefficients(steps, scales, hyper, device, len(chunks) * BUCKET)
+            shared = torch.stack([decay, *torch.tensor([1 - hyper.beta1, hyper.beta2, 1 - hyper.beta2],
+                                                       dtype=torch.float64, device=device)]).float()
             for (idx, P, G_pad, M, V), rows in zip(chunks, coef.view(-1, BUCKET, 3).unbind(0), strict=True):
                 gs = (tensors.grads[i] for i in idx) if self.plain else (
                     grad_like_param(tensors.params[i], tensors.grads[i]) for i in idx)
@@ -199,12 +164,10 @@ class _Plan:
                 fn(P, [_flat(g) for g in gs] + G_pad, M, V, rows.detach(), shared, hyper.maximize)
 
 
-# Cached plans, keyed by the ids of the step tensors (one optimizer state entry
-# each). A weakref callback on every step tensor drops the plan when any of them
-# dies (optimizer deleted, state reloaded), so its aliases never outlive the
-# state, and an id is never reused while its plan is cached.
-# At most _MAX_PLANS are kept (oldest dropped): each pattern of missing gradients
-# is its own key, and ZeRO-3 steps each sub-group separately.
+# Cached plans, keyed by the ids of the step tensors. A weakref callback on every step tensor drops the plan
+# when one dies (optimizer deleted, state reloaded), so aliases never outlive the state and an id is never
+# reused while cached. At most _MAX_PLANS (oldest dropped): each pattern of missing gradients is its own key,
+# and ZeRO-3 steps each sub-group separately.
 _plans: dict[tuple[int, ...], tuple[_Plan, list]] = {}
 _MAX_PLANS = 64
 

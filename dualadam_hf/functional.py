@@ -1,17 +1,10 @@
 """The DualAdam update as pure functions over lists of tensors; no Optimizer plumbing.
 
-Every update path has one signature, ``path(tensors: StepTensors, hyper: Hyper) -> None``: it
-increments each tensor's step by one and applies the rule of :mod:`dualadam_hf.schedule` in place.
-The paths, by name (:data:`UPDATE_PATHS`):
-
-- ``single``: one tensor at a time, written to read like the formulas;
-- ``foreach``: foreach ops over L2-sized blocks, torch's fused AdamW kernel past the blend (CPU);
-- ``compiled``: ``torch.compile`` over fixed buckets (:mod:`dualadam_hf.compiled`, CPU);
-- ``fused``: one Triton kernel for all tensors (:mod:`dualadam_hf.fused`, CUDA).
-
-Low-precision parameters are updated in fp32 and written back; their moments are fp32 unless the
-caller keeps them in bf16, in which case they too are worked on in fp32. Helpers that several paths
-use (:func:`local`, :func:`prepare`, :func:`scales_of`) are public on purpose.
+Every update path (:data:`UPDATE_PATHS`: single, foreach, compiled, fused) has one signature,
+``path(tensors: StepTensors, hyper: Hyper) -> None``: it increments each tensor's step and applies the rule
+of :mod:`dualadam_hf.schedule` in place. Low-precision parameters (and bf16 moments) are worked on in fp32
+and written back. Helpers that several paths use (:func:`local`, :func:`prepare`, :func:`coefficients`)
+are public on purpose.
 """
 
 from __future__ import annotations
@@ -21,7 +14,7 @@ import importlib
 import math
 from collections import defaultdict
 from collections.abc import Callable, Iterator, Sequence
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
@@ -60,11 +53,8 @@ UpdatePath = Callable[[StepTensors, Hyper], None]
 
 
 def local(t: Tensor) -> Tensor:
-    """The local shard of a DTensor (FSDP2); plain tensors pass through.
-
-    The update is element-wise and p, g, m, v share one placement, so working on
-    the local shards is exact and avoids DTensor dispatch on every op.
-    """
+    """The local shard of a DTensor (FSDP2): the update is element-wise and p, g, m, v share one placement,
+    so working on local shards is exact and avoids DTensor dispatch on every op. Plain tensors pass through."""
     to_local = getattr(t, "to_local", None)
     return to_local() if to_local is not None else t
 
@@ -94,9 +84,6 @@ def scales_of(tensors: StepTensors) -> list[float]:
 
 def _fp32(xs: list[Tensor]) -> list[Tensor]:
     return [x.float() for x in xs]
-
-
-# --------------------------------------------------------------------------- single tensor
 
 
 def single_tensor(tensors: StepTensors, hyper: Hyper) -> None:
@@ -132,15 +119,9 @@ def single_tensor(tensors: StepTensors, hyper: Hyper) -> None:
             v_in.copy_(v)
 
 
-# --------------------------------------------------------------------------- foreach
-
-
 def _blocks(items: list[tuple], block: int) -> Iterator[list[tuple]]:
-    """Batches of (p, g, m, v, coefficients) holding about ``block`` elements in all.
-
-    Large contiguous tensors are cut into views of ``block`` elements; small ones are
-    gathered so each foreach call still does a useful amount of work.
-    """
+    """Batches of (p, g, m, v, coefficients) of about ``block`` elements: large contiguous tensors cut into
+    views, small ones gathered so each foreach call does a useful amount of work."""
     batch, size = [], 0
     for p, g, m, v, coef in items:
         if all(t.is_contiguous() for t in (p, g, m, v)) and p.numel() > block:
@@ -181,12 +162,8 @@ def _takes_adamw_fused(p: Tensor, g: Tensor, m: Tensor, v: Tensor, step: Tensor)
 
 
 def _adamw_fused(items: list[tuple], hyper: Hyper, lr: float) -> None:
-    """Past the blend, through torch's fused AdamW kernel (items: p, g, m, v, step of one dtype).
-
-    Once the blend weight is 0 the update is exactly AdamW's (decoupled weight decay, eps added to the
-    bias-corrected sqrt(v)), and torch's fused CPU kernel does it in one pass per element, 3-4x faster
-    than a dozen foreach passes. The steps are already incremented, which is what the kernel expects.
-    """
+    """Past the blend the update is exactly AdamW's: torch's fused CPU kernel does it in one pass per element,
+    3-4x faster than a dozen foreach passes (items: p, g, m, v and the already counted step, one dtype)."""
     p, g, m, v, steps = (list(x) for x in zip(*items, strict=True))
     torch._fused_adamw_(p, g, m, v, [], steps, lr=lr, beta1=hyper.beta1, beta2=hyper.beta2,
                         weight_decay=hyper.weight_decay, eps=hyper.eps, amsgrad=False, maximize=hyper.maximize)
@@ -233,7 +210,21 @@ def foreach(tensors: StepTensors, hyper: Hyper, block: int | None = None) -> Non
                 torch._foreach_copy_(v, v_work)
 
 
-# --------------------------------------------------------------------------- registry
+def coefficients(steps: Sequence[Tensor], scales: Sequence[Tensor] | None, hyper: Hyper, device: torch.device,
+                 size: int | None = None) -> tuple[Tensor, Tensor]:
+    """:func:`~dualadam_hf.schedule.fold` on the device for the single-pass paths, from already counted steps:
+    ([size, 3] float32 rows (adam, inverse, eps_c), decay as a 0-d float64 tensor). Rows past ``len(steps)``
+    (padding) get step 1 and scale 0. Float64 on the device: no host sync, nothing for a compiler to guard."""
+    size = size or len(steps)
+    t = torch.ones(size, dtype=torch.float64, device=device)
+    t[: len(steps)] = torch.stack(list(steps))
+    scale: Any = 1.0
+    if scales is not None:
+        scale = torch.zeros(size, dtype=torch.float64, device=device)
+        scale[: len(steps)] = torch.stack(list(scales)).to(device)
+    lr = hyper.lr.to(device, torch.float64) if isinstance(hyper.lr, Tensor) else hyper.lr
+    adam, inverse, eps_c, decay = fold(t, dataclasses.replace(hyper, lr=lr), scale)
+    return torch.stack([adam, inverse, eps_c], 1).float(), torch.as_tensor(decay, dtype=torch.float64, device=device)
 
 
 UPDATE_PATHS: dict[str, str] = {
@@ -255,9 +246,6 @@ def update_path(name: str) -> UpdatePath:
 def update(tensors: StepTensors, hyper: Hyper, path: str = "foreach") -> None:
     """Apply one DualAdam update with the named path."""
     update_path(path)(tensors, hyper)
-
-
-# --------------------------------------------------------------------------- diagnostics
 
 
 def update_norms(tensors: StepTensors, hyper: Hyper) -> tuple[float, float]:

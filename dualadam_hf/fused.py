@@ -15,7 +15,6 @@ Triton is imported lazily: the package imports and runs without it.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import os
 from collections import OrderedDict, defaultdict
@@ -23,8 +22,8 @@ from collections import OrderedDict, defaultdict
 import torch
 from torch import Tensor
 
-from .functional import StepTensors, foreach, local, prepare
-from .schedule import Hyper, fold
+from .functional import StepTensors, coefficients, foreach, local, prepare
+from .schedule import Hyper
 
 __all__ = ["BLOCK", "fused", "fused_supported", "triton_available"]
 
@@ -104,16 +103,6 @@ def _kernel_takes(p: Tensor, g: Tensor, m: Tensor, v: Tensor, step: Tensor) -> b
     )
 
 
-def coefficient_table(steps: list[Tensor], scales: list[Tensor] | None, hyper: Hyper, device) -> Tensor:
-    """[n, 4] float32 rows (adam, inverse, eps_c, decay) per tensor, computed on ``device``."""
-    t = torch.stack(steps).to(device, torch.float64)
-    scale = 1.0 if scales is None else torch.stack(scales).to(device, torch.float64)
-    lr = hyper.lr.to(device, torch.float64) if isinstance(hyper.lr, Tensor) else hyper.lr
-    adam, inverse, eps_c, decay = fold(t, dataclasses.replace(hyper, lr=lr), scale)
-    columns = [adam, inverse, eps_c, decay + torch.zeros_like(t)]  # decay is one number for all
-    return torch.stack(columns, 1).float()
-
-
 def fused(tensors: StepTensors, hyper: Hyper) -> None:
     """The fused update path; increments the steps.
 
@@ -143,7 +132,8 @@ def fused(tensors: StepTensors, hyper: Hyper) -> None:
         quads = [item[1:] for item in items]
         owner, table, n_programs = _launch_tables(quads, device)
         scales = None if tensors.scales is None else [tensors.scales[item[0]] for item in items]
-        coefs = coefficient_table([local(tensors.steps[item[0]]) for item in items], scales, hyper, device)
+        coef, decay = coefficients([local(tensors.steps[item[0]]) for item in items], scales, hyper, device)
+        coefs = torch.cat([coef, decay.float().expand(len(items), 1)], 1)  # rows: adam, inverse, eps_c, decay
         _get_kernel()[(n_programs,)](
             owner, table, coefs, len(quads), float(hyper.beta1), float(hyper.beta2),
             P_DTYPE=_triton_dtype(p_dtype), G_DTYPE=_triton_dtype(g_dtype), S_DTYPE=_triton_dtype(s_dtype),
