@@ -6,15 +6,8 @@ from .integrations.transformers import register
 from .optimizer import DualAdam, InvAdam
 from .schedule import blend_weight
 
-__all__ = [
-    "DualAdam",
-    "DualAdamCallback",
-    "InvAdam",
-    "__version__",
-    "blend_weight",
-    "optimizer_cls_and_kwargs",
-    "register",
-]
+__all__ = ["DualAdam", "DualAdamCallback", "InvAdam", "__version__", "blend_weight", "optimizer_cls_and_kwargs",
+           "register"]
 
 
 def __getattr__(name: str):

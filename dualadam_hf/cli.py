@@ -21,102 +21,51 @@ DEFAULT_RECIPE = "recipes/smollm2_chainsum_lora.yaml"
 DEFAULT_OPTIMS = "adamw_torch,dualadam"
 
 
-def _add_train(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser(
-        "train",
-        allow_abbrev=False,  # else `--optim x` would be taken as `--optims x`, `--seed` as `--seeds`
-        help="fine-tune with one recipe",
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dualadam-hf", allow_abbrev=False, description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"dualadam-hf {__version__}")
+    subparsers = parser.add_subparsers(dest="command")
+    # allow_abbrev=False: else `--optim x` would be taken as `--optims x`, `--seed` as `--seeds`.
+    train = subparsers.add_parser(
+        "train", allow_abbrev=False, help="fine-tune with one recipe",
         description="Fine-tune with one recipe; `--key value` after the options overrides the recipe.",
         epilog="example: dualadam-hf train --config recipes/smollm2_math_lora.yaml --optim dualadam --max_steps 10",
     )
-    parser.add_argument("--config", required=True, help="recipe YAML (recipes/<name>.yaml)")
-    parser.add_argument("--smoke", action="store_true", help="a few steps on a few rows (CI check of a recipe)")
-
-
-def _add_compare(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser(
-        "compare",
-        allow_abbrev=False,  # else `--optim x` would be taken as `--optims x`, `--seed` as `--seeds`
-        help="run a recipe for each optimizer x seed and write a report",
+    train.add_argument("--config", required=True, help="recipe YAML (recipes/<name>.yaml)")
+    train.add_argument("--smoke", action="store_true", help="a few steps on a few rows (CI check of a recipe)")
+    compare = subparsers.add_parser(
+        "compare", allow_abbrev=False, help="run a recipe for each optimizer x seed and write a report",
         description="Run a recipe for each optimizer x seed, everything else identical, and write "
         "report.md (table), train_loss.png / eval_loss.png and runs/*.json into --output_dir. "
         "`--key value` after the options overrides the recipe for every run.",
     )
-    parser.add_argument("--config", default=DEFAULT_RECIPE, help=f"recipe YAML (default: {DEFAULT_RECIPE})")
-    parser.add_argument(
-        "--optims", default=None,
-        help="comma-separated variants, each NAME or NAME[key=value,...] (e.g. adamw_torch,matched_warmup,"
-        "dualadam[blend_steps=10],dualadam[inverse_scale=auto,label=scaled]); default: the recipe's "
-        f"compare: optims, else {DEFAULT_OPTIMS}",
-    )
-    parser.add_argument("--seeds", type=int, default=None,
-                        help="seeds per variant: recipe seed, seed+1, ... (default: the recipe's, else 1)")
-    parser.add_argument("--lr_grid", default=None,
-                        help="learning rates to choose from per variant on the validation split, e.g. 3e-4,1e-3")
-    parser.add_argument("--select_metric", default=None, choices=("eval_loss", "eval_accuracy"),
-                        help="what the grid chooses on (default eval_loss)")
-    parser.add_argument("--output_dir", default=None, help="report folder (default: compare/<recipe name>)")
-    parser.add_argument(
-        "--no-sharpness", dest="sharpness", action="store_false", help="skip the sharpness column (saves time)"
-    )
-    parser.add_argument("--smoke", action="store_true", help="a few steps on a few rows (CI check end to end)")
-    parser.add_argument(
-        "--launcher", default=None, help='run each run under a launcher, e.g. "accelerate launch --config_file ..."'
-    )
-    parser.add_argument("--rerun", action="store_true", help="rerun runs that already finished in --output_dir")
-
-
-def _add_sharpness(subparsers: argparse._SubParsersAction) -> None:
-    # Listed here for `dualadam-hf --help`; its options belong to the HfArgumentParser of
-    # dualadam_hf.experiments.sharpness_cli, which main() hands every argument after `sharpness` to
-    # (add_help=False: `sharpness --help` is handed over too and prints that parser's help).
-    subparsers.add_parser(
-        "sharpness",
-        add_help=False,
-        help="measure the sharpness of a trained model (dualadam-hf sharpness --help)",
-    )
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="dualadam-hf",
-        allow_abbrev=False,
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    parser.add_argument("--version", action="version", version=f"dualadam-hf {__version__}")
-    subparsers = parser.add_subparsers(dest="command")
-    _add_train(subparsers)
-    _add_compare(subparsers)
-    _add_sharpness(subparsers)
+    compare.add_argument("--config", default=DEFAULT_RECIPE, help=f"recipe YAML (default: {DEFAULT_RECIPE})")
+    compare.add_argument("--optims", default=None, help="comma-separated variants, each NAME or NAME[key=value,...] "
+                         "(e.g. adamw_torch,matched_warmup,dualadam[blend_steps=10],dualadam[inverse_scale=auto,"
+                         f"label=scaled]); default: the recipe's compare: optims, else {DEFAULT_OPTIMS}")
+    compare.add_argument("--seeds", type=int, default=None,
+                         help="seeds per variant: recipe seed, seed+1, ... (default: the recipe's, else 1)")
+    compare.add_argument("--lr_grid", default=None,
+                         help="learning rates to choose from per variant on the validation split, e.g. 3e-4,1e-3")
+    compare.add_argument("--select_metric", default=None, choices=("eval_loss", "eval_accuracy"),
+                         help="what the grid chooses on (default eval_loss)")
+    compare.add_argument("--output_dir", default=None, help="report folder (default: compare/<recipe name>)")
+    compare.add_argument("--no-sharpness", dest="sharpness", action="store_false",
+                         help="skip the sharpness column (saves time)")
+    compare.add_argument("--smoke", action="store_true", help="a few steps on a few rows (CI check end to end)")
+    compare.add_argument("--launcher", default=None,
+                         help='run each run under a launcher, e.g. "accelerate launch --config_file ..."')
+    compare.add_argument("--rerun", action="store_true", help="rerun runs that already finished in --output_dir")
+    # Listed for `dualadam-hf --help` only: main() hands everything after `sharpness` (`--help` too, hence
+    # add_help=False) to the HfArgumentParser of dualadam_hf.experiments.sharpness_cli.
+    subparsers.add_parser("sharpness", add_help=False,
+                          help="measure the sharpness of a trained model (dualadam-hf sharpness --help)")
     return parser
 
 
-def _train(args: argparse.Namespace, overrides: list[str]) -> int:
-    from .experiments.arguments import find_recipe, load_experiment
-    from .experiments.compare import smoke_overrides
-    from .experiments.train import run
-
-    experiment = load_experiment(find_recipe(args.config), (smoke_overrides() if args.smoke else []) + overrides)
-    numbers = run(experiment)
-    print(f"[train] done: {experiment.training.output_dir}: "
-          + ", ".join(f"{k}={v:.4g}" for k, v in numbers.items() if not k.startswith(("sharpness/", "dualadam/"))))
-    return 0
-
-
-def _compare(args: argparse.Namespace, overrides: list[str]) -> int:
-    from .experiments.arguments import find_recipe
-    from .experiments.compare import run_compare
-
-    return run_compare(
-        str(find_recipe(args.config)), optims=args.optims, seeds=args.seeds, lr_grid=args.lr_grid,
-        select_metric=args.select_metric, output_dir=args.output_dir, overrides=overrides, sharpness=args.sharpness,
-        smoke=args.smoke, launcher=args.launcher, rerun=args.rerun,
-    )
-
-
 def main(argv: list[str] | None = None) -> int:
-    from .experiments.arguments import RecipeError
+    from .experiments.arguments import RecipeError, find_recipe
 
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
@@ -130,7 +79,23 @@ def main(argv: list[str] | None = None) -> int:
 
         return sharpness_cli.main(extra)
     try:
-        return (_train if args.command == "train" else _compare)(args, extra)
+        if args.command == "compare":
+            from .experiments.compare import run_compare
+
+            return run_compare(
+                str(find_recipe(args.config)), optims=args.optims, seeds=args.seeds, lr_grid=args.lr_grid,
+                select_metric=args.select_metric, output_dir=args.output_dir, overrides=extra,
+                sharpness=args.sharpness, smoke=args.smoke, launcher=args.launcher, rerun=args.rerun,
+            )
+        from .experiments.arguments import load_experiment
+        from .experiments.compare import smoke_overrides
+        from .experiments.train import run
+
+        experiment = load_experiment(find_recipe(args.config), (smoke_overrides() if args.smoke else []) + extra)
+        numbers = run(experiment)
+        print(f"[train] done: {experiment.training.output_dir}: " + ", ".join(
+            f"{k}={v:.4g}" for k, v in numbers.items() if not k.startswith(("sharpness/", "dualadam/"))))
+        return 0
     except RecipeError as error:
         print(f"dualadam-hf {args.command}: error: {error}", file=sys.stderr)
         return 2

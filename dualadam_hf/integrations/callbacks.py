@@ -18,123 +18,93 @@ INVERSE_SHARE_LOG_KEY = "dualadam/inverse_share"
 
 def _wrapper_chain(optimizer: Any) -> str:
     names, current = [], optimizer
-    for _ in range(8):
-        if current is None:
-            break
+    while current is not None and len(names) < 8:
         names.append(type(current).__name__)
         current = getattr(current, "optimizer", None)
     return " -> ".join(names) or "None"
 
 
-def _blend_of_latest_step(optimizer: DualAdam) -> float:
-    # Prefer a group that has stepped: a group without state (e.g. an empty no-decay group under LoRA) would
-    # report the weight of step 1.
-    for index, group in enumerate(optimizer.param_groups):
-        if any("step" in optimizer.state.get(p, {}) for p in group["params"]):
-            return optimizer.blend_weight(index)
-    return optimizer.blend_weight(0)
-
-
 class DualAdamCallback(TrainerCallback):
     """Resolves `blend_fraction` against the run length and logs the blend weight with the training logs.
 
-    At train begin it finds DualAdam inside the optimizer wrappers (accelerate, DeepSpeed) and calls
-    `set_total_steps(max_steps)`; if `--optim dualadam`/`invadam` was requested but the optimizer is something
-    else (for example DeepSpeedCPUAdam swapped in under optimizer offload) it raises instead of training with the
-    wrong optimizer. Each training log then gets `dualadam/blend`, the weight of the inverse-Adam part in the most
-    recent step, and `dualadam/inverse_share`, the share of that step's update that came from the inverse
-    part (computed only when a log is written), so both reach TensorBoard/W&B and trainer_state.json.
-
-    It warns when gradient clipping is off (the inverse part grows like g*|g| on raw gradients) and when a run
-    resumes past step 0 with an empty optimizer state (the checkpoint had no optimizer file: the blend would
-    restart from its first step).
+    At train begin it finds DualAdam inside the optimizer wrappers and calls `set_total_steps(max_steps)`, or
+    raises if `--optim dualadam`/`invadam` was requested but something else trains (e.g. DeepSpeedCPUAdam under
+    optimizer offload). Each training log gets `dualadam/blend` (the inverse-Adam weight of the latest step) and
+    `dualadam/inverse_share` (that step's share of the update from the inverse part). It warns when gradient
+    clipping is off and when a resumed run has an empty optimizer state. See docs/usage.md.
     """
 
     def __init__(self) -> None:
         self._optimizer: DualAdam | None = None
 
     def on_train_begin(self, args, state, control, optimizer=None, **kwargs):
-        found = find_dualadam(optimizer)
-        requested = optimizer_name(args)
+        self._optimizer = found = find_dualadam(optimizer)
         if found is None:
-            if requested in OPTIMIZER_NAMES:
+            if optimizer_name(args) in OPTIMIZER_NAMES:
                 raise RuntimeError(
-                    f"TrainingArguments.optim is {requested!r} but the Trainer's optimizer is "
+                    f"TrainingArguments.optim is {optimizer_name(args)!r} but the Trainer's optimizer is "
                     f"{_wrapper_chain(optimizer)}, not DualAdam. Something replaced it: with DeepSpeed optimizer "
                     "offload, accelerate swaps in DeepSpeedCPUAdam unless the DeepSpeed config sets "
                     '"zero_force_ds_cpu_optimizer": false; an `optimizers=(...)` argument also overrides --optim.'
                 )
-            self._optimizer = None
             return
         # Resolves blend_fraction (a no-op for switch_rate/blend_steps); max_steps counts optimizer steps.
         found.set_total_steps(state.max_steps)
-        self._optimizer = found
         if not args.max_grad_norm or args.max_grad_norm <= 0:
             warnings.warn(
                 "DualAdam is training without gradient clipping (max_grad_norm is off). Its inverse part grows "
                 "like g*|g|: on raw, large gradients it can diverge where AdamW converges. Keep max_grad_norm "
-                "(the Trainer's default is 1.0) unless you know your gradients are small.",
-                UserWarning,
-                stacklevel=2,
+                "(the Trainer's default is 1.0) unless you know your gradients are small.", UserWarning, stacklevel=2,
             )
         if any(g.get("inverse_scale") == "auto" for g in found.param_groups) and "deepspeed" in _wrapper_chain(
                 optimizer).lower():
             warnings.warn(
                 'inverse_scale="auto" under DeepSpeed ZeRO is calibrated per flat partition of each rank, not per '
                 "parameter tensor: the run differs from a single-process one and depends on the number of "
-                "processes (docs/engines.md). DDP and FSDP2 calibrate per tensor.",
-                UserWarning,
-                stacklevel=2,
+                "processes (docs/engines.md). DDP and FSDP2 calibrate per tensor.", UserWarning, stacklevel=2,
             )
         if state.global_step > 0 and not any(found.state.values()):
             warnings.warn(
                 f"Resumed at step {state.global_step} with an empty DualAdam state: the checkpoint held no "
                 "optimizer state (optimizer.pt), so bias correction and the blend restart from step 1.",
-                UserWarning,
-                stacklevel=2,
+                UserWarning, stacklevel=2,
             )
 
     def on_log(self, args, state, control, logs=None, **kwargs):
-        if self._optimizer is None or logs is None or not ("loss" in logs or "learning_rate" in logs):
+        opt = self._optimizer
+        if opt is None or logs is None or not ("loss" in logs or "learning_rate" in logs):
             return
-        added = {BLEND_LOG_KEY: _blend_of_latest_step(self._optimizer),
-                 INVERSE_SHARE_LOG_KEY: self._optimizer.inverse_share()}
+        # Report a group that has stepped: one without state (e.g. an empty no-decay group under LoRA) would
+        # report the weight of step 1.
+        group = next((i for i, g in enumerate(opt.param_groups)
+                      if any("step" in opt.state.get(p, {}) for p in g["params"])), 0)
+        added = {BLEND_LOG_KEY: opt.blend_weight(group), INVERSE_SHARE_LOG_KEY: opt.inverse_share()}
         # Trainer.log stores a copy of `logs` in log_history before calling the callbacks; add the numbers to
         # that copy too so they are saved in trainer_state.json.
-        if state.log_history:
-            latest = state.log_history[-1]
-            same_entry = latest.get("step") == state.global_step and all(
-                latest.get(key) == value for key, value in logs.items() if key not in added
-            )
-            if same_entry:
-                latest.update(added)
+        latest = state.log_history[-1] if state.log_history else {}
+        if latest.get("step") == state.global_step and all(
+                latest.get(key) == value for key, value in logs.items() if key not in added):
+            latest.update(added)
         logs.update(added)
 
 
-def wants_dualadam(trainer: Any) -> bool:
-    """Whether the Trainer will train with DualAdam: by `--optim`, `optimizer_cls_and_kwargs` or `optimizers`."""
-    if optimizer_name(trainer.args) in OPTIMIZER_NAMES:
-        return True
-    cls_and_kwargs = getattr(trainer, "optimizer_cls_and_kwargs", None)
-    if cls_and_kwargs is not None and isinstance(cls_and_kwargs[0], type) and issubclass(cls_and_kwargs[0], DualAdam):
-        return True
-    return find_dualadam(getattr(trainer, "optimizer", None)) is not None
-
-
-def attach_callback(trainer: Any) -> DualAdamCallback:
-    """Put one DualAdamCallback right after the flow callback, ahead of the reporting integrations.
+def attach_callback(trainer: Any) -> DualAdamCallback | None:
+    """If the Trainer will train with DualAdam (by `--optim`, `optimizer_cls_and_kwargs` or `optimizers`), put
+    one DualAdamCallback right after the flow callback, ahead of the reporting integrations.
 
     The position matters: TensorBoard/W&B callbacks write `logs` in their own on_log, so the blend must be added
     before they run. A DualAdamCallback the user passed is moved there rather than duplicated.
     """
+    cls_and_kwargs = getattr(trainer, "optimizer_cls_and_kwargs", None)
+    if not (optimizer_name(trainer.args) in OPTIMIZER_NAMES
+            or (cls_and_kwargs is not None and isinstance(cls_and_kwargs[0], type)
+                and issubclass(cls_and_kwargs[0], DualAdam))
+            or find_dualadam(getattr(trainer, "optimizer", None)) is not None):
+        return None
     callbacks = trainer.callback_handler.callbacks
     existing = [cb for cb in callbacks if isinstance(cb, DualAdamCallback)]
     for cb in existing:
         callbacks.remove(cb)
-    callback = existing[0] if existing else DualAdamCallback()
-    position = 0
-    for index, cb in enumerate(callbacks):
-        if isinstance(cb, DefaultFlowCallback):
-            position = index + 1
-    callbacks.insert(position, callback)
-    return callback
+    position = max((i + 1 for i, cb in enumerate(callbacks) if isinstance(cb, DefaultFlowCallback)), default=0)
+    callbacks.insert(position, existing[0] if existing else DualAdamCallback())
+    return callbacks[position]

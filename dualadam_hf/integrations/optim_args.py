@@ -1,8 +1,7 @@
-"""From TrainingArguments to DualAdam/InvAdam constructor arguments.
+"""From TrainingArguments to DualAdam/InvAdam constructor arguments (no transformers import needed).
 
-`--optim_args` arrives as one string "k=v,k2=v2" (or, from a YAML config, a mapping); this module parses it
-with typed values and errors that list the valid keys. It needs no transformers import: it only reads
-attributes of the arguments object.
+`--optim_args` arrives as one string "k=v,k2=v2" (or, from a YAML config, a mapping); it is parsed into typed
+values, with errors that list the valid keys.
 """
 
 from __future__ import annotations
@@ -16,18 +15,14 @@ DUALADAM_NAME = "dualadam"
 INVADAM_NAME = "invadam"
 OPTIMIZER_NAMES = (DUALADAM_NAME, INVADAM_NAME)
 OPTIMIZER_CLASSES: dict[str, type[DualAdam]] = {DUALADAM_NAME: DualAdam, INVADAM_NAME: InvAdam}
-
 # Hyperparameters that TrainingArguments carries itself (learning_rate, adam_beta1, ...).
 _TRAINING_ARGUMENT_KEYS = ("lr", "betas", "eps", "weight_decay")
 
 
 def _parse_bool(raw: str) -> bool:
-    lowered = raw.lower()
-    if lowered in ("true", "1", "yes"):
-        return True
-    if lowered in ("false", "0", "no"):
-        return False
-    raise ValueError("expected true or false")
+    if raw.lower() not in ("true", "1", "yes", "false", "0", "no"):
+        raise ValueError("expected true or false")
+    return raw.lower() in ("true", "1", "yes")
 
 
 def _parse_whole_number(raw: str) -> int:
@@ -38,16 +33,10 @@ def _parse_whole_number(raw: str) -> int:
 
 
 _SWITCH_KEYS: dict[str, Callable[[str], Any]] = {
-    "switch_rate": float,
-    "blend_steps": _parse_whole_number,
-    "blend_fraction": float,
+    "switch_rate": float, "blend_steps": _parse_whole_number, "blend_fraction": float,
 }
-def _parse_inverse_scale(raw: str) -> float | str:
-    return "auto" if raw.strip().lower() == "auto" else float(raw)
-
-
 _COMMON_KEYS: dict[str, Callable[[str], Any]] = {
-    "inverse_scale": _parse_inverse_scale,
+    "inverse_scale": lambda raw: "auto" if raw.strip().lower() == "auto" else float(raw),
     "foreach": _parse_bool, "fused": _parse_bool, "maximize": _parse_bool, "state_dtype": str,
 }
 _OPTIM_ARGS_PARSERS: dict[str, dict[str, Callable[[str], Any]]] = {
@@ -81,13 +70,9 @@ def optim_args_text(value: str | Mapping[str, Any] | None) -> str | None:
 
 def parse_optim_args(text: str | Mapping[str, Any] | None, name: str = DUALADAM_NAME) -> dict[str, Any]:
     """Parse `--optim_args "switch_rate=8e-5,foreach=true"` (or a mapping) into kwargs for `--optim <name>`."""
-    parsers = _OPTIM_ARGS_PARSERS[name] if name in _OPTIM_ARGS_PARSERS else {}
     valid_keys = ", ".join(valid_optim_args_keys(name))
-    parsed: dict[str, Any] = {}
-    for entry in (optim_args_text(text) or "").split(","):
-        entry = entry.strip()
-        if not entry:
-            continue
+    parsers, parsed = _OPTIM_ARGS_PARSERS[name], {}
+    for entry in filter(None, (entry.strip() for entry in (optim_args_text(text) or "").split(","))):
         key, separator, raw = (part.strip() for part in entry.partition("="))
         if not separator or not key or not raw:
             raise ValueError(
@@ -102,12 +87,9 @@ def parse_optim_args(text: str | Mapping[str, Any] | None, name: str = DUALADAM_
             parsed[key] = parsers[key](raw)
         except ValueError as error:
             raise ValueError(f"--optim_args {key}={raw!r} is malformed ({error}); valid keys: {valid_keys}") from None
-    given_switch_keys = [key for key in _SWITCH_KEYS if key in parsed]
-    if len(given_switch_keys) > 1:
-        raise ValueError(
-            f"--optim_args gives {' and '.join(given_switch_keys)}; give only one of switch_rate, blend_steps, "
-            "blend_fraction"
-        )
+    if len(given := [key for key in _SWITCH_KEYS if key in parsed]) > 1:
+        raise ValueError(f"--optim_args gives {' and '.join(given)}; give only one of switch_rate, blend_steps, "
+                         "blend_fraction")
     return parsed
 
 
@@ -115,26 +97,24 @@ def optimizer_cls_and_kwargs(training_args: Any, **overrides: Any) -> tuple[type
     """`(DualAdam or InvAdam, kwargs)` built from TrainingArguments, for `Trainer(optimizer_cls_and_kwargs=...)`.
 
     lr, betas, eps and weight_decay come from learning_rate, adam_beta1/adam_beta2, adam_epsilon and
-    weight_decay. When `training_args.optim` is dualadam or invadam, `optim_args` are parsed too; otherwise they
-    belong to another optimizer and are ignored. `overrides` win over both, e.g. `blend_fraction=0.1`.
-    InvAdam is chosen only when `training_args.optim` is invadam.
+    weight_decay. `optim_args` are parsed only when `training_args.optim` is dualadam or invadam (otherwise they
+    belong to another optimizer); `overrides` win over both, e.g. `blend_fraction=0.1`. InvAdam is chosen only
+    for `optim` invadam.
     """
     name = optimizer_name(training_args)
-    if name not in OPTIMIZER_NAMES:
-        name = DUALADAM_NAME
     kwargs: dict[str, Any] = {
-        "lr": training_args.learning_rate,
-        "betas": (training_args.adam_beta1, training_args.adam_beta2),
-        "eps": training_args.adam_epsilon,
-        "weight_decay": training_args.weight_decay,
+        "lr": training_args.learning_rate, "betas": (training_args.adam_beta1, training_args.adam_beta2),
+        "eps": training_args.adam_epsilon, "weight_decay": training_args.weight_decay,
     }
-    if optimizer_name(training_args) in OPTIMIZER_NAMES:
+    if name in OPTIMIZER_NAMES:
         kwargs.update(parse_optim_args(getattr(training_args, "optim_args", None), name))
+    else:
+        name = DUALADAM_NAME
     allowed = _TRAINING_ARGUMENT_KEYS + valid_optim_args_keys(name)
-    unknown = sorted(set(overrides) - set(allowed))
-    if unknown:
-        class_name = OPTIMIZER_CLASSES[name].__name__
-        raise TypeError(f"Unknown {class_name} override(s) {unknown}; valid: {', '.join(allowed)}")
+    if unknown := sorted(set(overrides) - set(allowed)):
+        raise TypeError(
+            f"Unknown {OPTIMIZER_CLASSES[name].__name__} override(s) {unknown}; valid: {', '.join(allowed)}"
+        )
     if set(overrides) & set(_SWITCH_KEYS):
         # An override of the blend length replaces the one from optim_args instead of clashing with it.
         for key in _SWITCH_KEYS:
@@ -148,8 +128,7 @@ def check_training_args(training_args: Any) -> None:
     import torch
 
     optimizer_cls, kwargs = optimizer_cls_and_kwargs(training_args)
-    # Building the optimizer over one dummy tensor runs every check of the constructor.
-    try:
+    try:  # building the optimizer over one dummy tensor runs every check of the constructor
         optimizer_cls([torch.zeros(1)], **kwargs)
     except ValueError as error:
         raise ValueError(f"--optim {optimizer_name(training_args)}: {error}") from None

@@ -1,17 +1,9 @@
-"""Teach transformers the optimizer names `dualadam` and `invadam` (`--optim dualadam`).
+"""Teach transformers the optimizer names `dualadam` and `invadam` (`--optim dualadam`); see docs/usage.md.
 
-Three small patches, each applied once the module it touches has been imported (the startup hook in
-`_dualadam_hf_autoregister` calls `on_module_loaded`; `register()` does it explicitly):
-
-- `transformers.training_args`: add DUALADAM/INVADAM to the `OptimizerNames` enum, which HfArgumentParser turns
-  into argparse choices and `TrainingArguments.__post_init__` uses to validate `optim`; and check the DualAdam
-  settings (`optim_args`, betas, ...) in `__post_init__`, so a bad value fails while arguments are parsed.
-- `transformers.trainer`: `Trainer.get_optimizer_cls_and_kwargs` (the documented override point) returns
-  DualAdam/InvAdam for those names, and `Trainer.__init__` attaches DualAdamCallback when DualAdam is used.
-
-Each patch checks the layout it relies on before it changes anything. If transformers has moved any of it,
-the startup hook warns once (DualAdamRegistrationWarning) and leaves transformers untouched, so scripts that
-do not use DualAdam keep working; only an explicit `register()` raises TransformersLayoutError.
+The startup hook (`_dualadam_hf_autoregister`) calls `on_module_loaded` once a patched module has imported;
+`register()` patches explicitly. Each patch checks the layout it relies on before it changes anything. If
+transformers has moved it, the hook warns once (DualAdamRegistrationWarning) and leaves transformers untouched,
+so scripts that do not use DualAdam keep working; only an explicit `register()` raises TransformersLayoutError.
 """
 
 from __future__ import annotations
@@ -25,21 +17,17 @@ from collections.abc import Mapping
 from types import ModuleType
 from typing import Any
 
-from .optim_args import (
-    DUALADAM_NAME,
-    INVADAM_NAME,
-    OPTIMIZER_NAMES,
-    check_training_args,
-    optim_args_text,
-    optimizer_name,
-)
+from .optim_args import OPTIMIZER_NAMES, check_training_args, optim_args_text, optimizer_name
 
 # The transformers releases the patch was tested against (docs/frameworks.md). Installing does not cap
 # transformers: outside this range the hook warns once and works wherever the layout is still there.
 TESTED_TRANSFORMERS = ">=5.0,<5.25"
 OPT_OUT_VARIABLE = "DUALADAM_HF_NO_AUTOREGISTER"
-_ENUM_MEMBERS = {"DUALADAM": DUALADAM_NAME, "INVADAM": INVADAM_NAME}
 _PATCHED_MARK = "_dualadam_hf_patched"
+EXPLICIT_PATH = (
+    "pass the optimizer explicitly: Trainer(..., optimizer_cls_and_kwargs="
+    "dualadam_hf.optimizer_cls_and_kwargs(training_args)) with a TrainingArguments.optim that transformers knows"
+)
 
 
 class TransformersLayoutError(RuntimeError):
@@ -50,75 +38,57 @@ class DualAdamRegistrationWarning(UserWarning):
     """The startup hook could not register `--optim dualadam`; transformers was left as it is."""
 
 
-EXPLICIT_PATH = (
-    "pass the optimizer explicitly: Trainer(..., optimizer_cls_and_kwargs="
-    "dualadam_hf.optimizer_cls_and_kwargs(training_args)) with a TrainingArguments.optim that transformers knows"
-)
+def _transformers_version() -> str | None:
+    try:
+        return importlib.metadata.version("transformers")
+    except importlib.metadata.PackageNotFoundError:
+        return None
 
 
 def _layout_error(what: str) -> TransformersLayoutError:
-    try:
-        version = importlib.metadata.version("transformers")
-    except importlib.metadata.PackageNotFoundError:
-        version = "unknown"
     return TransformersLayoutError(
-        f"dualadam-hf cannot register --optim dualadam with transformers {version}: {what}. "
-        f"It was tested with transformers{TESTED_TRANSFORMERS}; install such a release, or {EXPLICIT_PATH} "
+        f"dualadam-hf cannot register --optim dualadam with transformers {_transformers_version() or 'unknown'}: "
+        f"{what}. It was tested with transformers{TESTED_TRANSFORMERS}; install such a release, or {EXPLICIT_PATH} "
         f"(and set {OPT_OUT_VARIABLE}=1 to silence the startup hook)."
     )
 
 
-def _warn_if_untested_version() -> None:
-    from packaging.specifiers import SpecifierSet
-
-    try:
-        version = importlib.metadata.version("transformers")
-    except importlib.metadata.PackageNotFoundError:
-        return
-    if version not in SpecifierSet(TESTED_TRANSFORMERS, prereleases=True):
-        warnings.warn(
-            f"dualadam-hf was tested with transformers{TESTED_TRANSFORMERS}, found {version}; "
-            f"--optim dualadam is registered because the layout it needs is there. If it misbehaves, {EXPLICIT_PATH}.",
-            DualAdamRegistrationWarning,
-            stacklevel=3,
-        )
-
-
-def _add_enum_member(enum_cls: type[enum.Enum], name: str, value: str) -> None:
-    """Add a member to an existing str Enum, so that lookup, iteration and `Enum(value)` all see it."""
-    if value in enum_cls._value2member_map_:
-        return
-    member = str.__new__(enum_cls, value)
-    member._name_ = name
-    member._value_ = value
-    member.__objclass__ = enum_cls
-    member._sort_order_ = len(enum_cls._member_names_)
-    enum_cls._member_names_.append(name)
-    enum_cls._member_map_[name] = member
-    enum_cls._value2member_map_[value] = member
-    # EnumType.__setattr__ refuses to touch member names; type.__setattr__ makes `OptimizerNames.DUALADAM` work.
-    type.__setattr__(enum_cls, name, member)
-
-
 def patch_training_args(module: ModuleType) -> None:
-    """Add dualadam/invadam to OptimizerNames and validate DualAdam settings in TrainingArguments.__post_init__."""
-    optimizer_names = getattr(module, "OptimizerNames", None)
-    if not (isinstance(optimizer_names, type) and issubclass(optimizer_names, enum.Enum)
-            and issubclass(optimizer_names, str)):
+    """Add dualadam/invadam to OptimizerNames (argparse choices, validation of `optim`) and check the DualAdam
+    settings in TrainingArguments.__post_init__, so that a bad value fails while arguments are parsed."""
+    names = getattr(module, "OptimizerNames", None)
+    if not (isinstance(names, type) and issubclass(names, enum.Enum) and issubclass(names, str)):
         raise _layout_error(f"{module.__name__}.OptimizerNames is missing or is no longer a str Enum")
     for attribute in ("_member_names_", "_member_map_", "_value2member_map_"):
-        if not hasattr(optimizer_names, attribute):
+        if not hasattr(names, attribute):
             raise _layout_error(f"the OptimizerNames enum has no {attribute} (changed enum internals)")
     training_arguments = getattr(module, "TrainingArguments", None)
     fields = getattr(training_arguments, "__dataclass_fields__", {})
     if "optim" not in fields or "optim_args" not in fields or not hasattr(training_arguments, "__post_init__"):
         raise _layout_error(f"{module.__name__}.TrainingArguments has no optim/optim_args fields or __post_init__")
-
     if getattr(training_arguments, _PATCHED_MARK, False):
         return
-    _warn_if_untested_version()
-    for name, value in _ENUM_MEMBERS.items():
-        _add_enum_member(optimizer_names, name, value)
+    from packaging.specifiers import SpecifierSet
+
+    version = _transformers_version()
+    if version and version not in SpecifierSet(TESTED_TRANSFORMERS, prereleases=True):
+        warnings.warn(
+            f"dualadam-hf was tested with transformers{TESTED_TRANSFORMERS}, found {version}; "
+            f"--optim dualadam is registered because the layout it needs is there. If it misbehaves, {EXPLICIT_PATH}.",
+            DualAdamRegistrationWarning, stacklevel=2,
+        )
+    for value in OPTIMIZER_NAMES:
+        if value in names._value2member_map_:
+            continue
+        name = value.upper()  # DUALADAM, INVADAM
+        # Built by hand (an Enum cannot be extended) so that lookup, iteration and `OptimizerNames(value)` see it.
+        member = str.__new__(names, value)
+        member._name_, member._value_, member.__objclass__ = name, value, names
+        member._sort_order_ = len(names._member_names_)
+        names._member_names_.append(name)
+        names._member_map_[name] = names._value2member_map_[value] = member
+        # EnumType.__setattr__ refuses to touch member names; type.__setattr__ makes `OptimizerNames.DUALADAM` work.
+        type.__setattr__(names, name, member)
 
     original_post_init = training_arguments.__post_init__
 
@@ -141,7 +111,8 @@ def patch_training_args(module: ModuleType) -> None:
 
 
 def patch_trainer(module: ModuleType) -> None:
-    """Make Trainer build DualAdam/InvAdam for those names and attach DualAdamCallback when DualAdam is used."""
+    """Make Trainer build DualAdam/InvAdam for those names (in get_optimizer_cls_and_kwargs, the documented
+    override point) and attach DualAdamCallback when DualAdam is used."""
     trainer_cls = getattr(module, "Trainer", None)
     if trainer_cls is None:
         raise _layout_error(f"{module.__name__} has no Trainer class")
@@ -150,11 +121,10 @@ def patch_trainer(module: ModuleType) -> None:
         raise _layout_error("Trainer.get_optimizer_cls_and_kwargs is missing or is no longer a staticmethod")
     if getattr(trainer_cls, _PATCHED_MARK, False):
         return
-
-    from .callbacks import attach_callback, wants_dualadam
+    from .callbacks import attach_callback
     from .optim_args import optimizer_cls_and_kwargs
 
-    original_get = original_factory.__func__
+    original_get, original_init = original_factory.__func__, trainer_cls.__init__
 
     @functools.wraps(original_get)
     def get_optimizer_cls_and_kwargs(args: Any, model: Any = None) -> tuple[Any, Any]:
@@ -162,13 +132,10 @@ def patch_trainer(module: ModuleType) -> None:
             return optimizer_cls_and_kwargs(args)
         return original_get(args, model)
 
-    original_init = trainer_cls.__init__
-
     @functools.wraps(original_init)
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         original_init(self, *args, **kwargs)
-        if wants_dualadam(self):
-            attach_callback(self)
+        attach_callback(self)
 
     trainer_cls.get_optimizer_cls_and_kwargs = staticmethod(get_optimizer_cls_and_kwargs)
     trainer_cls.__init__ = __init__
@@ -176,13 +143,11 @@ def patch_trainer(module: ModuleType) -> None:
 
 
 _PATCHES = {"transformers.training_args": patch_training_args, "transformers.trainer": patch_trainer}
-
-
 _warned: set[str] = set()
 
 
 def on_module_loaded(module: ModuleType) -> None:
-    """Called by the startup hook right after a watched transformers module has finished importing.
+    """Patch a watched transformers module right after it has imported (called by the startup hook).
 
     Never raises: a failure to register must not break `import transformers` for scripts that do not use
     DualAdam. It warns once per process and leaves the module as it was.
@@ -202,11 +167,9 @@ def on_module_loaded(module: ModuleType) -> None:
 
 
 def register() -> None:
-    """Register `--optim dualadam`/`invadam` with transformers now (imports transformers).
-
-    Needed only where the startup hook is off (DUALADAM_HF_NO_AUTOREGISTER=1) or cannot run; call it before any
-    argument parser or TrainingArguments is built. Calling it again is harmless.
-    """
+    """Register `--optim dualadam`/`invadam` with transformers now; needed only where the startup hook is off
+    (DUALADAM_HF_NO_AUTOREGISTER=1) or cannot run. Call it before building any argument parser or TrainingArguments;
+    calling it again is harmless."""
     import transformers.trainer
     import transformers.training_args
 
@@ -216,6 +179,5 @@ def register() -> None:
 
 def is_registered() -> bool:
     """Whether transformers already knows `--optim dualadam` in this process (never imports transformers)."""
-    training_args = sys.modules.get("transformers.training_args")
-    names = getattr(training_args, "OptimizerNames", None)
-    return names is not None and DUALADAM_NAME in getattr(names, "_value2member_map_", {})
+    names = getattr(sys.modules.get("transformers.training_args"), "OptimizerNames", None)
+    return names is not None and "dualadam" in getattr(names, "_value2member_map_", {})
