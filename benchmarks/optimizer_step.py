@@ -151,6 +151,21 @@ class Probe(Variant):
         return 28 * self.p.numel()
 
 
+class InverseShare(Variant):
+    """DualAdam.inverse_share() on a stepped optimizer: what a logging step adds (other steps add nothing:
+    step() holds no code for it, the Trainer callback calls it from on_log only)."""
+
+    def __init__(self, make, params, phase_step):
+        super().__init__("inverse_share() on a logging step", make, params, phase_step)
+        self.opt.step()
+
+    def step(self):
+        self.opt.inverse_share()
+
+    def bytes_moved(self) -> int:
+        return sum(8 * p.numel() for p in self.params)  # reads m and v
+
+
 class CopyProbe(Variant):
     """A plain copy of a flat buffer of the model's size (8 B/element): the usual bandwidth yardstick."""
 
@@ -186,6 +201,10 @@ def build_variants(params, device, args):
             print("pytorch_optimizer not installed: skipping its DualAdam")
     for phase, step in (("dual", DUAL_STEP), ("adam", ADAM_STEP)):
         V.append(Variant(f"DualAdam foreach [{phase}]", partial(dual, foreach=True), params, step))
+        if phase == "dual":
+            V.append(Variant("DualAdam foreach auto scale [dual]", partial(dual, foreach=True, inverse_scale="auto"),
+                             params, step))
+            V.append(InverseShare(partial(dual, foreach=True), params, step))
         if device.type == "cpu" and not args.skip_compiled:
             V.append(Variant(f"DualAdam compiled [{phase}]", partial(dual, fused=True), params, step))
         if device.type == "cuda":

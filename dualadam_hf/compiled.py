@@ -67,14 +67,11 @@ def _get_compiled():
 
 def _scratch_quad(key: tuple, index: int) -> tuple[Tensor, ...]:
     """Distinct tiny tensors that pad the last bucket (distinct: Dynamo guards on aliasing)."""
-    k = key + (index,)
-    if k not in _scratch:
-        p_dtype, g_dtype, s_dtype, device = key
-        _scratch[k] = (
-            torch.zeros(2, dtype=p_dtype, device=device), torch.zeros(2, dtype=g_dtype, device=device),
-            torch.zeros(2, dtype=s_dtype, device=device), torch.zeros(2, dtype=s_dtype, device=device),
-        )
-    return _scratch[k]
+    p_dtype, g_dtype, s_dtype, device = key
+    if key + (index,) not in _scratch:
+        _scratch[key + (index,)] = tuple(torch.zeros(2, dtype=d, device=device)
+                                         for d in (p_dtype, g_dtype, s_dtype, s_dtype))
+    return _scratch[key + (index,)]
 
 
 def _flat(t: Tensor) -> Tensor:
@@ -133,19 +130,14 @@ class _Plan:
                 chunks.append(([item[0] for item in chunk], P, [q[1] for q in pad], M, V))
             self.buckets.append((key, [item[0] for item in items], chunks))
         self.bucketed = [i for _, _, chunks in self.buckets for chunk in chunks for i in chunk[0]]
-        self.grad_signature = self._grad_signature(tensors.grads)
         self.signature = self._signature(tensors) if self.plain else None
 
-    @staticmethod
-    def _signature(tensors: StepTensors) -> list[tuple]:
-        return _signature(tensors.params, tensors.exp_avgs, tensors.exp_avg_sqs)
-
-    def _grad_signature(self, grads) -> list[tuple]:
-        return [(grads[i].dtype, grads[i].is_contiguous()) for i in self.bucketed]
+    def _signature(self, tensors: StepTensors) -> list[tuple]:
+        grads = [(tensors.grads[i].dtype, tensors.grads[i].is_contiguous()) for i in self.bucketed]
+        return _signature(tensors.params, tensors.exp_avgs, tensors.exp_avg_sqs) + grads
 
     def matches(self, tensors: StepTensors) -> bool:
-        return self.signature == self._signature(tensors) and self.grad_signature == self._grad_signature(
-            tensors.grads)
+        return self.signature == self._signature(tensors)
 
     def run(self, tensors: StepTensors, hyper: Hyper) -> None:
         fn = _get_compiled()

@@ -227,12 +227,10 @@ def coefficients(steps: Sequence[Tensor], scales: Sequence[Tensor] | None, hyper
     return torch.stack([adam, inverse, eps_c], 1).float(), torch.as_tensor(decay, dtype=torch.float64, device=device)
 
 
-UPDATE_PATHS: dict[str, str] = {
-    "single": "dualadam_hf.functional:single_tensor",
-    "foreach": "dualadam_hf.functional:foreach",
-    "compiled": "dualadam_hf.compiled:compiled",  # imports torch.compile machinery on first use
-    "fused": "dualadam_hf.fused:fused",  # imports triton on first use
-}
+# The compiled and fused paths import torch.compile's machinery or triton on first use only.
+UPDATE_PATHS: dict[str, str] = {"single": "dualadam_hf.functional:single_tensor",
+                                "foreach": "dualadam_hf.functional:foreach",
+                                "compiled": "dualadam_hf.compiled:compiled", "fused": "dualadam_hf.fused:fused"}
 
 
 def update_path(name: str) -> UpdatePath:
@@ -248,22 +246,22 @@ def update(tensors: StepTensors, hyper: Hyper, path: str = "foreach") -> None:
     update_path(path)(tensors, hyper)
 
 
-def update_norms(tensors: StepTensors, hyper: Hyper) -> tuple[float, float]:
-    """Squared norms of the Adam part (1-r)*mh/d and the inverse part r*s*mh*d of the latest update.
+def _mh_d(m: Tensor, v: Tensor, t: float, hyper: Hyper) -> tuple[Tensor, Tensor]:
+    """Adam's bias-corrected mh and d = sqrt(v_hat) + eps, in fp32, from moments that count step ``t``."""
+    return m.float() / (1.0 - hyper.beta1**t), (v.float() / (1.0 - hyper.beta2**t)).sqrt_().add_(hyper.eps)
 
-    Read from the state the update left behind (steps already counted, moments updated), so it costs
-    nothing unless called. ``grads`` are not used. Sums over the local elements of every tensor.
-    """
+
+def update_norms(tensors: StepTensors, hyper: Hyper) -> tuple[float, float]:
+    """Squared norms of the Adam part (1-r)*mh/d and the inverse part r*s*mh*d of the latest update, read from
+    the state it left behind (costs nothing unless called; ``grads`` are not used); local elements only."""
     adam_sq = inverse_sq = 0.0
     scales = scales_of(tensors)
     for i, (m, v) in enumerate(zip(tensors.exp_avgs, tensors.exp_avg_sqs)):
-        m, v = local(m), local(v)
         t = float(local(tensors.steps[i]))
-        if t < 1 or m.numel() == 0:
+        if t < 1 or local(m).numel() == 0:
             continue
         r = blend_weight(t, hyper.switch_rate)
-        mh = m.float() / (1.0 - hyper.beta1**t)
-        d = (v.float() / (1.0 - hyper.beta2**t)).sqrt_().add_(hyper.eps)
+        mh, d = _mh_d(local(m), local(v), t, hyper)
         adam_sq += (1.0 - r) ** 2 * float((mh / d).square().sum())
         if r > 0.0:
             inverse_sq += (r * hyper.inverse_scale * scales[i]) ** 2 * float((mh * d).square().sum())
@@ -277,18 +275,13 @@ def inverse_share(adam_sq: float, inverse_sq: float) -> float:
 
 
 def calibrated_scale(grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, step: float, hyper: Hyper) -> Tensor | None:
-    """||mh/d|| / ||mh*d|| over a tensor for its coming update at ``step``, or None while its gradient is 0.
-
-    The scale of ``inverse_scale="auto"``: with it the inverse part r*s*mh*d has the norm of the Adam part
-    times r/(1-r) at that update, so the inverse share is r, whatever the gradients' units. It is taken at a
-    tensor's first update with a non-zero gradient (LoRA's A matrices get exactly 0 at their first step,
-    while B is 0) and kept. For a DTensor the norms run over the whole tensor (a collective).
-    """
+    """||mh/d|| / ||mh*d|| over a tensor for its coming update at ``step`` (None while its gradient is 0): the
+    scale of ``inverse_scale="auto"``, with which the inverse share of that update is r whatever the gradients'
+    units. Taken at a tensor's first non-zero gradient (LoRA's A gets exactly 0 at first, while B is 0) and
+    kept. For a DTensor the norms run over the whole tensor (a collective)."""
     g = grad.detach().float()
-    m = exp_avg.detach().float() * hyper.beta1 + g * (1.0 - hyper.beta1)
-    v = exp_avg_sq.detach().float() * hyper.beta2 + g.square() * (1.0 - hyper.beta2)
-    mh = m / (1.0 - hyper.beta1**step)
-    d = (v / (1.0 - hyper.beta2**step)).sqrt() + hyper.eps
+    mh, d = _mh_d(exp_avg.detach().float() * hyper.beta1 + g * (1.0 - hyper.beta1),
+                  exp_avg_sq.detach().float() * hyper.beta2 + g.square() * (1.0 - hyper.beta2), step, hyper)
     # Both reductions run on every rank (collectives on a DTensor) before anything is decided.
     adam_sq, inverse_sq = (full(x) for x in ((mh / d).square().sum(), (mh * d).square().sum()))
     if not float(inverse_sq) > 0.0:

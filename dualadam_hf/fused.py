@@ -1,16 +1,10 @@
-"""The fused CUDA path: one single-pass Triton kernel over many tensors.
+"""The fused CUDA path: one single-pass Triton kernel over many tensors (imported lazily: no Triton needed).
 
-Each program updates ``BLOCK`` elements of one tensor: it reads p, g, m, v once and writes p, m, v
-once (28 bytes per fp32 element). Tensors are found through a small device table of pointers, so one
-launch covers every tensor of a dtype combination.
-
-The per-tensor coefficients come from :func:`dualadam_hf.schedule.fold`, evaluated by a few vectorized
-torch ops in float64 on the device from the step tensors (and a tensor lr), so a step never syncs with
-the host, never recompiles as the blend changes, and can be captured in a CUDA graph (the pointer tables
-are cached while the tensors keep their addresses). In float32, 1 - 0.999**t alone is off by 1e-5
-relative at t = 1, hence float64 for the scalars.
-
-Triton is imported lazily: the package imports and runs without it.
+Each program updates ``BLOCK`` elements of one tensor, reading p, g, m, v and writing p, m, v once (28 B per
+fp32 element); a device table of pointers lets one launch cover every tensor of a dtype combination. The
+per-tensor coefficients are :func:`~dualadam_hf.functional.coefficients` (float64 on the device: in float32
+1 - 0.999**t is off by 1e-5 at t = 1), so a step never syncs with the host, never recompiles as the blend
+changes, and can be captured in a CUDA graph (the pointer tables are cached while tensors stay put).
 """
 
 from __future__ import annotations
@@ -38,11 +32,9 @@ _TABLE_CACHE = 16
 
 
 def triton_available() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    import importlib.util
+
+    return importlib.util.find_spec("triton") is not None
 
 
 def fused_supported(params: list[Tensor]) -> bool:
@@ -66,22 +58,16 @@ def _triton_dtype(dtype: torch.dtype):
 
 
 def _launch_tables(quads: list[tuple[Tensor, ...]], device: torch.device) -> tuple[Tensor, Tensor, int]:
-    """(per-program tensor index, pointer table, number of programs), cached by address.
-
-    Reusing the tables while the tensors stay where they are keeps the step free
-    of host-to-device copies, which CUDA graph capture requires.
-    """
+    """(per-program tensor index, pointer table, number of programs), cached by address: while the tensors stay
+    put a step makes no host-to-device copy, which CUDA graph capture requires."""
     key = (device,) + tuple(t.data_ptr() for q in quads for t in q) + tuple(q[0].numel() for q in quads)
     hit = _tables.get(key)
     if hit is not None:
         _tables.move_to_end(key)
         return hit
     chunks = [max(1, math.ceil(q[0].numel() / BLOCK)) for q in quads]
-    firsts = [0]
-    for n in chunks[:-1]:
-        firsts.append(firsts[-1] + n)
-    rows = [[q[k].data_ptr() for q in quads] for k in range(4)]
-    rows += [[q[0].numel() for q in quads], firsts]
+    firsts = [sum(chunks[:k]) for k in range(len(chunks))]
+    rows = [[q[k].data_ptr() for q in quads] for k in range(4)] + [[q[0].numel() for q in quads], firsts]
     table = torch.tensor(rows, dtype=torch.int64)
     owner = torch.repeat_interleave(torch.arange(len(quads), dtype=torch.int32), torch.tensor(chunks))
     if device.type == "cuda":
@@ -95,21 +81,14 @@ def _launch_tables(quads: list[tuple[Tensor, ...]], device: torch.device) -> tup
 
 
 def _kernel_takes(p: Tensor, g: Tensor, m: Tensor, v: Tensor, step: Tensor) -> bool:
-    return (
-        p.dtype in PARAM_DTYPES and g.dtype in PARAM_DTYPES and m.dtype in STATE_DTYPES
-        and v.dtype == m.dtype and step.device == p.device
-        and all(t.is_contiguous() and t.device == p.device for t in (p, g, m, v))
-        and p.is_contiguous()
-    )
+    return (p.dtype in PARAM_DTYPES and g.dtype in PARAM_DTYPES and m.dtype in STATE_DTYPES and v.dtype == m.dtype
+            and step.device == p.device and all(t.is_contiguous() and t.device == p.device for t in (p, g, m, v)))
 
 
 def fused(tensors: StepTensors, hyper: Hyper) -> None:
-    """The fused update path; increments the steps.
-
-    ``steps`` (and ``scales``) must live on the parameters' device (the optimizer moves them there).
-    Moments may be float32 or bfloat16. Operands the kernel cannot take (non-contiguous, other dtypes)
-    go through the foreach path. Runs on CPU tensors only under ``TRITON_INTERPRET=1`` (the tests).
-    """
+    """The fused update path; increments the steps, which (with ``scales``) must be on the parameters' device.
+    Operands the kernel cannot take (non-contiguous, other dtypes) go through the foreach path. On CPU tensors
+    it runs only under ``TRITON_INTERPRET=1`` (the tests)."""
     if not tensors.params:
         return
     buckets: dict[tuple, list] = defaultdict(list)
@@ -117,8 +96,7 @@ def fused(tensors: StepTensors, hyper: Hyper) -> None:
     for i, p, g, m, v in prepare(tensors):
         step = local(tensors.steps[i])
         if _kernel_takes(p, g, m, v, step):
-            # Vector accesses need 16-byte aligned bases (views, e.g. flat ZeRO
-            # partitions, may start anywhere).
+            # Vector accesses need 16-byte aligned bases (views, e.g. flat ZeRO partitions, start anywhere).
             aligned = all(t.data_ptr() % 16 == 0 for t in (p, g, m, v))
             buckets[(p.dtype, g.dtype, m.dtype, p.device, aligned)].append((i, p, g, m, v))
         else:

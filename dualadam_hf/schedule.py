@@ -32,11 +32,7 @@ _RTOL = 1e-9
 
 @dataclass(frozen=True)
 class Hyper:
-    """The hyperparameters of one update (one param group's values at one step).
-
-    ``lr`` may be a tensor (as in torch's optimizers); every other field is a plain number.
-    ``inverse_scale`` multiplies the inverse part: u = (1-r)*mh/d + r*s*mh*d.
-    """
+    """The hyperparameters of one update: ``lr`` may be a tensor (as in torch), the rest are plain numbers."""
 
     lr: Any
     beta1: float
@@ -75,10 +71,7 @@ def last_blend_step(switch_rate: float) -> float:
 
 
 def blend_weight(step: Any, switch_rate: float) -> Any:
-    """The blend weight r at ``step`` (1-based): 1 - step*switch_rate during the blend, 0 after it.
-
-    ``step`` may be a number or a tensor of steps; the result has the same kind.
-    """
+    """The blend weight r at ``step`` (1-based, a number or a tensor): 1 - step*switch_rate, then 0."""
     # + 0.0: past the blend the product is -0.0 (a negative number times False), shown as "-0" in logs.
     return (1.0 - step * switch_rate) * (step <= last_blend_step(switch_rate)) + 0.0
 
@@ -95,24 +88,18 @@ def fold(step: Any, hyper: Hyper, scale: Any = 1.0) -> tuple[Any, Any, Any, Any]
     may be tensors (one entry per parameter tensor); ``step`` must already count the coming update.
     Returns (adam, inverse, eps_c, decay).
     """
-    bc1 = 1.0 - hyper.beta1**step
-    c = (1.0 - hyper.beta2**step) ** 0.5
-    r = blend_weight(step, hyper.switch_rate)
-    lr = hyper.lr
-    adam = lr * (1.0 - r) * c / bc1
-    inverse = lr * r * (hyper.inverse_scale * scale) / (bc1 * c)
-    return adam, inverse, hyper.eps * c, 1.0 - lr * hyper.weight_decay
+    bc1, c, r, lr = 1.0 - hyper.beta1**step, (1.0 - hyper.beta2**step) ** 0.5, blend_weight(step, hyper.switch_rate), \
+        hyper.lr
+    return (lr * (1.0 - r) * c / bc1, lr * r * (hyper.inverse_scale * scale) / (bc1 * c), hyper.eps * c,
+            1.0 - lr * hyper.weight_decay)
 
 
 def switch_rate_from_steps(blend_steps: int) -> float:
     """The switch rate that spends the blend over ``blend_steps`` optimizer steps (a positive integer)."""
     if isinstance(blend_steps, bool) or not isinstance(blend_steps, (int, float)) or not (
-        math.isfinite(blend_steps) and blend_steps >= 1 and float(blend_steps).is_integer()
-    ):
-        raise ValueError(
-            f"blend_steps must be a positive whole number of optimizer steps, got {blend_steps!r} "
-            "(for the inverse rule throughout use InvAdam, i.e. switch_rate=0)"
-        )
+            math.isfinite(blend_steps) and blend_steps >= 1 and float(blend_steps).is_integer()):
+        raise ValueError(f"blend_steps must be a positive whole number of optimizer steps, got {blend_steps!r} "
+                         "(for the inverse rule throughout use InvAdam, i.e. switch_rate=0)")
     return 1.0 / int(blend_steps)
 
 

@@ -95,7 +95,8 @@ def test_classification_recipe_runs_two_steps_on_a_tiny_classifier(tiny_classifi
     with data.open("w") as f:
         for i in range(24):
             good = i % 2 == 0
-            f.write(json.dumps({"text": "good good day" if good else "bad bad day", "label": int(good)}) + "\n")
+            text = ("good good day" if good else "bad bad day") + " a" * i  # distinct rows: none repeats a held-out one
+            f.write(json.dumps({"text": text, "label": int(good)}) + "\n")
     out = tmp_path / "run"
     recipe = load_recipe(
         RECIPES / "roberta_sst2_lora.yaml",

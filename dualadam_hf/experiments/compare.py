@@ -1,19 +1,8 @@
 """`dualadam-hf compare`: run one recipe for each variant x seed, everything else identical, then report.
 
-The protocol, in order:
-
-1. Learning rates (optional ``lr_grid``): each variant runs once per learning rate of the grid, on the
-   grid seed, evaluated on the validation split; the rate with the best validation result is chosen per
-   variant. The test split is never read in this phase.
-2. Seeds: each variant runs with its chosen rate (or the recipe's) on every seed, evaluated on the test
-   split. Run k of every variant uses the same seed, so differences are paired by seed.
-3. Report: tables with mean ± std and paired 95% intervals against the first variant, the grid, curves.
-
-Each run is its own ``dualadam-hf train`` process (optionally under a launcher such as
-``accelerate launch``), so runs cannot leak state into each other. A run's results are read only from its
-``run_done.json``; rerunning the same command reuses finished runs and resumes the others from their last
-checkpoint, so an interrupted comparison continues where it stopped. SIGINT/SIGTERM reach the running
-child, which is waited for before compare exits.
+Protocol in docs/recipes.md: an optional learning-rate grid chosen on the validation split, then every seed on
+the test split, paired by seed. Each run is its own ``dualadam-hf train`` process (so runs cannot leak state),
+read back only from its ``run_done.json``: rerunning reuses finished runs and resumes the others.
 """
 
 from __future__ import annotations
@@ -28,32 +17,24 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from .arguments import RecipeError, load_experiment
+from .checkpoints import read_json
 from .data import load_splits
 from .models import resolve_model
-from .report import RunResult, write_report
+from .report import SUMMARY_OF, RunResult, write_report
 from .train import DONE_FILE
 from .variants import Variant, parse_variants
 
 COMMAND_FILE = "compare_command.json"
 DEFAULT_OPTIMS = "adamw_torch,dualadam"
 SELECT_METRICS = {"eval_loss": "lower", "eval_accuracy": "higher"}
+COMPARE_KEYS = ("optims", "seeds", "lr_grid", "select_metric", "grid_seed", "sharpness")
 # Overrides of --smoke: a few steps on a few rows, to check a recipe end to end in CI.
 SMOKE_OVERRIDES = {
-    "max_steps": "2",
-    "train_size": "16",
-    "eval_size": "4",
-    "accuracy_size": "2",
-    "max_new_tokens": "8",
-    "per_device_train_batch_size": "2",
-    "per_device_eval_batch_size": "2",
-    "gradient_accumulation_steps": "1",
-    "eval_steps": "1",
-    "logging_steps": "1",
-    "save_steps": "2",
-    "sharpness_batches": "1",
+    "max_steps": "2", "train_size": "16", "eval_size": "4", "accuracy_size": "2", "max_new_tokens": "8",
+    "per_device_train_batch_size": "2", "per_device_eval_batch_size": "2", "gradient_accumulation_steps": "1",
+    "eval_steps": "1", "logging_steps": "1", "save_steps": "2", "sharpness_batches": "1",
 }
 _SET_BY_COMPARE = ("--optim", "--optim_args", "--seed", "--output_dir", "--dataset_test_split", "--learning_rate")
 
@@ -88,22 +69,6 @@ class RunSpec:
     phase: str  # "grid" or "final"
     lr: float | None = None  # None: the recipe's learning rate
 
-    @property
-    def name(self) -> str:
-        lr = "" if self.lr is None else f" lr={self.lr:g}"
-        return f"{self.variant.label} seed {self.seed}{lr} ({self.phase})"
-
-
-def _floats(value: Any, what: str) -> list[float]:
-    items = value.split(",") if isinstance(value, str) else list(value or [])
-    try:
-        numbers = [float(x) for x in items if str(x).strip()]
-    except ValueError as error:
-        raise RecipeError(f"{what} must be numbers, got {value!r}") from error
-    if any(not (x > 0 and math.isfinite(x)) for x in numbers):
-        raise RecipeError(f"{what} must be positive numbers, got {value!r}")
-    return numbers
-
 
 def make_plan(config: str | Path, *, optims: str | None = None, seeds: int | None = None,
               lr_grid: str | None = None, select_metric: str | None = None, output_dir: str | Path | None = None,
@@ -116,16 +81,20 @@ def make_plan(config: str | Path, *, optims: str | None = None, seeds: int | Non
     config = Path(config).resolve()
     base = load_experiment(config, overrides)
     settings = dict(base.compare)
-    unknown = sorted(set(settings) - {"optims", "seeds", "lr_grid", "select_metric", "grid_seed", "sharpness"})
-    if unknown:
-        raise RecipeError(f"recipe {config}: unknown compare key(s) {unknown}; valid: optims, seeds, lr_grid, "
-                          "select_metric, grid_seed, sharpness")
+    if unknown := sorted(set(settings) - set(COMPARE_KEYS)):
+        raise RecipeError(f"recipe {config}: unknown compare key(s) {unknown}; valid: {', '.join(COMPARE_KEYS)}")
     variants = parse_variants(optims if optims is not None else settings.get("optims", DEFAULT_OPTIMS),
                               base.training.optim_args)
     n_seeds = seeds if seeds is not None else int(settings.get("seeds", 1))
     if n_seeds < 1:
         raise RecipeError(f"--seeds must be >= 1, got {n_seeds}")
-    grid = _floats(lr_grid if lr_grid is not None else settings.get("lr_grid"), "lr_grid")
+    lr_text = lr_grid if lr_grid is not None else settings.get("lr_grid")
+    try:
+        grid = [float(x) for x in (lr_text.split(",") if isinstance(lr_text, str) else lr_text or []) if str(x).strip()]
+    except ValueError as error:
+        raise RecipeError(f"lr_grid must be numbers, got {lr_text!r}") from error
+    if any(not (x > 0 and math.isfinite(x)) for x in grid):
+        raise RecipeError(f"lr_grid must be positive numbers, got {lr_text!r}")
     metric = select_metric or settings.get("select_metric", "eval_loss")
     if metric not in SELECT_METRICS:
         raise RecipeError(f"select_metric must be one of {', '.join(SELECT_METRICS)}, got {metric!r}")
@@ -155,38 +124,18 @@ def make_plan(config: str | Path, *, optims: str | None = None, seeds: int | Non
 def train_command(plan: Plan, spec: RunSpec, launcher: str | None) -> list[str]:
     """The `dualadam-hf train` command of one run (the run's own settings after the shared overrides)."""
     prefix = shlex.split(launcher) + ["-m"] if launcher else [sys.executable, "-m"]
-    split = plan.validation_split if spec.phase == "grid" else plan.test_split
+    grid = spec.phase == "grid"
     lr = [] if spec.lr is None else ["--learning_rate", repr(spec.lr)]
-    sharpness = plan.sharpness and spec.phase == "final"
     # A grid run only needs the final value of the metric it is chosen on.
-    grid = ["--eval_strategy", "no"] if spec.phase == "grid" else []
-    if spec.phase == "grid" and plan.select_metric == "eval_loss":
-        grid += ["--accuracy_size", "0", "--accuracy_during_training", "false"]
+    only_final = ["--eval_strategy", "no"] if grid else []
+    if grid and plan.select_metric == "eval_loss":
+        only_final += ["--accuracy_size", "0", "--accuracy_during_training", "false"]
     return prefix + [
         "dualadam_hf.cli", "train", "--config", str(plan.config), *plan.overrides, *spec.variant.overrides(), *lr,
-        *grid, "--seed", str(spec.seed), "--output_dir", str(spec.output_dir), "--dataset_test_split", split,
-        "--sharpness", "true" if sharpness else "false", "--resume_from_checkpoint", "last",
+        *only_final, "--seed", str(spec.seed), "--output_dir", str(spec.output_dir), "--dataset_test_split",
+        plan.validation_split if grid else plan.test_split,
+        "--sharpness", "true" if plan.sharpness and not grid else "false", "--resume_from_checkpoint", "last",
     ]
-
-
-def read_done(run_dir: Path) -> dict | None:
-    """A finished run's record, or None (not finished, or cut off while being written)."""
-    try:
-        return json.loads((run_dir / DONE_FILE).read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
-        return None
-
-
-def check_reusable(spec: RunSpec, command: list[str], rerun: bool) -> None:
-    """A run folder left by a different command (other overrides or recipe) must not be silently reused."""
-    saved = spec.output_dir / COMMAND_FILE
-    if rerun or not saved.is_file():
-        return
-    if json.loads(saved.read_text()) != command[command.index("train"):]:
-        raise RecipeError(
-            f"{spec.output_dir} holds a run of a different command ({saved}); "
-            "give another --output_dir, or --rerun to replace it"
-        )
 
 
 class Interrupted(Exception):
@@ -199,9 +148,7 @@ class Interrupted(Exception):
 
 def run_child(command: list[str]) -> int:
     """Run one training process to its end; a SIGINT/SIGTERM to compare is passed on to it and waited for.
-
-    The child runs in its own session, so a Ctrl-C in the terminal reaches it once (through compare), and
-    compare never leaves a trainer running behind it.
+    In its own session, a Ctrl-C in the terminal reaches it once (through compare), and it never outlives compare.
     """
     child = subprocess.Popen(command, start_new_session=True)
     received: list[int] = []
@@ -224,12 +171,17 @@ def run_child(command: list[str]) -> int:
 
 def _execute(plan: Plan, specs: list[RunSpec], launcher: str | None, rerun: bool, log) -> list[RunResult]:
     commands = [train_command(plan, spec, launcher) for spec in specs]
+    # A run folder left by a different command (other overrides or recipe) must not be silently reused.
     for spec, command in zip(specs, commands, strict=True):
-        check_reusable(spec, command, rerun)
+        saved = spec.output_dir / COMMAND_FILE
+        if not rerun and saved.is_file() and json.loads(saved.read_text()) != command[command.index("train"):]:
+            raise RecipeError(f"{spec.output_dir} holds a run of a different command ({saved}); "
+                              "give another --output_dir, or --rerun to replace it")
     results = []
     for index, (spec, command) in enumerate(zip(specs, commands, strict=True), start=1):
-        where = f"[compare] {spec.phase} {index}/{len(specs)} {spec.name}"
-        done = None if rerun else read_done(spec.output_dir)
+        lr = "" if spec.lr is None else f" lr={spec.lr:g}"
+        where = f"[compare] {spec.phase} {index}/{len(specs)} {spec.variant.label} seed {spec.seed}{lr} ({spec.phase})"
+        done = None if rerun else read_json(spec.output_dir / DONE_FILE)
         if done is None:
             if rerun and spec.output_dir.exists():
                 shutil.rmtree(spec.output_dir)  # else `--resume_from_checkpoint last` would pick up the old run
@@ -238,7 +190,7 @@ def _execute(plan: Plan, specs: list[RunSpec], launcher: str | None, rerun: bool
             log(f"{where}: {shlex.join(command)}")
             started = time.time()
             code = run_child(command)
-            done = read_done(spec.output_dir)
+            done = read_json(spec.output_dir / DONE_FILE)
             if code != 0 or done is None:
                 error = f"exit code {code}" + ("" if done is not None else f", no {DONE_FILE}")
                 log(f"{where}: FAILED ({error})")
@@ -255,17 +207,12 @@ def _execute(plan: Plan, specs: list[RunSpec], launcher: str | None, rerun: bool
 
 def choose_rates(plan: Plan, grid_results: list[RunResult]) -> dict[str, float]:
     """Per variant, the grid rate with the best final validation metric (failed or diverged runs lose)."""
-    lower = SELECT_METRICS[plan.select_metric] == "lower"
+    sign = 1 if SELECT_METRICS[plan.select_metric] == "lower" else -1
     chosen = {}
     for variant in plan.variants:
-        scored = []
-        for result in grid_results:
-            if result.label != variant.label or not result.ok:
-                continue
-            value = result.summary.get({"eval_loss": "heldout_loss", "eval_accuracy": "heldout_accuracy"}[
-                plan.select_metric])
-            if value is not None and math.isfinite(value):
-                scored.append((value if lower else -value, result.lr))
+        values = [(r.summary.get(SUMMARY_OF[plan.select_metric]), r.lr) for r in grid_results
+                  if r.label == variant.label and r.ok]
+        scored = [(sign * value, lr) for value, lr in values if value is not None and math.isfinite(value)]
         if not scored:
             raise RecipeError(f"no grid run of {variant.label} finished with a finite {plan.select_metric}")
         chosen[variant.label] = min(scored)[1]
@@ -287,8 +234,7 @@ def compare(plan: Plan, *, launcher: str | None = None, rerun: bool = False, log
     specs = [RunSpec(v, seed, runs / f"{v.folder}-seed{seed}", "final", plan.chosen_lr.get(v.label))
              for seed in plan.seeds for v in plan.variants]
     results = _execute(plan, specs, launcher, rerun, log)
-    report = write_report(plan, results, grid_results, seconds=time.time() - started)
-    return report, results
+    return write_report(plan, results, grid_results, seconds=time.time() - started), results
 
 
 def run_compare(config: str, *, optims: str | None, seeds: int | None, lr_grid: str | None,

@@ -1,17 +1,8 @@
-"""One dataset loader for training, comparing and measuring sharpness.
+"""One dataset loader for training, comparing and measuring sharpness (docs/recipes.md, "Data").
 
-``dataset_name`` may be:
-
-- ``reasoning-gym:<task>``: problems generated offline (:mod:`dualadam_hf.experiments.tasks`), with
-  disjoint ``train``, ``validation`` and ``test`` splits;
-- a local ``.jsonl``/``.json`` file, or a folder holding ``<split>.jsonl`` files;
-- anything else is a hub dataset id, loaded with ``datasets.load_dataset`` (needs a network).
-
-The held-out split is the one ``dataset_test_split`` names (``compare`` points it at ``validation`` while
-it tunes learning rates). A local source without that split holds out rows of its train split instead:
-``test`` and ``validation`` are then two disjoint slices, and the train rows are the same for both (also
-when the source has one of them and not the other).
-Bad files are reported with their name, line and what is wrong, before any model is loaded.
+``dataset_name``: ``reasoning-gym:<task>`` (:mod:`.tasks`), a local ``.jsonl``/``.json`` file or a folder of
+``<split>.jsonl`` files, else a hub dataset id. The held-out split is ``dataset_test_split``; a local source
+without it holds out disjoint slices of its train split. Bad files are reported with name, line and problem.
 """
 
 from __future__ import annotations
@@ -26,30 +17,14 @@ from .arguments import Experiment, RecipeError
 
 # Column sets SFTTrainer understands; prompt/completion gives loss on the completion (answer) only.
 SFT_FORMATS = (("prompt", "completion"), ("messages",), ("text",))
+_SFT_WANTED = " or ".join("+".join(fmt) for fmt in SFT_FORMATS)
 # The name the default recipes used for the built-in math problems.
 ALIASES = {"reasoning-gym-math": f"{tasks.PREFIX}gsm_symbolic"}
-
-
-def heldout_rows_needed(experiment: Experiment) -> int | None:
-    """Rows the held-out split must give: enough for the eval loss and for the accuracy eval."""
-    args = experiment.args
-    if args.eval_size is None:
-        return None
-    return max(args.eval_size, args.accuracy_size)
+_GSM8K_FINAL = re.compile(r"####\s*(.+?)\s*$", re.S)
 
 
 def _subsample(dataset: Any, size: int | None, seed: int) -> Any:
-    if size is None or size >= len(dataset):
-        return dataset
-    return dataset.shuffle(seed=seed).select(range(size))
-
-
-def _split_file(folder: Path, split: str) -> Path | None:
-    for suffix in (".jsonl", ".json"):
-        candidate = folder / f"{split}{suffix}"
-        if candidate.is_file():
-            return candidate
-    return None
+    return dataset if size is None or size >= len(dataset) else dataset.shuffle(seed=seed).select(range(size))
 
 
 def _check_message_list(value: Any, where: str, column: str) -> None:
@@ -79,8 +54,7 @@ def check_row(row: Any, where: str, task: str) -> None:
         if not isinstance(row["text"], str) or not row["text"]:
             raise RecipeError(f"{where}: 'text' must be non-empty text, got {row['text']!r:.80}")
     else:
-        wanted = " or ".join("+".join(fmt) for fmt in SFT_FORMATS)
-        raise RecipeError(f"{where}: a row needs columns {wanted}; it has {sorted(row)}")
+        raise RecipeError(f"{where}: a row needs columns {_SFT_WANTED}; it has {sorted(row)}")
 
 
 def read_rows(file: Path, task: str = "sft") -> list[dict[str, Any]]:
@@ -89,16 +63,14 @@ def read_rows(file: Path, task: str = "sft") -> list[dict[str, Any]]:
     rows: list[tuple[str, Any]] = []
     if file.suffix == ".json" and text.lstrip().startswith("["):
         try:
-            data = json.loads(text)
+            rows = [(f"{file} row {i}", row) for i, row in enumerate(json.loads(text), start=1)]
         except json.JSONDecodeError as error:
             raise RecipeError(f"{file}: not valid JSON: {error}") from None
-        rows = [(f"{file} row {i}", row) for i, row in enumerate(data, start=1)]
     else:
         for number, line in enumerate(text.splitlines(), start=1):
-            if not line.strip():
-                continue
             try:
-                rows.append((f"{file}:{number}", json.loads(line)))
+                if line.strip():
+                    rows.append((f"{file}:{number}", json.loads(line)))
             except json.JSONDecodeError as error:
                 raise RecipeError(f"{file}:{number}: not valid JSON ({error.msg}): {line[:80]!r}") from None
     if not rows:
@@ -122,55 +94,53 @@ def _carve(train: Any, missing: list[str], size: int | None, seed: int) -> tuple
     """(rest of train, {split: slice}): the missing held-out splits as disjoint slices of one shuffle."""
     size = size or max(1, len(train) // 10)
     if len(train) <= len(missing) * size:
-        raise RecipeError(
-            f"the train split has {len(train)} rows: too few to hold out {size} each for {', '.join(missing)} "
-            "(lower eval_size or give <split>.jsonl files)"
-        )
+        raise RecipeError(f"the train split has {len(train)} rows: too few to hold out {size} each for "
+                          f"{', '.join(missing)} (lower eval_size or give <split>.jsonl files)")
     shuffled = train.shuffle(seed=seed)
     slices = {split: shuffled.select(range(k * size, (k + 1) * size)) for k, split in enumerate(missing)}
     # A row repeated in the source must not sit on both sides: train keeps no copy of a held-out row.
     held = {json.dumps(row, sort_keys=True) for row in shuffled.select(range(len(missing) * size))}
     rest = shuffled.select(range(len(missing) * size, len(shuffled)))
-    return rest.filter(lambda row: json.dumps(row, sort_keys=True) not in held), slices
-
-
-def _held_out_names(experiment: Experiment) -> list[str]:
-    """The held-out splits a source is asked for: the requested one, the validation split and "test", so the
-    carved rows, and with them the train rows, are the same whichever of them a run holds out."""
-    return list(dict.fromkeys(["test", experiment.args.dataset_validation_split, experiment.script.dataset_test_split]))
+    rest = rest.filter(lambda row: json.dumps(row, sort_keys=True) not in held)
+    if len(rest) == 0:
+        raise RecipeError("no train rows are left once the held-out rows and their repeats are taken out")
+    return rest, slices
 
 
 def _load_source(experiment: Experiment) -> tuple[Any, dict[str, Any]]:
-    """(train, {held-out split: dataset or None}) straight from the source, before formatting."""
+    """(train, {held-out split: a loader, or None when the source lacks it}). Asked about are the requested
+    split, the validation split and "test", so the carved rows, and with them the train rows, are the same
+    whichever of them a run holds out; only the requested split is ever read."""
     script, args = experiment.script, experiment.args
     task = args.task if args.dataset_format == "auto" else args.dataset_format
-    name, wanted = str(script.dataset_name), _held_out_names(experiment)
+    name = str(script.dataset_name)
+    wanted = list(dict.fromkeys(["test", args.dataset_validation_split, script.dataset_test_split]))
     path = Path(name).expanduser()
     if path.is_file():
         return _dataset(path, task), dict.fromkeys(wanted)
     if path.is_dir():
-        train_file = _split_file(path, script.dataset_train_split)
-        if train_file is None:
+        files = {split: next((f for f in (path / f"{split}.jsonl", path / f"{split}.json") if f.is_file()), None)
+                 for split in (script.dataset_train_split, *wanted)}
+        if files[script.dataset_train_split] is None:
             raise RecipeError(f"dataset folder {path} holds no {script.dataset_train_split}.jsonl (or .json)")
-        files = {split: _split_file(path, split) for split in wanted}
-        return _dataset(train_file, task), {k: _dataset(f, task) if f else None for k, f in files.items()}
+        return _dataset(files[script.dataset_train_split], task), {
+            split: (lambda f=files[split]: _dataset(f, task)) if files[split] else None for split in wanted}
     if name.endswith((".json", ".jsonl")) or name.startswith((".", "/", "~")):
         raise RecipeError(f"dataset file not found: {name}")
     from datasets import get_dataset_split_names, load_dataset
 
-    try:
-        splits = get_dataset_split_names(name, script.dataset_config)
-        train = load_dataset(name, script.dataset_config, split=script.dataset_train_split)
-        held = {k: load_dataset(name, script.dataset_config, split=k) if k in splits else None for k in wanted}
-    except Exception as error:  # datasets raises many types (connection, not found, config); all are fatal here
-        raise RecipeError(
-            f"dataset {name!r} (config {script.dataset_config!r}) could not be loaded: {error}. Offline, point "
-            f"dataset_name at a local .jsonl file or a generated task such as {tasks.PREFIX}gsm_symbolic."
-        ) from error
-    return train, held
+    def hub(split: str | None = None) -> Any:
+        try:
+            if split is None:
+                return get_dataset_split_names(name, script.dataset_config)
+            return load_dataset(name, script.dataset_config, split=split)
+        except Exception as error:  # datasets raises many types (connection, not found, config): all fatal here
+            raise RecipeError(f"dataset {name!r} (config {script.dataset_config!r}) could not be loaded: {error}. "
+                              "Offline, point dataset_name at a local .jsonl file or a generated task such as "
+                              f"{tasks.PREFIX}gsm_symbolic.") from error
 
-
-_GSM8K_FINAL = re.compile(r"####\s*(.+?)\s*$", re.S)
+    splits = hub()
+    return hub(script.dataset_train_split), {k: (lambda k=k: hub(k)) if k in splits else None for k in wanted}
 
 
 def gsm8k_to_chat(row: dict[str, Any]) -> dict[str, Any]:
@@ -181,78 +151,61 @@ def gsm8k_to_chat(row: dict[str, Any]) -> dict[str, Any]:
     final = match.group(1).replace(",", "").strip()
     # Calculator annotations such as <<48/2=24>> are noise for a chat model.
     reasoning = re.sub(r"<<[^>]*>>", "", row["answer"][: match.start()]).strip()
-    return {
-        "prompt": tasks.format_prompt(row["question"], worked=True),
-        "completion": tasks.format_completion(final, reasoning),
-        "answer": final,
-    }
+    return {"prompt": tasks.format_prompt(row["question"], worked=True),
+            "completion": tasks.format_completion(final, reasoning), "answer": final}
 
 
 def check_columns(dataset: Any, experiment: Experiment, what: str) -> None:
     """Fail with the missing column names (and the ones present) before any training."""
-    args = experiment.args
-    columns = set(dataset.column_names)
+    args, columns = experiment.args, set(dataset.column_names)
     if args.task == "classification":
-        missing = [c for c in (args.text_column, args.label_column) if c not in columns]
-        if missing:
+        if missing := [c for c in (args.text_column, args.label_column) if c not in columns]:
             raise RecipeError(
-                f"{what} data lacks column(s) {missing} (has {sorted(columns)}); set text_column / label_column"
-            )
+                f"{what} data lacks column(s) {missing} (has {sorted(columns)}); set text_column / label_column")
         labels = set(dataset.unique(args.label_column))
-        bad = sorted((x for x in labels if not isinstance(x, int) or not 0 <= x < args.num_labels), key=str)
-        if bad:
+        if bad := sorted((x for x in labels if not isinstance(x, int) or not 0 <= x < args.num_labels), key=str):
             raise RecipeError(f"{what} labels {bad[:5]} are not integers in [0, num_labels={args.num_labels})")
-        return
-    if not any(all(c in columns for c in fmt) for fmt in SFT_FORMATS):
-        wanted = " or ".join("+".join(fmt) for fmt in SFT_FORMATS)
-        raise RecipeError(f"{what} data needs columns {wanted}; it has {sorted(columns)}")
-    if what == "held-out" and args.accuracy_size and not {"prompt", "answer"} <= columns:
-        raise RecipeError(
-            f"accuracy_size > 0 needs held-out columns 'prompt' and 'answer'; it has {sorted(columns)} "
-            "(set accuracy_size: 0 to skip the accuracy eval)"
-        )
-
-
-def _generated(experiment: Experiment, task_name: str, heldout_size: int | None) -> tuple[Any, Any]:
-    script, args = experiment.script, experiment.args
-    if not args.train_size or heldout_size is None:
-        raise RecipeError(f"dataset_name {script.dataset_name} generates data: set train_size and eval_size")
-    for split in (script.dataset_train_split, script.dataset_test_split):
-        if split not in tasks.SPLITS:
-            raise RecipeError(f"generated data has the splits {', '.join(tasks.SPLITS)}; got {split!r}")
-    try:
-        train = tasks.generated_dataset(task_name, script.dataset_train_split, args.train_size, args.dataset_seed,
-                                        script.dataset_config)
-        heldout = tasks.generated_dataset(task_name, script.dataset_test_split, heldout_size, args.dataset_seed,
-                                          script.dataset_config)
-    except ValueError as error:
-        raise RecipeError(str(error)) from error
-    return train, heldout
+    elif not any(all(c in columns for c in fmt) for fmt in SFT_FORMATS):
+        raise RecipeError(f"{what} data needs columns {_SFT_WANTED}; it has {sorted(columns)}")
+    elif what == "held-out" and args.accuracy_size and not {"prompt", "answer"} <= columns:
+        raise RecipeError(f"accuracy_size > 0 needs held-out columns 'prompt' and 'answer'; it has {sorted(columns)} "
+                          "(set accuracy_size: 0 to skip the accuracy eval)")
 
 
 def load_splits(experiment: Experiment) -> tuple[Any, Any]:
     """The train and held-out datasets of an experiment, formatted, subsampled and checked."""
     script, args = experiment.script, experiment.args
-    heldout_size = heldout_rows_needed(experiment)
+    # Held-out rows: enough for the eval loss and for the accuracy eval.
+    heldout_size = None if args.eval_size is None else max(args.eval_size, args.accuracy_size)
     name = ALIASES.get(str(script.dataset_name), str(script.dataset_name))
     if name.startswith(tasks.PREFIX):
-        train, heldout = _generated(experiment, name.removeprefix(tasks.PREFIX), heldout_size)
+        if not args.train_size or heldout_size is None:
+            raise RecipeError(f"dataset_name {script.dataset_name} generates data: set train_size and eval_size")
+        for split in (script.dataset_train_split, script.dataset_test_split):
+            if split not in tasks.SPLITS:
+                raise RecipeError(f"generated data has the splits {', '.join(tasks.SPLITS)}; got {split!r}")
+        task = name.removeprefix(tasks.PREFIX)
+        try:
+            train, heldout = (tasks.generated_dataset(task, split, size, args.dataset_seed, script.dataset_config)
+                              for split, size in ((script.dataset_train_split, args.train_size),
+                                                  (script.dataset_test_split, heldout_size)))
+        except ValueError as error:
+            raise RecipeError(str(error)) from error
     else:
         train, held = _load_source(experiment)
+        missing = [split for split, loader in held.items() if loader is None]
+        requested = script.dataset_test_split
+        heldout = None if requested in missing else held[requested]()
         if args.dataset_format == "gsm8k":
-            for what, dataset in (("train", train), *held.items()):
+            for what, dataset in (("train", train), ("held-out", heldout)):
                 if dataset is not None and not {"question", "answer"} <= set(dataset.column_names):
-                    raise RecipeError(
-                        f"dataset_format gsm8k needs columns 'question' and 'answer'; {what} data has "
-                        f"{sorted(dataset.column_names)}"
-                    )
+                    raise RecipeError(f"dataset_format gsm8k needs columns 'question' and 'answer'; {what} data "
+                                      f"has {sorted(dataset.column_names)}")
             convert = lambda d: None if d is None else d.map(gsm8k_to_chat, remove_columns=d.column_names)
-            train, held = convert(train), {k: convert(d) for k, d in held.items()}
-        missing = [split for split, dataset in held.items() if dataset is None]
+            train, heldout = convert(train), convert(heldout)
         if missing:
             train, carved = _carve(train, missing, heldout_size, args.dataset_seed)
-            held.update(carved)
-        heldout = held[script.dataset_test_split]
+            heldout = carved.get(requested, heldout)
         train = _subsample(train, args.train_size, args.dataset_seed)
         heldout = _subsample(heldout, heldout_size, args.dataset_seed)
     check_columns(train, experiment, "train")

@@ -25,8 +25,7 @@ def torch_dtype(name: str | None) -> Any:
 
     if name in (None, "auto"):
         return "auto"
-    dtype = getattr(torch, str(name), None)
-    if not isinstance(dtype, torch.dtype):
+    if not isinstance(dtype := getattr(torch, str(name), None), torch.dtype):
         raise RecipeError(f"unknown dtype {name!r}; use one of {', '.join(DTYPES)}")
     return dtype
 
@@ -64,16 +63,14 @@ def load_model(path: str, *, task: str = "sft", num_labels: int = 2, dtype: str 
         model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels, **kwargs)
     else:
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
-    if adapter is not None:
-        from peft import PeftModel
+    if adapter is None:
+        return model
+    from peft import PeftModel
 
-        model = PeftModel.from_pretrained(model, adapter, is_trainable=trainable)
-    return model
+    return PeftModel.from_pretrained(model, adapter, is_trainable=trainable)
 
 
 def adapter_base(folder: str | Path) -> str | None:
     """The base model a PEFT adapter folder was trained on (None if it is not an adapter folder)."""
     config = Path(folder) / "adapter_config.json"
-    if not config.is_file():
-        return None
-    return json.loads(config.read_text(encoding="utf-8")).get("base_model_name_or_path")
+    return json.loads(config.read_text(encoding="utf-8")).get("base_model_name_or_path") if config.is_file() else None

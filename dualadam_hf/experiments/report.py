@@ -1,7 +1,7 @@
 """The comparison report: tables with mean ± std and paired 95% intervals, the learning-rate grid, curves.
 
-Every number comes from a run's log history (``run_done.json``), read back here; nothing is recomputed
-from the model, so the report cannot disagree with the logs.
+Every number is read back from a run's log history (``run_done.json``); nothing is recomputed from the
+model, so the report cannot disagree with the logs.
 """
 
 from __future__ import annotations
@@ -25,22 +25,18 @@ METRICS: tuple[tuple[str, tuple[str, ...], str, int, str], ...] = (
     ("peak_memory_mb", ("peak_memory_mb",), "peak memory (MB)", 0, "lower"),
     ("sharpness", ("sharpness/top_eigenvalue",), "top Hessian eigenvalue", 4, "lower"),
 )
+SUMMARY_OF = {"eval_loss": "heldout_loss", "eval_accuracy": "heldout_accuracy"}  # select_metric -> summary key
 INVERSE_SHARE_KEY = "dualadam/inverse_share"
 
 
 def last_logged(log_history: Sequence[dict[str, Any]], keys: Sequence[str]) -> float | None:
     """The value of the first of ``keys`` in the last log entry that has it (None if none has it)."""
-    for key in keys:
-        for entry in reversed(log_history):
-            if key in entry:
-                return float(entry[key])
-    return None
+    return next((float(e[key]) for key in keys for e in reversed(log_history) if key in e), None)
 
 
 def curve(log_history: Sequence[dict[str, Any]], key: str) -> list[tuple[int, float]]:
     """(step, value) for every log entry holding ``key``; a step logged twice keeps its last value."""
-    points = {int(e["step"]): float(e[key]) for e in log_history if key in e and "step" in e}
-    return sorted(points.items())
+    return sorted({int(e["step"]): float(e[key]) for e in log_history if key in e and "step" in e}.items())
 
 
 @dataclass
@@ -69,10 +65,10 @@ class RunResult:
 
 
 def group(results: Sequence[RunResult]) -> dict[str, list[RunResult]]:
+    """The finished runs by variant, in order of first appearance."""
     groups: dict[str, list[RunResult]] = {}
-    for result in results:
-        if result.ok:
-            groups.setdefault(result.label, []).append(result)
+    for result in (r for r in results if r.ok):
+        groups.setdefault(result.label, []).append(result)
     return groups
 
 
@@ -98,14 +94,14 @@ def results_table(results: Sequence[RunResult]) -> str:
     return "\n".join(lines)
 
 
-def paired_intervals(results: Sequence[RunResult]) -> list[tuple[str, str, Interval, str, int]]:
-    """(variant, metric header, interval, better, digits) for every variant against the first one."""
+def intervals_table(results: Sequence[RunResult]) -> tuple[str, list[str]]:
+    """Every variant against the first one, paired by seed: the table and one sentence per interval."""
     groups = group(results)
     labels = list(groups)
     if len(labels) < 2:
-        return []
+        return "", []
     baseline = {r.seed: r for r in groups[labels[0]]}
-    rows = []
+    rows: list[tuple[str, str, Interval, str, int]] = []  # (variant, metric header, interval, better, digits)
     for label in labels[1:]:
         pairs = [(r, baseline[r.seed]) for r in groups[label] if r.seed in baseline]
         if not pairs:
@@ -123,37 +119,31 @@ def paired_intervals(results: Sequence[RunResult]) -> list[tuple[str, str, Inter
                     continue
                 interval = paired_t_interval(diffs)
             rows.append((label, header, interval, better, digits))
-    return rows
-
-
-def intervals_table(results: Sequence[RunResult]) -> tuple[str, list[str]]:
-    rows = paired_intervals(results)
     if not rows:
         return "", []
-    baseline = next(iter(group(results)))
-    lines = [f"| variant − {baseline} | metric | difference | 95% interval | seeds | method |",
+    lines = [f"| variant − {labels[0]} | metric | difference | 95% interval | seeds | method |",
              "|---|---|---|---|---|---|"]
     words = []
     for label, header, iv, better, digits in rows:
         d = digits + 1
         span = "-" if iv.low is None else f"[{iv.low:+.{d}f}, {iv.high:+.{d}f}]"
         lines.append(f"| {label} | {header} | {iv.mean:+.{d}f} | {span} | {iv.n} | {iv.method} |")
-        words.append(f"{label} − {baseline}, " + iv.words(header, better))
+        words.append(f"{label} − {labels[0]}, " + iv.words(header, better))
     return "\n".join(lines), words
 
 
 def grid_table(plan: Any, grid_results: Sequence[RunResult]) -> str:
-    key = {"eval_loss": "heldout_loss", "eval_accuracy": "heldout_accuracy"}[plan.select_metric]
+    key = SUMMARY_OF[plan.select_metric]
     lines = ["| variant | " + " | ".join(f"lr {lr:g}" for lr in plan.lr_grid) + " | chosen |",
              "|" + "---|" * (len(plan.lr_grid) + 2)]
     for variant in plan.variants:
         cells = []
+        chosen = plan.chosen_lr.get(variant.label)
         for lr in plan.lr_grid:
             run = next((r for r in grid_results if r.label == variant.label and r.lr == lr), None)
             value = None if run is None or not run.ok else run.summary[key]
             text = "failed" if run is not None and not run.ok else ("-" if value is None else f"{value:.4f}")
-            cells.append(f"**{text}**" if plan.chosen_lr.get(variant.label) == lr else text)
-        chosen = plan.chosen_lr.get(variant.label)
+            cells.append(f"**{text}**" if chosen == lr else text)
         lines.append(f"| {variant.label} | " + " | ".join(cells) + f" | {'-' if chosen is None else f'{chosen:g}'} |")
     return "\n".join(lines)
 
@@ -177,36 +167,20 @@ def plot_curves(results: Sequence[RunResult], key: str, title: str, path: Path, 
         values = [[c[s] for c in curves] for s in steps]
         if log_y and any(v <= 0 for row in values for v in row):
             values = [[max(v, 1e-12) for v in row] for row in values]
-        mean = [statistics.fmean(v) for v in values]
-        (line,) = axes.plot(steps, mean, marker="o" if len(steps) < 30 else None, ms=3,
-                            label=f"{label} (n={len(runs)})")
+        (line,) = axes.plot(steps, [statistics.fmean(v) for v in values], marker="o" if len(steps) < 30 else None,
+                            ms=3, label=f"{label} (n={len(runs)})")
         if len(runs) > 1:
             axes.fill_between(steps, [min(v) for v in values], [max(v) for v in values], color=line.get_color(),
                               alpha=0.2)
         drawn = True
     if drawn:
-        axes.set_xlabel("optimizer step")
-        axes.set_ylabel(key)
-        if log_y:
-            axes.set_yscale("log")
-        axes.set_title(title)
+        axes.set(xlabel="optimizer step", ylabel=key, title=title, yscale="log" if log_y else "linear")
         axes.grid(alpha=0.3)
         axes.legend(fontsize=8)
         figure.tight_layout()
         figure.savefig(path, dpi=110)
     plt.close(figure)
     return drawn
-
-
-def describe(plan: Any) -> list[str]:
-    lines = ["Variants (the first one is the baseline of the paired differences):", ""]
-    for v in plan.variants:
-        extra = ", ".join([f"optim_args `{v.optim_args_text}`"] * bool(v.optim_args)
-                          + [f"`{k}={val}`" for k, val in v.settings.items()])
-        lines.append(f"- **{v.label}**: `{v.optim}`" + (f" with {extra}" if extra else ""))
-    lines += ["", f"Recipe `{plan.config.name}`; overrides `{' '.join(plan.overrides) or 'none'}`; seeds "
-              f"{', '.join(map(str, plan.seeds))}; held-out results on the `{plan.test_split}` split."]
-    return lines
 
 
 def write_report(plan: Any, results: Sequence[RunResult], grid_results: Sequence[RunResult] = (), *,
@@ -219,7 +193,14 @@ def write_report(plan: Any, results: Sequence[RunResult], grid_results: Sequence
         name = f"{r.phase}-{r.label}-seed{r.seed}" + ("" if r.lr is None else f"-lr{r.lr:g}")
         (raw / f"{''.join(c if c.isalnum() or c in '._=-' else '_' for c in name)}.json").write_text(
             json.dumps(r.to_json(), indent=1) + "\n", encoding="utf-8")
-    lines = [f"# Optimizer comparison: {plan.config.stem}", "", *describe(plan), ""]
+    lines = [f"# Optimizer comparison: {plan.config.stem}", "",
+             "Variants (the first one is the baseline of the paired differences):", ""]
+    for v in plan.variants:
+        extra = ", ".join([f"optim_args `{v.optim_args_text}`"] * bool(v.optim_args)
+                          + [f"`{k}={val}`" for k, val in v.settings.items()])
+        lines.append(f"- **{v.label}**: `{v.optim}`" + (f" with {extra}" if extra else ""))
+    lines += ["", f"Recipe `{plan.config.name}`; overrides `{' '.join(plan.overrides) or 'none'}`; seeds "
+              f"{', '.join(map(str, plan.seeds))}; held-out results on the `{plan.test_split}` split.", ""]
     if plan.lr_grid:
         lines += [f"## Learning rates, chosen on the `{plan.validation_split}` split", "",
                   f"Final {plan.select_metric} of one run per rate (seed {plan.grid_seed}); the chosen rate is "
@@ -233,20 +214,18 @@ def write_report(plan: Any, results: Sequence[RunResult], grid_results: Sequence
     if table:
         lines += ["## Paired differences", "",
                   "Each variant minus the baseline, paired by seed; 95% intervals (Student's t over the per-seed "
-                  "differences; for accuracy a bootstrap over seeds and held-out problems).", "", table, ""]
-        lines += [f"- {w}" for w in words] + [""]
-    failed = [r for r in [*grid_results, *results] if not r.ok]
-    lines += [f"- **failed**: {r.label} seed {r.seed} ({r.phase}): {r.error}" for r in failed]
+                  "differences; for accuracy a bootstrap over seeds and held-out problems).", "", table, "",
+                  *[f"- {w}" for w in words], ""]
+    lines += [f"- **failed**: {r.label} seed {r.seed} ({r.phase}): {r.error}"
+              for r in [*grid_results, *results] if not r.ok]
     lines += [f"- Total time of this invocation: {seconds:.0f} s (finished runs that were reused cost nothing)."]
     plots = (("loss", "train_loss.png", "Train loss", False), ("eval_loss", "eval_loss.png", "Held-out loss", False),
              ("eval_accuracy", "eval_accuracy.png", "Held-out accuracy", False),
              (INVERSE_SHARE_KEY, "inverse_share.png", "Inverse share of the update", True))
-    drawn_any = False
-    for key, name, caption, log_y in plots:
-        if plot_curves(results, key, f"{caption} (mean over seeds, band: min-max)", out / name, log_y=log_y):
-            lines += ["", f"![{caption}]({name})"]
-            drawn_any = True
-    if not drawn_any and results:
+    drawn = [f"![{caption}]({name})" for key, name, caption, log_y in plots
+             if plot_curves(results, key, f"{caption} (mean over seeds, band: min-max)", out / name, log_y=log_y)]
+    lines += [line for image in drawn for line in ("", image)]
+    if not drawn and results:
         lines += ["", "(No plots: matplotlib is not installed, or fewer than two points were logged.)"]
     path = out / "report.md"
     path.write_text("\n".join(lines).rstrip() + "\n", encoding="utf-8")

@@ -1,11 +1,8 @@
 """Statistics for a comparison: mean and std over seeds, paired differences with 95% intervals.
 
-Differences are paired by seed: run k of a variant and run k of the baseline share their seed, so the
-data order and the LoRA initialisation are the same and only the optimizer differs. For a metric measured
-once per run the interval is Student's t over the per-seed differences. For exact-match accuracy the
-per-problem results are known, so the interval comes from a bootstrap that resamples seeds and, within
-them, the held-out problems: it covers the noise of which problems happen to be in the test set as well
-as the noise of the seeds.
+Run k of a variant and of the baseline share their seed (data order, LoRA init), so differences are paired:
+Student's t over the per-seed differences, or for exact-match accuracy a bootstrap over seeds and held-out
+problems, which also covers the noise of which problems happen to be in the test set.
 """
 
 from __future__ import annotations
@@ -30,8 +27,7 @@ def t_quantile_975(dof: int) -> float:
 
 def mean_std(values: Sequence[float]) -> tuple[float, float | None]:
     """Mean and sample standard deviation (None for a single value)."""
-    mean = statistics.fmean(values)
-    return mean, (statistics.stdev(values) if len(values) > 1 else None)
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else None)
 
 
 @dataclass(frozen=True)
@@ -60,8 +56,7 @@ class Interval:
 
 def paired_t_interval(differences: Sequence[float]) -> Interval:
     """Mean of per-seed differences with a two-sided 95% Student-t interval."""
-    n = len(differences)
-    mean = statistics.fmean(differences)
+    n, mean = len(differences), statistics.fmean(differences)
     if n < 2:
         return Interval(mean, None, None, n, "paired t")
     half = t_quantile_975(n - 1) * statistics.stdev(differences) / math.sqrt(n)
@@ -72,23 +67,18 @@ def paired_bootstrap_interval(variant: Sequence[Sequence[int]], baseline: Sequen
                               resamples: int = 2000, seed: int = 0) -> Interval:
     """Difference of exact-match accuracy with a 95% percentile interval from a two-level bootstrap.
 
-    ``variant[k][i]`` and ``baseline[k][i]`` are 1 when problem i was answered correctly by the run of seed
-    k. Each resample draws seeds with replacement and, for each drawn seed, problems with replacement
-    (the same problems for both, as they were scored on the same problems).
-    """
+    ``variant[k][i]`` and ``baseline[k][i]`` are 1 when the run of seed k answered problem i correctly. Each
+    resample draws seeds, then for each seed problems (the same for both), with replacement."""
     if len(variant) != len(baseline) or not variant:
         raise ValueError("need the same, non-zero number of seeds for the variant and the baseline")
     if any(len(a) != len(b) or not a for a, b in zip(variant, baseline)):
         raise ValueError("each seed's runs must be scored on the same, non-empty list of problems")
     diffs = [[x - y for x, y in zip(a, b)] for a, b in zip(variant, baseline)]
-    mean = statistics.fmean(statistics.fmean(d) for d in diffs)
     rng = random.Random(seed)
     estimates = []
     for _ in range(resamples):
         seeds = [diffs[rng.randrange(len(diffs))] for _ in diffs]
-        estimates.append(statistics.fmean(
-            sum(d[rng.randrange(len(d))] for _ in d) / len(d) for d in seeds))
+        estimates.append(statistics.fmean(sum(d[rng.randrange(len(d))] for _ in d) / len(d) for d in seeds))
     estimates.sort()
-    low = estimates[int(0.025 * (resamples - 1))]
-    high = estimates[int(math.ceil(0.975 * (resamples - 1)))]
-    return Interval(mean, low, high, len(diffs), "bootstrap over seeds and problems")
+    return Interval(statistics.fmean(statistics.fmean(d) for d in diffs), estimates[int(0.025 * (resamples - 1))],
+                    estimates[int(math.ceil(0.975 * (resamples - 1)))], len(diffs), "bootstrap over seeds and problems")

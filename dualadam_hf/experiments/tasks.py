@@ -1,13 +1,9 @@
-"""Tasks generated offline by reasoning-gym, with answer-only loss and exact-match scoring.
+"""Tasks generated offline by reasoning-gym (``dataset_name: reasoning-gym:<task>``, settings in
+``dataset_config: "key=value,..."``), with answer-only loss and exact-match scoring.
 
-``dataset_name: reasoning-gym:<task>`` (e.g. ``reasoning-gym:gsm_symbolic``) makes any number of problems
-without a download; ``dataset_config: "key=value,..."`` passes settings to the generator. Each row is in
-TRL's conversational prompt-completion format, so ``SFTTrainer`` puts loss on the answer only. Where the
-generator gives a worked solution (gsm_symbolic's ``answer_cot``) the answer is that solution ending with a
-line ``#### <answer>``; otherwise it is the bare answer ("Reply with only the final answer.").
-
-The splits ``train``, ``validation`` and ``test`` are disjoint by construction: each question text belongs
-to one split, chosen by a hash of the text, whatever the seeds and sizes.
+Rows are TRL conversational prompt-completion, so ``SFTTrainer`` puts loss on the answer only: a worked
+solution ending ``#### <answer>`` where the generator gives one (gsm_symbolic's ``answer_cot``), else the bare
+answer. The splits ``train``, ``validation`` and ``test`` are disjoint: a hash of each question picks its split.
 """
 
 from __future__ import annotations
@@ -25,72 +21,58 @@ COT_INSTRUCTION = f"Solve it step by step, then write the final answer on the la
 _SPLIT_OF_BUCKET = {0: "test", 1: "test", 2: "validation"}
 _SHARE = {"test": 2 / 8, "validation": 1 / 8, "train": 5 / 8}
 SPLITS = tuple(_SHARE)
+_NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
+
+
+def _hash(text: str) -> int:
+    return int.from_bytes(hashlib.sha256(text.encode("utf-8")).digest()[:4], "big")
 
 
 def split_of(question: str) -> str:
     """The split a question belongs to, decided by a hash of its text."""
-    bucket = int.from_bytes(hashlib.sha256(question.encode("utf-8")).digest()[:4], "big") % 8
-    return _SPLIT_OF_BUCKET.get(bucket, "train")
-
-
-def _generator_seed(task: str, split: str, seed: int) -> int:
-    # Generators seed item i with Random(seed + i), so nearby seeds would share most items; hashing
-    # (task, split, seed) spreads them far apart.
-    return int.from_bytes(hashlib.sha256(f"{task}:{split}:{seed}".encode()).digest()[:4], "big")
+    return _SPLIT_OF_BUCKET.get(_hash(question) % 8, "train")
 
 
 def parse_config(text: str | None) -> dict[str, Any]:
     """Generator settings from "key=value,key=value" (numbers parsed; everything else kept as text)."""
     settings: dict[str, Any] = {}
-    for entry in (text or "").split(","):
-        if not entry.strip():
-            continue
+    for entry in filter(str.strip, (text or "").split(",")):
         key, sep, raw = (part.strip() for part in entry.partition("="))
         if not sep or not key:
             raise ValueError(f"dataset_config entry {entry!r} is not key=value")
-        for convert in (int, float):
+        settings[key] = {"true": True, "false": False}.get(raw.lower(), raw)
+        for convert in (float, int):  # an int if it reads as one, else a float, else bool or text
             try:
                 settings[key] = convert(raw)
-                break
             except ValueError:
-                continue
-        else:
-            settings[key] = {"true": True, "false": False}.get(raw.lower(), raw)
+                pass
     return settings
 
 
 def format_prompt(question: str, worked: bool) -> list[dict[str, str]]:
-    """The chat prompt for one problem: the question with the answer-format instruction.
-
-    The empty system message keeps a template's default system prompt out of every row (SmolLM2's adds 16
-    tokens to a 41-token problem, a quarter of the compute of a short-answer task).
-    """
+    """The chat prompt for one problem: the question with the answer-format instruction. The empty system
+    message keeps a template's default system prompt out of every row (SmolLM2's adds 16 tokens to a 41-token
+    problem, a quarter of the compute of a short-answer task)."""
     instruction = COT_INSTRUCTION if worked else INSTRUCTION
     return [{"role": "system", "content": ""}, {"role": "user", "content": f"{question.strip()}\n{instruction}"}]
 
 
 def format_completion(answer: str, worked_solution: str | None = None) -> list[dict[str, str]]:
-    """The assistant message: the bare answer, or a worked solution ending with one line "#### <answer>".
-
-    Some solutions end with "#### 20.0" where the gold answer is "20"; the last line is rewritten from the
-    gold answer so the model learns one format.
-    """
+    """The assistant message: the bare answer, or a worked solution ending with one line "#### <answer>",
+    rewritten from the gold answer (some solutions end "#### 20.0" for "20") so the model learns one format."""
     if worked_solution is None:
         return [{"role": "assistant", "content": answer}]
     lines = worked_solution.strip().splitlines()
     if lines and lines[-1].lstrip().startswith(ANSWER_PREFIX):
         lines = lines[:-1]
-    body = "\n".join(lines).rstrip()
-    final = f"{ANSWER_PREFIX} {answer}"
+    body, final = "\n".join(lines).rstrip(), f"{ANSWER_PREFIX} {answer}"
     return [{"role": "assistant", "content": f"{body}\n{final}" if body else final}]
 
 
 def generated_dataset(task: str, split: str, size: int, seed: int = 0, config: str | None = None) -> Any:
-    """``size`` problems of a reasoning-gym task for ``split`` as a prompt-completion Dataset.
-
-    Columns: ``prompt``, ``completion`` and ``answer`` (the gold answer text). No question occurs twice or
-    in two splits. Deterministic for given arguments; a smaller dataset is a prefix of a larger one.
-    """
+    """``size`` problems of a reasoning-gym task for ``split``: a Dataset of ``prompt``, ``completion`` and
+    ``answer`` (the gold answer text). No question occurs twice or in two splits. Deterministic for given
+    arguments; a smaller dataset is a prefix of a larger one."""
     from datasets import Dataset
 
     if split not in SPLITS:
@@ -100,13 +82,15 @@ def generated_dataset(task: str, split: str, size: int, seed: int = 0, config: s
     import reasoning_gym
 
     settings = parse_config(config)
+    # Generators seed item i with Random(seed + i), so nearby seeds would share most items; hashing
+    # (task, split, seed) spreads them far apart.
+    generator_seed = _hash(f"{task}:{split}:{seed}")
     # Generate with margin for the hash filter and duplicates; grow if the draw was unlucky. Growing keeps
     # the earlier items (item i depends on the seed and i only), so the rows found first stay first.
     n_generate = int(size / _SHARE[split] * 1.2) + 32
     for _ in range(8):
         try:
-            source = reasoning_gym.create_dataset(task, seed=_generator_seed(task, split, seed), size=n_generate,
-                                                  **settings)
+            source = reasoning_gym.create_dataset(task, seed=generator_seed, size=n_generate, **settings)
         except (TypeError, ValueError, AssertionError) as error:
             raise ValueError(f"reasoning-gym task {task!r} with {settings}: {error}") from error
         rows: dict[str, list[Any]] = {"prompt": [], "completion": [], "answer": []}
@@ -127,32 +111,26 @@ def generated_dataset(task: str, split: str, size: int, seed: int = 0, config: s
     raise ValueError(f"could not generate {size} distinct {split} problems of {task} (too few distinct questions)")
 
 
-_NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
+def _after_marker(text: str) -> str | None:
+    """The line after the last "####" (None without one)."""
+    return text.rsplit(ANSWER_PREFIX, 1)[1].strip().split("\n", 1)[0] if ANSWER_PREFIX in text else None
 
 
 def parse_final_answer(text: str) -> str | None:
-    """The final answer of a generated text, or None if it has none.
-
-    Reads the line after the last "####"; without one, falls back to the last line, the usual GSM8K
-    convention, so an untuned model that answers in prose still gets scored.
-    """
-    if ANSWER_PREFIX in text:
-        tail = text.rsplit(ANSWER_PREFIX, 1)[1].strip().split("\n", 1)[0].strip()
-        return tail or None
+    """The final answer of a generated text (None if it has none): the line after the last "####", else the
+    last line, the usual GSM8K convention, so an untuned model that answers in prose still gets scored."""
+    if (tail := _after_marker(text)) is not None:
+        return tail.strip() or None
     lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
     return lines[-1] if lines else None
 
 
 def final_number(text: str) -> float | None:
     """The number a generated text answers with: the first number after the last "####" (commas, spaces
-    and $ removed, so "1,200" and a word-level tokenizer's "1 2" both read as numbers), else the text's
-    last number, the usual GSM8K convention, so an untuned model that answers in prose still gets scored.
-    """
-    if ANSWER_PREFIX in text:
-        tail = text.rsplit(ANSWER_PREFIX, 1)[1].strip().split("\n", 1)[0]
-        match = _NUMBER.search(re.sub(r"[\s,$]", "", tail))
-        if match:
-            return float(match.group(0))
+    and $ removed, so "1,200" and a word-level tokenizer's "1 2" both read as numbers), else its last number."""
+    tail = _after_marker(text)
+    if tail is not None and (match := _NUMBER.search(re.sub(r"[\s,$]", "", tail))):
+        return float(match.group(0))
     numbers = _NUMBER.findall(text.replace(",", ""))
     return float(numbers[-1]) if numbers else None
 
@@ -175,9 +153,8 @@ def generate_answers(model: Any, tokenizer: Any, prompts: Sequence[list[dict[str
     texts = [tokenizer.apply_chat_template(p, add_generation_prompt=True, tokenize=False) for p in prompts]
     # Decoder-only models continue from the last position, so the batch is padded on the left; the
     # tokenizer's own setting is restored afterwards because training pads on the right.
-    padding_side = tokenizer.padding_side
+    padding_side, was_training = tokenizer.padding_side, model.training
     tokenizer.padding_side = "left"
-    was_training = model.training
     model.eval()
     answers: list[str] = []
     try:
@@ -201,8 +178,7 @@ def exact_match(model: Any, tokenizer: Any, rows: Any, *, max_new_tokens: int = 
     rows = list(rows)
     if not rows:
         raise ValueError("exact-match evaluation needs at least one row")
-    missing = [c for c in ("prompt", "answer") if c not in rows[0]]
-    if missing:
+    if missing := [c for c in ("prompt", "answer") if c not in rows[0]]:
         raise KeyError(f"rows lack {missing} (columns: {sorted(rows[0])})")
     answers = generate_answers(model, tokenizer, [r["prompt"] for r in rows], max_new_tokens=max_new_tokens,
                                batch_size=batch_size)

@@ -1,10 +1,8 @@
-"""Run one experiment: load the model and data, train with TRL's SFTTrainer (Trainer for classification),
-then evaluate held-out loss, exact-match accuracy and, optionally, sharpness.
+"""Run one experiment: train with TRL's SFTTrainer (Trainer for classification), then evaluate held-out
+loss, exact-match accuracy and, optionally, sharpness, all into the log history (``trainer_state.json``).
 
-Every number goes into the trainer's log history, which ``save_state()`` writes to
-``<output_dir>/trainer_state.json``. The last thing a run writes is ``<output_dir>/run_done.json``
-(atomically): ``compare`` reads a run's results only from there, so a run killed at any moment is
-either finished or resumable. Resuming a finished run trains nothing: it redoes only the evaluation.
+The last thing a run writes is ``run_done.json`` (atomically), where ``compare`` reads results, so a run killed
+at any moment is finished or resumable. Resuming a finished run trains nothing: it redoes only the evaluation.
 """
 
 from __future__ import annotations
@@ -21,9 +19,10 @@ from pathlib import Path
 from typing import Any
 
 from .arguments import Experiment, RecipeError
-from .checkpoints import TRAINER_STATE, WALL_TIME, read_state, resume_checkpoint, saved_wall_time
+from .checkpoints import TRAINER_STATE, WALL_TIME, read_json, resume_checkpoint, saved_wall_time
 from .data import load_splits, sft_columns
 from .models import load_model, load_tokenizer, resolve_model
+from .tasks import exact_match
 
 PEAK_MEMORY_KEY = "peak_memory_mb"
 ACCURACY_KEY = "eval_accuracy"
@@ -46,8 +45,7 @@ def peak_memory_mb() -> float:
 
 def check_output_dir(folder: str | os.PathLike) -> None:
     """Fail before the model loads when the output folder could not be written (creates nothing)."""
-    path = Path(folder).absolute()
-    existing = path
+    path = existing = Path(folder).absolute()
     while not existing.exists():
         existing = existing.parent
     if not existing.is_dir():
@@ -62,40 +60,18 @@ def write_atomically(path: Path, data: Any) -> None:
     os.replace(tmp, path)
 
 
-def _tokenize_classification(dataset: Any, tokenizer: Any, experiment: Experiment, max_length: int) -> Any:
-    args = experiment.args
-
-    def encode(batch: dict[str, list]) -> dict[str, Any]:
-        encoded = tokenizer(batch[args.text_column], truncation=True, max_length=max_length)
-        encoded["labels"] = batch[args.label_column]
-        return encoded
-
-    return dataset.map(encode, batched=True, remove_columns=dataset.column_names)
-
-
-def _accuracy_metric(eval_prediction: Any) -> dict[str, float]:
-    import numpy as np
-
-    logits, labels = eval_prediction
-    return {"accuracy": float((np.argmax(logits, axis=-1) == labels).mean())}
-
-
 def build_trainer(experiment: Experiment, model_path: str, train_data: Any, heldout: Any, *,
                   adapter: str | None = None, model: Any = None) -> tuple[Any, Any]:
     """(trainer, tokenizer). ``adapter`` loads a PEFT adapter folder onto the base model instead of a new
     LoRA; ``model`` is used as it is (sharpness of a saved model)."""
-    args, training, model_args = experiment.args, experiment.training, experiment.model
-    eval_data = heldout if args.eval_size is None else heldout.select(range(min(args.eval_size, len(heldout))))
     from transformers import set_seed
 
+    args, training, model_args = experiment.args, experiment.training, experiment.model
+    eval_data = heldout if args.eval_size is None else heldout.select(range(min(args.eval_size, len(heldout))))
     set_seed(training.seed)
     tokenizer = load_tokenizer(model_path)
-    given = model is not None
-    if model is None:
-        model = load_model(model_path, task=args.task, num_labels=args.num_labels, dtype=model_args.dtype,
-                           attn_implementation=model_args.attn_implementation, adapter=adapter)
     peft_config = None
-    if model_args.use_peft and adapter is None and not given:
+    if model_args.use_peft and adapter is None and model is None:
         from trl import get_peft_config
 
         peft_config = get_peft_config(model_args)
@@ -104,27 +80,38 @@ def build_trainer(experiment: Experiment, model_path: str, train_data: Any, held
             # TRL's ModelConfig turns a one-element list into a string, which PEFT reads as a regex over
             # full module paths (matching nothing); a plain name means that module.
             peft_config.target_modules = {target}
-    if args.task == "classification":
-        from peft import get_peft_model
-        from transformers import DataCollatorWithPadding, Trainer
-
-        if model.config.pad_token_id is None:
-            model.config.pad_token_id = tokenizer.pad_token_id
-        if peft_config is not None:
-            model = get_peft_model(model, peft_config)
-        max_length = min(getattr(tokenizer, "model_max_length", 512), 512)
-        trainer = Trainer(
-            model=model, args=training, processing_class=tokenizer, compute_metrics=_accuracy_metric,
-            train_dataset=_tokenize_classification(train_data, tokenizer, experiment, max_length),
-            eval_dataset=_tokenize_classification(eval_data, tokenizer, experiment, max_length),
-            data_collator=DataCollatorWithPadding(tokenizer),
-        )
-    else:
+    if model is None:
+        model = load_model(model_path, task=args.task, num_labels=args.num_labels, dtype=model_args.dtype,
+                           attn_implementation=model_args.attn_implementation, adapter=adapter)
+    if args.task != "classification":
         from trl import SFTTrainer
 
-        trainer = SFTTrainer(model=model, args=training, train_dataset=sft_columns(train_data),
-                             eval_dataset=sft_columns(eval_data), processing_class=tokenizer, peft_config=peft_config)
-    return trainer, tokenizer
+        return SFTTrainer(model=model, args=training, train_dataset=sft_columns(train_data),
+                          eval_dataset=sft_columns(eval_data), processing_class=tokenizer,
+                          peft_config=peft_config), tokenizer
+    import numpy as np
+    from peft import get_peft_model
+    from transformers import DataCollatorWithPadding, Trainer
+
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    if peft_config is not None:
+        model = get_peft_model(model, peft_config)
+    max_length = min(getattr(tokenizer, "model_max_length", 512), 512)
+
+    def encode(batch: dict[str, list]) -> dict[str, Any]:
+        return {**tokenizer(batch[args.text_column], truncation=True, max_length=max_length),
+                "labels": batch[args.label_column]}
+
+    def accuracy(prediction: Any) -> dict[str, float]:
+        logits, labels = prediction
+        return {"accuracy": float((np.argmax(logits, axis=-1) == labels).mean())}
+
+    train_data, eval_data = (data.map(encode, batched=True, remove_columns=data.column_names)
+                             for data in (train_data, eval_data))
+    return Trainer(model=model, args=training, processing_class=tokenizer, compute_metrics=accuracy,
+                   data_collator=DataCollatorWithPadding(tokenizer), train_dataset=train_data,
+                   eval_dataset=eval_data), tokenizer
 
 
 def eval_batches(trainer: Any, n_batches: int, batch_size: int | None = None) -> list[dict[str, Any]]:
@@ -137,82 +124,39 @@ def eval_batches(trainer: Any, n_batches: int, batch_size: int | None = None) ->
         loader = trainer.get_eval_dataloader()
     finally:
         trainer.args.per_device_eval_batch_size = old
-    batches = [dict(batch) for batch in islice(loader, n_batches)]
-    if not batches:
+    if not (batches := [dict(batch) for batch in islice(loader, n_batches)]):
         raise RecipeError("the held-out split gave no batch for sharpness")
     return batches
 
 
-class _WallClock:
-    """Training seconds across resumed segments, written into every checkpoint the run saves."""
+def _callbacks(clock: dict[str, Any], accuracy: Any) -> list[Any]:
+    """The wall clock (training seconds across resumed segments, written into every checkpoint) and, when
+    ``accuracy`` is given, exact match at every evaluation."""
+    from transformers import TrainerCallback
 
-    def __init__(self, offset: float, segments: int) -> None:
-        self.offset, self.segments, self.start = offset, segments + 1, time.time()
-        self.stopped: float | None = None
+    class WallClockCallback(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            clock["start"] = time.time()
 
-    def seconds(self) -> float:
-        return self.stopped if self.stopped is not None else self.offset + time.time() - self.start
+        def on_train_end(self, args, state, control, **kwargs):
+            clock["stopped"] = _seconds(clock)
 
-    def stop(self) -> None:
-        self.stopped = self.seconds()
+        def on_save(self, args, state, control, **kwargs):
+            folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            if state.is_world_process_zero and folder.is_dir():
+                write_atomically(folder / WALL_TIME, {"train_seconds": _seconds(clock),
+                                                      "segments": clock["segments"]})
 
-    def callback(self) -> Any:
-        from transformers import TrainerCallback
+    class AccuracyCallback(TrainerCallback):
+        def on_evaluate(self, args, state, control, model=None, **kwargs):
+            correct = accuracy(model, state.global_step)
+            state.log_history.append({ACCURACY_KEY: sum(correct) / len(correct), "step": state.global_step})
 
-        clock = self
-
-        class WallClockCallback(TrainerCallback):
-            def on_train_begin(self, args, state, control, **kwargs):
-                clock.start = time.time()
-
-            def on_train_end(self, args, state, control, **kwargs):
-                clock.stop()
-
-            def on_save(self, args, state, control, **kwargs):
-                folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-                if state.is_world_process_zero and folder.is_dir():
-                    write_atomically(folder / WALL_TIME, {"train_seconds": clock.seconds(),
-                                                          "segments": clock.segments})
-
-        return WallClockCallback()
+    return [WallClockCallback()] + ([AccuracyCallback()] if accuracy else [])
 
 
-class _Accuracy:
-    """Exact match of greedy answers on the held-out rows; optionally at every evaluation (a callback)."""
-
-    def __init__(self, experiment: Experiment, rows: Any, tokenizer: Any) -> None:
-        self.args, self.rows, self.tokenizer = experiment.args, rows, tokenizer
-        self.last: tuple[int, list[bool]] | None = None
-
-    def measure(self, model: Any, step: int) -> list[bool]:
-        from .tasks import exact_match
-
-        if self.last is None or self.last[0] != step:
-            correct = exact_match(model, self.tokenizer, self.rows, max_new_tokens=self.args.max_new_tokens,
-                                  batch_size=self.args.generation_batch_size)
-            self.last = (step, correct)
-        return self.last[1]
-
-    def callback(self) -> Any:
-        from transformers import TrainerCallback
-
-        accuracy = self
-
-        class AccuracyCallback(TrainerCallback):
-            def on_evaluate(self, args, state, control, model=None, **kwargs):
-                correct = accuracy.measure(model, state.global_step)
-                state.log_history.append({ACCURACY_KEY: sum(correct) / len(correct), "step": state.global_step})
-
-        return AccuracyCallback()
-
-
-def _finished(checkpoint: Path | None, training: Any) -> bool:
-    """Whether the checkpoint already holds all the training the arguments ask for."""
-    if checkpoint is None:
-        return False
-    state = read_state(checkpoint) or {}
-    planned = training.max_steps if training.max_steps > 0 else state.get("max_steps", math.inf)
-    return state.get("global_step", 0) >= planned
+def _seconds(clock: dict[str, Any]) -> float:
+    return clock["stopped"] if clock["stopped"] is not None else clock["offset"] + time.time() - clock["start"]
 
 
 def run(experiment: Experiment, log=print) -> dict[str, float]:
@@ -223,39 +167,46 @@ def run(experiment: Experiment, log=print) -> dict[str, float]:
     train_data, heldout = load_splits(experiment)
     checkpoint = resume_checkpoint(training.resume_from_checkpoint, training.output_dir,
                                    allow_fresh_optimizer=args.resume_without_optimizer_state, log=log)
-    finished = _finished(checkpoint, training)
+    # Whether the checkpoint already holds all the training the arguments ask for.
+    state = (read_json(checkpoint / TRAINER_STATE) or {}) if checkpoint else {}
+    planned = training.max_steps if training.max_steps > 0 else state.get("max_steps", math.inf)
+    finished = checkpoint is not None and state.get("global_step", 0) >= planned
     adapter = str(checkpoint) if finished and experiment.model.use_peft else None
     base = str(checkpoint) if finished and adapter is None else model_path
     trainer, tokenizer = build_trainer(experiment, base, train_data, heldout, adapter=adapter)
-    clock = _WallClock(*saved_wall_time(checkpoint))
-    trainer.add_callback(clock.callback())
-    accuracy = None
+    offset, segments = saved_wall_time(checkpoint)
+    clock = {"offset": offset, "segments": segments + 1, "start": time.time(), "stopped": None}
+    accuracy, scored = None, {}
     if args.task == "sft" and args.accuracy_size:
-        accuracy = _Accuracy(experiment, heldout.select(range(min(args.accuracy_size, len(heldout)))), tokenizer)
-        if args.accuracy_during_training:
-            trainer.add_callback(accuracy.callback())
+        rows = heldout.select(range(min(args.accuracy_size, len(heldout))))
+
+        def accuracy(model: Any, step: int) -> list[bool]:  # scored once per step
+            if step not in scored:
+                scored[step] = exact_match(model, tokenizer, rows, max_new_tokens=args.max_new_tokens,
+                                           batch_size=args.generation_batch_size)
+            return scored[step]
+    for callback in _callbacks(clock, accuracy if args.accuracy_during_training else None):
+        trainer.add_callback(callback)
     if finished:
         from transformers import TrainerState
 
         # Training again would take one more step past the end (the Trainer's resume does that); the
         # checkpoint's weights and log are the finished run: only what follows training is redone.
         trainer.state = TrainerState.load_from_json(str(checkpoint / TRAINER_STATE))
-        clock.stopped, clock.segments = clock.offset, max(clock.segments - 1, 1)
+        clock["stopped"], clock["segments"] = offset, max(segments, 1)
         log(f"[train] {checkpoint} finished training at step {trainer.state.global_step}: evaluating it, "
             "training nothing")
     else:
         trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
-    final: dict[str, float] = {PEAK_MEMORY_KEY: peak_memory_mb(), WALL_TIME_KEY: clock.seconds(),
-                               SEGMENTS_KEY: float(clock.segments)}
+    final: dict[str, float] = {PEAK_MEMORY_KEY: peak_memory_mb(), WALL_TIME_KEY: _seconds(clock),
+                               SEGMENTS_KEY: float(clock["segments"])}
     step = trainer.state.global_step
     if not any("eval_loss" in e and e.get("step") == step for e in trainer.state.log_history):
         trainer.evaluate()  # with accuracy_during_training this also scores the accuracy at this step
-    rows: list[bool] | None = None
-    if accuracy is not None:
-        rows = accuracy.measure(trainer.model, step)
-        if not (args.accuracy_during_training and any(ACCURACY_KEY in e and e.get("step") == step
-                                                      for e in trainer.state.log_history)):
-            final[ACCURACY_KEY] = sum(rows) / len(rows)
+    rows = None if accuracy is None else [int(r) for r in accuracy(trainer.model, step)]
+    if rows is not None and not (args.accuracy_during_training and any(
+            ACCURACY_KEY in e and e.get("step") == step for e in trainer.state.log_history)):
+        final[ACCURACY_KEY] = sum(rows) / len(rows)
     if args.sharpness:
         from ..sharpness import measure_sharpness
 
@@ -267,11 +218,9 @@ def run(experiment: Experiment, log=print) -> dict[str, float]:
     trainer.log(final)
     trainer.save_model()
     trainer.save_state()
-    numbers = {k: v for e in trainer.state.log_history for k, v in e.items() if isinstance(v, (int, float))}
     if trainer.is_world_process_zero():
         output = Path(training.output_dir)
         if rows is not None:
-            write_atomically(output / ACCURACY_ROWS_FILE, [int(r) for r in rows])
-        write_atomically(output / DONE_FILE, {"log_history": trainer.state.log_history,
-                                              "accuracy_rows": None if rows is None else [int(r) for r in rows]})
-    return numbers
+            write_atomically(output / ACCURACY_ROWS_FILE, rows)
+        write_atomically(output / DONE_FILE, {"log_history": trainer.state.log_history, "accuracy_rows": rows})
+    return {k: v for e in trainer.state.log_history for k, v in e.items() if isinstance(v, (int, float))}

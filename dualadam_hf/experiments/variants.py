@@ -1,19 +1,9 @@
-"""Variants of a comparison: an optimizer name with its own settings and label.
+"""Variants of a comparison: the ``NAME`` or ``NAME[key=value,...]`` entries of ``--optims`` (docs/recipes.md).
 
-An entry of ``--optims`` (or of a recipe's ``compare: optims:`` list) is ``NAME`` or
-``NAME[key=value,key=value,...]``:
-
-- ``NAME`` is an optimizer name of ``TrainingArguments.optim`` (``adamw_torch``, ``dualadam``, ...) or a
-  preset (:data:`PRESETS`);
-- a key the optimizer takes in ``optim_args`` goes there (for dualadam: ``blend_steps``,
-  ``inverse_scale``, ...), ``label`` names the variant in tables and plots, and any other key is a
-  setting of the run (``warmup_steps``, ``lr_scheduler_type``, ``learning_rate``, ...).
-
-Examples: ``adamw_torch``, ``adamw_torch[warmup_steps=10,label=adamw-warmup10]``,
-``dualadam[blend_steps=10]``, ``matched_warmup``, ``dualadam[inverse_scale=auto,label=scaled]``.
-
-The recipe's own ``optim_args`` reach every DualAdam/InvAdam variant, each taking the keys it accepts
-(InvAdam has no blend keys); the variant's keys win. Other optimizers get no ``optim_args``.
+``NAME`` is a ``TrainingArguments.optim`` name or a preset (:data:`PRESETS`). A key the optimizer takes goes
+into its ``optim_args``, ``label`` names the variant, and any other key is a setting of the run
+(``warmup_steps``, ...). The recipe's ``optim_args`` reach every DualAdam/InvAdam variant, each taking the
+keys it accepts (InvAdam has no blend keys; the variant's keys win); other optimizers get no ``optim_args``.
 """
 
 from __future__ import annotations
@@ -36,6 +26,10 @@ PRESETS: dict[str, tuple[str, dict[str, str], str]] = {
 _ENTRY = re.compile(r"^\s*([A-Za-z0-9_.\-]+)\s*(?:\[(.*)\])?\s*$", re.S)
 
 
+def _text(value: Any) -> str:
+    return str(value).lower() if isinstance(value, bool) else str(value)
+
+
 @dataclass(frozen=True)
 class Variant:
     """One arm of a comparison."""
@@ -51,10 +45,8 @@ class Variant:
 
     def overrides(self) -> list[str]:
         """The `--key value` arguments of a run of this variant."""
-        tokens = ["--optim", self.optim, "--optim_args", self.optim_args_text]
-        for key, value in self.settings.items():
-            tokens += [f"--{key}", value]
-        return tokens
+        return ["--optim", self.optim, "--optim_args", self.optim_args_text,
+                *(token for key, value in self.settings.items() for token in (f"--{key}", value))]
 
     @property
     def folder(self) -> str:
@@ -64,62 +56,40 @@ class Variant:
 
 def split_entries(text: str) -> list[str]:
     """Comma-separated entries; commas inside [...] belong to the entry."""
-    entries, depth, current = [], 0, []
+    entries, depth, current = [], 0, ""
     for char in text:
-        if char == "[":
-            depth += 1
-        elif char == "]":
-            depth -= 1
-            if depth < 0:
-                raise RecipeError(f"--optims {text!r}: a ']' without its '['")
+        depth += {"[": 1, "]": -1}.get(char, 0)
+        if depth < 0:
+            raise RecipeError(f"--optims {text!r}: a ']' without its '['")
         if char == "," and depth == 0:
-            entries.append("".join(current))
-            current = []
+            entries.append(current)
+            current = ""
         else:
-            current.append(char)
+            current += char
     if depth:
         raise RecipeError(f"--optims {text!r}: a '[' without its ']'")
-    entries.append("".join(current))
+    entries.append(current)
     return [e.strip() for e in entries if e.strip()]
-
-
-def _pairs(body: str, entry: str) -> dict[str, str]:
-    pairs: dict[str, str] = {}
-    for item in body.split(","):
-        if not item.strip():
-            continue
-        key, sep, value = (part.strip() for part in item.partition("="))
-        if not sep or not key or not value:
-            raise RecipeError(f"variant {entry!r}: {item.strip()!r} is not key=value")
-        if key in pairs:
-            raise RecipeError(f"variant {entry!r} gives {key!r} twice")
-        pairs[key] = value
-    return pairs
-
-
-def _recipe_args_for(optim: str, recipe_optim_args: str | None) -> dict[str, str]:
-    """The recipe's optim_args keys that ``optim`` takes, as text."""
-    if optim not in OPTIMIZER_NAMES or not recipe_optim_args:
-        return {}
-    parsed = parse_optim_args(recipe_optim_args, "dualadam")  # the recipe's optim_args are DualAdam's
-    valid = valid_optim_args_keys(optim)
-    return {k: str(v).lower() if isinstance(v, bool) else str(v) for k, v in parsed.items() if k in valid}
 
 
 def parse_variant(entry: str | dict[str, Any], recipe_optim_args: str | None = None) -> Variant:
     """A variant from ``NAME[key=value,...]`` (or the same as a mapping with an ``optim`` key)."""
     if isinstance(entry, dict):
-        pairs = {str(k): str(v).lower() if isinstance(v, bool) else str(v) for k, v in entry.items()}
-        name = pairs.pop("optim", None)
-        if name is None:
+        pairs = {str(k): _text(v) for k, v in entry.items()}
+        if (name := pairs.pop("optim", None)) is None:
             raise RecipeError(f"variant {entry!r} needs an 'optim' key")
         text = name
     else:
-        match = _ENTRY.match(entry)
-        if match is None:
+        if (match := _ENTRY.match(entry)) is None:
             raise RecipeError(f"variant {entry!r} is not NAME or NAME[key=value,...]")
-        name, text = match.group(1), entry.strip()
-        pairs = _pairs(match.group(2) or "", entry)
+        name, text, pairs = match.group(1), entry.strip(), {}
+        for item in filter(str.strip, (match.group(2) or "").split(",")):
+            key, sep, value = (part.strip() for part in item.partition("="))
+            if not sep or not key or not value:
+                raise RecipeError(f"variant {entry!r}: {item.strip()!r} is not key=value")
+            if key in pairs:
+                raise RecipeError(f"variant {entry!r} gives {key!r} twice")
+            pairs[key] = value
     label = pairs.pop("label", None)
     preset_args: dict[str, str] = {}
     if name in PRESETS:
@@ -128,11 +98,14 @@ def parse_variant(entry: str | dict[str, Any], recipe_optim_args: str | None = N
     else:
         check_optimizer_name(name)
         optim = name
-    try:
-        optim_args = _recipe_args_for(optim, recipe_optim_args)
-    except ValueError as error:
-        raise RecipeError(f"the recipe's optim_args: {error}") from None
     valid = valid_optim_args_keys(optim) if optim in OPTIMIZER_NAMES else ()
+    optim_args: dict[str, str] = {}
+    if optim in OPTIMIZER_NAMES and recipe_optim_args:  # the recipe's optim_args keys that `optim` takes
+        try:
+            parsed = parse_optim_args(recipe_optim_args, "dualadam")  # the recipe's optim_args are DualAdam's
+        except ValueError as error:
+            raise RecipeError(f"the recipe's optim_args: {error}") from None
+        optim_args = {k: _text(v) for k, v in parsed.items() if k in valid}
     if optim == "invadam" and set(pairs) & set(SWITCH_KEYS):
         raise RecipeError(f"variant {text!r}: invadam holds the blend weight at 1 and takes no "
                           f"{', '.join(sorted(set(pairs) & set(SWITCH_KEYS)))}")
@@ -161,10 +134,8 @@ def parse_variants(entries: str | list[Any], recipe_optim_args: str | None = Non
         raise RecipeError("--optims needs at least one optimizer name, e.g. adamw_torch,dualadam")
     variants = [parse_variant(item, recipe_optim_args) for item in items]
     labels = [v.label for v in variants]
-    repeated = sorted({label for label in labels if labels.count(label) > 1})
-    if repeated:
+    if repeated := sorted({label for label in labels if labels.count(label) > 1}):
         raise RecipeError(f"--optims names a variant twice: {', '.join(repeated)} (give each a distinct label=...)")
-    folders = [v.folder for v in variants]
-    if len(set(folders)) != len(folders):
+    if len({v.folder for v in variants}) != len(variants):
         raise RecipeError(f"--optims: labels {labels} map to the same folder names; choose simpler labels")
     return variants
