@@ -1,4 +1,4 @@
-"""Fine-tune throughput (issue 6): tokens/s and peak memory, DualAdam vs AdamW.
+"""Fine-tune throughput: tokens/s and peak memory, DualAdam vs AdamW.
 
 Both optimizers train their own copy of one model on the same random tokens,
 in one process, interleaved round by round; medians over rounds. The target is

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU checks of issue 6 in one run (a lent GPU machine is short-lived):
+# The GPU checks in one run (a lent GPU machine is short-lived):
 # the CUDA tests, the optimizer-step benchmark in fp32 and bf16 at >100M
 # elements, a block-size sweep of the Triton kernel, and a fine-tune throughput
 # run. Logs go to $OUT (or ./gpu_out). Needs torch with CUDA and triton;

@@ -1,4 +1,4 @@
-"""Optimizer-step benchmark (issues 2 and 6): time and temporary memory, as ratios.
+"""Optimizer-step benchmark: time and temporary memory, as ratios.
 
 All variants run in one process on one shared set of transformer-shaped
 parameters and gradients (each keeps its own moments), interleaved round by

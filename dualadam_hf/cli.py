@@ -1,7 +1,7 @@
 """The ``dualadam-hf`` command: train a recipe, compare optimizers on it, measure sharpness.
 
-    dualadam-hf train --config recipes/smollm2_math_lora.yaml [--key value ...]
-    dualadam-hf compare --config recipes/smollm2_math_lora.yaml --optims adamw_torch,matched_warmup,dualadam
+    dualadam-hf train --config recipes/smollm2_chainsum_lora.yaml [--key value ...]
+    dualadam-hf compare --config recipes/smollm2_chainsum_lora.yaml --optims adamw_torch,matched_warmup,dualadam
     dualadam-hf sharpness --help
 
 Any `--key value` after the known options overrides the recipe (a field of TRL's ScriptArguments,
@@ -30,7 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
     train = subparsers.add_parser(
         "train", allow_abbrev=False, help="fine-tune with one recipe",
         description="Fine-tune with one recipe; `--key value` after the options overrides the recipe.",
-        epilog="example: dualadam-hf train --config recipes/smollm2_math_lora.yaml --optim dualadam --max_steps 10",
+        epilog="example: dualadam-hf train --config recipes/smollm2_chainsum_lora.yaml --optim dualadam --max_steps 10",
     )
     train.add_argument("--config", required=True, help="recipe YAML (recipes/<name>.yaml)")
     train.add_argument("--smoke", action="store_true", help="a few steps on a few rows (CI check of a recipe)")

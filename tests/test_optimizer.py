@@ -219,30 +219,34 @@ def _fit(model, opt, batches):
         opt.step()
 
 
-def test_state_dict_round_trip_is_bit_identical(foreach):
-    # blend_steps=20 puts the save point inside the blend and the tail across the switch.
-    make = lambda ps: DualAdam(ps, lr=1e-2, weight_decay=0.01, blend_steps=20, foreach=foreach)
+def assert_resume_is_bit_identical(make, split: int) -> DualAdam:
+    """Train 30 steps in one go, and ``split`` steps + save + load + the rest: the same weights, bit for bit."""
     data = _batches()
     full = _fresh_model()
     _fit(full, make(full.parameters()), data)
-
     half = _fresh_model()
     opt = make(half.parameters())
-    _fit(half, opt, data[:15])
+    _fit(half, opt, data[:split])
     buf = io.BytesIO()
     torch.save({"model": half.state_dict(), "optim": opt.state_dict()}, buf)
     buf.seek(0)
     saved = torch.load(buf, weights_only=True)
-
     resumed = _fresh_model()
     resumed.load_state_dict(saved["model"])
     opt2 = make(resumed.parameters())
     opt2.load_state_dict(saved["optim"])
-    assert opt2.current_step() == 15
-    _fit(resumed, opt2, data[15:])
+    assert opt2.current_step() == split
+    _fit(resumed, opt2, data[split:])
     for a, b in zip(full.parameters(), resumed.parameters()):
         assert torch.equal(a, b)
-    assert opt2.current_step() == 30
+    return opt2
+
+
+def test_state_dict_round_trip_is_bit_identical(foreach):
+    # blend_steps=20 puts the save point inside the blend and the tail across the switch.
+    opt = assert_resume_is_bit_identical(
+        lambda ps: DualAdam(ps, lr=1e-2, weight_decay=0.01, blend_steps=20, foreach=foreach), 15)
+    assert opt.current_step() == 30
 
 
 def test_low_precision_state_survives_reload():
@@ -404,24 +408,8 @@ def test_auto_scale_is_calibrated_per_tensor_and_waits_for_a_nonzero_gradient():
 
 
 def test_auto_scale_survives_resume_bit_identically(foreach):
-    make = lambda ps: DualAdam(ps, lr=1e-2, blend_steps=20, inverse_scale="auto", foreach=foreach)
-    data = _batches()
-    full = _fresh_model()
-    _fit(full, make(full.parameters()), data)
-    half = _fresh_model()
-    opt = make(half.parameters())
-    _fit(half, opt, data[:10])
-    buf = io.BytesIO()
-    torch.save({"model": half.state_dict(), "optim": opt.state_dict()}, buf)
-    buf.seek(0)
-    saved = torch.load(buf, weights_only=True)
-    resumed = _fresh_model()
-    resumed.load_state_dict(saved["model"])
-    opt2 = make(resumed.parameters())
-    opt2.load_state_dict(saved["optim"])
-    _fit(resumed, opt2, data[10:])
-    for x, y in zip(full.parameters(), resumed.parameters()):
-        assert torch.equal(x, y)
+    assert_resume_is_bit_identical(
+        lambda ps: DualAdam(ps, lr=1e-2, blend_steps=20, inverse_scale="auto", foreach=foreach), 10)
 
 
 def test_scale_zero_is_adamw_with_a_warmup_matching_the_blend(foreach):

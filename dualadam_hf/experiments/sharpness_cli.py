@@ -1,7 +1,7 @@
 """Measure how sharp a trained model's minimum is on fixed evaluation batches, w.r.t. its trainable parameters;
 print a table, write sharpness.json into the model folder or --output. docs/flatness.md: the numbers, the cost.
 
-    dualadam-hf sharpness --model outputs/smollm2_math_lora --config recipes/smollm2_math_lora.yaml
+    dualadam-hf sharpness --model outputs/smollm2_chainsum_lora --config recipes/smollm2_chainsum_lora.yaml
     dualadam-hf sharpness --model <model or adapter folder> --data heldout.jsonl
     dualadam-hf sharpness --model <model or adapter folder> --random_batches   # smoke test, no data needed
 """
