@@ -57,7 +57,10 @@ def last_blend_step(switch_rate: float) -> float:
     def blended(t: int) -> bool:
         return 1.0 - t * switch_rate >= switch_rate * (1.0 - _RTOL)
 
-    t = math.floor((1.0 - switch_rate * (1.0 - _RTOL)) / switch_rate)
+    quotient = (1.0 - switch_rate * (1.0 - _RTOL)) / switch_rate
+    if not quotient < 2.0**53:  # a subnormal rate overflows to inf; past 2**53 steps no run gets there
+        return math.inf
+    t = math.floor(quotient)
     # The division rounds: step to the boundary exactly as blended() evaluates it (a step or two at most;
     # bounded, as for a tiny switch_rate one step no longer changes t * switch_rate).
     for _ in range(4):

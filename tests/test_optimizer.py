@@ -126,6 +126,9 @@ def test_blend_weight_schedule():
     assert blend_weight(5, 0.2) == 0.0
     for n in (3, 5, 7, 10, 100, 500):
         assert last_blend_step(1 / n) == n - 1
+    # A rate so small that 1/rate overflows (a subnormal) blends for longer than any run.
+    assert last_blend_step(5e-324) == last_blend_step(1e-300) == float("inf")
+    assert blend_weight(10**9, 5e-324) == 1.0
 
 
 @pytest.mark.parametrize("rate", [0.01, 0.1, 0.2, 0.3, 1 / 7, 8e-5, 1.0, 0.0])

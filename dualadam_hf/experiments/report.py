@@ -165,8 +165,10 @@ def plot_curves(results: Sequence[RunResult], key: str, title: str, path: Path, 
         if len(steps) < 2:
             continue
         values = [[c[s] for c in curves] for s in steps]
-        if log_y and any(v <= 0 for row in values for v in row):
-            values = [[max(v, 1e-12) for v in row] for row in values]
+        if log_y:  # a share is 0 past the blend (and always without one): a log axis shows the positive part
+            steps, values = [s for s, v in zip(steps, values) if min(v) > 0], [v for v in values if min(v) > 0]
+            if len(steps) < 2:
+                continue
         (line,) = axes.plot(steps, [statistics.fmean(v) for v in values], marker="o" if len(steps) < 30 else None,
                             ms=3, label=f"{label} (n={len(runs)})")
         if len(runs) > 1:
