@@ -55,7 +55,7 @@ install_stack() {  # venv name specs
         "$python" -m venv "$venv" && "$venv/bin/pip" install -q "torch==$torch_version" || return 1
     fi
     # shellcheck disable=SC2086
-    "$venv/bin/pip" install -q "${upgrade[@]}" "torch==$torch_version" $specs pytest pytest-timeout pyyaml \
+    "$venv/bin/pip" install -q "${upgrade[@]}" "torch==$torch_version" $specs matplotlib pytest pytest-timeout pyyaml \
         || return 1
     # --no-deps: test exactly the stack above, whatever pyproject's bounds say; `pip check` reports a clash.
     "$venv/bin/pip" install -q --no-deps --force-reinstall "$repo"
