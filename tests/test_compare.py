@@ -84,6 +84,10 @@ def test_report_table_is_mean_and_std_of_the_last_logged_values(tmp_path):
             last = [[e[keys[0]] for e in r.log_history if keys[0] in e][-1] for r in runs]
             assert_cell_matches(row[header], last, digits)
     assert "**failed**: dualadam seed 3 (final): exit code 1" in text
+    # The cost of the whole comparison: the train wall time of every finished run (not of this invocation).
+    trained = sum([e["train_wall_time_s"] for e in r.log_history if "train_wall_time_s" in e][-1]
+                  for r in results if r.ok)
+    assert f"Training time of all runs, grid included: {trained:.0f} s" in text
     assert "## Paired differences" in text and "dualadam − adamw_torch" in text
     for name in ("train_loss.png", "eval_loss.png", "inverse_share.png"):
         assert (tmp_path / name).stat().st_size > 1000 and f"({name})" in text

@@ -132,12 +132,17 @@ def test_runs_damaged_or_killed_at_any_moment_resume_to_the_same_model(tiny_mode
     segments = [e["train_segments"] for e in history if "train_segments" in e]
     assert segments == [2.0]  # the report sums the wall time of both segments and says so
 
-    # A finished run resumed again trains nothing and keeps its model.
+    # A finished run resumed again trains nothing and keeps its model; its peak memory stays the largest
+    # of its segments' (here a made-up peak recorded by the checkpoint, far above anything measured).
     before = adapter(damaged)
+    recorded = damaged / "checkpoint-6" / "wall_time.json"
+    recorded.write_text(json.dumps({**json.loads(recorded.read_text()), "peak_memory_mb": 1e7}))
     result = run_train(train_argv(tiny_model_dir, damaged, "--max_steps", "6", "--resume_from_checkpoint", "last"))
     assert "finished training at step 6: evaluating it, training nothing" in result.stdout
     assert not (damaged / "checkpoint-7").exists()
     assert all(torch.equal(adapter(damaged)[k], v) for k, v in before.items())
+    history = json.loads((damaged / "run_done.json").read_text())["log_history"]
+    assert [e["peak_memory_mb"] for e in history if "peak_memory_mb" in e] == [1e7]
 
     # Killed (SIGKILL) in the middle of training, then resumed.
     killed = tmp_path / "killed"

@@ -220,7 +220,9 @@ def write_report(plan: Any, results: Sequence[RunResult], grid_results: Sequence
                   *[f"- {w}" for w in words], ""]
     lines += [f"- **failed**: {r.label} seed {r.seed} ({r.phase}): {r.error}"
               for r in [*grid_results, *results] if not r.ok]
-    lines += [f"- Total time of this invocation: {seconds:.0f} s (finished runs that were reused cost nothing)."]
+    trained = sum(r.summary["wall_time_s"] or 0.0 for r in [*grid_results, *results] if r.ok)
+    lines += [f"- Training time of all runs, grid included: {trained:.0f} s; this invocation: {seconds:.0f} s "
+              "(finished runs that were reused cost nothing)."]
     plots = (("loss", "train_loss.png", "Train loss", False), ("eval_loss", "eval_loss.png", "Held-out loss", False),
              ("eval_accuracy", "eval_accuracy.png", "Held-out accuracy", False),
              (INVERSE_SHARE_KEY, "inverse_share.png", "Inverse share of the update", True))

@@ -144,8 +144,8 @@ def _callbacks(clock: dict[str, Any], accuracy: Any) -> list[Any]:
         def on_save(self, args, state, control, **kwargs):
             folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
             if state.is_world_process_zero and folder.is_dir():
-                write_atomically(folder / WALL_TIME, {"train_seconds": _seconds(clock),
-                                                      "segments": clock["segments"]})
+                write_atomically(folder / WALL_TIME, {"train_seconds": _seconds(clock), "segments": clock["segments"],
+                                                      PEAK_MEMORY_KEY: peak_memory_mb()})
 
     class AccuracyCallback(TrainerCallback):
         def on_evaluate(self, args, state, control, model=None, **kwargs):
@@ -198,7 +198,9 @@ def run(experiment: Experiment, log=print) -> dict[str, float]:
             "training nothing")
     else:
         trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
-    final: dict[str, float] = {PEAK_MEMORY_KEY: peak_memory_mb(), WALL_TIME_KEY: _seconds(clock),
+    # A resumed run's peak is the largest of its segments' (the checkpoint recorded the earlier ones').
+    earlier_peak = (checkpoint and read_json(checkpoint / WALL_TIME) or {}).get(PEAK_MEMORY_KEY, 0.0)
+    final: dict[str, float] = {PEAK_MEMORY_KEY: max(peak_memory_mb(), earlier_peak), WALL_TIME_KEY: _seconds(clock),
                                SEGMENTS_KEY: float(clock["segments"])}
     step = trainer.state.global_step
     if not any("eval_loss" in e and e.get("step") == step for e in trainer.state.log_history):
