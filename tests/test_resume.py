@@ -84,10 +84,12 @@ def test_deepspeed_and_fsdp_optimizer_layouts_are_accepted(tmp_path):
 
 def test_wall_time_of_earlier_segments(tmp_path):
     path = fake_checkpoint(tmp_path, 3)
-    assert saved_wall_time(None) == (0.0, 0)
-    assert saved_wall_time(path) == (0.0, 1)  # written by a run that did not record it
+    assert saved_wall_time(None) == (0.0, 0, 0.0)
+    assert saved_wall_time(path) == (0.0, 1, 0.0)  # written by a run that did not record it
     (path / "wall_time.json").write_text(json.dumps({"train_seconds": 4.5, "segments": 2}))
-    assert saved_wall_time(path) == (4.5, 2)
+    assert saved_wall_time(path) == (4.5, 2, 0.0)  # a run that recorded no peak memory
+    (path / "wall_time.json").write_text(json.dumps({"train_seconds": 4.5, "segments": 2, "peak_memory_mb": 812.5}))
+    assert saved_wall_time(path) == (4.5, 2, 812.5)
 
 
 def train_argv(model_dir: str, out: Path, *extra: str) -> list[str]:

@@ -95,12 +95,13 @@ def resume_checkpoint(value: str | bool | None, output_dir: str | Path, *, allow
     return chosen
 
 
-def saved_wall_time(checkpoint: Path | None) -> tuple[float, int]:
-    """(training seconds before this checkpoint, segments) as recorded by the run that saved it."""
+def saved_wall_time(checkpoint: Path | None) -> tuple[float, int, float]:
+    """(training seconds before this checkpoint, segments, peak memory in MB, 0 if not recorded) as recorded
+    by the run that saved it."""
     if checkpoint is None:
-        return 0.0, 0
+        return 0.0, 0, 0.0
     try:
         data = json.loads((checkpoint / WALL_TIME).read_text(encoding="utf-8"))
-        return float(data["train_seconds"]), int(data["segments"])
+        return float(data["train_seconds"]), int(data["segments"]), float(data.get("peak_memory_mb", 0.0))
     except (OSError, ValueError, KeyError, TypeError):
-        return 0.0, 1  # saved by a run that did not record it: one earlier segment of unknown length
+        return 0.0, 1, 0.0  # saved by a run that did not record it: one earlier segment of unknown length

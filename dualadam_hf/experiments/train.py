@@ -174,7 +174,7 @@ def run(experiment: Experiment, log=print) -> dict[str, float]:
     adapter = str(checkpoint) if finished and experiment.model.use_peft else None
     base = str(checkpoint) if finished and adapter is None else model_path
     trainer, tokenizer = build_trainer(experiment, base, train_data, heldout, adapter=adapter)
-    offset, segments = saved_wall_time(checkpoint)
+    offset, segments, earlier_peak = saved_wall_time(checkpoint)
     clock = {"offset": offset, "segments": segments + 1, "start": time.time(), "stopped": None}
     accuracy, scored = None, {}
     if args.task == "sft" and args.accuracy_size:
@@ -199,7 +199,6 @@ def run(experiment: Experiment, log=print) -> dict[str, float]:
     else:
         trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     # A resumed run's peak is the largest of its segments' (the checkpoint recorded the earlier ones').
-    earlier_peak = (checkpoint and read_json(checkpoint / WALL_TIME) or {}).get(PEAK_MEMORY_KEY, 0.0)
     final: dict[str, float] = {PEAK_MEMORY_KEY: max(peak_memory_mb(), earlier_peak), WALL_TIME_KEY: _seconds(clock),
                                SEGMENTS_KEY: float(clock["segments"])}
     step = trainer.state.global_step
