@@ -91,8 +91,8 @@ def fold(step: Any, hyper: Hyper, scale: Any = 1.0) -> tuple[Any, Any, Any, Any]
     may be tensors (one entry per parameter tensor); ``step`` must already count the coming update.
     Returns (adam, inverse, eps_c, decay).
     """
-    bc1, c, r, lr = 1.0 - hyper.beta1**step, (1.0 - hyper.beta2**step) ** 0.5, blend_weight(step, hyper.switch_rate), \
-        hyper.lr
+    bc1, c = 1.0 - hyper.beta1**step, (1.0 - hyper.beta2**step) ** 0.5
+    r, lr = blend_weight(step, hyper.switch_rate), hyper.lr
     return (lr * (1.0 - r) * c / bc1, lr * r * (hyper.inverse_scale * scale) / (bc1 * c), hyper.eps * c,
             1.0 - lr * hyper.weight_decay)
 
