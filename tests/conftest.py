@@ -14,7 +14,7 @@ os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
     """Path of a saved tiny LlamaForCausalLM (hidden 32, 2 layers) with its tokenizer."""
-    from dualadam_hf.tiny import build_tiny_llama
+    from dualadam_hf.experiments.tiny import build_tiny_llama
 
     return build_tiny_llama(tmp_path_factory.mktemp("tiny_llama"))
 
@@ -22,7 +22,7 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
 @pytest.fixture(scope="session")
 def tiny_chat_dataset_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
     """Folder holding train.jsonl with 64 arithmetic chat rows (usable as `--dataset_name <dir>`)."""
-    from dualadam_hf.tiny import write_tiny_chat_jsonl
+    from dualadam_hf.experiments.tiny import write_tiny_chat_jsonl
 
     folder = tmp_path_factory.mktemp("tiny_chat")
     write_tiny_chat_jsonl(folder / "train.jsonl", n=64, seed=0)

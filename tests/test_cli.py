@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from dualadam_hf import __version__
-from dualadam_hf.cli import main
+from dualadam_hf.experiments.cli import main
 
 DEFAULT_RECIPE = str(Path(__file__).resolve().parents[1] / "recipes" / "smollm2_math_lora.yaml")
 
@@ -27,7 +27,7 @@ def test_version_and_help_list_the_subcommands(capsys):
 
 
 def test_console_entry_point_runs_as_a_module():
-    result = subprocess.run([sys.executable, "-m", "dualadam_hf.cli", "--version"], capture_output=True, text=True)
+    result = subprocess.run([sys.executable, "-m", "dualadam_hf", "--version"], capture_output=True, text=True)
     assert result.returncode == 0 and result.stdout.strip() == f"dualadam-hf {__version__}"
 
 
@@ -92,7 +92,7 @@ def test_train_under_accelerate_launch_with_two_processes(tiny_model_dir, tmp_pa
     command = [
         sys.executable, "-m", "accelerate.commands.launch", "--config_file",
         str(repo / "accelerate_configs" / "cpu" / "multi_cpu.yaml"), "--main_process_port", str(port),
-        "-m", "dualadam_hf.cli", "train", "--config", DEFAULT_RECIPE, "--smoke", "--model_name_or_path", tiny_model_dir,
+        "-m", "dualadam_hf", "train", "--config", DEFAULT_RECIPE, "--smoke", "--model_name_or_path", tiny_model_dir,
         "--output_dir", str(out), "--use_cpu", "true", "--log_level", "info", "--log_level_replica", "info",
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from dualadam_hf.cli import main
 from dualadam_hf.experiments import RecipeError
 from dualadam_hf.experiments import compare as compare_module
+from dualadam_hf.experiments.cli import main
 from dualadam_hf.experiments.compare import Interrupted, RunSpec, choose_rates, make_plan, run_child, train_command
 from dualadam_hf.experiments.report import METRICS, RunResult, results_table, write_report
 from dualadam_hf.experiments.stats import paired_bootstrap_interval, paired_t_interval, t_quantile_975
@@ -189,7 +189,7 @@ def test_commands_paths_and_splits(tmp_path, monkeypatch, tiny_model_dir):
     assert train_command(relative, same, None) == train_command(absolute, same, None)  # one run folder, reused
     spec = RunSpec(relative.variants[1], 1000, relative.output_dir / "g", "grid", 1e-3)
     command = train_command(relative, spec, "accelerate launch")
-    assert command[:4] == ["accelerate", "launch", "-m", "dualadam_hf.cli"]
+    assert command[:4] == ["accelerate", "launch", "-m", "dualadam_hf"]
     text = " ".join(command)
     assert text.index("--max_steps 2") < text.index("--optim dualadam --optim_args")
     assert "inverse_scale=0" in text and "--learning_rate 0.001" in text and "--seed 1000" in text
@@ -245,7 +245,7 @@ def test_a_signal_to_compare_reaches_the_child_and_is_waited_for(tmp_path):
 
 
 def write_split_folder(folder: Path, sizes: dict[str, int]) -> Path:
-    from dualadam_hf.tiny import tiny_arithmetic_pairs
+    from dualadam_hf.experiments.tiny import tiny_arithmetic_pairs
 
     folder.mkdir(parents=True, exist_ok=True)
     pairs = iter(tiny_arithmetic_pairs(sum(sizes.values()) * 3, seed=7))

@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_default_compare_runs_offline_with_the_readme_command(tmp_path):
     out = tmp_path / "report"
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_DATASETS_OFFLINE="1")
-    cmd = [sys.executable, "-m", "dualadam_hf.cli", "compare", "--config", "recipes/smollm2_chainsum_lora.yaml",
+    cmd = [sys.executable, "-m", "dualadam_hf", "compare", "--config", "recipes/smollm2_chainsum_lora.yaml",
            "--smoke", "--no-sharpness", "--output_dir", str(out)]
     assert "dualadam-hf compare --config recipes/smollm2_chainsum_lora.yaml" in (ROOT / "README.md").read_text()
     done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1500)

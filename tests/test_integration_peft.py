@@ -7,9 +7,9 @@ from peft.optimizers import create_loraplus_optimizer
 from transformers import AutoModelForCausalLM, AutoTokenizer, DataCollatorForLanguageModeling, Trainer
 
 from dualadam_hf import DualAdam, DualAdamCallback, blend_weight, optimizer_cls_and_kwargs
+from dualadam_hf.experiments.tiny import tiny_lm_dataset
 from dualadam_hf.integrations.callbacks import BLEND_LOG_KEY
 from dualadam_hf.integrations.unwrap import find_dualadam
-from dualadam_hf.tiny import tiny_lm_dataset
 
 from .test_integration_trainer import make_args, training_logs
 

@@ -13,9 +13,9 @@ from transformers import (
 from transformers.trainer_callback import DefaultFlowCallback
 
 from dualadam_hf import DualAdam, DualAdamCallback, InvAdam, blend_weight, optimizer_cls_and_kwargs
+from dualadam_hf.experiments.tiny import tiny_lm_dataset
 from dualadam_hf.integrations.callbacks import BLEND_LOG_KEY
 from dualadam_hf.integrations.unwrap import find_dualadam
-from dualadam_hf.tiny import tiny_lm_dataset
 
 
 def make_args(output_dir, **overrides) -> TrainingArguments:

@@ -12,7 +12,8 @@ from dualadam_hf.experiments import RecipeError
 from dualadam_hf.experiments import arguments as config
 from dualadam_hf.experiments.arguments import load_experiment as load_recipe
 from dualadam_hf.experiments.data import gsm8k_to_chat, load_splits
-from dualadam_hf.experiments.train import build_trainer, eval_batches, run
+from dualadam_hf.experiments.train import run
+from dualadam_hf.experiments.trainers import build_trainer, eval_batches
 
 RECIPES = sorted((Path(__file__).resolve().parents[1] / "recipes").glob("*.yaml"))
 GPU_RECIPES = [p for p in RECIPES if "bf16: true" in p.read_text()]

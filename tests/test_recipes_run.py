@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 from dualadam_hf.experiments import load_experiment as load_recipe
+from dualadam_hf.experiments.tiny import build_tiny_tokenizer, tiny_arithmetic_pairs
 from dualadam_hf.experiments.train import ACCURACY_KEY, ACCURACY_ROWS_FILE, DONE_FILE, PEAK_MEMORY_KEY, run
-from dualadam_hf.tiny import build_tiny_tokenizer, tiny_arithmetic_pairs
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 

@@ -93,7 +93,7 @@ def test_wall_time_of_earlier_segments(tmp_path):
 
 
 def train_argv(model_dir: str, out: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "dualadam_hf.cli", "train", "--config", str(DEFAULT_RECIPE), "--smoke",
+    return [sys.executable, "-m", "dualadam_hf", "train", "--config", str(DEFAULT_RECIPE), "--smoke",
             "--model_name_or_path", model_dir, "--output_dir", str(out), "--save_steps", "2",
             "--save_total_limit", "5", "--accuracy_size", "0", "--eval_steps", "2", *extra]
 

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from dualadam_hf.sharpness import (
+from dualadam_hf.experiments.sharpness import (
     BatchSetLoss,
     HessianVectorProduct,
     SharpnessSettings,

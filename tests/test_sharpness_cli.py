@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from dualadam_hf.experiments import sharpness_cli
-from dualadam_hf.sharpness import SharpnessSettings
+from dualadam_hf.experiments.sharpness import SharpnessSettings
 
 FAST = ["--max-iters", "3", "--probes", "2", "--seeds", "1", "--batches", "1", "--batch-size", "2",
         "--max-length", "8", "--quiet"]
@@ -155,7 +155,7 @@ def _tiny_classifier_folder(folder: Path, num_labels: int = 3) -> str:
     import torch
     from transformers import LlamaConfig, LlamaForSequenceClassification
 
-    from dualadam_hf.tiny import build_tiny_tokenizer
+    from dualadam_hf.experiments.tiny import build_tiny_tokenizer
 
     tokenizer = build_tiny_tokenizer(folder)
     config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
@@ -184,7 +184,7 @@ def test_cli_on_a_sequence_classifier_with_labelled_jsonl(tmp_path, capsys, neve
 
 
 def _recipe(tmp_path: Path, tiny_model_dir: str, extra: str = "") -> Path:
-    from dualadam_hf.tiny import write_tiny_chat_jsonl
+    from dualadam_hf.experiments.tiny import write_tiny_chat_jsonl
 
     data_dir = tmp_path / "data"
     write_tiny_chat_jsonl(data_dir / "train.jsonl", n=16, seed=0)
@@ -202,7 +202,7 @@ def test_cli_with_a_recipe_measures_exactly_the_batches_training_evaluated(tiny_
                                                                           monkeypatch):
     from dualadam_hf.experiments.arguments import load_experiment
     from dualadam_hf.experiments.data import load_splits
-    from dualadam_hf.experiments.train import build_trainer, eval_batches
+    from dualadam_hf.experiments.trainers import build_trainer, eval_batches
 
     # use_peft: the model given is measured as saved, with no fresh LoRA from the recipe on top of it.
     recipe = _recipe(tmp_path, tiny_model_dir, "use_peft: true\nlora_r: 2\nlora_target_modules: [q_proj]\n")
@@ -368,7 +368,7 @@ def test_a_failed_write_after_measuring_still_prints_the_result(tiny_model_dir, 
 
 
 def test_dualadam_hf_sharpness_command_is_wired(tiny_model_dir, tmp_path, capsys):
-    from dualadam_hf.cli import main
+    from dualadam_hf.experiments.cli import main
 
     out_file = tmp_path / "wired.json"
     assert main(["sharpness", "--model", tiny_model_dir, "--random-batches", "--output", str(out_file), *FAST]) == 0

@@ -4,7 +4,7 @@ from pathlib import Path
 import pytest
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from dualadam_hf.tiny import build_tiny_tokenizer, tiny_arithmetic_pairs, write_tiny_chat_jsonl
+from dualadam_hf.experiments.tiny import build_tiny_tokenizer, tiny_arithmetic_pairs, write_tiny_chat_jsonl
 
 
 def test_tiny_model_and_tokenizer_load_offline_and_run(tiny_model_dir):

@@ -21,7 +21,7 @@ from typing import Any
 
 import yaml
 
-from ..sharpness import SharpnessSettings
+from .sharpness import SharpnessSettings
 
 TASKS = ("sft", "classification")
 DATASET_FORMATS = ("auto", "gsm8k")

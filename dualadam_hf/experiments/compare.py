@@ -131,7 +131,7 @@ def train_command(plan: Plan, spec: RunSpec, launcher: str | None) -> list[str]:
     if grid and plan.select_metric == "eval_loss":
         only_final += ["--accuracy_size", "0", "--accuracy_during_training", "false"]
     return prefix + [
-        "dualadam_hf.cli", "train", "--config", str(plan.config), *plan.overrides, *spec.variant.overrides(), *lr,
+        "dualadam_hf", "train", "--config", str(plan.config), *plan.overrides, *spec.variant.overrides(), *lr,
         *only_final, "--seed", str(spec.seed), "--output_dir", str(spec.output_dir), "--dataset_test_split",
         plan.validation_split if grid else plan.test_split,
         "--sharpness", "true" if plan.sharpness and not grid else "false", "--resume_from_checkpoint", "last",

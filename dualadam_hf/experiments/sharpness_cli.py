@@ -23,12 +23,12 @@ import torch
 from safetensors import safe_open
 from transformers import HfArgumentParser
 
-from ..sharpness import DEFAULT_BATCH_SIZE, SharpnessSettings, is_causal_lm, measure_sharpness
 from .arguments import RecipeError, find_recipe, load_experiment
 from .checkpoints import checkpoint_folders, incomplete_reason
 from .data import load_splits, read_rows
 from .models import adapter_base, is_classifier_config, load_model, load_tokenizer, resolve_model
-from .train import build_trainer, eval_batches
+from .sharpness import DEFAULT_BATCH_SIZE, SharpnessSettings, is_causal_lm, measure_sharpness
+from .trainers import build_trainer, eval_batches
 
 PROG = "dualadam-hf sharpness"
 RESULT_FILE = "sharpness.json"

@@ -10,19 +10,18 @@ from __future__ import annotations
 import json
 import math
 import os
-import re
 import resource
 import sys
 import time
-from itertools import islice
 from pathlib import Path
 from typing import Any
 
 from .arguments import Experiment, RecipeError
 from .checkpoints import TRAINER_STATE, WALL_TIME, read_json, resume_checkpoint, saved_wall_time
-from .data import load_splits, sft_columns
-from .models import load_model, load_tokenizer, resolve_model
+from .data import load_splits
+from .models import resolve_model
 from .tasks import exact_match
+from .trainers import build_trainer, eval_batches
 
 PEAK_MEMORY_KEY = "peak_memory_mb"
 ACCURACY_KEY = "eval_accuracy"
@@ -58,75 +57,6 @@ def write_atomically(path: Path, data: Any) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(data, indent=1) + "\n", encoding="utf-8")
     os.replace(tmp, path)
-
-
-def build_trainer(experiment: Experiment, model_path: str, train_data: Any, heldout: Any, *,
-                  adapter: str | None = None, model: Any = None) -> tuple[Any, Any]:
-    """(trainer, tokenizer). ``adapter`` loads a PEFT adapter folder onto the base model instead of a new
-    LoRA; ``model`` is used as it is (sharpness of a saved model)."""
-    from transformers import set_seed
-
-    args, training, model_args = experiment.args, experiment.training, experiment.model
-    eval_data = heldout if args.eval_size is None else heldout.select(range(min(args.eval_size, len(heldout))))
-    set_seed(training.seed)
-    tokenizer = load_tokenizer(model_path)
-    peft_config = None
-    if model_args.use_peft and adapter is None and model is None:
-        from trl import get_peft_config
-
-        peft_config = get_peft_config(model_args)
-        target = peft_config.target_modules
-        if isinstance(target, str) and target != "all-linear" and re.fullmatch(r"[\w.]+", target):
-            # TRL's ModelConfig turns a one-element list into a string, which PEFT reads as a regex over
-            # full module paths (matching nothing); a plain name means that module.
-            peft_config.target_modules = {target}
-    if model is None:
-        model = load_model(model_path, task=args.task, num_labels=args.num_labels, dtype=model_args.dtype,
-                           attn_implementation=model_args.attn_implementation, adapter=adapter)
-    if args.task != "classification":
-        from trl import SFTTrainer
-
-        return SFTTrainer(model=model, args=training, train_dataset=sft_columns(train_data),
-                          eval_dataset=sft_columns(eval_data), processing_class=tokenizer,
-                          peft_config=peft_config), tokenizer
-    import numpy as np
-    from peft import get_peft_model
-    from transformers import DataCollatorWithPadding, Trainer
-
-    if model.config.pad_token_id is None:
-        model.config.pad_token_id = tokenizer.pad_token_id
-    if peft_config is not None:
-        model = get_peft_model(model, peft_config)
-    max_length = min(getattr(tokenizer, "model_max_length", 512), 512)
-
-    def encode(batch: dict[str, list]) -> dict[str, Any]:
-        return {**tokenizer(batch[args.text_column], truncation=True, max_length=max_length),
-                "labels": batch[args.label_column]}
-
-    def accuracy(prediction: Any) -> dict[str, float]:
-        logits, labels = prediction
-        return {"accuracy": float((np.argmax(logits, axis=-1) == labels).mean())}
-
-    train_data, eval_data = (data.map(encode, batched=True, remove_columns=data.column_names)
-                             for data in (train_data, eval_data))
-    return Trainer(model=model, args=training, processing_class=tokenizer, compute_metrics=accuracy,
-                   data_collator=DataCollatorWithPadding(tokenizer), train_dataset=train_data,
-                   eval_dataset=eval_data), tokenizer
-
-
-def eval_batches(trainer: Any, n_batches: int, batch_size: int | None = None) -> list[dict[str, Any]]:
-    """The first ``n_batches`` batches of the trainer's eval dataloader: the held-out rows tokenized and
-    collated exactly as for the eval loss (for chat data, labels on the answer only)."""
-    old = trainer.args.per_device_eval_batch_size
-    if batch_size:
-        trainer.args.per_device_eval_batch_size = batch_size
-    try:
-        loader = trainer.get_eval_dataloader()
-    finally:
-        trainer.args.per_device_eval_batch_size = old
-    if not (batches := [dict(batch) for batch in islice(loader, n_batches)]):
-        raise RecipeError("the held-out split gave no batch for sharpness")
-    return batches
 
 
 def _callbacks(clock: dict[str, Any], accuracy: Any) -> list[Any]:
@@ -209,7 +139,7 @@ def run(experiment: Experiment, log=print) -> dict[str, float]:
             ACCURACY_KEY in e and e.get("step") == step for e in trainer.state.log_history)):
         final[ACCURACY_KEY] = sum(rows) / len(rows)
     if args.sharpness:
-        from ..sharpness import measure_sharpness
+        from .sharpness import measure_sharpness
 
         settings = args.sharpness_settings(seed=training.seed)
         numbers = measure_sharpness(trainer.model, eval_batches(trainer, settings.batches, settings.batch_size),

@@ -6,7 +6,7 @@
 
 Any `--key value` after the known options overrides the recipe (a field of TRL's ScriptArguments,
 SFTConfig / TrainingArguments, ModelConfig, or of dualadam_hf.experiments.ExperimentArguments). Under
-several processes: `accelerate launch --config_file accelerate_configs/<name>.yaml -m dualadam_hf.cli train
+several processes: `accelerate launch --config_file accelerate_configs/<name>.yaml -m dualadam_hf train
 --config ...`.
 """
 
@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ._version import __version__
+from .._version import __version__
 
 DEFAULT_RECIPE = "recipes/smollm2_chainsum_lora.yaml"
 DEFAULT_OPTIMS = "adamw_torch,dualadam"
@@ -65,7 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .experiments.arguments import RecipeError, find_recipe
+    from .arguments import RecipeError, find_recipe
 
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
@@ -75,21 +75,21 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 0
     if args.command == "sharpness":
-        from .experiments import sharpness_cli
+        from . import sharpness_cli
 
         return sharpness_cli.main(extra)
     try:
         if args.command == "compare":
-            from .experiments.compare import run_compare
+            from .compare import run_compare
 
             return run_compare(
                 str(find_recipe(args.config)), optims=args.optims, seeds=args.seeds, lr_grid=args.lr_grid,
                 select_metric=args.select_metric, output_dir=args.output_dir, overrides=extra,
                 sharpness=args.sharpness, smoke=args.smoke, launcher=args.launcher, rerun=args.rerun,
             )
-        from .experiments.arguments import load_experiment
-        from .experiments.compare import smoke_overrides
-        from .experiments.train import run
+        from .arguments import load_experiment
+        from .compare import smoke_overrides
+        from .train import run
 
         experiment = load_experiment(find_recipe(args.config), (smoke_overrides() if args.smoke else []) + extra)
         numbers = run(experiment)
