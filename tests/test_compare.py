@@ -1,12 +1,10 @@
-"""`dualadam-hf compare`: variants, the learning-rate grid, paired statistics, the report, resume and signals."""
+"""`dualadam-hf compare`: variants, the learning-rate grid, resume and signals (the report: test_report.py)."""
 
 from __future__ import annotations
 
 import json
 import os
-import random
 import signal
-import statistics
 import sys
 import threading
 from pathlib import Path
@@ -17,8 +15,7 @@ from dualadam_hf.experiments import RecipeError
 from dualadam_hf.experiments import compare as compare_module
 from dualadam_hf.experiments.cli import main
 from dualadam_hf.experiments.compare import Interrupted, RunSpec, choose_rates, make_plan, run_child, train_command
-from dualadam_hf.experiments.report import METRICS, RunResult, results_table, write_report
-from dualadam_hf.experiments.stats import paired_bootstrap_interval, paired_t_interval, t_quantile_975
+from dualadam_hf.experiments.report import RunResult
 from dualadam_hf.experiments.variants import parse_variant, parse_variants, split_entries
 
 DEFAULT_RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "smollm2_math_lora.yaml"
@@ -40,25 +37,6 @@ def parse_table(markdown: str) -> dict[str, dict[str, tuple[float, float | None]
     return table
 
 
-def assert_cell_matches(cell: tuple[float, float | None], values: list[float], digits: int) -> None:
-    tolerance = 0.51 * 10**-digits  # the table rounds to `digits` decimals
-    assert cell[0] == pytest.approx(statistics.fmean(values), abs=tolerance)
-    if len(values) > 1:
-        assert cell[1] == pytest.approx(statistics.stdev(values), abs=tolerance)
-    else:
-        assert cell[1] is None
-
-
-def fake_history(rng: random.Random, steps: int = 4) -> list[dict]:
-    history = [{"loss": rng.uniform(1, 3), "dualadam/inverse_share": rng.uniform(1e-5, 1e-3), "step": s}
-               for s in range(1, steps + 1)]
-    history += [{"eval_loss": rng.uniform(1, 3), "step": s} for s in (2, steps)]
-    history.append({"train_runtime": rng.uniform(5, 9), "train_loss": 2.0, "step": steps})
-    history.append({"peak_memory_mb": rng.uniform(500, 900), "eval_accuracy": rng.random(),
-                    "train_wall_time_s": rng.uniform(5, 9), "step": steps})
-    return history
-
-
 class FakePlan:
     def __init__(self, out: Path, variants=("adamw_torch", "dualadam")):
         self.output_dir, self.config = out, Path("recipe.yaml")
@@ -66,77 +44,6 @@ class FakePlan:
         self.seeds, self.overrides, self.test_split = [0, 1, 2], [], "test"
         self.lr_grid, self.chosen_lr, self.select_metric, self.grid_seed = [], {}, "eval_loss", 1000
         self.validation_split = "validation"
-
-
-def test_report_table_is_mean_and_std_of_the_last_logged_values(tmp_path):
-    rng = random.Random(0)
-    results = [RunResult(label, seed, fake_history(rng)) for label in ("adamw_torch", "dualadam") for seed in (0, 1, 2)]
-    results.append(RunResult("dualadam", 3, [], ok=False, error="exit code 1"))
-    text = write_report(FakePlan(tmp_path), results).read_text()
-    table = parse_table(text)
-    assert set(table) == {"adamw_torch", "dualadam"}
-    headers = {name: (keys, header, digits) for name, keys, header, digits, _ in METRICS}
-    assert headers["sharpness"][1] not in table["dualadam"]  # nobody logged sharpness: no column
-    for label, row in table.items():
-        runs = [r for r in results if r.label == label and r.ok]
-        for name in ("heldout_loss", "heldout_accuracy", "final_train_loss", "wall_time_s", "peak_memory_mb"):
-            keys, header, digits = headers[name]
-            last = [[e[keys[0]] for e in r.log_history if keys[0] in e][-1] for r in runs]
-            assert_cell_matches(row[header], last, digits)
-    assert "**failed**: dualadam seed 3 (final): exit code 1" in text
-    # The cost of the whole comparison: the train wall time of every finished run (not of this invocation).
-    trained = sum([e["train_wall_time_s"] for e in r.log_history if "train_wall_time_s" in e][-1]
-                  for r in results if r.ok)
-    assert f"Training time of all runs, grid included: {trained:.0f} s" in text
-    assert "## Paired differences" in text and "dualadam − adamw_torch" in text
-    for name in ("train_loss.png", "eval_loss.png", "inverse_share.png"):
-        assert (tmp_path / name).stat().st_size > 1000 and f"({name})" in text
-    saved = json.loads((tmp_path / "raw" / "final-dualadam-seed1.json").read_text())
-    assert saved["log_history"] == results[4].log_history and saved["summary"] == results[4].summary
-
-
-def test_single_seed_cells_have_no_std():
-    table = parse_table("## Results\n" + results_table([RunResult("sgd", 0, fake_history(random.Random(1)))]))
-    assert all(std is None for _, std in table["sgd"].values())
-
-
-def test_report_without_matplotlib_still_writes_the_tables(tmp_path, monkeypatch):
-    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib now raises ImportError
-    rng = random.Random(2)
-    results = [RunResult(label, seed, fake_history(rng)) for label in ("adamw_torch", "dualadam") for seed in (0, 1)]
-    text = write_report(FakePlan(tmp_path), results).read_text()
-    assert "## Results" in text and "No plots: matplotlib is not installed" in text
-
-
-# --- statistics ----------------------------------------------------------------------------------
-
-
-def test_paired_t_interval_matches_the_formula():
-    diffs = [0.2, 0.3, 0.25]
-    interval = paired_t_interval(diffs)
-    half = 4.303 * statistics.stdev(diffs) / 3**0.5
-    assert interval.mean == pytest.approx(0.25)
-    assert (interval.low, interval.high) == pytest.approx((0.25 - half, 0.25 + half))
-    assert interval.contains_zero is False and "excludes 0" in interval.words("loss", "lower")
-    assert "worse" in interval.words("loss", "lower") and "better" in interval.words("accuracy", "higher")
-    assert paired_t_interval([0.1, -0.1, 0.05]).contains_zero
-    assert "contains 0" in paired_t_interval([0.1, -0.1, 0.05]).words("loss", "lower")
-    assert paired_t_interval([0.5]).low is None
-    assert t_quantile_975(2) == 4.303 and t_quantile_975(100) == 1.96
-
-
-def test_bootstrap_interval_over_seeds_and_problems():
-    rng = random.Random(0)
-    better = [[int(rng.random() < 0.7) for _ in range(300)] for _ in range(3)]
-    worse = [[int(rng.random() < 0.4) for _ in range(300)] for _ in range(3)]
-    interval = paired_bootstrap_interval(better, worse, resamples=500)
-    assert 0.2 < interval.mean < 0.4 and 0 < interval.low < interval.mean < interval.high
-    same = paired_bootstrap_interval(better, better, resamples=200)
-    assert same.mean == 0 and same.low == 0 == same.high
-    noise = paired_bootstrap_interval(worse, [list(reversed(w)) for w in worse], resamples=500)
-    assert noise.contains_zero
-    with pytest.raises(ValueError, match="same"):
-        paired_bootstrap_interval(better, worse[:2])
 
 
 # --- variants ------------------------------------------------------------------------------------

@@ -1,0 +1,315 @@
+"""The comparison report: tables read back from the logs, diverged and failed runs, pairing by seed, paired
+differences against one or two baselines, McNemar per seed, and files that a full disk cannot leave half-written."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import statistics
+import sys
+from pathlib import Path
+
+import pytest
+
+from dualadam_hf.experiments.report import METRICS, RunResult, results_table, write_report
+from dualadam_hf.experiments.variants import parse_variants
+
+STUDY_RAW = Path(__file__).resolve().parents[1] / "docs" / "study" / "raw"
+
+
+def parse_table(markdown: str) -> dict[str, dict[str, tuple[float, float | None]]]:
+    """{variant: {column header: (mean, std or None)}} from the report's results table ('-' cells left out);
+    the runs column is kept as text under "runs"."""
+    section = markdown.split("## Results", 1)[1].split("\n## ", 1)[0]
+    lines = [line for line in section.splitlines() if line.startswith("|")]
+    headers = [cell.strip() for cell in lines[0].strip("|").split("|")]
+    table = {}
+    for line in lines[2:]:
+        cells = [cell.strip() for cell in line.strip("|").split("|")]
+        row: dict = {"runs": cells[1]}
+        for header, cell in zip(headers[2:], cells[2:], strict=True):
+            if cell != "-":
+                mean, _, std = cell.split(" (n=")[0].partition(" ± ")
+                row[header] = (float(mean), float(std) if std else None)
+        table[cells[0]] = row
+    return table
+
+
+def assert_cell_matches(cell: tuple[float, float | None], values: list[float], digits: int) -> None:
+    tolerance = 0.51 * 10**-digits  # the table rounds to `digits` decimals
+    assert cell[0] == pytest.approx(statistics.fmean(values), abs=tolerance)
+    if len(values) > 1:
+        assert cell[1] == pytest.approx(statistics.stdev(values), abs=tolerance)
+    else:
+        assert cell[1] is None
+
+
+def fake_history(rng: random.Random, steps: int = 4, eval_steps: tuple[int, ...] | None = None) -> list[dict]:
+    history = [{"loss": rng.uniform(1, 3), "grad_norm": rng.uniform(0.5, 2), "dualadam/inverse_share":
+                rng.uniform(1e-5, 1e-3), "step": s} for s in range(1, steps + 1)]
+    history += [{"eval_loss": rng.uniform(1, 3), "step": s} for s in (eval_steps or (2, steps))]
+    history.append({"train_runtime": rng.uniform(5, 9), "train_loss": 2.0, "step": steps})
+    history.append({"peak_memory_mb": rng.uniform(500, 900), "eval_accuracy": rng.random(),
+                    "train_wall_time_s": rng.uniform(5, 9), "step": steps})
+    return history
+
+
+def with_final(history: list[dict], **values: float) -> list[dict]:
+    """The history with a last entry overriding summary numbers (e.g. eval_loss, eval_accuracy)."""
+    return [*history, {**values, "step": history[-1]["step"]}]
+
+
+class FakePlan:
+    def __init__(self, out: Path, variants=("adamw_torch", "dualadam"), seeds=(0, 1, 2)):
+        self.output_dir, self.config = out, Path("recipe.yaml")
+        self.variants = parse_variants(",".join(variants))
+        self.seeds, self.overrides, self.test_split = list(seeds), [], "test"
+        self.lr_grid, self.chosen_lr, self.select_metric, self.grid_seed = [], {}, "eval_loss", 1000
+        self.validation_split = "validation"
+
+
+def differences_rows(text: str, baseline: str = "adamw_torch") -> dict[tuple[str, str], list[str]]:
+    """{(variant, metric): cells} of the paired-differences table against ``baseline``."""
+    section = text.split(f"## Paired differences against {baseline}", 1)[1].split("\n## ", 1)[0]
+    rows = [line for line in section.splitlines() if line.startswith("|") and "McNemar" not in section.split(
+        line)[0][-200:]]
+    table = {}
+    for line in rows[2:]:
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        if len(cells) == 7:
+            table[(cells[0], cells[1])] = cells[2:]
+    return table
+
+
+def test_report_table_is_mean_and_std_of_the_last_logged_values(tmp_path):
+    rng = random.Random(0)
+    results = [RunResult(label, seed, fake_history(rng)) for label in ("adamw_torch", "dualadam") for seed in (0, 1, 2)]
+    results.append(RunResult("dualadam", 3, [], ok=False, error="exit code 1"))
+    text = write_report(FakePlan(tmp_path), results).read_text()
+    table = parse_table(text)
+    assert set(table) == {"adamw_torch", "dualadam"}
+    headers = {name: (keys, header, digits) for name, keys, header, digits, _ in METRICS}
+    assert headers["sharpness"][1] not in table["dualadam"]  # nobody logged sharpness: no column
+    for label, row in table.items():
+        runs = [r for r in results if r.label == label and r.ok]
+        for name in ("heldout_loss", "heldout_accuracy", "final_train_loss", "wall_time_s", "peak_memory_mb"):
+            keys, header, digits = headers[name]
+            last = [[e[keys[0]] for e in r.log_history if keys[0] in e][-1] for r in runs]
+            assert_cell_matches(row[header], last, digits)
+    assert "**failed**: dualadam seed 3 (final): exit code 1" in text
+    # The cost of the whole comparison: the train wall time of every finished run (not of this invocation).
+    trained = sum([e["train_wall_time_s"] for e in r.log_history if "train_wall_time_s" in e][-1]
+                  for r in results if r.ok)
+    assert f"Training time of all runs: {trained:.0f} s" in text
+    assert "grid included" not in text  # no grid ran
+    assert "## Paired differences against adamw_torch" in text and "dualadam − adamw_torch" in text
+    for name in ("train_loss.png", "eval_loss.png", "inverse_share.png"):
+        assert (tmp_path / name).stat().st_size > 1000 and f"({name})" in text
+    saved = json.loads((tmp_path / "raw" / "final-dualadam-seed1.json").read_text())
+    assert saved["log_history"] == results[4].log_history and saved["summary"] == results[4].summary
+
+
+def test_single_seed_cells_have_no_std():
+    table = parse_table("## Results\n" + results_table([RunResult("sgd", 0, fake_history(random.Random(1)))]))
+    assert all(std is None for key, (_, std) in ((k, v) for k, v in table["sgd"].items() if k != "runs"))
+
+
+def test_report_without_matplotlib_still_writes_the_tables(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib now raises ImportError
+    rng = random.Random(2)
+    results = [RunResult(label, seed, fake_history(rng)) for label in ("adamw_torch", "dualadam") for seed in (0, 1)]
+    text = write_report(FakePlan(tmp_path), results).read_text()
+    assert "## Results" in text and "No plots: matplotlib is not installed" in text
+
+
+def test_a_diverged_run_is_marked_kept_out_and_does_not_stop_the_report(tmp_path):
+    rng = random.Random(3)
+    results = [RunResult(label, seed, fake_history(rng)) for label in ("adamw_torch", "dualadam") for seed in (0, 1, 2)]
+    # dualadam seed 1 blew up: inf held-out loss, NaN gradient norm (transformers logs the NaN loss as 0).
+    blown = fake_history(rng)
+    blown[2]["grad_norm"] = math.nan
+    results[4] = RunResult("dualadam", 1, with_final(blown, eval_loss=math.inf))
+    text = write_report(FakePlan(tmp_path), results).read_text()
+    assert "**diverged**: dualadam seed 1 (final): non-finite grad_norm at step 3" in text
+    table = parse_table(text)
+    # Seed 1 is out of both variants, and the runs column counts what the means hold.
+    assert table["dualadam"]["runs"] == "2 (diverged: seed 1)"
+    assert table["adamw_torch"]["runs"] == "2 (left out: seed 1)"
+    for label in ("adamw_torch", "dualadam"):
+        kept = [r for r in results if r.label == label and r.seed != 1]
+        assert_cell_matches(table[label]["held-out loss"], [r.summary["heldout_loss"] for r in kept], 4)
+    assert "Seed 1 left out of every variant's numbers (seed 1: dualadam diverged)" in text
+    rows = differences_rows(text)
+    assert rows[("dualadam", "held-out loss")][0].count(",") == 1  # two per-seed differences
+    saved = json.loads((tmp_path / "raw" / "final-dualadam-seed1.json").read_text())
+    assert saved["diverged"].startswith("non-finite grad_norm")
+
+
+def test_a_run_marked_diverged_by_training_is_kept_out(tmp_path):
+    rng = random.Random(4)
+    done = {"log_history": fake_history(rng), "accuracy_rows": None, "diverged": {"step": 3}}
+    marked = RunResult.from_done("dualadam", 0, done)
+    assert marked.divergence == "marked diverged by training (non-finite loss at step 3)" and not marked.usable
+    grad = RunResult.from_done("dualadam", 0, {**done, "diverged": {"step": 5, "what": "grad_norm"}})
+    assert grad.divergence == "marked diverged by training (non-finite grad_norm at step 5)"
+    in_history = RunResult("dualadam", 0, [*fake_history(rng), {"diverged": {"step": 2}, "step": 2}])
+    assert "step 2" in in_history.divergence
+    results = [RunResult("adamw_torch", s, fake_history(rng)) for s in (0, 1)] + [
+        RunResult.from_done("dualadam", 0, done), RunResult("dualadam", 1, fake_history(rng))]
+    text = write_report(FakePlan(tmp_path, seeds=(0, 1)), results).read_text()
+    assert "**diverged**: dualadam seed 0 (final): marked diverged by training (non-finite loss at step 3)" in text
+    assert parse_table(text)["dualadam"]["runs"] == "1 (diverged: seed 0)"
+
+
+def test_a_variant_that_diverged_in_every_seed_leaves_the_others_compared(tmp_path):
+    rng = random.Random(5)
+    nan = [{**e, "grad_norm": math.nan} if "grad_norm" in e else e for e in fake_history(rng)]
+    results = [RunResult("adamw_torch", s, fake_history(rng)) for s in (0, 1)] + [
+        RunResult("dualadam", s, nan) for s in (0, 1)]
+    text = write_report(FakePlan(tmp_path, seeds=(0, 1)), results).read_text()
+    table = parse_table(text)
+    assert table["adamw_torch"]["runs"] == "2" and "held-out loss" in table["adamw_torch"]
+    assert table["dualadam"]["runs"] == "0 (diverged: seed 0, 1)" and "held-out loss" not in table["dualadam"]
+    assert "## Paired differences against" not in text
+    assert text.count("**diverged**: dualadam") == 2
+
+
+def test_no_verdict_from_one_seed_nor_from_equal_differences(tmp_path):
+    rng = random.Random(6)
+    one = [RunResult("adamw_torch", 0, with_final(fake_history(rng), eval_accuracy=0.25)),
+           RunResult("dualadam", 0, with_final(fake_history(rng), eval_accuracy=0.5))]
+    text = write_report(FakePlan(tmp_path / "one", seeds=(0,)), one).read_text()
+    assert "held-out accuracy: one seed only: no interval and no verdict" in text
+    assert "excludes 0" not in text and "better" not in text and "worse" not in text
+    equal = []
+    for seed in (0, 1, 2):
+        base = 0.3 + 0.1 * seed
+        equal += [RunResult("adamw_torch", seed, with_final(fake_history(rng), eval_loss=base)),
+                  RunResult("dualadam", seed, with_final(fake_history(rng), eval_loss=base + 1e-6))]
+    text = write_report(FakePlan(tmp_path / "equal"), equal).read_text()
+    assert "held-out loss: all 3 differences are equal (+1e-06), so their variance is 0: no interval" in text
+    assert rows_mean(text, "held-out loss") == "+1.00e-06"
+    assert "held-out loss: the interval excludes 0" not in text
+
+
+def rows_mean(text: str, metric: str) -> str:
+    return differences_rows(text)[("dualadam", metric)][1]
+
+
+def test_a_failed_seed_is_left_out_of_every_variant(tmp_path):
+    rng = random.Random(7)
+    results = [RunResult(label, seed, fake_history(rng)) for label in ("adamw_torch", "dualadam", "invadam")
+               for seed in (0, 1, 2)]
+    results[5] = RunResult("dualadam", 2, [], ok=False, error="exit code 1")
+    text = write_report(FakePlan(tmp_path, ("adamw_torch", "dualadam", "invadam")), results).read_text()
+    table = parse_table(text)
+    assert table["invadam"]["runs"] == "2 (left out: seed 2)" and table["dualadam"]["runs"] == "2 (failed: seed 2)"
+    kept = [r.summary["heldout_loss"] for r in results if r.label == "invadam" and r.seed != 2]
+    assert_cell_matches(table["invadam"]["held-out loss"], kept, 4)
+    assert "all variants are compared on the same seeds (0, 1)" in text
+    pairs = [(a, b) for a in results for b in results if a.label == "invadam" and b.label == "adamw_torch"
+             and a.seed == b.seed and a.seed != 2]
+    expected = [a.summary["heldout_loss"] - b.summary["heldout_loss"] for a, b in pairs]
+    cells = differences_rows(text)[("invadam", "held-out loss")]
+    assert [float(x) for x in cells[0].split(", ")] == pytest.approx(expected, abs=1e-5)
+
+
+def test_variants_with_different_seed_counts_pair_on_the_seeds_both_have(tmp_path):
+    rng = random.Random(8)
+    results = [RunResult("adamw_torch", s, fake_history(rng)) for s in range(4)] + [
+        RunResult("dualadam", s, fake_history(rng)) for s in range(2)]
+    text = write_report(FakePlan(tmp_path, seeds=range(4)), results).read_text()
+    assert "Variants ran different seeds: adamw_torch 0, 1, 2, 3; dualadam 0, 1." in text
+    assert differences_rows(text)[("dualadam", "held-out loss")][0].count(",") == 1
+
+
+def test_differences_against_a_named_baseline_as_well(tmp_path):
+    rng = random.Random(9)
+    labels = ("adamw_torch", "matched_warmup", "dualadam")
+    results = [RunResult(label, seed, fake_history(rng)) for label in ("adamw_torch", "matched-warmup", "dualadam")
+               for seed in (0, 1, 2)]
+    text = write_report(FakePlan(tmp_path, labels), results, baseline="matched-warmup").read_text()
+    assert "paired differences against adamw_torch and matched-warmup" in text
+    against = differences_rows(text, "matched-warmup")
+    assert set(against) >= {("dualadam", "held-out loss"), ("adamw_torch", "held-out loss")}
+    expected = [a.summary["heldout_loss"] - b.summary["heldout_loss"] for a in results for b in results
+                if a.label == "dualadam" and b.label == "matched-warmup" and a.seed == b.seed]
+    assert [float(x) for x in against[("dualadam", "held-out loss")][0].split(", ")] == pytest.approx(expected,
+                                                                                                    abs=1e-5)
+    missing = write_report(FakePlan(tmp_path / "m", labels), results, baseline="adamw").read_text()
+    assert "No paired differences: adamw is not a variant of this comparison" in missing
+
+
+def test_accuracy_gets_an_exact_mcnemar_test_per_seed(tmp_path):
+    rng = random.Random(10)
+    results = []
+    for seed in (0, 1):
+        # The variant alone right on 8 problems, the baseline alone on 2 (then 1 and 6), 10 right for both.
+        alone, base_alone = ((8, 2), (1, 6))[seed]
+        variant = [1] * 10 + [1] * alone + [0] * base_alone + [0] * 5
+        baseline = [1] * 10 + [0] * alone + [1] * base_alone + [0] * 5
+        for label, rows in (("adamw_torch", baseline), ("dualadam", variant)):
+            history = with_final(fake_history(rng), eval_accuracy=sum(rows) / len(rows))
+            results.append(RunResult(label, seed, history, accuracy_rows=rows))
+    text = write_report(FakePlan(tmp_path, seeds=(0, 1)), results).read_text()
+    assert "| dualadam | 0 | 8 | 2 | 0.109 |" in text  # 2 * (1 + 10 + 45) / 1024
+    assert "| dualadam | 1 | 1 | 6 | 0.125 |" in text  # 2 * (1 + 7) / 128
+
+
+def test_one_evaluation_point_draws_no_held_out_curve_and_says_why(tmp_path):
+    rng = random.Random(11)
+    results = [RunResult(label, seed, fake_history(rng, eval_steps=(4,))) for label in ("adamw_torch", "dualadam")
+               for seed in (0, 1)]
+    text = write_report(FakePlan(tmp_path, seeds=(0, 1)), results).read_text()
+    assert "Held-out loss: no curve, it was logged at one step only (4)." in text
+    assert not (tmp_path / "eval_loss.png").exists() and (tmp_path / "train_loss.png").is_file()
+
+
+def test_a_full_disk_while_plotting_leaves_the_report_and_no_empty_plot(tmp_path, monkeypatch):
+    from matplotlib.figure import Figure
+
+    def full_disk(self, path, *args, **kwargs):
+        Path(path).write_bytes(b"")  # what a full disk leaves: the file opened, nothing written
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Figure, "savefig", full_disk)
+    rng = random.Random(12)
+    results = [RunResult(label, seed, fake_history(rng)) for label in ("adamw_torch", "dualadam") for seed in (0, 1)]
+    path = write_report(FakePlan(tmp_path, seeds=(0, 1)), results)
+    text = path.read_text()
+    assert "## Results" in text and "## Paired differences against adamw_torch" in text
+    assert "train_loss.png could not be written" in text and "![Train loss]" not in text
+    assert not list(tmp_path.glob("*.png")) and not list(tmp_path.glob(".*.tmp"))
+
+
+def test_the_grid_footer_only_when_a_grid_ran(tmp_path):
+    rng = random.Random(13)
+    plan = FakePlan(tmp_path, seeds=(0,))
+    plan.lr_grid, plan.chosen_lr = [1e-3, 3e-3], {"adamw_torch": 1e-3, "dualadam": 1e-3}
+    grid = [RunResult(label, 1000, fake_history(rng), phase="grid", lr=lr) for label in ("adamw_torch", "dualadam")
+            for lr in (1e-3, 3e-3)]
+    grid[3] = RunResult("dualadam", 1000, with_final(fake_history(rng), eval_loss=math.nan), phase="grid", lr=3e-3)
+    results = [RunResult(label, 0, fake_history(rng)) for label in ("adamw_torch", "dualadam")]
+    text = write_report(plan, results, grid).read_text()
+    assert "Training time of all runs, grid included:" in text
+    assert "| dualadam | " in text and "| diverged | 0.001 |" in text
+
+
+def test_the_cpu_study_recomputed_from_its_raw_logs(tmp_path):
+    """The published v1 logs give the paired-t intervals an audit computed by hand."""
+    results = []
+    for file in sorted(STUDY_RAW.glob("final-*.json")):
+        run = json.loads(file.read_text())
+        results.append(RunResult(run["label"], run["seed"], run["log_history"], lr=run["lr"],
+                                 accuracy_rows=run["accuracy_rows"]))
+    labels = ("adamw_torch", "matched_warmup", "dualadam", "dualadam_scaled")
+    text = write_report(FakePlan(tmp_path, labels), results).read_text()
+    rows = differences_rows(text)
+    warmup = rows[("matched-warmup", "held-out accuracy")]
+    assert warmup[1:3] == ["-0.0120", "[-0.0724, +0.0484]"]
+    scaled = rows[("dualadam-scaled", "held-out accuracy")]
+    assert scaled[1] == "-0.1893" and scaled[2].startswith("[-0.69") and scaled[3] == "0.25"
+    assert "dualadam-scaled − adamw_torch, held-out accuracy: the interval contains 0" in text
+    # 3 of 3 seeds worse held-out loss for the warmup (and for DualAdam, the same model).
+    assert all(x.startswith("+") for x in rows[("matched-warmup", "held-out loss")][0].split(", "))

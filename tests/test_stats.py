@@ -1,0 +1,143 @@
+"""The comparison's statistics, checked against published values and hand computations, not against themselves."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from scipy import stats as scipy_stats
+
+from dualadam_hf.experiments.stats import (
+    format_number,
+    mcnemar_exact,
+    mean_std,
+    min_detectable_difference,
+    paired_difference,
+    sign_test_p,
+)
+
+# Student's sleep data (Cushny and Peebles, as analysed by "Student" in 1908): extra hours of sleep with drug 2
+# minus drug 1 for 10 patients. R's `t.test(extra ~ group, data = sleep, paired = TRUE)` prints the 95% interval
+# -2.4598858 -0.7001142 for drug 1 minus drug 2.
+SLEEP_DIFFERENCES = [1.2, 2.4, 1.3, 1.3, 0.0, 1.0, 1.8, 0.8, 4.6, 1.4]
+
+
+def test_paired_t_interval_on_the_sleep_data_matches_the_published_interval():
+    diff = paired_difference(SLEEP_DIFFERENCES)
+    assert diff.mean == pytest.approx(1.58)
+    assert (diff.low, diff.high) == pytest.approx((0.7001142, 2.4598858), abs=1e-7)
+    assert diff.n == 10 and diff.contains_zero is False and diff.method == "paired t"
+    assert "excludes 0: the variant is worse" in diff.words("loss", "lower")
+    assert "the variant is better" in diff.words("accuracy", "higher")
+
+
+def test_three_seeds_use_t_with_two_degrees_of_freedom():
+    # The CPU study's accuracy, matched warmup minus AdamW per seed: 116-122, 116-112, 114-121 of 250 problems.
+    diffs = [(116 - 122) / 250, (116 - 112) / 250, (114 - 121) / 250]
+    diff = paired_difference(diffs)
+    mean = sum(diffs) / 3
+    sd = math.sqrt(sum((d - mean) ** 2 for d in diffs) / 2)
+    half = 4.303 * sd / math.sqrt(3)  # t(0.975, 2) from a printed table, 3 decimals
+    assert diff.mean == pytest.approx(-0.012)
+    assert (diff.low, diff.high) == pytest.approx((mean - half, mean + half), abs=2e-5)
+    assert (diff.low, diff.high) == pytest.approx((-0.072, 0.048), abs=5e-4)
+    assert diff.contains_zero and "contains 0" in diff.words("held-out accuracy", "higher")
+
+
+def test_no_normal_fallback_past_thirty_degrees_of_freedom():
+    rng = np.random.default_rng(0)
+    diffs = list(rng.normal(0.1, 1.0, size=32))  # 31 degrees of freedom: t(0.975, 31) = 2.040 in printed tables
+    diff = paired_difference(diffs)
+    half = (diff.high - diff.low) / 2
+    assert half / (np.std(diffs, ddof=1) / math.sqrt(32)) == pytest.approx(2.040, abs=5e-4)
+
+
+@pytest.mark.parametrize("diffs, reason", [
+    ([0.25], "one seed only"),
+    ([1e-6, 1e-6, 1e-6], "variance is 0"),
+    # Equal up to rounding: what a constant shift of 1e-6 looks like after subtracting floats.
+    ([(0.5 + 1e-6) - 0.5, (0.3 + 1e-6) - 0.3, (0.7 + 1e-6) - 0.7], "variance is 0"),
+])
+def test_no_interval_and_no_verdict_from_one_seed_or_zero_variance(diffs, reason):
+    diff = paired_difference(diffs)
+    assert diff.low is None and diff.high is None and diff.detectable is None and diff.contains_zero is None
+    words = diff.words("held-out accuracy", "higher")
+    assert reason in words and "no verdict" in words
+    assert "excludes" not in words and "better" not in words and "worse" not in words
+
+
+def test_sign_test_is_the_binomial_tail_by_hand():
+    # Sleep data: 9 positive differences and one zero; the zero carries no sign, so 9 of 9: p = 2 * 0.5**9.
+    assert sign_test_p(SLEEP_DIFFERENCES) == pytest.approx(2 * 0.5**9)
+    assert sign_test_p([-1.0, -2.0, -0.5]) == pytest.approx(0.25)  # 3 of 3 seeds: the smallest p 3 seeds allow
+    # 8 of 10 positive: 2 * P(X <= 2), X ~ Binomial(10, 1/2).
+    assert sign_test_p([1.0] * 8 + [-1.0] * 2) == pytest.approx(2 * (1 + 10 + 45) / 2**10)
+    assert sign_test_p([0.0, 0.0]) is None
+
+
+def _rows(both: int, variant_only: int, baseline_only: int, neither: int) -> tuple[list[int], list[int]]:
+    variant = [1] * both + [1] * variant_only + [0] * baseline_only + [0] * neither
+    baseline = [1] * both + [0] * variant_only + [1] * baseline_only + [0] * neither
+    return variant, baseline
+
+
+def test_exact_mcnemar_is_the_binomial_over_discordant_problems():
+    test = mcnemar_exact(*_rows(both=100, variant_only=8, baseline_only=2, neither=140))
+    assert (test.variant_only, test.baseline_only) == (8, 2)
+    # Two-sided exact p: 2 * P(X <= 2), X ~ Binomial(10, 1/2), by hand.
+    assert test.p == pytest.approx(2 * sum(math.comb(10, k) for k in range(3)) / 2**10)
+    # 1 against 6 discordant: 2 * P(X <= 1), X ~ Binomial(7, 1/2).
+    assert mcnemar_exact(*_rows(5, 1, 6, 3)).p == pytest.approx(2 * (1 + 7) / 2**7)
+    assert mcnemar_exact(*_rows(5, 4, 4, 3)).p == 1.0  # balanced
+    assert mcnemar_exact(*_rows(5, 0, 0, 3)).p == 1.0  # no discordant problem: nothing to test
+
+
+@pytest.mark.parametrize("variant, baseline, match", [
+    ([1, 0], [1], "same, non-empty list of problems"),
+    ([], [], "same, non-empty list of problems"),
+    ([1, 2], [1, 0], "1/0 correctness"),
+])
+def test_mcnemar_refuses_mismatched_answers(variant, baseline, match):
+    with pytest.raises(ValueError, match=match):
+        mcnemar_exact(variant, baseline)
+
+
+def test_detectable_difference_has_80_percent_power_in_a_simulation():
+    n, sd = 5, 2.0
+    delta = min_detectable_difference(sd, n)
+    rng = np.random.default_rng(1)
+    samples = rng.normal(delta, sd, size=(20000, n))
+    p = scipy_stats.ttest_1samp(samples, 0.0, axis=1).pvalue
+    power = float(np.mean(p < 0.05))
+    assert power == pytest.approx(0.80, abs=0.012)  # 4 standard errors of a 20000-draw proportion
+
+
+def test_detectable_difference_known_values():
+    # Many seeds: the normal approximation (z(0.975) + z(0.80)) * sd / sqrt(n) = 2.8016 * sd / sqrt(n).
+    assert min_detectable_difference(1.0, 5000) * math.sqrt(5000) == pytest.approx(1.95996 + 0.84162, abs=2e-3)
+    # With the sd of paired accuracy differences seen on SmolLM2 LoRA (2.4 points): more than the normal
+    # approximation with the t quantile (7.1 points at 3 seeds), and close to it at 10 and 20 seeds.
+    assert min_detectable_difference(2.4, 3) == pytest.approx(7.83, abs=0.01)
+    assert min_detectable_difference(2.4, 10) == pytest.approx(2.39, abs=0.01)
+    assert min_detectable_difference(2.4, 20) == pytest.approx(1.59, abs=0.01)
+    with pytest.raises(ValueError, match="at least 2 seeds"):
+        min_detectable_difference(1.0, 1)
+    with pytest.raises(ValueError, match="positive finite"):
+        min_detectable_difference(0.0, 3)
+
+
+def test_non_finite_numbers_are_refused_with_a_clear_error():
+    for function in (mean_std, paired_difference):
+        with pytest.raises(ValueError, match="finite numbers"):
+            function([1.0, math.inf])
+        with pytest.raises(ValueError, match="finite numbers"):
+            function([math.nan, 1.0, 2.0])
+    assert mean_std([2.0]) == (2.0, None)
+
+
+def test_small_numbers_do_not_print_as_zero():
+    assert format_number(1e-6, 4) == "+1.00e-06"
+    assert format_number(-0.0123, 3) == "-0.012"
+    assert format_number(0.0, 3) == "+0.000"
+    assert format_number(None, 3) == "-"
