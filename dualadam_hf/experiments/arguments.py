@@ -48,6 +48,10 @@ class ExperimentArguments:
     dataset_validation_split: str = _field(
         "validation", "The split compare chooses learning rates on (carved from train if the source lacks it).")
     train_size: int | None = _field(None, "Train rows to use (None: all).")
+    train_pool_size: int | None = _field(
+        None, "With train_size: the run's train rows are drawn with its seed from a pool of this many train rows "
+        "(fixed by dataset_seed), so seeds sample data too; held-out rows stay fixed and outside the pool. None: "
+        "train_size rows fixed by dataset_seed.")
     eval_size: int | None = _field(None, "Held-out rows for the eval loss (None: all).")
     text_column: str = _field("text", "Input text column, for task: classification.")
     label_column: str = _field("label", "Integer label column, for classification.")

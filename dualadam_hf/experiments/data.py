@@ -3,6 +3,10 @@
 ``dataset_name``: ``reasoning-gym:<task>`` (:mod:`.tasks`), a local ``.jsonl``/``.json`` file or a folder of
 ``<split>.jsonl`` files, else a hub dataset id. The held-out split is ``dataset_test_split``; a local source
 without it holds out disjoint slices of its train split. Bad files are reported with name, line and problem.
+
+Held-out rows are fixed by ``dataset_seed``. So are the train rows, unless ``train_pool_size`` is set: then the
+pool (that many train rows, fixed by ``dataset_seed``) is shared and each run draws its ``train_size`` rows from
+it with its own ``seed``, so a comparison's seeds sample the training data as well as the initialisation.
 """
 
 from __future__ import annotations
@@ -25,6 +29,29 @@ _GSM8K_FINAL = re.compile(r"####\s*(.+?)\s*$", re.S)
 
 def _subsample(dataset: Any, size: int | None, seed: int) -> Any:
     return dataset if size is None or size >= len(dataset) else dataset.shuffle(seed=seed).select(range(size))
+
+
+def _check_pool(experiment: Experiment) -> None:
+    args = experiment.args
+    if args.train_pool_size is None:
+        return
+    if args.train_size is None:
+        raise RecipeError(f"train_pool_size {args.train_pool_size} needs train_size: how many rows each run draws "
+                          "from the pool")
+    if args.train_pool_size < args.train_size:
+        raise RecipeError(f"train_pool_size ({args.train_pool_size}) must be at least train_size ({args.train_size})")
+
+
+def _train_rows(pool: Any, experiment: Experiment) -> Any:
+    """The run's train rows: with ``train_pool_size``, ``train_size`` rows of the pool drawn with the run's seed
+    (so two seeds train on different subsets of one pool), else the rows as given."""
+    args = experiment.args
+    if args.train_pool_size is None:
+        return pool
+    if len(pool) < args.train_pool_size:
+        raise RecipeError(f"train_pool_size is {args.train_pool_size} but the train data has only {len(pool)} rows "
+                          "once the held-out rows are taken out")
+    return pool.shuffle(seed=experiment.training.seed).select(range(args.train_size))
 
 
 def _check_message_list(value: Any, where: str, column: str) -> None:
@@ -177,6 +204,9 @@ def load_splits(experiment: Experiment) -> tuple[Any, Any]:
     script, args = experiment.script, experiment.args
     # Held-out rows: enough for the eval loss and for the accuracy eval.
     heldout_size = None if args.eval_size is None else max(args.eval_size, args.accuracy_size)
+    _check_pool(experiment)
+    # The train rows every run shares (fixed by dataset_seed): the pool when there is one.
+    shared_size = args.train_pool_size or args.train_size
     name = ALIASES.get(str(script.dataset_name), str(script.dataset_name))
     if name.startswith(tasks.PREFIX):
         if not args.train_size or heldout_size is None:
@@ -187,7 +217,7 @@ def load_splits(experiment: Experiment) -> tuple[Any, Any]:
         task = name.removeprefix(tasks.PREFIX)
         try:
             train, heldout = (tasks.generated_dataset(task, split, size, args.dataset_seed, script.dataset_config)
-                              for split, size in ((script.dataset_train_split, args.train_size),
+                              for split, size in ((script.dataset_train_split, shared_size),
                                                   (script.dataset_test_split, heldout_size)))
         except ValueError as error:
             raise RecipeError(str(error)) from error
@@ -206,8 +236,9 @@ def load_splits(experiment: Experiment) -> tuple[Any, Any]:
         if missing:
             train, carved = _carve(train, missing, heldout_size, args.dataset_seed)
             heldout = carved.get(requested, heldout)
-        train = _subsample(train, args.train_size, args.dataset_seed)
+        train = _subsample(train, shared_size, args.dataset_seed)
         heldout = _subsample(heldout, heldout_size, args.dataset_seed)
+    train = _train_rows(train, experiment)
     check_columns(train, experiment, "train")
     check_columns(heldout, experiment, "held-out")
     return train, heldout
