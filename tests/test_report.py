@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from dualadam_hf.experiments.report import METRICS, RunResult, results_table, write_report
+from dualadam_hf.experiments.report import METRICS, RunResult, load_raw, results_table, write_report
 from dualadam_hf.experiments.variants import parse_variants
 
 STUDY_RAW = Path(__file__).resolve().parents[1] / "docs" / "study" / "raw"
@@ -298,11 +298,8 @@ def test_the_grid_footer_only_when_a_grid_ran(tmp_path):
 
 def test_the_cpu_study_recomputed_from_its_raw_logs(tmp_path):
     """The published v1 logs give the paired-t intervals an audit computed by hand."""
-    results = []
-    for file in sorted(STUDY_RAW.glob("final-*.json")):
-        run = json.loads(file.read_text())
-        results.append(RunResult(run["label"], run["seed"], run["log_history"], lr=run["lr"],
-                                 accuracy_rows=run["accuracy_rows"]))
+    results, grid = load_raw(STUDY_RAW)
+    assert len(results) == 12 and len(grid) == 12 and all(r.phase == "grid" for r in grid)
     labels = ("adamw_torch", "matched_warmup", "dualadam", "dualadam_scaled")
     text = write_report(FakePlan(tmp_path, labels), results).read_text()
     rows = differences_rows(text)

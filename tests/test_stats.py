@@ -138,6 +138,8 @@ def test_non_finite_numbers_are_refused_with_a_clear_error():
 
 def test_small_numbers_do_not_print_as_zero():
     assert format_number(1e-6, 4) == "+1.00e-06"
+    assert format_number(-1.25e-5, 5) == "-1.25e-05"  # not -0.00001: two significant digits at least
+    assert format_number(1.5e-4, 4, sign=False) == "1.50e-04"
     assert format_number(-0.0123, 3) == "-0.012"
     assert format_number(0.0, 3) == "+0.000"
     assert format_number(None, 3) == "-"

@@ -428,6 +428,17 @@ def _save_raw(raw: Path, runs: Sequence[RunResult]) -> None:
                               json.dumps(r.to_json(), indent=1) + "\n")
 
 
+def load_raw(folder: str | os.PathLike) -> tuple[list[RunResult], list[RunResult]]:
+    """(final runs, grid runs) from a report's raw/*.json files, e.g. to rewrite a report without training."""
+    final, grid = [], []
+    for file in sorted(Path(folder).glob("*.json")):
+        run = json.loads(file.read_text(encoding="utf-8"))
+        result = RunResult(run["label"], run["seed"], run["log_history"], ok=run["ok"], error=run["error"],
+                           phase=run["phase"], lr=run["lr"], accuracy_rows=run["accuracy_rows"])
+        (grid if result.phase == "grid" else final).append(result)
+    return final, grid
+
+
 def write_report(plan: Any, results: Sequence[RunResult], grid_results: Sequence[RunResult] = (), *,
                  seconds: float = 0.0, baseline: str | None = None) -> Path:
     """Write raw/<phase>-<variant>-seed<k>[-lr<lr>].json, then report.md, then the plots; return report.md's path.

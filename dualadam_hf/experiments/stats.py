@@ -150,11 +150,11 @@ def mcnemar_exact(variant_rows: Sequence[int], baseline_rows: Sequence[int]) -> 
 
 
 def format_number(value: float | None, digits: int, *, sign: bool = True) -> str:
-    """``value`` with ``digits`` decimals, or in scientific notation when that would round a non-zero value to
-    zero (a difference of 1e-6 must not print as +0.0000)."""
+    """``value`` with ``digits`` decimals, or in scientific notation when those would show fewer than two
+    significant digits of a non-zero value (a difference of 1e-6 must not print as +0.0000)."""
     if value is None:
         return "-"
     plus = "+" if sign else ""
-    if value != 0 and abs(value) < 0.5 * 10**-digits:
+    if value != 0 and abs(value) < 10 ** (1 - digits):
         return f"{value:{plus}.2e}"
     return f"{value:{plus}.{digits}f}"
