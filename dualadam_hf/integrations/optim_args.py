@@ -6,10 +6,11 @@ values, with errors that list the valid keys.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from ..optimizer import DualAdam, InvAdam
+from ..optimizer import BLEND_KEYS, DualAdam, InvAdam, resolve_blend
 
 DUALADAM_NAME = "dualadam"
 INVADAM_NAME = "invadam"
@@ -32,18 +33,41 @@ def _parse_whole_number(raw: str) -> int:
     return int(value)
 
 
-_SWITCH_KEYS: dict[str, Callable[[str], Any]] = {
-    "switch_rate": float, "blend_steps": _parse_whole_number, "blend_fraction": float,
-}
+# The blend keys are the optimizer's (BLEND_KEYS, in its order: switch_rate, blend_steps, blend_fraction).
+_BLEND_PARSERS: dict[str, Callable[[str], Any]] = dict(zip(BLEND_KEYS, (float, _parse_whole_number, float),
+                                                           strict=True))
 _COMMON_KEYS: dict[str, Callable[[str], Any]] = {
     "inverse_scale": lambda raw: "auto" if raw.strip().lower() == "auto" else float(raw),
     "foreach": _parse_bool, "fused": _parse_bool, "maximize": _parse_bool, "state_dtype": str,
 }
 _OPTIM_ARGS_PARSERS: dict[str, dict[str, Callable[[str], Any]]] = {
-    DUALADAM_NAME: {**_SWITCH_KEYS, **_COMMON_KEYS},
-    INVADAM_NAME: dict(_COMMON_KEYS),  # InvAdam holds the blend at 1: no switch keys
+    DUALADAM_NAME: {**_BLEND_PARSERS, **_COMMON_KEYS},
+    INVADAM_NAME: dict(_COMMON_KEYS),  # InvAdam holds the blend at 1: no blend keys
 }
-SWITCH_KEYS = tuple(_SWITCH_KEYS)
+
+
+def parse_pairs(text: str | None, what: str) -> dict[str, str]:
+    """``"k=v,k2=v2"`` as ``{"k": "v", "k2": "v2"}`` (values stay text; spaces around keys and values go).
+
+    The one ``key=value`` list reader of the package (``--optim_args``, the variants of ``compare``; a generated
+    task's ``dataset_config`` can use it too). ``what`` names the setting in the errors: an entry without
+    ``=``, key or value, or a key given twice, is a ValueError.
+    """
+    pairs: dict[str, str] = {}
+    for entry in filter(None, (entry.strip() for entry in (text or "").split(","))):
+        key, separator, raw = (part.strip() for part in entry.partition("="))
+        if not separator or not key or not raw:
+            raise ValueError(f"{what} entry {entry!r} is not of the form key=value")
+        if key in pairs:
+            raise ValueError(f"{what} gives {key!r} twice")
+        pairs[key] = raw
+    return pairs
+
+
+def join_pairs(pairs: Mapping[str, Any]) -> str:
+    """The inverse of :func:`parse_pairs`: ``"k=v,k2=v2"``, booleans written as true/false."""
+    return ",".join(f"{key}={str(value).lower() if isinstance(value, bool) else value}"
+                    for key, value in pairs.items())
 
 
 def optimizer_name(training_args: Any) -> str:
@@ -65,31 +89,30 @@ def optim_args_text(value: str | Mapping[str, Any] | None) -> str | None:
         return value
     if not isinstance(value, Mapping):
         raise ValueError(f"optim_args must be a string 'k=v,k2=v2' or a mapping, got {type(value).__name__}")
-    return ",".join(f"{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in value.items())
+    return join_pairs(value)
 
 
 def parse_optim_args(text: str | Mapping[str, Any] | None, name: str = DUALADAM_NAME) -> dict[str, Any]:
     """Parse `--optim_args "switch_rate=8e-5,foreach=true"` (or a mapping) into kwargs for `--optim <name>`."""
     valid_keys = ", ".join(valid_optim_args_keys(name))
     parsers, parsed = _OPTIM_ARGS_PARSERS[name], {}
-    for entry in filter(None, (entry.strip() for entry in (optim_args_text(text) or "").split(","))):
-        key, separator, raw = (part.strip() for part in entry.partition("="))
-        if not separator or not key or not raw:
-            raise ValueError(
-                f"--optim_args entry {entry!r} is not of the form key=value "
-                f"(e.g. --optim_args \"blend_fraction=0.1\"); valid keys for --optim {name}: {valid_keys}"
-            )
+    try:
+        pairs = parse_pairs(optim_args_text(text), "--optim_args")
+    except ValueError as error:
+        raise ValueError(f"{error} (e.g. --optim_args \"blend_fraction=0.1\"); valid keys for --optim {name}: "
+                         f"{valid_keys}") from None
+    for key, raw in pairs.items():
         if key not in parsers:
             raise ValueError(f"Unknown --optim_args key {key!r} for --optim {name}; valid keys: {valid_keys}")
-        if key in parsed:
-            raise ValueError(f"--optim_args gives {key!r} twice")
         try:
             parsed[key] = parsers[key](raw)
         except ValueError as error:
             raise ValueError(f"--optim_args {key}={raw!r} is malformed ({error}); valid keys: {valid_keys}") from None
-    if len(given := [key for key in _SWITCH_KEYS if key in parsed]) > 1:
-        raise ValueError(f"--optim_args gives {' and '.join(given)}; give only one of switch_rate, blend_steps, "
-                         "blend_fraction")
+    try:  # the optimizer owns the rule that the blend is given one way only
+        resolve_blend(*(parsed.get(key) for key in BLEND_KEYS))
+    except ValueError as error:
+        message = str(error)
+        raise ValueError(f"--optim_args: {message[:1].lower()}{message[1:]}") from None
     return parsed
 
 
@@ -115,9 +138,9 @@ def optimizer_cls_and_kwargs(training_args: Any, **overrides: Any) -> tuple[type
         raise TypeError(
             f"Unknown {OPTIMIZER_CLASSES[name].__name__} override(s) {unknown}; valid: {', '.join(allowed)}"
         )
-    if set(overrides) & set(_SWITCH_KEYS):
+    if set(overrides) & set(BLEND_KEYS):
         # An override of the blend length replaces the one from optim_args instead of clashing with it.
-        for key in _SWITCH_KEYS:
+        for key in BLEND_KEYS:
             kwargs.pop(key, None)
     kwargs.update(overrides)
     return OPTIMIZER_CLASSES[name], kwargs
@@ -128,7 +151,12 @@ def check_training_args(training_args: Any) -> None:
     import torch
 
     optimizer_cls, kwargs = optimizer_cls_and_kwargs(training_args)
-    try:  # building the optimizer over one dummy tensor runs every check of the constructor
-        optimizer_cls([torch.zeros(1)], **kwargs)
+    # Building the optimizer over one dummy tensor runs every check of the constructor. Its warnings (e.g. an
+    # update with no inverse part) are left to the real construction at train start, so that each reaches the
+    # user once, not once per argument parse (compare parses every variant; `trl sft` parses in two processes).
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            optimizer_cls([torch.zeros(1)], **kwargs)
     except ValueError as error:
         raise ValueError(f"--optim {optimizer_name(training_args)}: {error}") from None
