@@ -33,6 +33,29 @@ class RecipeError(ValueError):
     """A recipe or an override is wrong; the message says what and how to fix it."""
 
 
+def whole_number(value: Any, what: str, minimum: int | None = None) -> int:
+    """A YAML or command-line value as a whole number: ``3`` and ``"3"`` pass; ``2.7``, ``"two"`` and ``true``
+    (YAML's booleans are ints to Python) are RecipeErrors naming ``what``."""
+    text = str(value).strip()
+    if isinstance(value, bool) or not (isinstance(value, int) or (isinstance(value, str) and
+                                                                  text.lstrip("+-").isdigit())):
+        raise RecipeError(f"{what} must be a whole number, got {value!r}")
+    if minimum is not None and int(text) < minimum:
+        raise RecipeError(f"{what} must be >= {minimum}, got {int(text)}")
+    return int(text)
+
+
+def true_or_false(value: Any, what: str) -> bool:
+    """A YAML or command-line value as a boolean: true/false, or the words true/false/yes/no/1/0 as text (so the
+    text ``"false"`` is False, not a non-empty string that Python calls true); anything else is a RecipeError."""
+    if isinstance(value, bool):
+        return value
+    words = {"true": True, "yes": True, "1": True, "false": False, "no": False, "0": False}
+    if isinstance(value, (str, int)) and str(value).strip().lower() in words:
+        return words[str(value).strip().lower()]
+    raise RecipeError(f"{what} must be true or false, got {value!r}")
+
+
 def _field(default: Any, help: str) -> Any:
     return field(default=default, metadata={"help": help})
 

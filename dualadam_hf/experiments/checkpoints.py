@@ -7,9 +7,12 @@ optimizer state is refused: resuming would restart the optimizer (DualAdam's bia
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import re
 import zipfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -105,3 +108,33 @@ def saved_wall_time(checkpoint: Path | None) -> tuple[float, int, float]:
         return float(data["train_seconds"]), int(data["segments"]), float(data.get("peak_memory_mb", 0.0))
     except (OSError, ValueError, KeyError, TypeError):
         return 0.0, 1, 0.0  # saved by a run that did not record it: one earlier segment of unknown length
+
+
+@contextlib.contextmanager
+def folder_lock(folder: str | Path, lock_name: str, holder: str) -> Iterator[Path]:
+    """Hold an exclusive lock on ``folder`` (an flock on ``folder/lock_name``, created with the folder) while the
+    block runs; when another process holds it, a RecipeError naming that ``holder`` and its pid.
+
+    The kernel drops the lock when its holder dies, however it dies (kill -9 included), so a stale lock file
+    never blocks anyone; the file itself stays (removing it could race with the next holder)."""
+    import fcntl
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / lock_name
+    with open(path, "a+", encoding="utf-8") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            pid = handle.read().strip() or "unknown"
+            raise RecipeError(f"another {holder} (pid {pid}) is running in {folder}; wait for it to end, or stop it "
+                              "first (two at once would overwrite each other's checkpoints)") from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"{os.getpid()}\n")
+        handle.flush()
+        try:
+            yield path
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)

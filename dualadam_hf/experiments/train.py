@@ -17,11 +17,12 @@ from pathlib import Path
 from typing import Any
 
 from .arguments import Experiment, RecipeError
-from .checkpoints import TRAINER_STATE, WALL_TIME, read_json, resume_checkpoint, saved_wall_time
+from .checkpoints import TRAINER_STATE, WALL_TIME, folder_lock, read_json, resume_checkpoint, saved_wall_time
 from .data import load_splits
 from .models import resolve_model
 from .tasks import exact_match
 from .trainers import build_trainer, eval_batches
+from .watch import DIVERGED_KEY, blend_length_check, divergence_watch
 
 PEAK_MEMORY_KEY = "peak_memory_mb"
 ACCURACY_KEY = "eval_accuracy"
@@ -30,6 +31,7 @@ SEGMENTS_KEY = "train_segments"
 SHARPNESS_PREFIX = "sharpness/"
 DONE_FILE = "run_done.json"
 ACCURACY_ROWS_FILE = "accuracy_rows.json"
+RUN_LOCK_FILE = ".train.lock"
 
 
 def peak_memory_mb() -> float:
@@ -44,6 +46,8 @@ def peak_memory_mb() -> float:
 
 def check_output_dir(folder: str | os.PathLike) -> None:
     """Fail before the model loads when the output folder could not be written (creates nothing)."""
+    import tempfile
+
     path = existing = Path(folder).absolute()
     while not existing.exists():
         existing = existing.parent
@@ -51,6 +55,10 @@ def check_output_dir(folder: str | os.PathLike) -> None:
         raise RecipeError(f"output_dir {path} is not writable: {existing} is a file")
     if not os.access(existing, os.W_OK | os.X_OK):
         raise RecipeError(f"output_dir {path} is not writable: no write permission on {existing}")
+    try:  # root passes os.access everywhere, /proc included: only a real write tells (a nameless file on Linux)
+        tempfile.TemporaryFile(dir=existing).close()
+    except OSError as error:
+        raise RecipeError(f"output_dir {path} is not writable: cannot create files in {existing} ({error})") from None
 
 
 def write_atomically(path: Path, data: Any) -> None:
@@ -90,13 +98,30 @@ def _seconds(clock: dict[str, Any]) -> float:
 
 
 def run(experiment: Experiment, log=print) -> dict[str, float]:
-    """Train and evaluate one experiment; return the final numbers (all of them are in the log history)."""
-    args, training = experiment.args, experiment.training
-    check_output_dir(training.output_dir)
+    """Train and evaluate one experiment; return the final numbers (all of them are in the log history).
+
+    One trainer at a time per output folder: a second one (another process on the same folder) is refused with
+    a RecipeError naming the first one's pid. A run whose loss becomes non-finite stops there, is finished and
+    marked diverged (:mod:`.watch`); it is not evaluated (its weights are not finite)."""
+    check_output_dir(experiment.training.output_dir)
     model_path = resolve_model(experiment.model.model_name_or_path)
     train_data, heldout = load_splits(experiment)
+    if int(os.environ.get("RANK", "0")) != 0:  # the processes of one launch share the folder; the first locks it
+        return _run(experiment, model_path, train_data, heldout, log)
+    with folder_lock(experiment.training.output_dir, RUN_LOCK_FILE, "trainer"):
+        return _run(experiment, model_path, train_data, heldout, log)
+
+
+def _run(experiment: Experiment, model_path: str, train_data: Any, heldout: Any, log) -> dict[str, float]:
+    args, training = experiment.args, experiment.training
     checkpoint = resume_checkpoint(training.resume_from_checkpoint, training.output_dir,
                                    allow_fresh_optimizer=args.resume_without_optimizer_state, log=log)
+    if checkpoint is None and str(training.resume_from_checkpoint).lower() in ("last", "true", "yes") \
+            and (Path(training.output_dir) / DONE_FILE).is_file():
+        raise RecipeError(f"{training.output_dir} holds a finished run ({DONE_FILE}) but no checkpoint to resume "
+                          f"from (save_strategy: {getattr(training.save_strategy, 'value', training.save_strategy)})"
+                          ": training would start over and replace it. Give another output_dir, or delete "
+                          f"{DONE_FILE} to train again.")
     # Whether the checkpoint already holds all the training the arguments ask for.
     state = (read_json(checkpoint / TRAINER_STATE) or {}) if checkpoint else {}
     planned = training.max_steps if training.max_steps > 0 else state.get("max_steps", math.inf)
@@ -117,6 +142,8 @@ def run(experiment: Experiment, log=print) -> dict[str, float]:
             return scored[step]
     for callback in _callbacks(clock, accuracy if args.accuracy_during_training else None):
         trainer.add_callback(callback)
+    watch = divergence_watch(trainer, log)
+    blend_length_check(trainer, log)
     if finished:
         from transformers import TrainerState
 
@@ -132,13 +159,16 @@ def run(experiment: Experiment, log=print) -> dict[str, float]:
     final: dict[str, float] = {PEAK_MEMORY_KEY: max(peak_memory_mb(), earlier_peak), WALL_TIME_KEY: _seconds(clock),
                                SEGMENTS_KEY: float(clock["segments"])}
     step = trainer.state.global_step
-    if not any("eval_loss" in e and e.get("step") == step for e in trainer.state.log_history):
+    diverged = watch.mark or next((e[DIVERGED_KEY] for e in trainer.state.log_history if DIVERGED_KEY in e), None)
+    if diverged is not None:
+        log("[train] a diverged run is not evaluated: its weights are not finite")
+    elif not any("eval_loss" in e and e.get("step") == step for e in trainer.state.log_history):
         trainer.evaluate()  # with accuracy_during_training this also scores the accuracy at this step
-    rows = None if accuracy is None else [int(r) for r in accuracy(trainer.model, step)]
+    rows = None if accuracy is None or diverged is not None else [int(r) for r in accuracy(trainer.model, step)]
     if rows is not None and not (args.accuracy_during_training and any(
             ACCURACY_KEY in e and e.get("step") == step for e in trainer.state.log_history)):
         final[ACCURACY_KEY] = sum(rows) / len(rows)
-    if args.sharpness:
+    if args.sharpness and diverged is None:
         from .sharpness import measure_sharpness
 
         settings = args.sharpness_settings(seed=training.seed)
@@ -153,5 +183,7 @@ def run(experiment: Experiment, log=print) -> dict[str, float]:
         output = Path(training.output_dir)
         if rows is not None:
             write_atomically(output / ACCURACY_ROWS_FILE, rows)
-        write_atomically(output / DONE_FILE, {"log_history": trainer.state.log_history, "accuracy_rows": rows})
-    return {k: v for e in trainer.state.log_history for k, v in e.items() if isinstance(v, (int, float))}
+        write_atomically(output / DONE_FILE, {"log_history": trainer.state.log_history, "accuracy_rows": rows,
+                                              DIVERGED_KEY: diverged})
+    numbers = {k: v for e in trainer.state.log_history for k, v in e.items() if isinstance(v, (int, float))}
+    return numbers | ({} if diverged is None else {"diverged_at_step": float(diverged["step"])})
