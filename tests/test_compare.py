@@ -70,7 +70,7 @@ def test_variant_syntax_presets_and_labels():
     ("adamw_torch,adamm", "unknown optimizer 'adamm'"),
     ("dualadam,dualadam", "names a variant twice: dualadam"),
     ("dualadam[blend_steps=4", "a '\\[' without its '\\]'"),
-    ("dualadam[blend_steps]", "'blend_steps' is not key=value"),
+    ("dualadam[blend_steps]", "'blend_steps' is not of the form key=value"),
     ("dualadam[inverse_scale=huge]", "inverse_scale"),
     ("invadam[blend_steps=4]", "invadam"),
     ("dualadam[seed=3]", "seed is set by compare"),
@@ -113,7 +113,7 @@ def test_the_grid_chooses_the_best_validation_result_and_failed_runs_lose(tmp_pa
                RunResult("dualadam", 9, [{"eval_loss": 0.7, "step": 1}], phase="grid", lr=1e-3),
                RunResult("dualadam", 9, [], ok=False, error="diverged", phase="grid", lr=3e-3)]
     assert choose_rates(plan, results) == {"adamw_torch": 3e-3, "dualadam": 1e-3}
-    with pytest.raises(RecipeError, match="no grid run of dualadam"):
+    with pytest.raises(RecipeError, match="no grid rate of dualadam"):
         choose_rates(plan, results[:2] + results[3:])
 
 
@@ -186,7 +186,7 @@ def test_grid_never_reads_the_test_split_and_seeds_are_paired(tiny_model_dir, tm
     test_file = data / "test.jsonl"
     good = test_file.read_text()
     test_file.write_text("this is not json\n")
-    specs = [RunSpec(v, plan.grid_seed, out / "runs" / "grid" / v.folder / f"lr{lr:g}", "grid", lr)
+    specs = [RunSpec(v, plan.grid_seed, compare_module.grid_folder(plan, v, lr, plan.grid_seed), "grid", lr)
              for v in plan.variants for lr in plan.lr_grid]
     grid = compare_module._execute(plan, specs, None, False, print)
     assert all(r.ok for r in grid), [r.error for r in grid]
@@ -199,8 +199,9 @@ def test_grid_never_reads_the_test_split_and_seeds_are_paired(tiny_model_dir, tm
     assert "## Learning rates, chosen on the `validation` split" in text and "**" in text
     assert "matched-warmup − adamw_torch" in text
     for result in results:
-        command = json.loads((out / "runs" / f"{[v for v in plan.variants if v.label == result.label][0].folder}"
-                                           f"-seed{result.seed}" / compare_module.COMMAND_FILE).read_text())
+        key = json.loads((out / "runs" / f"{[v for v in plan.variants if v.label == result.label][0].folder}"
+                                       f"-seed{result.seed}" / compare_module.COMMAND_FILE).read_text())
+        command = key["command"]
         assert command[command.index("--learning_rate") + 1] == repr(chosen[result.label])
         assert result.accuracy_rows is not None and len(result.accuracy_rows) == 4
     assert sorted({r.seed for r in results}) == [0, 1]
@@ -227,4 +228,21 @@ def test_interrupted_comparison_resumes_without_training_finished_runs_again(tin
     assert any("eval_loss" in e for e in state["log_history"])  # the evaluation was redone
     # A different command must not reuse these folders.
     assert main(argv + ["--max_steps", "3"]) == 2
-    assert "holds a run of a different command" in capsys.readouterr().err
+    assert "holds a run whose train command differs" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_a_grid_rate_that_diverges_is_marked_loses_and_the_report_is_written(tiny_model_dir, tmp_path, capsys):
+    """lr 1e4 overflows the tiny model within a few steps: that grid run is finished and marked diverged, the
+    grid chooses the other rate, and compare exits 0 with its report."""
+    out = tmp_path / "compare"
+    argv = ["compare", "--config", str(DEFAULT_RECIPE), "--smoke", "--optims", "adamw_torch", "--lr_grid",
+            "1e-3,1e4", "--output_dir", str(out), "--model_name_or_path", tiny_model_dir, "--no-sharpness",
+            "--max_steps", "5"]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert printed.count("(DIVERGED: non-finite") == 1 and "chosen learning rates" in printed
+    assert "adamw_torch=0.001" in printed
+    text = (out / "report.md").read_text()
+    assert "diverged" in text
+    assert parse_table(text)["adamw_torch"]

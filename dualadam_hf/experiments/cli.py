@@ -18,10 +18,11 @@ import sys
 from .._version import __version__
 
 DEFAULT_RECIPE = "recipes/smollm2_chainsum_lora.yaml"
-DEFAULT_OPTIMS = "adamw_torch,dualadam"
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .variants import DEFAULT_OPTIMS
+
     parser = argparse.ArgumentParser(prog="dualadam-hf", allow_abbrev=False, description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"dualadam-hf {__version__}")
@@ -44,10 +45,17 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--optims", default=None, help="comma-separated variants, each NAME or NAME[key=value,...] "
                          "(e.g. adamw_torch,matched_warmup,dualadam[blend_steps=10],dualadam[inverse_scale=auto,"
                          f"label=scaled]); default: the recipe's compare: optims, else {DEFAULT_OPTIMS}")
-    compare.add_argument("--seeds", type=int, default=None,
-                         help="seeds per variant: recipe seed, seed+1, ... (default: the recipe's, else 1)")
+    # Numbers stay text here: make_plan checks them exactly as it checks the recipe's compare: block.
+    compare.add_argument("--seeds", default=None,
+                         help="seeds per variant: recipe seed, seed+1, ... (default: the recipe's, else 1); a "
+                         "variant's own seeds=N wins")
     compare.add_argument("--lr_grid", default=None,
                          help="learning rates to choose from per variant on the validation split, e.g. 3e-4,1e-3")
+    compare.add_argument("--grid_seeds", default=None,
+                         help="seeds per learning rate of the grid (default: the recipe's, else 1); the grid "
+                         "chooses on the mean over them")
+    compare.add_argument("--baseline", default=None,
+                         help="the variant (label) the paired differences are taken against (default: the first)")
     compare.add_argument("--select_metric", default=None, choices=("eval_loss", "eval_accuracy"),
                          help="what the grid chooses on (default eval_loss)")
     compare.add_argument("--output_dir", default=None, help="report folder (default: compare/<recipe name>)")
@@ -65,6 +73,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # `pip install dualadam-hf` is the optimizer alone; the harness's own dependencies come with an extra.
+    import importlib.util
+
+    if missing := [name for name in ("trl", "datasets", "peft", "yaml", "matplotlib", "scipy")
+                   if importlib.util.find_spec(name) is None]:
+        print(f"dualadam-hf: the experiment harness needs {', '.join(missing)}, which the core install leaves out: "
+              'pip install "dualadam-hf[experiments]"', file=sys.stderr)
+        return 2
     from .arguments import RecipeError, find_recipe
 
     parser = build_parser()
@@ -86,6 +102,7 @@ def main(argv: list[str] | None = None) -> int:
                 str(find_recipe(args.config)), optims=args.optims, seeds=args.seeds, lr_grid=args.lr_grid,
                 select_metric=args.select_metric, output_dir=args.output_dir, overrides=extra,
                 sharpness=args.sharpness, smoke=args.smoke, launcher=args.launcher, rerun=args.rerun,
+                baseline=args.baseline, grid_seeds=args.grid_seeds,
             )
         from .arguments import load_experiment
         from .compare import smoke_overrides
@@ -93,7 +110,9 @@ def main(argv: list[str] | None = None) -> int:
 
         experiment = load_experiment(find_recipe(args.config), (smoke_overrides() if args.smoke else []) + extra)
         numbers = run(experiment)
-        print(f"[train] done: {experiment.training.output_dir}: " + ", ".join(
+        verdict = "done" if "diverged_at_step" not in numbers else \
+            f"finished, DIVERGED at step {numbers['diverged_at_step']:.0f}"
+        print(f"[train] {verdict}: {experiment.training.output_dir}: " + ", ".join(
             f"{k}={v:.4g}" for k, v in numbers.items() if not k.startswith(("sharpness/", "dualadam/"))))
         return 0
     except RecipeError as error:

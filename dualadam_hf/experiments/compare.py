@@ -7,36 +7,39 @@ read back only from its ``run_done.json``: rerunning reuses finished runs and re
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
+import os
 import shlex
 import shutil
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-from .arguments import RecipeError, load_experiment
-from .checkpoints import read_json
+from .arguments import COMPARE_KEY, RecipeError, load_experiment, read_yaml, true_or_false, whole_number
+from .checkpoints import folder_lock, read_json
 from .data import load_splits
 from .models import resolve_model
-from .report import SUMMARY_OF, RunResult, write_report
-from .train import DONE_FILE
-from .variants import Variant, parse_variants
+from .report import DIVERGED_KEY, SUMMARY_OF, RunResult, write_report
+from .train import DONE_FILE, check_output_dir
+from .variants import DEFAULT_OPTIMS, SET_BY_COMPARE, Variant, parse_variants
 
-COMMAND_FILE = "compare_command.json"
-DEFAULT_OPTIMS = "adamw_torch,dualadam"
+COMMAND_FILE = "compare_command.json"  # a run folder's reuse key; also marks the folder as made by compare
+LOCK_FILE = ".compare.lock"
 SELECT_METRICS = {"eval_loss": "lower", "eval_accuracy": "higher"}
-COMPARE_KEYS = ("optims", "seeds", "lr_grid", "select_metric", "grid_seed", "sharpness")
+COMPARE_KEYS = ("optims", "seeds", "lr_grid", "grid_seeds", "select_metric", "grid_seed", "sharpness", "baseline")
 # Overrides of --smoke: a few steps on a few rows, to check a recipe end to end in CI.
 SMOKE_OVERRIDES = {
     "max_steps": "2", "train_size": "16", "eval_size": "4", "accuracy_size": "2", "max_new_tokens": "8",
     "per_device_train_batch_size": "2", "per_device_eval_batch_size": "2", "gradient_accumulation_steps": "1",
     "eval_steps": "1", "logging_steps": "1", "save_steps": "2", "sharpness_batches": "1",
 }
-_SET_BY_COMPARE = ("--optim", "--optim_args", "--seed", "--output_dir", "--dataset_test_split", "--learning_rate")
 
 
 def smoke_overrides() -> list[str]:
@@ -45,20 +48,33 @@ def smoke_overrides() -> list[str]:
 
 @dataclass
 class Plan:
-    """What a comparison runs: variants, seeds, the learning-rate grid and where results go."""
+    """What a comparison runs: variants, seeds, the learning-rate grid and where results go.
+
+    ``seeds`` are the seeds of a variant without a ``seeds`` count of its own (:meth:`seeds_of`);
+    ``grid_seeds`` those of every grid point. ``recipe_digest`` is part of each run's reuse key."""
 
     config: Path
     variants: list[Variant]
     seeds: list[int]
     lr_grid: list[float]
-    grid_seed: int
+    grid_seeds: list[int]
     select_metric: str
     output_dir: Path
     overrides: list[str]
     sharpness: bool
     test_split: str
     validation_split: str
+    baseline: str
+    recipe_digest: str
     chosen_lr: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def grid_seed(self) -> int:
+        return self.grid_seeds[0]
+
+    def seeds_of(self, variant: Variant) -> list[int]:
+        """A variant's seeds: its own count of them from the first seed, else the comparison's."""
+        return self.seeds if variant.seeds is None else [self.seeds[0] + k for k in range(variant.seeds)]
 
 
 @dataclass
@@ -70,53 +86,104 @@ class RunSpec:
     lr: float | None = None  # None: the recipe's learning rate
 
 
-def make_plan(config: str | Path, *, optims: str | None = None, seeds: int | None = None,
-              lr_grid: str | None = None, select_metric: str | None = None, output_dir: str | Path | None = None,
-              overrides: list[str] | None = None, sharpness: bool = True, smoke: bool = False) -> Plan:
+def _lr_grid(value: Any, where: str) -> list[float]:
+    """Learning rates from "3e-4,1e-3" (command line), a YAML list, or one YAML number; positive, distinct."""
+    items = value.split(",") if isinstance(value, str) else value if isinstance(value, list) else [value]
+    grid = []
+    for item in items:
+        if isinstance(item, str) and not item.strip():
+            continue
+        try:
+            if isinstance(item, bool):
+                raise ValueError
+            rate = float(item)
+        except (TypeError, ValueError):
+            raise RecipeError(f"{where} must be learning rates (numbers), got {item!r} in {value!r}") from None
+        if not (rate > 0 and math.isfinite(rate)):
+            raise RecipeError(f"{where} must be positive numbers, got {item!r}")
+        if rate in grid:
+            raise RecipeError(f"{where} gives the rate {rate!r} twice ({value!r})")
+        grid.append(rate)
+    return grid
+
+
+def checked_settings(recipe: dict[str, Any], command_line: dict[str, Any], config: Path) -> dict[str, Any]:
+    """The ``compare:`` settings, the command line's winning over the recipe's, each checked and typed the same
+    way whichever it came from (YAML types or command-line text); unset keys are left out."""
+    if unknown := sorted(set(recipe) - set(COMPARE_KEYS)):
+        raise RecipeError(f"recipe {config}: unknown compare key(s) {unknown}; valid: {', '.join(COMPARE_KEYS)}")
+    checks: dict[str, Callable[[Any, str], Any]] = {
+        "optims": lambda v, w: v if isinstance(v, (str, list)) else _refuse(w, v, "text or a list of variants"),
+        "seeds": lambda v, w: whole_number(v, w, minimum=1),
+        "grid_seeds": lambda v, w: whole_number(v, w, minimum=1),
+        "grid_seed": lambda v, w: whole_number(v, w, minimum=0),
+        "lr_grid": _lr_grid,
+        "select_metric": lambda v, w: v if v in SELECT_METRICS else _refuse(w, v, " or ".join(SELECT_METRICS)),
+        "sharpness": true_or_false,
+        "baseline": lambda v, w: v if isinstance(v, str) and v else _refuse(w, v, "a variant's label"),
+    }
+    settings = {}
+    for key, check in checks.items():
+        if command_line.get(key) is not None:
+            settings[key] = check(command_line[key], f"--{key}")
+        elif recipe.get(key) is not None:
+            settings[key] = check(recipe[key], f"recipe {config.name}, compare: {key}")
+    return settings
+
+
+def _refuse(where: str, value: Any, expected: str) -> Any:
+    raise RecipeError(f"{where} must be {expected}, got {value!r}")
+
+
+def recipe_digest(config: Path) -> str:
+    """A digest of what the recipe gives every run: its mapping without the ``compare:`` block (comments and
+    layout do not count; a changed value does)."""
+    data = {k: v for k, v in read_yaml(config).items() if k != COMPARE_KEY}
+    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def make_plan(config: str | Path, *, optims: str | None = None, seeds: Any = None, lr_grid: str | None = None,
+              select_metric: str | None = None, output_dir: str | Path | None = None,
+              overrides: list[str] | None = None, sharpness: bool = True, smoke: bool = False,
+              baseline: str | None = None, grid_seeds: Any = None) -> Plan:
     """Read the recipe's ``compare:`` settings, apply the command line's, and check everything once."""
     overrides = list(overrides or [])
-    for flag in _SET_BY_COMPARE:
-        if any(token == flag or token.startswith(flag + "=") for token in overrides):
-            raise RecipeError(f"{flag} is set by compare for each run; leave it out of the overrides")
+    for key in SET_BY_COMPARE:
+        if any(token == f"--{key}" or token.startswith(f"--{key}=") for token in overrides):
+            raise RecipeError(f"--{key} is set by compare for each run; leave it out of the overrides")
     config = Path(config).resolve()
     base = load_experiment(config, overrides)
-    settings = dict(base.compare)
-    if unknown := sorted(set(settings) - set(COMPARE_KEYS)):
-        raise RecipeError(f"recipe {config}: unknown compare key(s) {unknown}; valid: {', '.join(COMPARE_KEYS)}")
-    variants = parse_variants(optims if optims is not None else settings.get("optims", DEFAULT_OPTIMS),
-                              base.training.optim_args)
-    n_seeds = seeds if seeds is not None else int(settings.get("seeds", 1))
-    if n_seeds < 1:
-        raise RecipeError(f"--seeds must be >= 1, got {n_seeds}")
-    lr_text = lr_grid if lr_grid is not None else settings.get("lr_grid")
-    try:
-        grid = [float(x) for x in (lr_text.split(",") if isinstance(lr_text, str) else lr_text or []) if str(x).strip()]
-    except ValueError as error:
-        raise RecipeError(f"lr_grid must be numbers, got {lr_text!r}") from error
-    if any(not (x > 0 and math.isfinite(x)) for x in grid):
-        raise RecipeError(f"lr_grid must be positive numbers, got {lr_text!r}")
-    metric = select_metric or settings.get("select_metric", "eval_loss")
-    if metric not in SELECT_METRICS:
-        raise RecipeError(f"select_metric must be one of {', '.join(SELECT_METRICS)}, got {metric!r}")
+    settings = checked_settings(base.compare, {"optims": optims, "seeds": seeds, "lr_grid": lr_grid,
+                                               "select_metric": select_metric, "baseline": baseline,
+                                               "grid_seeds": grid_seeds}, config)
+    variants = parse_variants(settings.get("optims", DEFAULT_OPTIMS), base.training.optim_args)
+    metric = settings.get("select_metric", "eval_loss")
     if metric == "eval_accuracy" and not base.args.accuracy_size:
         raise RecipeError("select_metric eval_accuracy needs accuracy_size > 0")
-    base_seed = base.training.seed
+    labels = [v.label for v in variants]
+    if settings.get("baseline", labels[0]) not in labels:
+        raise RecipeError(f"baseline {settings['baseline']!r} is not a variant of this comparison; variants: "
+                          f"{', '.join(labels)}")
+    base_seed, grid_seed = base.training.seed, settings.get("grid_seed", base.training.seed + 1000)
     plan = Plan(
-        config=config, variants=variants, seeds=[base_seed + k for k in range(n_seeds)], lr_grid=grid,
-        grid_seed=int(settings.get("grid_seed", base_seed + 1000)), select_metric=metric,
+        config=config, variants=variants, seeds=[base_seed + k for k in range(settings.get("seeds", 1))],
+        lr_grid=settings.get("lr_grid", []), grid_seeds=[grid_seed + k for k in range(settings.get("grid_seeds", 1))],
+        select_metric=metric,
         output_dir=Path(output_dir or Path("compare") / (config.stem + ("-smoke" if smoke else ""))).resolve(),
-        overrides=overrides, sharpness=bool(settings.get("sharpness", True)) and sharpness,
+        overrides=overrides, sharpness=settings.get("sharpness", True) and sharpness,
         test_split=base.script.dataset_test_split, validation_split=base.args.dataset_validation_split,
+        baseline=settings.get("baseline", labels[0]), recipe_digest=recipe_digest(config),
     )
-    if grid and plan.test_split == plan.validation_split:
+    if plan.lr_grid and plan.test_split == plan.validation_split:
         raise RecipeError(f"dataset_test_split is {plan.test_split!r}: the learning-rate grid chooses on "
                           f"{plan.validation_split!r}, so the test split must be another one")
+    check_output_dir(plan.output_dir)
     # Every variant's run must parse, and the model and data must be there, before the first run starts.
     for variant in variants:
         load_experiment(config, [*overrides, *variant.overrides()])
     resolve_model(base.model.model_name_or_path)
     load_splits(base)
-    if grid:
+    if plan.lr_grid:
         load_splits(load_experiment(config, [*overrides, "--dataset_test_split", plan.validation_split]))
     return plan
 
@@ -138,19 +205,55 @@ def train_command(plan: Plan, spec: RunSpec, launcher: str | None) -> list[str]:
     ]
 
 
+def check_launcher(launcher: str | None) -> None:
+    """A ``--launcher`` must split into a command that exists, before any run starts."""
+    if launcher is None:
+        return
+    try:
+        words = shlex.split(launcher)
+    except ValueError as error:
+        raise RecipeError(f"--launcher {launcher!r} is not a valid command line: {error}") from None
+    if not words:
+        raise RecipeError("--launcher is empty; leave it out to run each run with this Python")
+    if shutil.which(words[0]) is None:
+        raise RecipeError(f"--launcher {launcher!r}: no program {words[0]!r} on PATH (e.g. \"accelerate launch "
+                          "--config_file accelerate_configs/<name>.yaml\")")
+
+
 class Interrupted(Exception):
-    """compare received SIGINT/SIGTERM; the running child was stopped and waited for."""
+    """compare received SIGINT/SIGTERM/SIGHUP; the running child was stopped and waited for."""
 
     def __init__(self, signum: int) -> None:
         super().__init__(signal.Signals(signum).name)
         self.signum = signum
 
 
+FORWARDED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+def _die_with_parent(parent: int) -> Callable[[], None]:
+    """A ``preexec_fn`` that asks Linux to send the child SIGTERM when compare dies, however it dies (kill -9
+    included): the child must never go on training into a folder that a rerun will resume. SIGTERM, not
+    SIGKILL, so that a launcher (accelerate, torchrun) stops its own workers too."""
+
+    def arrange() -> None:
+        if not sys.platform.startswith("linux"):
+            return
+        import ctypes
+
+        pr_set_pdeathsig = 1
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, int(signal.SIGTERM), 0, 0, 0)
+        if os.getppid() != parent:  # compare died before prctl took effect
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    return arrange
+
+
 def run_child(command: list[str]) -> int:
-    """Run one training process to its end; a SIGINT/SIGTERM to compare is passed on to it and waited for.
-    In its own session, a Ctrl-C in the terminal reaches it once (through compare), and it never outlives compare.
-    """
-    child = subprocess.Popen(command, start_new_session=True)
+    """Run one training process to its end. A SIGINT/SIGTERM/SIGHUP to compare is passed on to it and waited
+    for; if compare dies without a chance to pass anything on (kill -9), the kernel stops the child. In its own
+    session, a Ctrl-C in the terminal reaches it once (through compare)."""
+    child = subprocess.Popen(command, start_new_session=True, preexec_fn=_die_with_parent(os.getpid()))
     received: list[int] = []
 
     def forward(signum, _frame):
@@ -158,7 +261,7 @@ def run_child(command: list[str]) -> int:
         if child.poll() is None:
             child.send_signal(signum)
 
-    previous = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
+    previous = {s: signal.signal(s, forward) for s in FORWARDED_SIGNALS}
     try:
         code = child.wait()
     finally:
@@ -169,24 +272,62 @@ def run_child(command: list[str]) -> int:
     return code
 
 
+def run_key(plan: Plan, command: list[str], launcher: str | None) -> dict[str, Any]:
+    """What a run's result depends on: its train command (recipe path, overrides, variant settings, learning
+    rate, seed, split), the recipe's content and the launcher (e.g. the number of processes)."""
+    return {"command": command[command.index("train"):], "recipe_sha256": plan.recipe_digest,
+            "launcher": launcher}
+
+
+def _key_problem(folder: Path, key: dict[str, Any]) -> str | None:
+    """Why a run folder cannot be reused or resumed for ``key`` (None when it can, or when it is new)."""
+    if not folder.exists() or (folder.is_dir() and not any(folder.iterdir())):
+        return None
+    saved = read_json(folder / COMMAND_FILE)
+    if saved is None:
+        return f"{folder} exists but was not made by compare (no readable {COMMAND_FILE})"
+    if not isinstance(saved, dict):
+        return f"{folder} holds a run of an older version that did not record the recipe's content"
+    differs = [what for part, what in (("command", "train command"), ("recipe_sha256", "recipe content"),
+                                       ("launcher", "launcher")) if saved.get(part) != key[part]]
+    if not differs:
+        return None
+    return (f"{folder} holds a run whose {' and '.join(differs)} differ{'s' * (len(differs) == 1)} from this "
+            "comparison's (reusing it would mix results of different settings)")
+
+
+def remove_run_folder(folder: Path, runs_root: Path) -> None:
+    """Delete a run folder for --rerun: only a folder under ``runs_root`` that compare made (it holds
+    COMMAND_FILE), never a link, the root itself or anything outside it."""
+    folder, root = Path(folder), Path(runs_root).resolve()
+    if folder.is_symlink() or not folder.resolve().is_relative_to(root) or folder.resolve() == root:
+        raise RecipeError(f"--rerun: refusing to delete {folder}: not a run folder under {root}")
+    if not (folder / COMMAND_FILE).is_file():
+        raise RecipeError(f"--rerun: refusing to delete {folder}: compare did not make it (no {COMMAND_FILE})")
+    shutil.rmtree(folder)
+
+
 def _execute(plan: Plan, specs: list[RunSpec], launcher: str | None, rerun: bool, log) -> list[RunResult]:
-    commands = [train_command(plan, spec, launcher) for spec in specs]
-    # A run folder left by a different command (other overrides or recipe) must not be silently reused.
-    for spec, command in zip(specs, commands, strict=True):
-        saved = spec.output_dir / COMMAND_FILE
-        if not rerun and saved.is_file() and json.loads(saved.read_text()) != command[command.index("train"):]:
-            raise RecipeError(f"{spec.output_dir} holds a run of a different command ({saved}); "
-                              "give another --output_dir, or --rerun to replace it")
+    keys = [run_key(plan, train_command(plan, spec, launcher), launcher) for spec in specs]
+    # A run folder left by something else (another recipe content, command or launcher) must not be reused or
+    # resumed: its results would be mixed with this comparison's. Checked for every run before the first starts.
+    for spec, key in zip(specs, keys, strict=True):
+        problem = _key_problem(spec.output_dir, key)
+        if problem and not (rerun and (spec.output_dir / COMMAND_FILE).is_file()):
+            raise RecipeError(f"{problem}; give another --output_dir" + (", or --rerun to replace it" if (
+                spec.output_dir / COMMAND_FILE).is_file() else ""))
     results = []
-    for index, (spec, command) in enumerate(zip(specs, commands, strict=True), start=1):
-        lr = "" if spec.lr is None else f" lr={spec.lr:g}"
-        where = f"[compare] {spec.phase} {index}/{len(specs)} {spec.variant.label} seed {spec.seed}{lr} ({spec.phase})"
+    for index, (spec, key) in enumerate(zip(specs, keys, strict=True), start=1):
+        command = train_command(plan, spec, launcher)
+        lr = "" if spec.lr is None else f" lr={spec.lr!r}"
+        where = f"[compare] {spec.phase} {index}/{len(specs)} {spec.variant.label} seed {spec.seed}{lr}"
         done = None if rerun else read_json(spec.output_dir / DONE_FILE)
         if done is None:
             if rerun and spec.output_dir.exists():
-                shutil.rmtree(spec.output_dir)  # else `--resume_from_checkpoint last` would pick up the old run
+                # else `--resume_from_checkpoint last` would pick up the old run
+                remove_run_folder(spec.output_dir, plan.output_dir / "runs")
             spec.output_dir.mkdir(parents=True, exist_ok=True)
-            (spec.output_dir / COMMAND_FILE).write_text(json.dumps(command[command.index("train"):]) + "\n")
+            (spec.output_dir / COMMAND_FILE).write_text(json.dumps(key) + "\n")
             log(f"{where}: {shlex.join(command)}")
             started = time.time()
             code = run_child(command)
@@ -197,53 +338,73 @@ def _execute(plan: Plan, specs: list[RunSpec], launcher: str | None, rerun: bool
                 results.append(RunResult(spec.variant.label, spec.seed, [], ok=False, error=error, phase=spec.phase,
                                          lr=spec.lr))
                 continue
-            log(f"{where}: done in {time.time() - started:.0f}s")
+            log(f"{where}: done in {time.time() - started:.0f}s" + _diverged_words(done))
         else:
-            log(f"{where}: already finished, reusing its log")
-        results.append(RunResult(spec.variant.label, spec.seed, done["log_history"], phase=spec.phase, lr=spec.lr,
-                                 accuracy_rows=done.get("accuracy_rows")))
+            log(f"{where}: already finished, reusing its log" + _diverged_words(done))
+        results.append(RunResult.from_done(spec.variant.label, spec.seed, done, phase=spec.phase, lr=spec.lr))
     return results
 
 
+def _diverged_words(done: dict[str, Any]) -> str:
+    diverged = done.get(DIVERGED_KEY)
+    return "" if not diverged else f" (DIVERGED: non-finite {diverged['what']} at step {diverged['step']})"
+
+
 def choose_rates(plan: Plan, grid_results: list[RunResult]) -> dict[str, float]:
-    """Per variant, the grid rate with the best final validation metric (failed or diverged runs lose)."""
+    """Per variant, the grid rate with the best mean final validation metric over the grid seeds. A rate with
+    a failed, diverged or non-finite run among its seeds loses: it is not safe at that rate."""
     sign = 1 if SELECT_METRICS[plan.select_metric] == "lower" else -1
     chosen = {}
     for variant in plan.variants:
-        values = [(r.summary.get(SUMMARY_OF[plan.select_metric]), r.lr) for r in grid_results
-                  if r.label == variant.label and r.ok]
-        scored = [(sign * value, lr) for value, lr in values if value is not None and math.isfinite(value)]
+        scored = []
+        for lr in plan.lr_grid:
+            runs = [r for r in grid_results if r.label == variant.label and r.lr == lr]
+            values = [r.summary.get(SUMMARY_OF[plan.select_metric]) for r in runs if r.usable]
+            if runs and len(values) == len(runs) and all(v is not None and math.isfinite(v) for v in values):
+                scored.append((sign * sum(values) / len(values), lr))
         if not scored:
-            raise RecipeError(f"no grid run of {variant.label} finished with a finite {plan.select_metric}")
+            raise RecipeError(f"no grid rate of {variant.label} finished with a finite {plan.select_metric} on "
+                              "every grid seed")
         chosen[variant.label] = min(scored)[1]
     return chosen
 
 
+def grid_folder(plan: Plan, variant: Variant, lr: float, seed: int) -> Path:
+    """A grid run's folder; the rate is written in full (repr), so rates that differ only past the 6th digit
+    get folders of their own."""
+    return plan.output_dir / "runs" / "grid" / variant.folder / f"lr{lr!r}-seed{seed}"
+
+
 def compare(plan: Plan, *, launcher: str | None = None, rerun: bool = False, log=print) -> tuple[Path, list]:
-    """Run the plan and write the report; return (report.md path, results of the seed runs)."""
-    started = time.time()
-    runs = plan.output_dir / "runs"
-    grid_results: list[RunResult] = []
-    if plan.lr_grid:
-        specs = [RunSpec(v, plan.grid_seed, runs / "grid" / v.folder / f"lr{lr:g}", "grid", lr)
-                 for v in plan.variants for lr in plan.lr_grid]
-        grid_results = _execute(plan, specs, launcher, rerun, log)
-        plan.chosen_lr = choose_rates(plan, grid_results)
-        log("[compare] chosen learning rates (on the validation split): "
-            + ", ".join(f"{k}={v:g}" for k, v in plan.chosen_lr.items()))
-    specs = [RunSpec(v, seed, runs / f"{v.folder}-seed{seed}", "final", plan.chosen_lr.get(v.label))
-             for seed in plan.seeds for v in plan.variants]
-    results = _execute(plan, specs, launcher, rerun, log)
-    return write_report(plan, results, grid_results, seconds=time.time() - started), results
+    """Run the plan and write the report; return (report.md path, results of the seed runs). One compare at a
+    time per output folder: a second one is refused (a RecipeError naming the first one's pid)."""
+    with folder_lock(plan.output_dir, LOCK_FILE, "compare"):
+        started = time.time()
+        grid_results: list[RunResult] = []
+        if plan.lr_grid:
+            specs = [RunSpec(v, seed, grid_folder(plan, v, lr, seed), "grid", lr)
+                     for v in plan.variants for lr in plan.lr_grid for seed in plan.grid_seeds]
+            grid_results = _execute(plan, specs, launcher, rerun, log)
+            plan.chosen_lr = choose_rates(plan, grid_results)
+            log("[compare] chosen learning rates (on the validation split): "
+                + ", ".join(f"{k}={v!r}" for k, v in plan.chosen_lr.items()))
+        seeds = sorted({seed for v in plan.variants for seed in plan.seeds_of(v)})
+        specs = [RunSpec(v, seed, plan.output_dir / "runs" / f"{v.folder}-seed{seed}", "final",
+                         plan.chosen_lr.get(v.label)) for seed in seeds for v in plan.variants
+                 if seed in plan.seeds_of(v)]
+        results = _execute(plan, specs, launcher, rerun, log)
+        return write_report(plan, results, grid_results, seconds=time.time() - started,
+                            baseline=plan.baseline), results
 
 
-def run_compare(config: str, *, optims: str | None, seeds: int | None, lr_grid: str | None,
-                select_metric: str | None, output_dir: str | None, overrides: list[str], sharpness: bool,
-                smoke: bool, launcher: str | None, rerun: bool) -> int:
+def run_compare(config: str, *, optims: str | None, seeds: Any, lr_grid: str | None, select_metric: str | None,
+                output_dir: str | None, overrides: list[str], sharpness: bool, smoke: bool, launcher: str | None,
+                rerun: bool, baseline: str | None = None, grid_seeds: Any = None) -> int:
     """The `compare` subcommand: exit 0 when every run finished, 1 if some failed, 128+n on signal n."""
+    check_launcher(launcher)
     plan = make_plan(config, optims=optims, seeds=seeds, lr_grid=lr_grid, select_metric=select_metric,
                      output_dir=output_dir, overrides=(smoke_overrides() if smoke else []) + overrides,
-                     sharpness=sharpness, smoke=smoke)
+                     sharpness=sharpness, smoke=smoke, baseline=baseline, grid_seeds=grid_seeds)
     try:
         report, results = compare(plan, launcher=launcher, rerun=rerun)
     except Interrupted as stop:

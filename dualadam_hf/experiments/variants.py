@@ -1,19 +1,27 @@
-"""Variants of a comparison: the ``NAME`` or ``NAME[key=value,...]`` entries of ``--optims`` (docs/recipes.md).
+"""Variants of a comparison: the entries of ``--optims`` or of a recipe's ``compare: optims:`` (docs/recipes.md).
 
-``NAME`` is a ``TrainingArguments.optim`` name or a preset (:data:`PRESETS`). A key the optimizer takes goes
-into its ``optim_args``, ``label`` names the variant, and any other key is a setting of the run
-(``warmup_steps``, ...). The recipe's ``optim_args`` reach every DualAdam/InvAdam variant, each taking the
-keys it accepts (InvAdam has no blend keys; the variant's keys win); other optimizers get no ``optim_args``.
+A variant is a mapping: ``optim`` (a ``TrainingArguments.optim`` name or a preset of :data:`PRESETS`), an
+optional ``label``, an optional ``seeds`` (this variant's number of seeds, e.g. fewer for a control), and
+settings. A key the optimizer takes goes into its ``optim_args``; any other key is a setting of the run
+(``warmup_steps``, ...). The command line's ``NAME[key=value,...]`` is the same mapping written on one line
+(:func:`entry_mapping`), so both forms give the same variant and the same label.
+
+The recipe's ``optim_args`` reach every DualAdam/InvAdam variant, each taking the keys it accepts (InvAdam has
+no blend keys; the variant's keys win); other optimizers get no ``optim_args``. Settings that compare sets for
+each run, or that must be equal across runs for the paired comparison to mean anything, are refused here,
+before any run.
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..integrations.optim_args import OPTIMIZER_NAMES, SWITCH_KEYS, parse_optim_args, valid_optim_args_keys
-from .arguments import RecipeError, check_optimizer_name
+from ..integrations.optim_args import OPTIMIZER_NAMES, join_pairs, parse_optim_args, parse_pairs, valid_optim_args_keys
+from ..optimizer import BLEND_KEYS
+from .arguments import RecipeError, check_optimizer_name, whole_number
 
 # name -> (optimizer, optim_args, label). The matched warmup is DualAdam without its inverse part:
 # u = (1-r)*mh/d, i.e. AdamW whose learning rate rises linearly from 0 over exactly DualAdam's blend
@@ -23,7 +31,20 @@ PRESETS: dict[str, tuple[str, dict[str, str], str]] = {
     "matched_warmup": ("dualadam", {"inverse_scale": "0"}, "matched-warmup"),
     "dualadam_scaled": ("dualadam", {"inverse_scale": "auto"}, "dualadam-scaled"),
 }
+DEFAULT_OPTIMS = "adamw_torch,dualadam"
+# Run settings compare gives each run itself (the learning rate from the grid, the split, the seed, ...).
+SET_BY_COMPARE = ("optim", "optim_args", "seed", "output_dir", "learning_rate", "dataset_test_split", "sharpness",
+                  "resume_from_checkpoint")
+# Run settings that must be the same in every run: the paired differences compare runs of one seed on the same
+# model, data, held-out rows and measurements.
+EQUAL_ACROSS_RUNS = (
+    "model_name_or_path", "task", "num_labels", "dataset_name", "dataset_config", "dataset_train_split",
+    "dataset_validation_split", "dataset_format", "dataset_seed", "train_size", "eval_size", "text_column",
+    "label_column", "accuracy_size", "max_new_tokens", "sharpness_batches", "sharpness_batch_size",
+    "sharpness_max_iters", "sharpness_probes",
+)
 _ENTRY = re.compile(r"^\s*([A-Za-z0-9_.\-]+)\s*(?:\[(.*)\])?\s*$", re.S)
+_NOT_SETTINGS = ("optim", "label", "seeds")  # keys of a variant that are not settings of its runs
 
 
 def _text(value: Any) -> str:
@@ -32,16 +53,17 @@ def _text(value: Any) -> str:
 
 @dataclass(frozen=True)
 class Variant:
-    """One arm of a comparison."""
+    """One arm of a comparison; ``seeds`` is its own number of seeds (None: the comparison's)."""
 
     label: str
     optim: str
     optim_args: dict[str, str] = field(default_factory=dict)
     settings: dict[str, str] = field(default_factory=dict)
+    seeds: int | None = None
 
     @property
     def optim_args_text(self) -> str:
-        return ",".join(f"{k}={v}" for k, v in self.optim_args.items())
+        return join_pairs(self.optim_args)
 
     def overrides(self) -> list[str]:
         """The `--key value` arguments of a run of this variant."""
@@ -72,64 +94,93 @@ def split_entries(text: str) -> list[str]:
     return [e.strip() for e in entries if e.strip()]
 
 
-def parse_variant(entry: str | dict[str, Any], recipe_optim_args: str | None = None) -> Variant:
-    """A variant from ``NAME[key=value,...]`` (or the same as a mapping with an ``optim`` key)."""
-    if isinstance(entry, dict):
+def entry_mapping(entry: str | Mapping[str, Any]) -> dict[str, str]:
+    """A variant as the mapping form: ``NAME[k=v,...]`` becomes ``{"optim": NAME, "k": "v", ...}``; a mapping
+    has its values turned into text (booleans as true/false), as on the command line."""
+    if isinstance(entry, Mapping):
         pairs = {str(k): _text(v) for k, v in entry.items()}
-        if (name := pairs.pop("optim", None)) is None:
-            raise RecipeError(f"variant {entry!r} needs an 'optim' key")
-        text = name
-    else:
-        if (match := _ENTRY.match(entry)) is None:
-            raise RecipeError(f"variant {entry!r} is not NAME or NAME[key=value,...]")
-        name, text, pairs = match.group(1), entry.strip(), {}
-        for item in filter(str.strip, (match.group(2) or "").split(",")):
-            key, sep, value = (part.strip() for part in item.partition("="))
-            if not sep or not key or not value:
-                raise RecipeError(f"variant {entry!r}: {item.strip()!r} is not key=value")
-            if key in pairs:
-                raise RecipeError(f"variant {entry!r} gives {key!r} twice")
-            pairs[key] = value
-    label = pairs.pop("label", None)
-    preset_args: dict[str, str] = {}
+        if "optim" not in pairs:
+            raise RecipeError(f"variant {dict(entry)!r} needs an 'optim' key")
+        return pairs
+    if not isinstance(entry, str) or (match := _ENTRY.match(entry)) is None:
+        raise RecipeError(f"variant {entry!r} is not NAME or NAME[key=value,...]")
+    try:
+        pairs = parse_pairs(match.group(2), f"variant {entry.strip()!r}:")
+    except ValueError as error:
+        raise RecipeError(str(error)) from None
+    if "optim" in pairs:
+        raise RecipeError(f"variant {entry.strip()!r}: the optimizer is the name before '['; drop optim=")
+    return {"optim": match.group(1), **pairs}
+
+
+def _default_label(pairs: Mapping[str, str]) -> str:
+    """``NAME`` (a preset's own label) or ``NAME[k=v,...]`` with the variant's settings, whichever form it came in."""
+    name, settings = pairs["optim"], {k: v for k, v in pairs.items() if k not in _NOT_SETTINGS}
+    if not settings:
+        return PRESETS[name][2] if name in PRESETS else name
+    return f"{name}[{join_pairs(settings)}]"
+
+
+def _refuse_fixed_settings(where: str, settings: Mapping[str, str]) -> None:
+    if "optim_args" in settings:
+        raise RecipeError(f"{where}: give optimizer settings as keys (e.g. blend_steps=10), not optim_args")
+    if fixed := [key for key in settings if key in SET_BY_COMPARE]:
+        raise RecipeError(f"{where}: {', '.join(fixed)} is set by compare for each run; a variant cannot change it")
+    if fixed := [key for key in settings if key in EQUAL_ACROSS_RUNS]:
+        raise RecipeError(f"{where}: {', '.join(fixed)} must be the same in every run (the runs of a seed are "
+                          "compared on the same model, data and held-out rows); set it for all runs instead")
+
+
+def _recipe_optim_args(optim: str, recipe_optim_args: str | None) -> dict[str, str]:
+    """The recipe's optim_args keys that ``optim`` takes (the recipe's optim_args are DualAdam's)."""
+    if optim not in OPTIMIZER_NAMES or not recipe_optim_args:
+        return {}
+    try:
+        parse_optim_args(recipe_optim_args, "dualadam")
+        pairs = parse_pairs(recipe_optim_args, "optim_args")
+    except ValueError as error:
+        raise RecipeError(f"the recipe's optim_args: {error}") from None
+    return {k: v for k, v in pairs.items() if k in valid_optim_args_keys(optim)}
+
+
+def parse_variant(entry: str | Mapping[str, Any], recipe_optim_args: str | None = None) -> Variant:
+    """A variant from ``NAME[key=value,...]`` or the same as a mapping with an ``optim`` key."""
+    pairs = entry_mapping(entry)
+    name, label = pairs["optim"], pairs.get("label") or _default_label(pairs)
+    where = f"variant {label!r}"
+    seeds = None if "seeds" not in pairs else whole_number(pairs["seeds"], f"{where}: seeds", minimum=1)
     if name in PRESETS:
-        optim, preset_args, preset_label = PRESETS[name]
-        label = label or (preset_label if not pairs else text)
+        optim, preset_args, _ = PRESETS[name]
     else:
         check_optimizer_name(name)
-        optim = name
+        optim, preset_args = name, {}
     valid = valid_optim_args_keys(optim) if optim in OPTIMIZER_NAMES else ()
-    optim_args: dict[str, str] = {}
-    if optim in OPTIMIZER_NAMES and recipe_optim_args:  # the recipe's optim_args keys that `optim` takes
-        try:
-            parsed = parse_optim_args(recipe_optim_args, "dualadam")  # the recipe's optim_args are DualAdam's
-        except ValueError as error:
-            raise RecipeError(f"the recipe's optim_args: {error}") from None
-        optim_args = {k: _text(v) for k, v in parsed.items() if k in valid}
-    if optim == "invadam" and set(pairs) & set(SWITCH_KEYS):
-        raise RecipeError(f"variant {text!r}: invadam holds the blend weight at 1 and takes no "
-                          f"{', '.join(sorted(set(pairs) & set(SWITCH_KEYS)))}")
-    given = {**preset_args, **{k: v for k, v in pairs.items() if k in valid}}
-    if set(given) & set(SWITCH_KEYS):
-        optim_args = {k: v for k, v in optim_args.items() if k not in SWITCH_KEYS}
-    optim_args.update(given)
-    if "optim_args" in pairs:
-        raise RecipeError(f"variant {text!r}: give optimizer settings as keys (e.g. blend_steps=10), not optim_args")
-    settings = {k: v for k, v in pairs.items() if k not in valid}
+    given = {k: v for k, v in pairs.items() if k not in _NOT_SETTINGS}
+    if optim == "invadam" and (blend := [k for k in given if k in BLEND_KEYS]):
+        raise RecipeError(f"{where}: invadam holds the blend weight at 1 and takes no {', '.join(blend)}")
+    own_args = {**preset_args, **{k: v for k, v in given.items() if k in valid}}
+    optim_args = _recipe_optim_args(optim, recipe_optim_args)
+    if set(own_args) & set(BLEND_KEYS):  # the variant's blend replaces the recipe's, however each is given
+        optim_args = {k: v for k, v in optim_args.items() if k not in BLEND_KEYS}
+    optim_args.update(own_args)
+    settings = {k: v for k, v in given.items() if k not in valid}
+    _refuse_fixed_settings(where, settings)
     if optim in OPTIMIZER_NAMES:
-        try:
-            parse_optim_args(",".join(f"{k}={v}" for k, v in optim_args.items()), optim)  # checks the values now
+        try:  # the same check as the command line's --optim_args
+            parse_optim_args(join_pairs(optim_args), optim)
         except ValueError as error:
-            raise RecipeError(f"variant {text!r}: {error}") from None
-    for key in ("optim", "seed", "output_dir"):
-        if key in settings:
-            raise RecipeError(f"variant {text!r}: {key} is set by compare for each run")
-    return Variant(label=label or text, optim=optim, optim_args=optim_args, settings=settings)
+            raise RecipeError(f"{where}: {error}") from None
+    return Variant(label=label, optim=optim, optim_args=optim_args, settings=settings, seeds=seeds)
 
 
 def parse_variants(entries: str | list[Any], recipe_optim_args: str | None = None) -> list[Variant]:
     """Variants from ``--optims`` text or a recipe's list; labels must be distinct."""
-    items = split_entries(entries) if isinstance(entries, str) else list(entries)
+    if isinstance(entries, str):
+        items = split_entries(entries)
+    elif isinstance(entries, list):
+        items = entries
+    else:
+        raise RecipeError(f"optims must be text (NAME,NAME[key=value,...]) or a list, got {entries!r}")
     if not items:
         raise RecipeError("--optims needs at least one optimizer name, e.g. adamw_torch,dualadam")
     variants = [parse_variant(item, recipe_optim_args) for item in items]

@@ -1,0 +1,348 @@
+"""`dualadam-hf compare` before and around its runs: the plan's checks, the variants' one syntax, what a run
+folder may be reused for, what --rerun may delete, the output-folder lock and a dead parent's child."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from dualadam_hf.experiments import RecipeError
+from dualadam_hf.experiments import compare as compare_module
+from dualadam_hf.experiments.checkpoints import folder_lock
+from dualadam_hf.experiments.cli import main
+from dualadam_hf.experiments.compare import (
+    COMMAND_FILE,
+    LOCK_FILE,
+    Interrupted,
+    RunSpec,
+    check_launcher,
+    choose_rates,
+    grid_folder,
+    make_plan,
+    remove_run_folder,
+    run_child,
+    run_key,
+    train_command,
+)
+from dualadam_hf.experiments.report import RunResult
+from dualadam_hf.experiments.variants import entry_mapping, parse_variant, parse_variants
+
+RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "smollm2_math_lora.yaml"
+
+
+@pytest.fixture
+def recipe(tmp_path, tiny_model_dir, tiny_chat_dataset_dir):
+    """A copy of a shipped recipe on the tiny model and data; ``recipe(extra)`` appends YAML to it."""
+
+    def write(extra: str = "") -> Path:
+        path = tmp_path / "recipe.yaml"
+        path.write_text(RECIPE.read_text() + f"\nmodel_name_or_path: {tiny_model_dir}\n"
+                        f"dataset_name: {tiny_chat_dataset_dir}\n" + extra)
+        return path
+
+    return write
+
+
+def plan_of(path: Path, out: Path, **settings):
+    overrides = [*compare_module.smoke_overrides(), "--accuracy_size", "0"]  # the tiny chat data has no answers
+    return make_plan(path, output_dir=out, overrides=overrides, smoke=True, **settings)
+
+
+# --- the compare: block and the command line get the same checks --------------------------------
+
+
+@pytest.mark.parametrize("block, match", [
+    ("seeds: two", r"compare: seeds must be a whole number, got 'two'"),
+    ("seeds: 2.7", r"compare: seeds must be a whole number, got 2.7"),
+    ("seeds: true", r"compare: seeds must be a whole number, got True"),
+    ("seeds: 0", r"compare: seeds must be >= 1"),
+    ("grid_seed: abc", r"compare: grid_seed must be a whole number, got 'abc'"),
+    ("grid_seeds: 1.5", r"compare: grid_seeds must be a whole number"),
+    ("sharpness: maybe", r"compare: sharpness must be true or false, got 'maybe'"),
+    ("lr_grid: [0.001, abc]", r"compare: lr_grid must be learning rates \(numbers\), got 'abc'"),
+    ("lr_grid: [0.001, true]", r"compare: lr_grid must be learning rates \(numbers\), got True"),
+    ("lr_grid: 1e-3,0.001", r"compare: lr_grid gives the rate 0.001 twice"),
+    ("select_metric: accuracy", r"compare: select_metric must be eval_loss or eval_accuracy"),
+    ("optims: 3", r"compare: optims must be text or a list of variants"),
+    ("baseline: sgd", r"baseline 'sgd' is not a variant of this comparison; variants: adamw_torch, dualadam"),
+    ("optims: [adamw_torch, {optim: dualadam, learning_rate: 0.1}]", r"learning_rate is set by compare"),
+])
+def test_a_bad_compare_block_is_refused_before_any_run(recipe, tmp_path, block, match):
+    with pytest.raises(RecipeError, match=match):
+        plan_of(recipe(f"compare:\n  {block}\n"), tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("flag, value, match", [
+    ("--seeds", "2.7", r"--seeds must be a whole number, got '2.7'"),
+    ("--seeds", "0", r"--seeds must be >= 1"),
+    ("--grid_seeds", "two", r"--grid_seeds must be a whole number"),
+    ("--lr_grid", "1e-3,x", r"--lr_grid must be learning rates"),
+    ("--baseline", "sgd", r"baseline 'sgd' is not a variant"),
+])
+def test_the_command_line_gets_the_same_checks(recipe, tmp_path, capsys, flag, value, match):
+    assert main(["compare", "--config", str(recipe()), "--output_dir", str(tmp_path / "out"), flag, value]) == 2
+    assert re.search(match, capsys.readouterr().err)
+
+
+def test_compare_block_values_are_typed_as_on_the_command_line(recipe, tmp_path):
+    plan = plan_of(recipe("compare:\n  sharpness: \"false\"\n  lr_grid: 0.001\n  seeds: \"3\"\n  grid_seeds: 2\n"
+                          "  grid_seed: 7\n  baseline: dualadam\n"), tmp_path / "out")
+    assert plan.sharpness is False  # the text "false" used to switch sharpness on
+    assert plan.lr_grid == [0.001] and plan.seeds == [0, 1, 2] and plan.grid_seeds == [7, 8]
+    assert plan.baseline == "dualadam"
+    # The command line wins over the recipe.
+    plan = plan_of(recipe("compare:\n  seeds: 3\n"), tmp_path / "out", seeds="2", baseline="adamw_torch")
+    assert plan.seeds == [0, 1] and plan.baseline == "adamw_torch"
+
+
+# --- variants: one syntax, one check, settings a variant may not change --------------------------
+
+
+def test_the_one_line_form_is_the_mapping_form():
+    assert entry_mapping("dualadam[blend_steps=4, inverse_scale=auto]") == {
+        "optim": "dualadam", "blend_steps": "4", "inverse_scale": "auto"}
+    line = parse_variant("dualadam[blend_steps=4,warmup_steps=2,seeds=3]")
+    mapping = parse_variant({"optim": "dualadam", "blend_steps": 4, "warmup_steps": 2, "seeds": 3})
+    assert line == mapping
+    assert (line.label, line.optim_args, line.settings, line.seeds) == (
+        "dualadam[blend_steps=4,warmup_steps=2]", {"blend_steps": "4"}, {"warmup_steps": "2"}, 3)
+    assert parse_variant({"optim": "matched_warmup", "seeds": 3}).label == "matched-warmup"
+    with pytest.raises(RecipeError, match="drop optim="):
+        parse_variant("dualadam[optim=adamw_torch]")
+
+
+@pytest.mark.parametrize("entry, match", [
+    ("dualadam[accuracy_size=4]", "accuracy_size must be the same in every run"),
+    ("dualadam[eval_size=4]", "eval_size must be the same in every run"),
+    ("dualadam[dataset_name=other]", "dataset_name must be the same in every run"),
+    ("dualadam[learning_rate=0.1]", "learning_rate is set by compare for each run"),
+    ("dualadam[dataset_test_split=validation]", "dataset_test_split is set by compare"),
+    ("dualadam[sharpness=true]", "sharpness is set by compare"),
+    ("dualadam[seed=3]", "seed is set by compare"),
+    ("dualadam[seeds=0]", "seeds must be >= 1"),
+    ("dualadam[seeds=two]", "seeds must be a whole number"),
+    ("dualadam[blend_steps]", "'blend_steps' is not of the form key=value"),
+    ("dualadam[blend_steps=4,blend_steps=5]", "gives 'blend_steps' twice"),
+    ("dualadam[switch_rate=0.1,blend_steps=4]", "give only one of switch_rate, blend_steps, blend_fraction"),
+    ("dualadam[inverse_scale=huge]", "inverse_scale='huge' is malformed"),
+    ("invadam[blend_steps=4]", "invadam holds the blend weight at 1"),
+])
+def test_a_variant_setting_that_cannot_differ_is_refused_when_parsed(entry, match):
+    with pytest.raises(RecipeError, match=match):
+        parse_variants(entry)
+    with pytest.raises(RecipeError, match=match):  # the mapping form is checked the same
+        parse_variants([entry_mapping(entry)])
+
+
+def test_a_variant_with_fewer_seeds_runs_fewer_and_pairs_on_the_seeds_it_has(recipe, tmp_path):
+    plan = plan_of(recipe(), tmp_path / "out", optims="adamw_torch,matched_warmup[seeds=2],dualadam", seeds="4")
+    assert [plan.seeds_of(v) for v in plan.variants] == [[0, 1, 2, 3], [0, 1], [0, 1, 2, 3]]
+
+
+# --- the learning-rate grid ------------------------------------------------------------------------
+
+
+def test_grid_rates_equal_to_six_digits_get_folders_of_their_own(recipe, tmp_path):
+    plan = plan_of(recipe(), tmp_path / "out", lr_grid="0.0012345671,0.0012345674")
+    folders = {grid_folder(plan, plan.variants[0], lr, plan.grid_seed) for lr in plan.lr_grid}
+    assert len(folders) == 2
+
+
+def test_the_grid_chooses_on_the_mean_over_grid_seeds_and_a_rate_that_diverged_once_loses(recipe, tmp_path):
+    plan = plan_of(recipe(), tmp_path / "out", lr_grid="1e-3,3e-3", grid_seeds="2")
+
+    def run(label, lr, value, seed, **extra):
+        return RunResult(label, seed, [{"eval_loss": value, "step": 1}], phase="grid", lr=lr, **extra)
+
+    results = [run("adamw_torch", 1e-3, 1.0, 1042), run("adamw_torch", 1e-3, 0.2, 1043),  # mean 0.6
+               run("adamw_torch", 3e-3, 0.5, 1042), run("adamw_torch", 3e-3, 0.8, 1043),  # mean 0.65
+               run("dualadam", 1e-3, 0.9, 1042), run("dualadam", 1e-3, 0.9, 1043),
+               run("dualadam", 3e-3, 0.1, 1042), run("dualadam", 3e-3, 0.1, 1043, diverged={"step": 2})]
+    assert choose_rates(plan, results) == {"adamw_torch": 1e-3, "dualadam": 1e-3}
+    with pytest.raises(RecipeError, match="no grid rate of dualadam finished with a finite eval_loss"):
+        choose_rates(plan, [r for r in results if not (r.label == "dualadam" and r.lr == 1e-3)])
+
+
+# --- what a run folder may be reused for ---------------------------------------------------------
+
+
+def fake_finished_run(plan, spec) -> None:
+    spec.output_dir.mkdir(parents=True)
+    (spec.output_dir / COMMAND_FILE).write_text(json.dumps(run_key(plan, train_command(plan, spec, None), None)))
+    (spec.output_dir / "run_done.json").write_text(json.dumps({"log_history": [{"eval_loss": 1.0, "step": 2}]}))
+
+
+def final_specs(plan):
+    return [RunSpec(v, seed, plan.output_dir / "runs" / f"{v.folder}-seed{seed}", "final")
+            for seed in plan.seeds for v in plan.variants]
+
+
+def test_an_edited_recipe_is_refused_instead_of_mixing_old_and_new_runs(recipe, tmp_path):
+    out = tmp_path / "out"
+    plan = plan_of(recipe("learning_rate: 0.01\n"), out, optims="adamw_torch")
+    said = []
+    fake_finished_run(plan, final_specs(plan)[0])
+    assert compare_module._execute(plan, final_specs(plan), None, False, said.append)[0].ok
+    assert "already finished, reusing its log" in said[0]
+    # The same command line, the recipe's learning rate changed in the file: the finished run was made with
+    # another recipe; reusing it would mix lr 0.01 and lr 0.3 results in one mean.
+    edited = plan_of(recipe("learning_rate: 0.3\n"), out, optims="adamw_torch", seeds="2")
+    with pytest.raises(RecipeError, match="holds a run whose recipe content differs from this comparison's.*--rerun"):
+        compare_module._execute(edited, final_specs(edited), None, False, said.append)
+    # A comment or a compare: setting reaches no run: the run is still reused.
+    same = plan_of(recipe("learning_rate: 0.01  # tuned\ncompare:\n  seeds: 1\n"), out, optims="adamw_torch")
+    assert same.recipe_digest == plan.recipe_digest
+    # Another launcher (e.g. another number of processes) is another run too.
+    with pytest.raises(RecipeError, match="whose launcher differs"):
+        compare_module._execute(plan, final_specs(plan), "torchrun", False, said.append)
+
+
+def test_a_folder_compare_did_not_make_is_neither_reused_nor_deleted(recipe, tmp_path):
+    plan = plan_of(recipe(), tmp_path / "out", optims="adamw_torch")
+    spec = final_specs(plan)[0]
+    spec.output_dir.mkdir(parents=True)
+    (spec.output_dir / "precious.txt").write_text("keep me")
+    for rerun in (False, True):
+        with pytest.raises(RecipeError, match="exists but was not made by compare"):
+            compare_module._execute(plan, [spec], None, rerun, print)
+    assert (spec.output_dir / "precious.txt").read_text() == "keep me"
+
+
+def test_rerun_deletes_only_run_folders_compare_made_under_its_output_dir(tmp_path):
+    runs = tmp_path / "out" / "runs"
+    made = runs / "adamw_torch-seed0"
+    made.mkdir(parents=True)
+    (made / COMMAND_FILE).write_text("{}")
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    (outside / COMMAND_FILE).write_text("{}")
+    link = runs / "link"
+    link.symlink_to(outside)
+    not_made = runs / "by-hand"
+    not_made.mkdir()
+    for folder, match in ((outside, "not a run folder under"), (runs / ".." / ".." / "elsewhere", "not a run folder"),
+                          (link, "not a run folder under"), (runs, "not a run folder under"),
+                          (not_made, "compare did not make it")):
+        with pytest.raises(RecipeError, match=match):
+            remove_run_folder(folder, runs)
+    assert outside.is_dir() and (outside / COMMAND_FILE).is_file() and not_made.is_dir() and link.is_symlink()
+    remove_run_folder(made, runs)
+    assert not made.exists()
+
+
+# --- one compare per output folder, children that never outlive compare, the launcher --------------
+
+
+HOLD_LOCK = """
+import sys, time
+from dualadam_hf.experiments.checkpoints import folder_lock
+with folder_lock(sys.argv[1], sys.argv[2], "compare"):
+    print("locked", flush=True)
+    time.sleep(60)
+"""
+
+
+def test_a_second_compare_on_the_same_output_folder_is_refused_with_the_first_ones_pid(recipe, tmp_path):
+    out = tmp_path / "out"
+    plan = plan_of(recipe(), out, optims="adamw_torch")
+    first = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(out), LOCK_FILE], stdout=subprocess.PIPE, text=True)
+    try:
+        assert first.stdout.readline().strip() == "locked"
+        with pytest.raises(RecipeError, match=f"another compare \\(pid {first.pid}\\) is running in {out}"):
+            compare_module.compare(plan, log=print)
+        assert not (out / "runs").exists()  # nothing was started
+    finally:
+        first.kill()
+        first.wait()
+    # The kernel dropped the dead holder's lock: the folder is free again.
+    with folder_lock(out, LOCK_FILE, "compare"):
+        pass
+
+
+PARENT = """
+import sys
+from dualadam_hf.experiments.compare import run_child
+run_child([sys.executable, "-c", "import os, time; print(os.getpid(), flush=True); time.sleep(120)"])
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the parent-death signal is Linux's")
+def test_a_child_dies_with_compare_even_under_kill_9(tmp_path):
+    parent = subprocess.Popen([sys.executable, "-c", PARENT], stdout=subprocess.PIPE, text=True)
+    child_pid = int(parent.stdout.readline())
+    parent.send_signal(signal.SIGKILL)
+    parent.wait()
+    deadline = time.time() + 20
+    while time.time() < deadline and _alive(child_pid):
+        time.sleep(0.1)
+    alive = _alive(child_pid)
+    if alive:
+        os.kill(child_pid, signal.SIGKILL)
+    assert not alive, "the training child outlived its killed parent"
+
+
+def _alive(pid: int) -> bool:
+    """Running (not a zombie waiting for a reaper) and not gone."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return state != "Z"
+
+
+def test_sighup_to_compare_reaches_the_child_and_is_waited_for(tmp_path):
+    marker = tmp_path / "child_stopped"
+    child = (f"import signal, sys, time\n"
+             f"def stop(*_):\n    open({str(marker)!r}, 'w').write('yes'); sys.exit(3)\n"
+             f"signal.signal(signal.SIGHUP, stop)\nprint('ready', flush=True)\ntime.sleep(60)\n")
+    timer = threading.Timer(1.5, os.kill, (os.getpid(), signal.SIGHUP))
+    timer.start()
+    try:
+        with pytest.raises(Interrupted) as stop:
+            run_child([sys.executable, "-c", child])
+    finally:
+        timer.cancel()
+    assert stop.value.signum == signal.SIGHUP and marker.read_text() == "yes"
+
+
+@pytest.mark.parametrize("launcher, match", [
+    ("no-such-launcher-xyz launch", "no program 'no-such-launcher-xyz' on PATH"),
+    ("accelerate launch 'unclosed", "not a valid command line"),
+    ("  ", "--launcher is empty"),
+])
+def test_a_bogus_launcher_is_named_before_any_run(launcher, match, recipe, tmp_path, capsys):
+    with pytest.raises(RecipeError, match=match):
+        check_launcher(launcher)
+    argv = ["compare", "--config", str(recipe()), "--output_dir", str(tmp_path / "out"), "--launcher", launcher]
+    assert main(argv) == 2 and "error:" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_output_dir_where_nothing_can_be_written_is_refused_before_any_run(recipe, tmp_path):
+    # As root, os.access says yes everywhere; /proc takes no new files from anyone.
+    with pytest.raises(RecipeError, match="is not writable"):
+        plan_of(recipe(), Path("/proc/dualadam-compare-test"))
+
+
+def test_the_report_gets_the_baseline(recipe, tmp_path, monkeypatch):
+    plan = plan_of(recipe(), tmp_path / "out", optims="adamw_torch,dualadam", baseline="dualadam")
+    seen = []
+
+    def write_report(plan, results, grid_results, *, seconds, baseline):
+        seen.append(baseline)
+        return tmp_path / "report.md"
+
+    monkeypatch.setattr(compare_module, "_execute", lambda *args: [])
+    monkeypatch.setattr(compare_module, "write_report", write_report)
+    compare_module.compare(plan)
+    assert seen == ["dualadam"]
