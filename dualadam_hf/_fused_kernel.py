@@ -54,12 +54,14 @@ def update_block(p_ptrs, g_ptrs, m_ptrs, v_ptrs, offs, numel, decay, adam, inv, 
 def dualadam_kernel(
     # "fp64": Triton passes Python floats as fp32 unless annotated (ruff reads the
     # strings as names, hence noqa).
-    chunk_tensor, table, coefs, n_tensors, beta1: "fp64", beta2: "fp64",  # noqa: F821
+    chunk_tensor, table, coefs, decay_ptr, n_tensors, beta1: "fp64", beta2: "fp64",  # noqa: F821
     P_DTYPE: tl.constexpr, G_DTYPE: tl.constexpr, S_DTYPE: tl.constexpr,
     MAXIMIZE: tl.constexpr, BLOCK: tl.constexpr, EMULATE_RTNE: tl.constexpr, ALIGNED: tl.constexpr,
+    WIDE: tl.constexpr,
 ):
-    # table rows (int64, n_tensors each): p, g, m, v pointers, numel, first program.
-    # coefs: float32 [n_tensors, 4] rows (adam, inverse, eps_c, decay), see fused.coefficient_table.
+    # table rows (int64, n_tensors each): p, g, m, v pointers, numel, first program, coefficient row.
+    # coefs: float32 rows (adam, inverse, eps_c), one per tensor of the update (functional.coefficients);
+    # decay_ptr: the float32 weight-decay factor shared by all.
     pid = tl.program_id(0)
     i = tl.load(chunk_tensor + pid)
     p_ptr = tl.load(table + i).to(tl.pointer_type(P_DTYPE))
@@ -68,15 +70,22 @@ def dualadam_kernel(
     v_ptr = tl.load(table + 3 * n_tensors + i).to(tl.pointer_type(S_DTYPE))
     numel = tl.load(table + 4 * n_tensors + i)
     first = tl.load(table + 5 * n_tensors + i)
-    adam = tl.load(coefs + 4 * i)
-    inv = tl.load(coefs + 4 * i + 1)
-    eps_c = tl.load(coefs + 4 * i + 2)
-    decay = tl.load(coefs + 4 * i + 3)
+    row = tl.load(table + 6 * n_tensors + i)
+    adam = tl.load(coefs + 3 * row)
+    inv = tl.load(coefs + 3 * row + 1)
+    eps_c = tl.load(coefs + 3 * row + 2)
+    decay = tl.load(decay_ptr)
     b1 = tl.cast(beta1, tl.float32)
     b2 = tl.cast(beta2, tl.float32)
 
-    start = (pid - first) * BLOCK
-    offs = start + tl.arange(0, BLOCK).to(tl.int64)
+    # 32-bit offsets unless a tensor has 2**31 elements or more: 64-bit address arithmetic costs registers.
+    if WIDE:
+        start = (pid - first).to(tl.int64) * BLOCK
+        offs = start + tl.arange(0, BLOCK).to(tl.int64)
+    else:
+        start = (pid - first).to(tl.int32) * BLOCK
+        offs = start + tl.arange(0, BLOCK)
+        numel = numel.to(tl.int32)
     if ALIGNED:
         # Pointers read from a table carry no alignment facts; without these
         # hints every access is a scalar load. The launcher checks alignment.

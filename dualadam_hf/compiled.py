@@ -8,12 +8,12 @@ For CPU training and DeepSpeed optimizer offload. One compilation serves the who
 - Every tensor enters as a flat 1-D alias with a dynamic size, every call takes exactly ``BUCKET`` quads
   (p, g, m, v; the last bucket padded with scratch tensors), and duck shaping is off during the call, so
   sizes equal on the first step are not assumed equal later.
-- Past the blend the update is AdamW's: torch's fused AdamW kernel, through the foreach path.
+- Past the blend the dispatcher (``dualadam_hf.update``) hands the update to torch's fused AdamW kernel.
 - The routing and the flat aliases are cached across steps (:class:`_Plan`).
 
 Cold compile: about 41 s on 2 cores (BUCKET 32), whatever the number of tensors; the inductor cache makes
 later runs start in seconds. Non-contiguous, float64 and 0/1-element tensors (dynamic shapes specialize on
-those sizes) take the eager foreach path; the graph computes in float32.
+those sizes) are left to the caller (the eager foreach path); the graph computes in float32.
 """
 
 from __future__ import annotations
@@ -26,8 +26,8 @@ import torch
 import torch.fx.experimental._config as shape_config
 from torch import Tensor
 
-from .functional import StepTensors, coefficients, foreach, grad_like_param, local, prepare
-from .schedule import Hyper, last_blend_step
+from .functional import StepTensors, coefficients, grad_like_param, local, prepare
+from .schedule import Hyper
 
 __all__ = ["BUCKET", "compiled"]
 
@@ -180,27 +180,15 @@ def _plan_for(tensors: StepTensors) -> _Plan:
     return plan
 
 
-def _blend_is_over(tensors: StepTensors, hyper: Hyper) -> bool:
-    """Whether the coming step of every tensor has blend weight 0 (reads CPU step tensors only)."""
-    steps = [local(s) for s in tensors.steps]
-    if any(s.device.type != "cpu" for s in steps):
-        return False
-    return min(float(s) for s in steps) >= last_blend_step(hyper.switch_rate)
-
-
-def compiled(tensors: StepTensors, hyper: Hyper) -> None:
-    """The compiled update path (see the module's notes); increments the steps."""
+def compiled(tensors: StepTensors, hyper: Hyper) -> list[int]:
+    """The compiled update of every tensor the graph takes; returns the indices of those it left (see the
+    module's notes), whose steps it did not count."""
     if not tensors.params:
-        return
-    if _blend_is_over(tensors, hyper):
-        # Past the blend the update is AdamW's: the foreach path hands it to torch's
-        # fused AdamW kernel, which is a little faster than this graph.
-        foreach(tensors, hyper)
-        return
+        return []
     plan = _plan_for(tensors)
     if plan.empty:
         # Empty shards still count a step, as on the other paths.
-        torch._foreach_add_([tensors.steps[i] for i in plan.empty], 1.0)
+        torch._foreach_add_([local(tensors.steps[i]) for i in plan.empty], 1.0)
     if plan.buckets:
         # Duck shaping would guard sizes that are equal on the first step as equal
         # forever. Set directly: config.patch() costs ~0.1 ms per call.
@@ -210,5 +198,4 @@ def compiled(tensors: StepTensors, hyper: Hyper) -> None:
             plan.run(tensors, hyper)
         finally:
             shape_config.use_duck_shape = duck
-    if plan.rest:
-        foreach(tensors.subset(plan.rest), hyper)
+    return plan.rest

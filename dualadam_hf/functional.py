@@ -1,19 +1,16 @@
 """The DualAdam update as pure functions over lists of tensors; no Optimizer plumbing.
 
-Every update path (:data:`UPDATE_PATHS`: single, foreach, compiled, fused) has one signature,
-``path(tensors: StepTensors, hyper: Hyper) -> None``: it increments each tensor's step and applies the rule
-of :mod:`dualadam_hf.schedule` in place. Low-precision parameters (and bf16 moments) are worked on in fp32
-and written back. Helpers that several paths use (:func:`local`, :func:`prepare`, :func:`coefficients`)
-are public on purpose.
+Each update path here has one signature, ``path(tensors: StepTensors, hyper: Hyper) -> None``: it counts
+one step for every tensor and applies the rule of :mod:`dualadam_hf.schedule` in place. Low-precision
+parameters (and bf16 moments) are worked on in fp32 and written back. Which path runs is decided in one
+place, :func:`dualadam_hf.update.update`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import importlib
-import math
 from collections import defaultdict
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any, NamedTuple
 
 import torch
@@ -23,11 +20,28 @@ from .schedule import Hyper, blend_weight, fold
 
 LOW_PRECISION = (torch.float16, torch.bfloat16)
 
-# Elements per block in the foreach path. The step is memory bound: working on
-# blocks whose five operands (p, g, m, v and one temporary) fit in L2 turns the
-# dozen element-wise passes into about one trip to DRAM per operand, and keeps
-# the temporary memory at one block instead of one copy of the model.
+# Elements per block in the foreach path on CPU. The step is memory bound: working on blocks whose five
+# operands (p, g, m, v and one temporary) fit in L2 turns the dozen element-wise passes into about one
+# trip to DRAM per operand. On a GPU each foreach call is a kernel launch and the caches are no help, so
+# there one call per op per dtype group covers every tensor (as torch's multi-tensor Adam does).
 FOREACH_BLOCK = 1 << 18
+
+
+class StepCounts(NamedTuple):
+    """What the optimizer knows about the step counters without reading them from the device.
+
+    ``vector`` holds every tensor's step, in the order of the lists (each ``steps[i]`` is ``vector[i]``),
+    so one ``add_`` counts a step for all and the coefficients come from it in a few launches (None for a
+    part of the tensors: their steps are then counted one by one).
+    ``lowest``/``highest`` are the smallest and largest step before the coming update. ``cache`` is where
+    the update paths keep what they derive from tensors that stay put (launch tables, dtype groups); it
+    lives as long as the optimizer's plan for these tensors.
+    """
+
+    vector: Tensor | None
+    lowest: int
+    highest: int
+    cache: dict[str, Any]
 
 
 class StepTensors(NamedTuple):
@@ -35,6 +49,7 @@ class StepTensors(NamedTuple):
 
     ``steps`` are float32 0-d tensors counting the updates taken so far. ``scales`` are the
     per-tensor inverse scales of ``inverse_scale="auto"`` (0-d tensors, 0 until calibrated), or None.
+    ``counts`` is given by the optimizer (see :class:`StepCounts`); callers of the bare functions may omit it.
     """
 
     params: Sequence[Tensor]
@@ -43,20 +58,31 @@ class StepTensors(NamedTuple):
     exp_avg_sqs: Sequence[Tensor]
     steps: Sequence[Tensor]
     scales: Sequence[Tensor] | None = None
+    counts: StepCounts | None = None
 
     def subset(self, indices: Sequence[int]) -> StepTensors:
+        """The tensors at ``indices`` (without ``counts``, which describe the whole set)."""
         pick = lambda xs: None if xs is None else [xs[i] for i in indices]
-        return StepTensors(*(pick(xs) for xs in self))
+        return StepTensors(*(pick(xs) for xs in self[:6]))
 
 
-UpdatePath = Callable[[StepTensors, Hyper], None]
+def count_step(tensors: StepTensors) -> None:
+    """Add one to every tensor's step: one launch with a step vector, one foreach call without."""
+    if tensors.counts is not None and tensors.counts.vector is not None:
+        tensors.counts.vector.add_(1.0)
+    elif tensors.steps:
+        torch._foreach_add_([local(s) for s in tensors.steps], 1.0)
 
 
 def local(t: Tensor) -> Tensor:
     """The local shard of a DTensor (FSDP2): the update is element-wise and p, g, m, v share one placement,
     so working on local shards is exact and avoids DTensor dispatch on every op. Plain tensors pass through."""
-    to_local = getattr(t, "to_local", None)
-    return to_local() if to_local is not None else t
+    # Looked up on the class: for plain tensors that costs no AttributeError (this runs per tensor per step).
+    if getattr(type(t), "to_local", None) is None:
+        return t
+    # The shard itself, without to_local()'s autograd Function (tens of microseconds per call).
+    shard = getattr(t, "_local_tensor", None)
+    return shard if shard is not None else t.to_local()
 
 
 def grad_like_param(p: Tensor, g: Tensor) -> Tensor:
@@ -82,6 +108,62 @@ def scales_of(tensors: StepTensors) -> list[float]:
     return [float(s) for s in tensors.scales]
 
 
+def held_norm_scales(tensors: StepTensors, hyper: Hyper, block: int | None = None) -> list[Tensor]:
+    """Per tensor, the scale that puts the coming update's inverse direction at its Adam direction's norm
+    (``inverse_scale="norm"``): ||mh/d|| / ||mh*d|| from the moments this step will leave, so the update is
+    (1-r)*a + r*b with |a| = |b|. 0 where the inverse direction is 0 (then so is Adam's).
+
+    With c = sqrt(1 - b2**t) and den = sqrt(v) + eps*c the ratio is c**2 * ||m/den|| / ||m*den||. Read before
+    the update (steps not yet counted), in fp32, over batches of whole tensors of about ``block`` elements (the
+    temporaries stay small), with one read of the host at the end. Every tensor takes part, empty shards
+    included, so that for DTensor parameters (FSDP2) the squared norms can be summed over the mesh first: the
+    scale is then the whole tensor's (replicated elements count on both sides alike)."""
+    n = len(tensors.params)
+    steps = [t + 1.0 for t in _host_steps(tensors, counted=False)]
+    c = [(1.0 - hyper.beta2**t) ** 0.5 for t in steps]
+    squares = torch.zeros(2, n, dtype=torch.float64)
+    batch: list[int] = []
+    size, limit = 0, block or FOREACH_BLOCK
+    for i in range(n + 1):
+        if i < n:
+            batch.append(i)
+            size += local(tensors.params[i]).numel()
+        if batch and (i == n or size >= limit):
+            squares[:, batch] = _held_norm_squares(tensors, hyper, batch, [hyper.eps * c[k] for k in batch])
+            batch, size = [], 0
+    group = shard_group(tensors.params)
+    if group is not None:
+        torch.distributed.all_reduce(squares, group=group)
+    adam, inverse = squares.sqrt().tolist()
+    return [torch.tensor(ck * ck * a / b if b > 0.0 else 0.0, dtype=torch.float32)
+            for a, b, ck in zip(adam, inverse, c)]
+
+
+def _held_norm_squares(tensors: StepTensors, hyper: Hyper, batch: list[int], eps_c: list[float]) -> Tensor:
+    """[2, len(batch)] squared norms of m/den and m*den with the moments the coming update will leave."""
+    g = [grad_like_param(tensors.params[i], tensors.grads[i]).float() for i in batch]
+    if hyper.maximize:
+        g = torch._foreach_neg(g)
+    m = torch._foreach_lerp([local(tensors.exp_avgs[i]).float() for i in batch], g, 1.0 - hyper.beta1)
+    v = torch._foreach_mul([local(tensors.exp_avg_sqs[i]).float() for i in batch], hyper.beta2)
+    torch._foreach_addcmul_(v, g, g, 1.0 - hyper.beta2)
+    den = torch._foreach_sqrt(v)
+    torch._foreach_add_(den, eps_c)
+    norms = [torch._foreach_norm(torch._foreach_div(m, den)), torch._foreach_norm(torch._foreach_mul(m, den))]
+    return torch.stack([torch.stack(x).double() for x in norms]).square().cpu()
+
+
+def shard_group(params: Sequence[Tensor]) -> Any:
+    """The process group of the parameters' device mesh when they are DTensors (FSDP2), else None."""
+    mesh = getattr(params[0], "device_mesh", None) if params else None
+    if mesh is None:
+        return None
+    if mesh.ndim != 1:
+        raise NotImplementedError("inverse_scale='norm' needs the norms of whole tensors: DTensor parameters on "
+                                  f"a {mesh.ndim}-D device mesh are not supported (FSDP2's 1-D mesh is)")
+    return mesh.get_group()
+
+
 def _fp32(xs: list[Tensor]) -> list[Tensor]:
     return [x.float() for x in xs]
 
@@ -89,8 +171,7 @@ def _fp32(xs: list[Tensor]) -> list[Tensor]:
 def single_tensor(tensors: StepTensors, hyper: Hyper) -> None:
     """The plain path: one parameter at a time, written to read like the formulas."""
     lr, b1, b2 = float(hyper.lr), hyper.beta1, hyper.beta2
-    for step in tensors.steps:
-        step += 1
+    count_step(tensors)
     scales = scales_of(tensors)
     for i, p, g, m, v in prepare(tensors):
         t = float(tensors.steps[i])
@@ -119,9 +200,12 @@ def single_tensor(tensors: StepTensors, hyper: Hyper) -> None:
             v_in.copy_(v)
 
 
-def _blocks(items: list[tuple], block: int) -> Iterator[list[tuple]]:
+def _blocks(items: list[tuple], block: int | None) -> Iterator[list[tuple]]:
     """Batches of (p, g, m, v, coefficients) of about ``block`` elements: large contiguous tensors cut into
-    views, small ones gathered so each foreach call does a useful amount of work."""
+    views, small ones gathered so each foreach call does a useful amount of work. ``block=None``: one batch."""
+    if block is None:
+        yield items
+        return
     batch, size = [], 0
     for p, g, m, v, coef in items:
         if all(t.is_contiguous() for t in (p, g, m, v)) and p.numel() > block:
@@ -138,10 +222,85 @@ def _blocks(items: list[tuple], block: int) -> Iterator[list[tuple]]:
         yield batch
 
 
-def _foreach_block(batch: list[tuple], hyper: Hyper, decay: float) -> None:
-    """The folded update (see :func:`~dualadam_hf.schedule.fold`) on one block of fp32 work lists."""
-    p, g, m, v, coefs = (list(x) for x in zip(*batch, strict=True))
-    adam, inverse, eps_c = ([c[k] for c in coefs] for k in range(3))
+def _scalar_or_list(values: list[float]) -> float | list[float]:
+    # One scalar when every tensor shares it: a scalar foreach overload, no per-tensor list to build.
+    first = values[0]
+    return first if all(x == first for x in values) else values
+
+
+def _negated(values: list[float]) -> float | list[float]:
+    out = _scalar_or_list(values)
+    return -out if isinstance(out, float) else [-x for x in out]
+
+
+def takes_adamw_fused(p: Tensor, g: Tensor, m: Tensor, v: Tensor, step: Tensor) -> bool:
+    """Whether torch's fused AdamW kernel can update this tensor: one dtype for p, g, m, v (it keeps no fp32
+    moments for low-precision params), contiguous, and the step on the parameters' device."""
+    return (p.device.type in ("cpu", "cuda") and p.dtype == g.dtype == m.dtype == v.dtype
+            and step.device == p.device and all(t.is_contiguous() and t.device == p.device for t in (p, g, m, v)))
+
+
+def adamw_fused(tensors: StepTensors, hyper: Hyper) -> None:
+    """Past the blend the update is exactly AdamW's: torch's fused kernel does it in one pass per element
+    (CPU and CUDA), with the step counters already counted by the caller. Every tensor must pass
+    :func:`takes_adamw_fused`; they may mix devices and dtypes (one call per group of both)."""
+    cache = tensors.counts.cache if tensors.counts is not None else {}
+    groups = cache.get("adamw-groups")
+    if groups is None:  # (device, indices) per device and dtype, kept while the tensors stay put
+        by_key: dict[tuple, list[int]] = defaultdict(list)
+        for i, p in enumerate(tensors.params):
+            by_key[(p.device, p.dtype)].append(i)
+        groups = cache["adamw-groups"] = [(key[0], indices) for key, indices in by_key.items()]
+    for device, indices in groups:
+        p, g, m, v, steps = ([local(xs[i]) for i in indices] for xs in tensors[:5])
+        lr = hyper.lr
+        if isinstance(lr, Tensor) and lr.device != device:
+            lr = lr.to(device)
+        torch._fused_adamw_(p, g, m, v, [], steps, lr=lr, beta1=hyper.beta1, beta2=hyper.beta2,
+                            weight_decay=hyper.weight_decay, eps=hyper.eps, amsgrad=False, maximize=hyper.maximize)
+
+
+def foreach(tensors: StepTensors, hyper: Hyper, block: int | None = None) -> None:
+    """The multi-tensor path: foreach ops with per-tensor coefficients, over L2-sized blocks on CPU and one
+    call per op per dtype group elsewhere.
+
+    Parameters may sit at different steps (missing gradients): each tensor gets its own folded coefficients,
+    computed once per distinct step. A tensor ``lr`` is read once on the host.
+    """
+    if not tensors.params:
+        return
+    lr = float(hyper.lr)
+    hyper = dataclasses.replace(hyper, lr=lr)
+    count_step(tensors)
+    scales = scales_of(tensors)
+    decay = 1.0 - lr * hyper.weight_decay
+    steps = _host_steps(tensors)
+    folded: dict[tuple[float, float], tuple] = {}
+    buckets: dict[tuple, list] = defaultdict(list)
+    for i, p, g, m, v in prepare(tensors):
+        key = (steps[i], scales[i])
+        if key not in folded:
+            folded[key] = fold(steps[i], hyper, scales[i])[:3]
+        buckets[(p.dtype, g.dtype, m.dtype, p.device.type == "cpu")].append((p, g, m, v, folded[key]))
+    for (p_dtype, g_dtype, s_dtype, on_cpu), items in buckets.items():
+        for batch in _blocks(items, (block or FOREACH_BLOCK) if on_cpu else None):
+            p, g, m, v, coefs = (list(x) for x in zip(*batch, strict=True))
+            work = _fp32(p) if p_dtype in LOW_PRECISION else p
+            m_work, v_work = (_fp32(m), _fp32(v)) if s_dtype in LOW_PRECISION else (m, v)
+            g_work = _fp32(g) if g_dtype != m_work[0].dtype else g
+            _foreach_update(work, g_work, m_work, v_work, coefs, hyper, decay)
+            if work is not p:
+                torch._foreach_copy_(p, work)
+            if m_work is not m:
+                torch._foreach_copy_(m, m_work)
+                torch._foreach_copy_(v, v_work)
+
+
+def _foreach_update(p: list[Tensor], g: list[Tensor], m: list[Tensor], v: list[Tensor], coefs: list[tuple],
+                    hyper: Hyper, decay: float) -> None:
+    """The folded update (see :func:`~dualadam_hf.schedule.fold`) on fp32 work lists; a coefficient entry is
+    (adam, inverse, eps_c)."""
+    adam, inverse, eps_c = ([cf[k] for cf in coefs] for k in range(3))
     if hyper.maximize:
         g = torch._foreach_neg(g)
     if decay != 1.0:
@@ -150,143 +309,43 @@ def _foreach_block(batch: list[tuple], hyper: Hyper, decay: float) -> None:
     torch._foreach_mul_(v, hyper.beta2)
     torch._foreach_addcmul_(v, g, g, 1.0 - hyper.beta2)
     den = torch._foreach_sqrt(v)
-    torch._foreach_add_(den, eps_c)
-    torch._foreach_addcdiv_(p, m, den, [-a for a in adam])
+    torch._foreach_add_(den, _scalar_or_list(eps_c))
+    torch._foreach_addcdiv_(p, m, den, _negated(adam))
     if any(inverse):
-        torch._foreach_addcmul_(p, m, den, [-x for x in inverse])
+        torch._foreach_addcmul_(p, m, den, _negated(inverse))
 
 
-def _takes_adamw_fused(p: Tensor, g: Tensor, m: Tensor, v: Tensor, step: Tensor) -> bool:
-    return (p.device.type == "cpu" and step.device.type == "cpu" and p.dtype == g.dtype == m.dtype == v.dtype
-            and all(t.is_contiguous() and t.device == p.device for t in (p, g, m, v)))
+def _host_steps(tensors: StepTensors, counted: bool = True) -> list[float]:
+    """Every tensor's step as numbers (``counted``: after this update's count): from the counts when all share
+    one step, else one read of the step vector or of each step tensor."""
+    counts = tensors.counts
+    if counts is not None and counts.lowest == counts.highest:
+        return [float(counts.lowest + counted)] * len(tensors.steps)
+    if counts is not None and counts.vector is not None:
+        return counts.vector.tolist()
+    return [float(local(s)) for s in tensors.steps]
 
 
-def _adamw_fused(items: list[tuple], hyper: Hyper, lr: float) -> None:
-    """Past the blend the update is exactly AdamW's: torch's fused CPU kernel does it in one pass per element,
-    3-4x faster than a dozen foreach passes (items: p, g, m, v and the already counted step, one dtype)."""
-    p, g, m, v, steps = (list(x) for x in zip(*items, strict=True))
-    torch._fused_adamw_(p, g, m, v, [], steps, lr=lr, beta1=hyper.beta1, beta2=hyper.beta2,
-                        weight_decay=hyper.weight_decay, eps=hyper.eps, amsgrad=False, maximize=hyper.maximize)
-
-
-def foreach(tensors: StepTensors, hyper: Hyper, block: int | None = None) -> None:
-    """The multi-tensor path: foreach ops over L2-sized blocks with per-tensor coefficients.
-
-    Parameters may sit at different steps (missing gradients): each tensor gets its own folded
-    coefficients. Past the blend, CPU tensors of one dtype take torch's fused AdamW kernel.
-    A tensor ``lr`` is read once on the host.
-    """
-    if not tensors.params:
-        return
-    lr = float(hyper.lr)
-    hyper = dataclasses.replace(hyper, lr=lr)
-    block = block or FOREACH_BLOCK
-    torch._foreach_add_(list(tensors.steps), 1.0)
-    scales = scales_of(tensors)
-    decay = 1.0 - lr * hyper.weight_decay
-    adamw: dict[torch.dtype, list] = defaultdict(list)
-    buckets: dict[tuple, list] = defaultdict(list)
-    for i, p, g, m, v in prepare(tensors):
-        step = local(tensors.steps[i])
-        t = float(step)
-        adam, inverse, eps_c, _ = fold(t, hyper, scales[i])
-        if blend_weight(t, hyper.switch_rate) == 0.0 and _takes_adamw_fused(p, g, m, v, step):
-            adamw[p.dtype].append((p, g, m, v, step))
-        else:
-            buckets[(p.dtype, g.dtype, m.dtype)].append((p, g, m, v, (adam, inverse, eps_c)))
-    for items in adamw.values():
-        _adamw_fused(items, hyper, lr)
-    for (p_dtype, g_dtype, s_dtype), items in buckets.items():
-        for batch in _blocks(items, block):
-            p, g, m, v, coefs = (list(x) for x in zip(*batch, strict=True))
-            work = _fp32(p) if p_dtype in LOW_PRECISION else p
-            m_work, v_work = (_fp32(m), _fp32(v)) if s_dtype in LOW_PRECISION else (m, v)
-            g_work = _fp32(g) if g_dtype != m_work[0].dtype else g
-            _foreach_block(list(zip(work, g_work, m_work, v_work, coefs, strict=True)), hyper, decay)
-            if work is not p:
-                torch._foreach_copy_(p, work)
-            if m_work is not m:
-                torch._foreach_copy_(m, m_work)
-                torch._foreach_copy_(v, v_work)
-
-
-def coefficients(steps: Sequence[Tensor], scales: Sequence[Tensor] | None, hyper: Hyper, device: torch.device,
-                 size: int | None = None) -> tuple[Tensor, Tensor]:
-    """:func:`~dualadam_hf.schedule.fold` on the device for the single-pass paths, from already counted steps:
-    ([size, 3] float32 rows (adam, inverse, eps_c), decay as a 0-d float64 tensor). Rows past ``len(steps)``
-    (padding) get step 1 and scale 0. Float64 on the device: no host sync, nothing for a compiler to guard."""
-    size = size or len(steps)
-    t = torch.ones(size, dtype=torch.float64, device=device)
-    t[: len(steps)] = torch.stack(list(steps))
+def coefficients(steps: Sequence[Tensor] | Tensor, scales: Sequence[Tensor] | None, hyper: Hyper,
+                 device: torch.device, size: int | None = None) -> tuple[Tensor, Tensor]:
+    """:func:`~dualadam_hf.schedule.fold` on the device for the single-pass paths, from already counted steps
+    (a list of 0-d tensors, or a step vector used as it is): ([size, 3] float32 rows (adam, inverse, eps_c),
+    decay as a 0-d float64 tensor). Rows past ``len(steps)`` (padding) get step 1 and scale 0. Float64 on the
+    device: no host sync, nothing for a compiler to guard."""
+    n = len(steps)
+    size = size or n
+    if isinstance(steps, Tensor) and size == n:
+        t = steps.to(device, torch.float64)
+    else:
+        t = torch.ones(size, dtype=torch.float64, device=device)
+        t[:n] = steps.to(device) if isinstance(steps, Tensor) else torch.stack(list(steps))
     scale: Any = 1.0
     if scales is not None:
         scale = torch.zeros(size, dtype=torch.float64, device=device)
-        scale[: len(steps)] = torch.stack(list(scales)).to(device)
+        scale[:n] = torch.stack(list(scales)).to(device)
     lr = hyper.lr.to(device, torch.float64) if isinstance(hyper.lr, Tensor) else hyper.lr
     adam, inverse, eps_c, decay = fold(t, dataclasses.replace(hyper, lr=lr), scale)
     return torch.stack([adam, inverse, eps_c], 1).float(), torch.as_tensor(decay, dtype=torch.float64, device=device)
-
-
-# The compiled and fused paths import torch.compile's machinery or triton on first use only.
-UPDATE_PATHS: dict[str, str] = {"single": "dualadam_hf.functional:single_tensor",
-                                "foreach": "dualadam_hf.functional:foreach",
-                                "compiled": "dualadam_hf.compiled:compiled", "fused": "dualadam_hf.fused:fused"}
-
-
-def update_path(name: str) -> UpdatePath:
-    """The update function registered under ``name`` (see :data:`UPDATE_PATHS`)."""
-    if name not in UPDATE_PATHS:
-        raise ValueError(f"unknown update path {name!r}; one of {', '.join(UPDATE_PATHS)}")
-    module, _, attribute = UPDATE_PATHS[name].partition(":")
-    return getattr(importlib.import_module(module), attribute)
-
-
-def update(tensors: StepTensors, hyper: Hyper, path: str = "foreach") -> None:
-    """Apply one DualAdam update with the named path."""
-    update_path(path)(tensors, hyper)
-
-
-def _mh_d(m: Tensor, v: Tensor, t: float, hyper: Hyper) -> tuple[Tensor, Tensor]:
-    """Adam's bias-corrected mh and d = sqrt(v_hat) + eps, in fp32, from moments that count step ``t``."""
-    return m.float() / (1.0 - hyper.beta1**t), (v.float() / (1.0 - hyper.beta2**t)).sqrt_().add_(hyper.eps)
-
-
-def update_norms(tensors: StepTensors, hyper: Hyper) -> tuple[float, float]:
-    """Squared norms of the Adam part (1-r)*mh/d and the inverse part r*s*mh*d of the latest update, read from
-    the state it left behind (costs nothing unless called; ``grads`` are not used); local elements only."""
-    adam_sq = inverse_sq = 0.0
-    scales = scales_of(tensors)
-    for i, (m, v) in enumerate(zip(tensors.exp_avgs, tensors.exp_avg_sqs)):
-        t = float(local(tensors.steps[i]))
-        if t < 1 or local(m).numel() == 0:
-            continue
-        r = blend_weight(t, hyper.switch_rate)
-        mh, d = _mh_d(local(m), local(v), t, hyper)
-        adam_sq += (1.0 - r) ** 2 * float((mh / d).square().sum())
-        if r > 0.0:
-            inverse_sq += (r * hyper.inverse_scale * scales[i]) ** 2 * float((mh * d).square().sum())
-    return adam_sq, inverse_sq
-
-
-def inverse_share(adam_sq: float, inverse_sq: float) -> float:
-    """||inverse part|| / (||Adam part|| + ||inverse part||) from squared norms (0 when both are 0)."""
-    a, b = math.sqrt(adam_sq), math.sqrt(inverse_sq)
-    return b / (a + b) if a + b > 0 else 0.0
-
-
-def calibrated_scale(grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, step: float, hyper: Hyper) -> Tensor | None:
-    """||mh/d|| / ||mh*d|| over a tensor for its coming update at ``step`` (None while its gradient is 0): the
-    scale of ``inverse_scale="auto"``, with which the inverse share of that update is r whatever the gradients'
-    units. Taken at a tensor's first non-zero gradient (LoRA's A gets exactly 0 at first, while B is 0) and
-    kept. For a DTensor the norms run over the whole tensor (a collective)."""
-    g = grad.detach().float()
-    mh, d = _mh_d(exp_avg.detach().float() * hyper.beta1 + g * (1.0 - hyper.beta1),
-                  exp_avg_sq.detach().float() * hyper.beta2 + g.square() * (1.0 - hyper.beta2), step, hyper)
-    # Both reductions run on every rank (collectives on a DTensor) before anything is decided.
-    adam_sq, inverse_sq = (full(x) for x in ((mh / d).square().sum(), (mh * d).square().sum()))
-    if not float(inverse_sq) > 0.0:
-        return None
-    return (adam_sq / inverse_sq).sqrt().reshape(()).to(device="cpu", dtype=torch.float32)
 
 
 def full(t: Tensor) -> Tensor:

@@ -8,8 +8,10 @@ which calls ``step()`` once per sub-group, cannot over-count.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
+import operator
 import warnings
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -18,13 +20,17 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from . import functional
-from .functional import StepTensors
+from . import diagnostics
+from .functional import LOW_PRECISION, StepCounts, StepTensors, local
 from .schedule import Hyper, blend_weight, switch_rate_from_fraction, switch_rate_from_steps
+from .update import choose_path, update
 
 DEFAULT_SWITCH_RATE = 0.01
 BLEND_KEYS = ("switch_rate", "blend_steps", "blend_fraction")
 AUTO = "auto"
+NORM = "norm"
+INVERSE_SCALE_NAMES = (AUTO, NORM)
+_MAX_PLANS = 64  # cached plans per optimizer: one per pattern of missing gradients (ZeRO-3: per sub-group)
 
 _logger = logging.getLogger(__name__)
 
@@ -46,8 +52,8 @@ def check_group(group: dict[str, Any]) -> None:
     rate, fraction, scale = group["switch_rate"], group.get("blend_fraction"), group["inverse_scale"]
     checks += [("switch_rate", rate, rate is None or 0.0 <= rate <= 1.0, "in [0, 1]"),
                ("blend_fraction", fraction, fraction is None or 0.0 < fraction <= 1.0, "in (0, 1]"),
-               ("inverse_scale", scale, scale == AUTO or (not isinstance(scale, (bool, str)) and 0 <= scale < math.inf),
-                "a number >= 0, or 'auto'")]
+               ("inverse_scale", scale, scale in INVERSE_SCALE_NAMES
+                or (not isinstance(scale, (bool, str)) and 0 <= scale < math.inf), "a number >= 0, 'auto' or 'norm'")]
     for name, value, ok, rule in checks:
         if not ok:
             raise ValueError(f"Invalid {name}: {value!r} (must be {rule})")
@@ -79,17 +85,112 @@ def resolve_blend(switch_rate: float | None, blend_steps: int | None,
     return (DEFAULT_SWITCH_RATE if switch_rate is None else float(switch_rate)), None
 
 
-class DualAdam(Optimizer):
-    """DualAdam (arXiv 2603.07122): Adam blended with inverse Adam, annealed to Adam.
+class _Plan:
+    """One group's operands for the parameters that have gradients, kept across steps.
 
-    u = (1-r)*mh/d + r*s*mh*d, with r = 1 - t*switch_rate while r >= switch_rate, then 0 (plain Adam);
-    the rule and every argument are described in docs/optimizer.md and :mod:`dualadam_hf.schedule`.
-    Give the blend as ``switch_rate`` (the paper's), ``blend_steps`` (optimizer steps) or
-    ``blend_fraction`` (of the run, resolved by :meth:`set_total_steps`). ``inverse_scale`` is ``s``:
-    1 is the paper's rule, ``"auto"`` a unit-free inverse step calibrated per tensor (its norm matched to
-    Adam's at the tensor's first update, so the inverse share is r there), 0 no inverse part.
-    ``state_dtype="bfloat16"`` keeps bf16 moments. ``foreach=False`` picks the single-tensor path;
-    ``fused=True`` the single-pass path of the device (Triton on CUDA, torch.compile on CPU).
+    Built when that set of parameters first steps (and again after ``load_state_dict`` or when a parameter
+    or a state tensor moved): the lists of parameters and moments, and the step counters gathered into one
+    float32 vector on the parameters' device that each ``state["step"]`` views, so one ``add_`` counts a
+    step for all. The host knows the lowest and highest step without reading the device. A step checks
+    what the plan relies on in a few C-speed passes: parameter addresses and the state tensors' identity.
+    """
+
+    def __init__(self, opt: DualAdam, group: dict[str, Any], params: list[Tensor]):
+        self.states = [opt.state[p] for p in params]
+        for p, state in zip(params, self.states):
+            if len(state) == 0:
+                opt._init_state(p, state, group)
+        devices = {p.device for p in params}
+        device = next(iter(devices)) if len(devices) == 1 else torch.device("cpu")
+        vector = torch.stack([state["step"].detach().to("cpu", torch.float32) for state in self.states])
+        values = vector.tolist()
+        vector = vector.to(device)
+        for k, state in enumerate(self.states):
+            state["step"] = vector[k]
+        self.params = params
+        self.real_params = [_real(p) for p in params]
+        self.complex = any(p.is_complex() for p in params)
+        self.exp_avgs = [_real(state["exp_avg"]) for state in self.states]
+        self.exp_avg_sqs = [_real(state["exp_avg_sq"]) for state in self.states]
+        self.steps = [state["step"] for state in self.states]
+        self.flat_state = [t for state in self.states for t in _PLAN_KEYS(state)]
+        self.addresses = [local(p).data_ptr() for p in params]
+        self.flags = (group.get("foreach"), group.get("fused"))
+        self.path = choose_path(params, *self.flags)
+        self.scales = None
+        if group["inverse_scale"] == AUTO:
+            # The kernel reads the calibrated scales on the device (no host-to-device copy in a step).
+            self.scale_device = device if self.path == "fused" else torch.device("cpu")
+            for state in self.states:
+                state["inverse_scale"] = state["inverse_scale"].to(self.scale_device)
+            self.scales = [state["inverse_scale"] for state in self.states]
+        self.uncalibrated = [k for k, scale in enumerate(self.scales or []) if float(scale) == 0.0]
+        self.counts = StepCounts(vector, int(min(values)), int(max(values)), {})
+
+    def still_holds(self, state: dict[Tensor, dict[str, Any]], group: dict[str, Any]) -> bool:
+        """Whether nothing the plan relies on has moved (checked every step, in C-speed passes): the
+        parameters' addresses (``p.data = ...`` moves one), the state dicts and their tensors (a reset or
+        a replaced moment), and the group's path flags."""
+        return ([local(p).data_ptr() for p in self.params] == self.addresses
+                and all(map(operator.is_, map(state.__getitem__, self.params), self.states))
+                and all(map(operator.is_, itertools.chain.from_iterable(map(_PLAN_KEYS, self.states)),
+                            self.flat_state))
+                and (group.get("foreach"), group.get("fused")) == self.flags)
+
+    def tensors(self, grads: list[Tensor]) -> StepTensors:
+        """This step's operands; the host's step range moves with the count."""
+        if self.complex:
+            grads = [_real(g) for g in grads]
+        tensors = StepTensors(self.real_params, grads, self.exp_avgs, self.exp_avg_sqs, self.steps, self.scales,
+                              self.counts)
+        counts = self.counts
+        self.counts = counts._replace(lowest=counts.lowest + 1, highest=counts.highest + 1)
+        return tensors
+
+
+_PLAN_KEYS = operator.itemgetter("exp_avg", "exp_avg_sq", "step")
+
+
+def _real(t: Tensor) -> Tensor:
+    # Complex tensors are updated as pairs of reals, as torch's Adam does.
+    return torch.view_as_real(t) if t.is_complex() else t
+
+
+class DualAdam(Optimizer):
+    r"""DualAdam (arXiv 2603.07122): Adam blended with inverse Adam, annealing to plain Adam.
+
+    Per element, at the parameter's own step ``t``, with Adam's bias-corrected ``mh`` and
+    ``d = sqrt(v_hat) + eps``::
+
+        u = (1 - r) * mh / d  +  r * s * mh * d        r = 1 - t * switch_rate, then 0 (plain Adam)
+        p = p - lr * weight_decay * p - lr * u
+
+    The full rule is in :mod:`dualadam_hf.schedule` and docs/optimizer.md. The step counter lives in each
+    parameter's state, so a resumed run continues the blend and the bias correction exactly.
+
+    Args:
+        params: parameters or param groups, as for any torch optimizer.
+        lr: learning rate (a number or a tensor).
+        betas: Adam's moment coefficients (beta1, beta2).
+        eps: added to sqrt(v_hat).
+        weight_decay: decoupled weight decay, scaled by lr (AdamW style).
+        switch_rate: the paper's rate: the blend lasts about ``1 / switch_rate`` optimizer steps
+            (default 0.01). Give at most one of ``switch_rate``, ``blend_steps``, ``blend_fraction``.
+        blend_steps: the blend's length in optimizer steps.
+        blend_fraction: the blend's length as a fraction of the run, resolved by :meth:`set_total_steps`
+            (the Trainer integration calls it).
+        inverse_scale: ``s``. 1 is the paper's rule; another number scales the inverse part; ``"auto"``
+            calibrates one scale per tensor at its first update (the inverse part's norm matched to Adam's
+            there, then kept); ``"norm"`` sets it at every step so that the inverse part's norm equals the
+            Adam part's, holding the inverse part at strength r throughout; 0 leaves only the Adam part, a
+            linear warmup of Adam over the blend.
+        maximize: maximize the objective instead of minimizing it.
+        foreach: ``False`` takes the single-tensor path; otherwise multi-tensor ops where no fused path runs.
+        fused: ``True`` takes the device's single-pass path (Triton on CUDA, torch.compile on CPU). By default
+            CUDA parameters take the Triton kernel when Triton is installed.
+        state_dtype: ``"bfloat16"`` keeps bf16 moments; by default moments are fp32 for bf16/fp16
+            parameters and the parameters' dtype otherwise.
+
     Train with gradient clipping: the inverse part grows like g*|g|.
     """
 
@@ -122,7 +223,14 @@ class DualAdam(Optimizer):
         super().__init__(params, defaults)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
-        """Add a group, checking its hyperparameters as the constructor checks the defaults."""
+        """Add a group, checking its hyperparameters as the constructor checks the defaults. The blend may be
+        given as ``switch_rate``, ``blend_steps`` or ``blend_fraction`` (one of them), as to the constructor."""
+        given = [key for key in BLEND_KEYS if key in param_group]
+        if given and given != ["switch_rate"]:
+            param_group = dict(param_group)
+            blend = {key: param_group.pop(key) for key in given}
+            param_group["switch_rate"], param_group["blend_fraction"] = resolve_blend(
+                blend.get("switch_rate"), blend.get("blend_steps"), blend.get("blend_fraction"))
         super().add_param_group(param_group)
         group = self.param_groups[-1]
         try:
@@ -148,8 +256,9 @@ class DualAdam(Optimizer):
                                "(the Trainer integration does this for you).")
         (beta1, beta2), scale = group["betas"], group["inverse_scale"]
         return Hyper(lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"],
-                     switch_rate=group["switch_rate"], inverse_scale=1.0 if scale == AUTO else float(scale),
-                     maximize=group["maximize"])
+                     switch_rate=group["switch_rate"],
+                     inverse_scale=1.0 if scale in INVERSE_SCALE_NAMES else float(scale),
+                     maximize=group["maximize"], hold_norm=scale == NORM)
 
     def current_step(self) -> int:
         """The largest per-parameter step taken so far (0 before the first step)."""
@@ -177,12 +286,17 @@ class DualAdam(Optimizer):
             states = [self.state[p] for p in group["params"] if "step" in self.state.get(p, {})]
             seen.update(map(id, states))
             if states:
-                norms.append(functional.update_norms(self._state_tensors(states), self.hyper(group)))
+                norms.append(self._update_norms(states, group))
         # DeepSpeed ZeRO-3 empties the groups' params between steps; the groups share one rule there.
         orphans = [s for s in self.state.values() if "step" in s and id(s) not in seen]
         if orphans:
-            norms.append(functional.update_norms(self._state_tensors(orphans), self.hyper(self.param_groups[0])))
-        return functional.inverse_share(sum(a for a, _ in norms), sum(b for _, b in norms))
+            norms.append(self._update_norms(orphans, self.param_groups[0]))
+        return diagnostics.inverse_share(sum(a for a, _ in norms), sum(b for _, b in norms))
+
+    def _update_norms(self, states: list[dict[str, Any]], group: dict[str, Any]) -> tuple[float, float]:
+        scales = [s["inverse_scale"] for s in states] if "inverse_scale" in states[0] else None
+        return diagnostics.update_norms([_real(s["exp_avg"]) for s in states], [_real(s["exp_avg_sq"]) for s in states],
+                                        [s["step"] for s in states], self.hyper(group), scales)
 
     @staticmethod
     def _moment_dtype(group: dict[str, Any], p: Tensor) -> torch.dtype:
@@ -190,7 +304,7 @@ class DualAdam(Optimizer):
         name = group.get("state_dtype")
         if name is not None:
             return getattr(torch, name)
-        return torch.float32 if p.dtype in functional.LOW_PRECISION else p.dtype
+        return torch.float32 if p.dtype in LOW_PRECISION else p.dtype
 
     def _init_state(self, p: Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:
         # zeros_like keeps the DTensor placement under FSDP2 and the device under offload.
@@ -201,48 +315,38 @@ class DualAdam(Optimizer):
         if group["inverse_scale"] == AUTO:
             state["inverse_scale"] = torch.tensor(0.0, dtype=torch.float32)  # 0: not calibrated yet
 
-    @staticmethod
-    def _real(t: Tensor) -> Tensor:
-        # Complex tensors are updated as pairs of reals, as torch's Adam does.
-        return torch.view_as_real(t) if t.is_complex() else t
+    def _plan(self, group: dict[str, Any], params: list[Tensor]) -> _Plan:
+        """The group's cached plan for these parameters, rebuilt when something it relies on moved."""
+        plans: dict[tuple, _Plan] = self.__dict__.setdefault("_plans", {})
+        key = tuple(map(id, params))
+        plan = plans.get(key)
+        if plan is None or not plan.still_holds(self.state, group):
+            plan = plans[key] = _Plan(self, group, params)
+            while len(plans) > _MAX_PLANS:
+                plans.pop(next(iter(plans)))
+            self._log_path(plan.path, params[0].device.type, group)
+        return plan
 
-    def _state_tensors(self, states: list[dict[str, Any]]) -> StepTensors:
-        scales = [s["inverse_scale"] for s in states] if states and "inverse_scale" in states[0] else None
-        # Diagnostics read moments and steps only; the params and grads slots are not used.
-        return StepTensors([self._real(s["exp_avg"]) for s in states], [None] * len(states),
-                           [self._real(s["exp_avg"]) for s in states], [self._real(s["exp_avg_sq"]) for s in states],
-                           [s["step"] for s in states], scales)
+    def _log_path(self, path: str, device_type: str, group: dict[str, Any]) -> None:
+        logged = self.__dict__.setdefault("_logged_paths", set())
+        if (path, device_type) not in logged:
+            logged.add((path, device_type))
+            _logger.info("%s: %s update path on %s (foreach=%s, fused=%s)", type(self).__name__, path,
+                         device_type, group.get("foreach"), group.get("fused"))
 
-    def _gather(self, group: dict[str, Any], on_device: bool) -> StepTensors:
-        """The group's operands; ``on_device`` puts steps and scales on the parameters' device (the fused
-        kernel reads them there, with no host sync), e.g. after a load_state_dict that kept them on CPU."""
-        tensors = StepTensors([], [], [], [], [], [] if group["inverse_scale"] == AUTO else None)
-        for p in group["params"]:
-            if p.grad is None:
-                continue
-            if p.grad.is_sparse:
-                raise RuntimeError(f"{type(self).__name__} does not support sparse gradients; use dense gradients "
-                                   "(e.g. nn.Embedding(sparse=False)) or torch.optim.SparseAdam.")
-            state = self.state[p]
-            if len(state) == 0:
-                self._init_state(p, state, group)
-            m, v = self._real(state["exp_avg"]), self._real(state["exp_avg_sq"])
-            if tensors.scales is not None and float(state["inverse_scale"]) == 0.0:
-                scale = functional.calibrated_scale(self._real(p.grad), m, v, float(state["step"]) + 1,
-                                                    self.hyper(group))
-                if scale is not None:
-                    state["inverse_scale"] = scale.to(state["inverse_scale"].device)
-            for key in ("step", "inverse_scale") if on_device else ():
-                if key in state and state[key].device != p.device:
-                    state[key] = state[key].to(p.device)
-            for values, value in zip(tensors, (self._real(p), self._real(p.grad), m, v, state["step"],
-                                               state.get("inverse_scale"))):
-                if values is not None:
-                    values.append(value)
-        return tensors
+    def _calibrate(self, plan: _Plan, grads: list[Tensor], hyper: Hyper) -> None:
+        """``inverse_scale="auto"``: a tensor's scale is taken at its first non-zero gradient and kept."""
+        for k in list(plan.uncalibrated):
+            state = plan.states[k]
+            scale = diagnostics.calibrated_scale(_real(grads[k]), plan.exp_avgs[k], plan.exp_avg_sqs[k],
+                                                 float(state["step"]) + 1, hyper)
+            if scale is not None:
+                state["inverse_scale"] = plan.scales[k] = scale.to(plan.scale_device)
+                plan.uncalibrated.remove(k)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load a DualAdam/InvAdam state; another optimizer's state is refused with what it lacks."""
+        """Load a DualAdam/InvAdam state; another optimizer's state, or a damaged one, is refused with what
+        is wrong."""
         name = type(self).__name__
         lacking = sorted({k for g in state_dict.get("param_groups", []) for k in ("betas", "eps", "switch_rate")
                           if k not in g})
@@ -253,6 +357,12 @@ class DualAdam(Optimizer):
                 f"the state of parameter {missing[0][0]} has only {', '.join(missing[0][1])}")
             raise ValueError(f"{name}.load_state_dict: this state was saved by another optimizer ({what}); "
                              f"load it into that optimizer, or start {name} from a fresh state")
+        for pid, saved in state_dict.get("state", {}).items():
+            problem = damaged_state(saved) if saved else None
+            if problem:
+                raise ValueError(f"{name}.load_state_dict: the state of parameter {pid} is damaged ({problem}); "
+                                 "resume from an earlier checkpoint, or start from a fresh state")
+        self.__dict__.pop("_plans", None)
         super().load_state_dict(state_dict)
         for group in self.param_groups:
             for key, value in self.defaults.items():
@@ -272,31 +382,6 @@ class DualAdam(Optimizer):
                 if self.state[p][key].dtype != dtype:
                     self.state[p][key] = saved[key].to(device=p.device, dtype=dtype)
 
-    def _path(self, group: dict[str, Any], params: list[Tensor]) -> str:
-        """"fused" (Triton, CUDA), "compiled" (CPU), "foreach" or "single"; logged once per device. The compiled
-        CPU path is opt-in (``fused=True``): its one-time compile takes tens of seconds."""
-        fused, foreach = group.get("fused"), group.get("foreach")
-        devices = {p.device for p in params}
-        device = next(iter(devices))
-        if fused and (len(devices) > 1 or device.type not in ("cuda", "cpu")):
-            raise RuntimeError(f"fused=True needs all parameters of a group on one CUDA or CPU device, got {devices}")
-        if fused:
-            path = "fused" if device.type == "cuda" else "compiled"
-        elif foreach is False:
-            path = "single"
-        elif foreach is None and fused is None and len(devices) == 1 and device.type == "cuda":
-            from .fused import fused_supported
-
-            path = "fused" if fused_supported(params) else "foreach"
-        else:
-            path = "foreach"
-        logged = self.__dict__.setdefault("_logged_paths", set())
-        if (path, device.type) not in logged:
-            logged.add((path, device.type))
-            _logger.info("%s: %s update path on %s (foreach=%s, fused=%s)", type(self).__name__, path,
-                         device.type, foreach, fused)
-        return path
-
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:
         """Perform one optimization step."""
@@ -306,10 +391,36 @@ class DualAdam(Optimizer):
                 loss = closure()
         for group in self.param_groups:
             params = [p for p in group["params"] if p.grad is not None]
-            if params:
-                path = self._path(group, params)
-                functional.update(self._gather(group, on_device=path == "fused"), self.hyper(group), path)
+            if not params:
+                continue
+            grads = [p.grad for p in params]
+            if any(g.is_sparse for g in grads):
+                raise RuntimeError(f"{type(self).__name__} does not support sparse gradients; use dense gradients "
+                                   "(e.g. nn.Embedding(sparse=False)) or torch.optim.SparseAdam.")
+            plan = self._plan(group, params)
+            hyper = self.hyper(group)
+            if plan.uncalibrated:
+                self._calibrate(plan, grads, hyper)
+            update(plan.tensors(grads), hyper, plan.path)
         return loss
+
+
+def damaged_state(saved: dict[str, Any]) -> str | None:
+    """What is wrong with one parameter's saved state, or None: the step must be a whole number >= 0 and
+    the moments finite, with v >= 0 (a bit flip in a checkpoint can leave a loadable but poisoned state)."""
+    step = saved["step"]
+    value = float(step) if isinstance(step, (Tensor, int, float)) else math.nan
+    if not (math.isfinite(value) and value >= 0 and value.is_integer()):
+        return f"step {step!r} is not a whole number >= 0"
+    m, v = saved["exp_avg"], saved["exp_avg_sq"]
+    for key, t in (("exp_avg", m), ("exp_avg_sq", v)):
+        if not isinstance(t, Tensor):
+            return f"{key} is a {type(t).__name__}, not a tensor"
+        if not bool(torch.isfinite(t).all()):
+            return f"{key} holds non-finite values"
+    if not v.is_complex() and bool((v < 0).any()):
+        return "exp_avg_sq holds negative values"
+    return None
 
 
 class InvAdam(DualAdam):
@@ -321,4 +432,7 @@ class InvAdam(DualAdam):
         blend = [key for key in BLEND_KEYS if key in kwargs]
         if blend:
             raise TypeError(f"InvAdam holds the blend weight at 1 and takes no {', '.join(blend)}")
+        if kwargs.get("inverse_scale", 1.0) == 0:
+            warnings.warn("InvAdam(inverse_scale=0) updates nothing: its only part is the inverse one, scaled by 0.",
+                          UserWarning, stacklevel=2)
         super().__init__(params, lr, betas, eps, weight_decay, switch_rate=0.0, **kwargs)

@@ -32,7 +32,9 @@ _RTOL = 1e-9
 
 @dataclass(frozen=True)
 class Hyper:
-    """The hyperparameters of one update: ``lr`` may be a tensor (as in torch), the rest are plain numbers."""
+    """The hyperparameters of one update: ``lr`` may be a tensor (as in torch), the rest are plain numbers.
+    ``hold_norm`` (``inverse_scale="norm"``): each tensor's inverse scale is set at every step so that the
+    inverse part's norm equals the Adam part's (:func:`dualadam_hf.functional.held_norm_scales`)."""
 
     lr: Any
     beta1: float
@@ -42,6 +44,7 @@ class Hyper:
     switch_rate: float
     inverse_scale: float = 1.0
     maximize: bool = False
+    hold_norm: bool = False
 
 
 @functools.lru_cache(maxsize=256)

@@ -18,9 +18,10 @@ import torch
 pytest.importorskip("triton", reason="triton is not installed")
 
 from dualadam_hf import fused  # noqa: E402
-from dualadam_hf.functional import StepTensors  # noqa: E402
+from dualadam_hf.functional import StepCounts, StepTensors  # noqa: E402
 from dualadam_hf.fused import fused as fused_update  # noqa: E402
 from dualadam_hf.schedule import Hyper  # noqa: E402
+from dualadam_hf.update import update  # noqa: E402
 from tests.reference import ReferenceDualAdam, max_rel_err  # noqa: E402
 
 
@@ -44,9 +45,6 @@ SWITCH = 0.1  # blend active through step 9, then Adam
 @pytest.fixture(autouse=True)
 def small_block(monkeypatch):
     monkeypatch.setattr(fused, "BLOCK", 64)
-    fused._tables.clear()
-    yield
-    fused._tables.clear()
 
 
 def _run(*, p_dtype=torch.float32, s_dtype=torch.float32, maximize=False, switch_rate=SWITCH,
@@ -72,8 +70,13 @@ def _run(*, p_dtype=torch.float32, s_dtype=torch.float32, maximize=False, switch
     for k in range(steps):
         grads = [torch.randn(p.shape, generator=gen) * (0.5 + i) for i, p in enumerate(params)]
         live = [i for i in range(len(params)) if not (drop_every and i == 1 and k % drop_every == 0)]
-        tensors = StepTensors(params, [g.to(p_dtype) for g in grads], ms, vs, steps_t, scales)
-        fused_update(tensors.subset(live), hyper)
+        # The reference gets the gradients the kernel got (rounded to the parameters' dtype).
+        grads = [g.to(p_dtype) for g in grads]
+        tensors = StepTensors(params, grads, ms, vs, steps_t, scales)
+        if noncontig:  # the dispatcher hands what the kernel leaves to the foreach path
+            update(tensors.subset(live), hyper, "fused")
+        else:
+            assert fused_update(tensors.subset(live), hyper) == []
         ref.step([g if i in live else None for i, g in enumerate(grads)])
     return params, ref, steps_t
 
@@ -103,8 +106,10 @@ def test_parameters_at_different_steps_and_noncontiguous_fallback():
 
 
 def test_bf16_params_fp32_state():
-    params, ref, _ = _run(p_dtype=torch.bfloat16, steps=12)
-    # The reference rounds to bf16 after every step as the kernel does.
+    # 60 steps as on the GPU. The reference rounds to bf16 after every step as the kernel does and gets the
+    # same bf16 gradients: fed the unrounded ones it drifted 0.0107 away (one element four bf16 ulps) while
+    # the kernel was right. What remains is a rounding tie now and then: one bf16 ulp, 2**-8 of the largest.
+    params, ref, _ = _run(p_dtype=torch.bfloat16, steps=60)
     assert max_rel_err(params, ref.p) < 1e-2
 
 
@@ -113,20 +118,32 @@ def test_bf16_state_stays_close():
     assert max_rel_err(a, ref.p) < 2e-2
 
 
-def test_launch_tables_are_reused_while_tensors_stay_put():
-    # What CUDA graph capture needs: with static gradient buffers a step does no
-    # host-to-device copy, so the step, blend weight and lr are read on the device.
+def test_launch_tables_are_built_once_while_tensors_stay_put(monkeypatch):
+    # What CUDA graph capture needs: with static gradient buffers a step does no host-to-device copy (the
+    # step, blend weight and lr are read on the device), and no host work that is the same every step.
     p = [torch.randn(70), torch.randn(3, 5)]
     g = [torch.zeros_like(x) for x in p]
     m = [torch.zeros_like(x) for x in p]
     v = [torch.zeros_like(x) for x in p]
-    s = [torch.tensor(0.0) for _ in p]
+    vector = torch.zeros(2)
+    counts = StepCounts(vector, 0, 0, {})
+    built, copied = [], []
+    real_group, real_point_at = fused._Group.__init__, fused._Group.point_at
+    monkeypatch.setattr(fused._Group, "__init__", lambda self, *a: built.append(1) or real_group(self, *a))
+    monkeypatch.setattr(fused.torch, "tensor", lambda *a, **k: copied.append(1) or torch.as_tensor(*a, **k))
     lr = torch.tensor(1e-2)
     for k in range(3):
         for x in g:
             x.copy_(torch.randn(x.shape))
         lr.fill_(1e-2 / (k + 1))
-        fused_update(StepTensors(p, g, m, v, s), Hyper(lr=lr, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0,
-                                                       switch_rate=0.5))
-    assert len(fused._tables) == 1
-    assert [x.item() for x in s] == [3.0, 3.0]
+        fused_update(StepTensors(p, g, m, v, list(vector), None, counts._replace(lowest=k, highest=k)),
+                     Hyper(lr=lr, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0, switch_rate=0.5))
+        if k == 0:
+            copied.clear()
+    assert built == [1] and copied == []
+    assert vector.tolist() == [3.0, 3.0]
+    g[0] = torch.randn(70)  # a gradient that moved: only its row of the table is rewritten
+    fused_update(StepTensors(p, g, m, v, list(vector), None, counts), Hyper(
+        lr=lr, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0, switch_rate=0.5))
+    assert built == [1] and copied == [1]
+    assert real_point_at is fused._Group.point_at

@@ -56,8 +56,11 @@ def _run(*, dtype=torch.float32, cls=DualAdam, steps=STEPS, drop_every=0, maximi
         grads = [torch.randn(p.shape, generator=gen) * (0.5 + i) for i, p in enumerate(params)]
         if drop_every and k % drop_every == 0:
             grads[2] = None
+        # The reference gets the gradients the optimizer got (rounded to the parameters' dtype): fed the
+        # unrounded ones, bf16 parameters drifted 0.0107 away from it while the kernel was right.
+        grads = [None if g is None else g.to(dtype) for g in grads]
         for p, g in zip(params, grads):
-            p.grad = None if g is None else g.to(dtype).to(CUDA)
+            p.grad = None if g is None else g.to(CUDA)
         opt.step()
         ref.step(grads)
     torch.cuda.synchronize()
@@ -189,11 +192,13 @@ def test_step_is_captured_in_a_cuda_graph_and_replays_like_eager():
         eager_lr.fill_(1e-2 / (1 + k))
         eager_opt.step()
     torch.cuda.synchronize()
-    # The captured step is the same kernel on the same inputs: identical results,
-    # across the end of the blend (step 5) and with the lr changing every replay.
+    # The captured step computes the blend on the device: it stays right across the end of the blend
+    # (step 5) with the lr changing every replay. Past the blend the eager optimizer hands the update to
+    # torch's fused AdamW kernel while the graph replays the DualAdam kernel with a zero inverse part: the
+    # same rule, so the results agree to rounding.
     assert graph_opt.current_step() == len(grads)
-    for a, b in zip(graph_params, eager_params):
-        assert torch.equal(a, b)
+    assert max_rel_err([a.detach().cpu() for a in graph_params],
+                       [b.detach().cpu().double() for b in eager_params]) < 1e-6
 
 
 def test_misaligned_views_take_the_unaligned_kernel():

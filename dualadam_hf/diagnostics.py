@@ -1,0 +1,81 @@
+"""What an update did, read back from the optimizer state: the norms of its Adam and inverse parts, the
+inverse part's share of the update, and the per-tensor scale of ``inverse_scale="auto"``.
+
+They read moments and steps only (no gradients, nothing written), so they cost nothing unless called.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from .functional import full, local
+from .schedule import Hyper, blend_weight
+
+
+def update_norms(exp_avgs: Sequence[Tensor], exp_avg_sqs: Sequence[Tensor], steps: Sequence[Tensor],
+                 hyper: Hyper, scales: Sequence[Tensor] | None = None) -> tuple[float, float]:
+    """Squared norms of the Adam part (1-r)*mh/d and the inverse part r*s*mh*d of the latest update, over
+    this process's elements (local shards), from the moments and steps it left behind.
+
+    One pass of foreach ops per (device, dtype) group and two reads of the host (the steps, the norms): with
+    den = sqrt(v) + eps*c and c = sqrt(1 - b2**t), mh/d = (c/bc1) * m/den and mh*d = m*den / (bc1*c), so per
+    tensor the two norms are those of m/den and m*den times scalars. With ``hyper.hold_norm`` the inverse
+    direction had the Adam direction's norm by construction, so no second norm is needed."""
+    if not steps:
+        return 0.0, 0.0
+    step_values = torch.stack([local(s).detach().float().cpu() for s in steps]).tolist()
+    scale_values = [1.0] * len(steps) if scales is None else [float(s) for s in scales]
+    groups: dict[tuple, list[tuple]] = defaultdict(list)
+    for m, v, t, scale in zip(exp_avgs, exp_avg_sqs, step_values, scale_values):
+        m, v = local(m), local(v)
+        if t < 1 or m.numel() == 0:
+            continue
+        r = float(blend_weight(t, hyper.switch_rate))
+        bc1, c = 1.0 - hyper.beta1**t, (1.0 - hyper.beta2**t) ** 0.5
+        # (||mh/d|| per ||m/den||, ||mh*d|| per ||m*den|| times r*s, or None when the norm was held, r, eps*c)
+        inverse = None if hyper.hold_norm else r * hyper.inverse_scale * scale / (bc1 * c)
+        groups[(m.device, m.dtype)].append((m, v, c / bc1, inverse, r, hyper.eps * c))
+    adam_sq = inverse_sq = 0.0
+    for items in groups.values():
+        m, v, a, b, r, eps_c = (list(x) for x in zip(*items, strict=True))
+        if m[0].dtype != torch.float32:
+            m, v = [x.float() for x in m], [x.float() for x in v]
+        den = torch._foreach_sqrt(v)
+        torch._foreach_add_(den, eps_c)
+        parts = [torch.stack(torch._foreach_norm(torch._foreach_div(m, den)))]
+        if any(b):
+            parts.append(torch.stack(torch._foreach_norm(torch._foreach_mul(m, den))))
+        norms = torch.stack(parts).double().tolist()
+        for k in range(len(m)):
+            direction = a[k] * norms[0][k]  # ||mh/d||
+            adam_sq += ((1.0 - r[k]) * direction) ** 2
+            inverse = r[k] * direction if b[k] is None else (b[k] * norms[1][k] if b[k] else 0.0)
+            inverse_sq += inverse**2
+    return adam_sq, inverse_sq
+
+
+def inverse_share(adam_sq: float, inverse_sq: float) -> float:
+    """||inverse part|| / (||Adam part|| + ||inverse part||) from squared norms (0 when both are 0)."""
+    a, b = math.sqrt(adam_sq), math.sqrt(inverse_sq)
+    return b / (a + b) if a + b > 0 else 0.0
+
+
+def calibrated_scale(grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, step: float, hyper: Hyper) -> Tensor | None:
+    """||mh/d|| / ||mh*d|| over a tensor for its coming update at ``step`` (None while its gradient is 0): the
+    scale of ``inverse_scale="auto"``, with which the inverse share of that update is r whatever the gradients'
+    units. Taken at a tensor's first non-zero gradient (LoRA's A gets exactly 0 at first, while B is 0) and
+    kept. For a DTensor the norms run over the whole tensor (a collective)."""
+    g = grad.detach().float()
+    m = exp_avg.detach().float() * hyper.beta1 + g * (1.0 - hyper.beta1)
+    v = exp_avg_sq.detach().float() * hyper.beta2 + g.square() * (1.0 - hyper.beta2)
+    mh, d = m / (1.0 - hyper.beta1**step), (v / (1.0 - hyper.beta2**step)).sqrt_().add_(hyper.eps)
+    # Both reductions run on every rank (collectives on a DTensor) before anything is decided.
+    adam_sq, inverse_sq = (full(x) for x in ((mh / d).square().sum(), (mh * d).square().sum()))
+    if not float(inverse_sq) > 0.0:
+        return None
+    return (adam_sq / inverse_sq).sqrt().reshape(()).to(device="cpu", dtype=torch.float32)
