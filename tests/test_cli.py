@@ -60,6 +60,12 @@ def test_sharpness_subcommand_is_wired(capsys):
     assert exit_info.value.code == 0 and "--model" in capsys.readouterr().out
 
 
+def test_sharpness_on_the_meta_device_is_refused_before_loading(tiny_model_dir, capsys):
+    argv = ["sharpness", "--model", tiny_model_dir, "--random_batches", "1", "--device", "meta"]
+    assert main(argv) == 2
+    assert "--device meta holds shapes, not numbers" in capsys.readouterr().err
+
+
 @pytest.mark.slow
 def test_train_smoke_on_the_default_recipe_with_a_tiny_model(tiny_model_dir, tmp_path):
     """`train --smoke`: real math data, answer-only loss, accuracy by generation, then resume from the log."""

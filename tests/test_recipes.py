@@ -208,6 +208,16 @@ def test_bad_data_files_name_the_file_line_and_problem(tmp_path, tiny_model_dir,
         load_splits(load_recipe(tiny_recipe(tmp_path, tiny_model_dir, str(bad))))
 
 
+def test_a_data_file_that_is_not_utf8_is_named_with_its_line(tmp_path, tiny_model_dir):
+    bad = tmp_path / "latin1.jsonl"
+    first = b'{"messages": [{"role": "user", "content": "ok"}]}\n'
+    second = '{"messages": [{"role": "user", "content": "café"}]}\n'.encode("latin-1")
+    bad.write_bytes(first + second)
+    offset = len(first) + second.index(b"\xe9")
+    with pytest.raises(RecipeError, match=rf"latin1.jsonl:2: not UTF-8 text \(byte 0xe9 at offset {offset}\)"):
+        load_splits(load_recipe(tiny_recipe(tmp_path, tiny_model_dir, str(bad))))
+
+
 def test_accuracy_eval_needs_prompt_and_answer(tmp_path, tiny_model_dir, tiny_chat_dataset_dir):
     path = tiny_recipe(tmp_path, tiny_model_dir, tiny_chat_dataset_dir, "accuracy_size: 2\neval_size: 4\n")
     with pytest.raises(RecipeError, match="accuracy_size > 0 needs held-out columns 'prompt' and 'answer'"):

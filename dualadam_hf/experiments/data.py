@@ -86,7 +86,13 @@ def check_row(row: Any, where: str, task: str) -> None:
 
 def read_rows(file: Path, task: str = "sft") -> list[dict[str, Any]]:
     """The rows of a JSONL file (or a .json array), each checked; errors name the file and line."""
-    text = file.read_text(encoding="utf-8")
+    data = file.read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as error:  # JSON is UTF-8: name the line a Latin-1 or binary file breaks on
+        line = data.count(b"\n", 0, error.start) + 1
+        raise RecipeError(f"{file}:{line}: not UTF-8 text (byte {data[error.start]:#04x} at offset {error.start}); "
+                          "save the file as UTF-8") from None
     rows: list[tuple[str, Any]] = []
     if file.suffix == ".json" and text.lstrip().startswith("["):
         try:

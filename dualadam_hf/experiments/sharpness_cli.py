@@ -80,6 +80,9 @@ def check_command(command: SharpnessCommand) -> tuple[torch.device, Path]:
     except (RuntimeError, AssertionError, NotImplementedError, ValueError) as error:
         reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
         raise SharpnessError(f"--device {command.device!r} is not usable here: {reason}") from None
+    if device.type == "meta":  # takes allocations but holds no numbers: every measurement would fail on .item()
+        raise SharpnessError("--device meta holds shapes, not numbers: nothing can be measured there (give cpu or "
+                             "cuda)")
     out = Path(command.output).expanduser() if command.output is not None else Path(resolve_model(command.model))
     out = out if out.suffix == ".json" and command.output is not None else out / RESULT_FILE
     if not out.parent.is_dir():
