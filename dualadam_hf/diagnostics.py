@@ -28,8 +28,8 @@ def update_norms(exp_avgs: Sequence[Tensor], exp_avg_sqs: Sequence[Tensor], step
     direction had the Adam direction's norm by construction, so no second norm is needed."""
     if not steps:
         return 0.0, 0.0
-    step_values = torch.stack([local(s).detach().float().cpu() for s in steps]).tolist()
-    scale_values = [1.0] * len(steps) if scales is None else [float(s) for s in scales]
+    step_values = _numbers(steps)
+    scale_values = [1.0] * len(steps) if scales is None else _numbers(scales)
     groups: dict[tuple, list[tuple]] = defaultdict(list)
     for m, v, t, scale in zip(exp_avgs, exp_avg_sqs, step_values, scale_values):
         m, v = local(m), local(v)
@@ -57,6 +57,14 @@ def update_norms(exp_avgs: Sequence[Tensor], exp_avg_sqs: Sequence[Tensor], step
             inverse = r[k] * direction if b[k] is None else (b[k] * norms[1][k] if b[k] else 0.0)
             inverse_sq += inverse**2
     return adam_sq, inverse_sq
+
+
+def _numbers(tensors: Sequence[Tensor]) -> list[float]:
+    """0-d tensors as numbers, in one read of the host when they share a device (steps live in one vector)."""
+    tensors = [local(t) for t in tensors]
+    if len({t.device for t in tensors}) == 1:
+        return torch.stack(tensors).tolist()
+    return [float(t) for t in tensors]
 
 
 def inverse_share(adam_sq: float, inverse_sq: float) -> float:

@@ -126,6 +126,7 @@ class _Plan:
             self.scales = [state["inverse_scale"] for state in self.states]
         self.uncalibrated = [k for k, scale in enumerate(self.scales or []) if float(scale) == 0.0]
         self.counts = StepCounts(vector, int(min(values)), int(max(values)), {})
+        self.version = vector._version
 
     def still_holds(self, state: dict[Tensor, dict[str, Any]], group: dict[str, Any]) -> bool:
         """Whether nothing the plan relies on has moved (checked every step, in C-speed passes): the
@@ -138,7 +139,13 @@ class _Plan:
                 and (group.get("foreach"), group.get("fused")) == self.flags)
 
     def tensors(self, grads: list[Tensor]) -> StepTensors:
-        """This step's operands; the host's step range moves with the count."""
+        """This step's operands; the host's step range moves with the count. A write into the steps from
+        outside (``state["step"].fill_(n)``) shows in the vector's version counter: the range is then read
+        again (one read of the device)."""
+        vector = self.counts.vector
+        if vector._version != self.version:
+            values = vector.tolist()
+            self.counts = self.counts._replace(lowest=int(min(values)), highest=int(max(values)))
         if self.complex:
             grads = [_real(g) for g in grads]
         tensors = StepTensors(self.real_params, grads, self.exp_avgs, self.exp_avg_sqs, self.steps, self.scales,
@@ -146,6 +153,10 @@ class _Plan:
         counts = self.counts
         self.counts = counts._replace(lowest=counts.lowest + 1, highest=counts.highest + 1)
         return tensors
+
+    def settle(self) -> None:
+        """After the update: the steps as the update left them are the ones the host knows."""
+        self.version = self.counts.vector._version
 
 
 _PLAN_KEYS = operator.itemgetter("exp_avg", "exp_avg_sq", "step")
@@ -402,6 +413,7 @@ class DualAdam(Optimizer):
             if plan.uncalibrated:
                 self._calibrate(plan, grads, hyper)
             update(plan.tensors(grads), hyper, plan.path)
+            plan.settle()
         return loss
 
 

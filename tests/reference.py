@@ -7,8 +7,9 @@ against themselves. The rule, per element at a parameter's step t:
     r = 1 - t*switch_rate if that is >= switch_rate (in exact arithmetic) else 0   (switch_rate 0: r = 1)
     u = (1-r)*mh/d + r*s*mh*d ;  p = p - lr*wd*p - lr*u
 
-s is inverse_scale: a number, or "auto": ||mh/d|| / ||mh*d|| over the tensor at its first step with a
-non-zero gradient, kept from then on.
+s is inverse_scale: a number; "auto": ||mh/d|| / ||mh*d|| over the tensor at its first step with a
+non-zero gradient, kept from then on; or "norm": ||mh/d|| / ||mh*d|| of this step's mh and d, at every step
+(0 where mh*d is 0), so that the inverse part's norm is the Adam part's.
 """
 
 from __future__ import annotations
@@ -27,7 +28,8 @@ class ReferenceDualAdam:
         self.m = [torch.zeros_like(p) for p in self.p]
         self.v = [torch.zeros_like(p) for p in self.p]
         self.t = [0 for _ in self.p]
-        self.s = [None if inverse_scale == "auto" else float(inverse_scale) for _ in self.p]
+        self.norm = inverse_scale == "norm"
+        self.s = [None if inverse_scale in ("auto", "norm") else float(inverse_scale) for _ in self.p]
         self.lrs, self.wds = lrs, weight_decays
         self.b1, self.b2 = betas
         self.eps, self.switch_rate = eps, switch_rate
@@ -55,7 +57,10 @@ class ReferenceDualAdam:
             mh = self.m[i] / (1 - b1**t)
             vh = self.v[i] / (1 - b2**t)
             d = torch.sqrt(vh) + self.eps
-            if self.s[i] is None and self.p[i].numel() and bool((mh * d != 0).any()):
+            if self.norm:
+                inverse = float((mh * d).norm())
+                self.s[i] = float((mh / d).norm()) / inverse if inverse > 0 else 0.0
+            elif self.s[i] is None and self.p[i].numel() and bool((mh * d != 0).any()):
                 self.s[i] = float((mh / d).norm() / (mh * d).norm())
             r = self.blend(t)
             u = (1 - r) * mh / d + r * (self.s[i] or 0.0) * mh * d

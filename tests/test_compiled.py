@@ -70,6 +70,13 @@ def test_calibrated_inverse_scale():
 
 
 @pytest.mark.compile
+def test_norm_held_inverse_scale():
+    params, ref, opt, new_graphs = _run(inverse_scale="norm", switch_rate=SWITCH, steps=60)
+    assert max_rel_err(params, ref.p) < 1e-5
+    assert new_graphs == 0
+
+
+@pytest.mark.compile
 def test_invadam():
     params, ref, _, new_graphs = _run(cls=InvAdam, steps=30)
     assert max_rel_err(params, ref.p) < 1e-5

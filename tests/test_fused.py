@@ -65,15 +65,17 @@ def _run(*, p_dtype=torch.float32, s_dtype=torch.float32, maximize=False, switch
     scales = [torch.tensor(2.0**k) for k in range(len(params))] if inverse_scale == "per-tensor" else None
     if scales is not None:
         ref.s = [float(s) for s in scales]
+    hold = inverse_scale == "norm"
     hyper = Hyper(lr=torch.tensor(lr) if lr_tensor else lr, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=wd,
-                  switch_rate=switch_rate, inverse_scale=1.0 if scales else inverse_scale, maximize=maximize)
+                  switch_rate=switch_rate, inverse_scale=1.0 if scales or hold else inverse_scale, maximize=maximize,
+                  hold_norm=hold)
     for k in range(steps):
         grads = [torch.randn(p.shape, generator=gen) * (0.5 + i) for i, p in enumerate(params)]
         live = [i for i in range(len(params)) if not (drop_every and i == 1 and k % drop_every == 0)]
         # The reference gets the gradients the kernel got (rounded to the parameters' dtype).
         grads = [g.to(p_dtype) for g in grads]
         tensors = StepTensors(params, grads, ms, vs, steps_t, scales)
-        if noncontig:  # the dispatcher hands what the kernel leaves to the foreach path
+        if noncontig or hold:  # the dispatcher: the foreach path takes what the kernel leaves; held norms
             update(tensors.subset(live), hyper, "fused")
         else:
             assert fused_update(tensors.subset(live), hyper) == []
@@ -93,7 +95,7 @@ def test_invadam_and_tensor_lr():
     assert max_rel_err(params, ref.p) < 1e-5
 
 
-@pytest.mark.parametrize("scale", [0.0, 300.0, "per-tensor"])
+@pytest.mark.parametrize("scale", [0.0, 300.0, "per-tensor", "norm"])
 def test_inverse_scales(scale):
     params, ref, _ = _run(inverse_scale=scale, steps=14)
     assert max_rel_err(params, ref.p) < 1e-5
