@@ -72,6 +72,7 @@ def plan_of(path: Path, out: Path, **settings):
     ("lr_grid: [0.001, true]", r"compare: lr_grid must be learning rates \(numbers\), got True"),
     ("lr_grid: 1e-3,0.001", r"compare: lr_grid gives the rate 0.001 twice"),
     ("select_metric: accuracy", r"compare: select_metric must be eval_loss or eval_accuracy"),
+    ("select_metric: [eval_loss]", r"compare: select_metric must be eval_loss or eval_accuracy, got \['eval_loss'\]"),
     ("optims: 3", r"compare: optims must be text or a list of variants"),
     ("baseline: sgd", r"baseline 'sgd' is not a variant of this comparison; variants: adamw_torch, dualadam"),
     ("optims: [adamw_torch, {optim: dualadam, learning_rate: 0.1}]", r"learning_rate is set by compare"),

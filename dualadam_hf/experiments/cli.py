@@ -64,7 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--smoke", action="store_true", help="a few steps on a few rows (CI check end to end)")
     compare.add_argument("--launcher", default=None,
                          help='run each run under a launcher, e.g. "accelerate launch --config_file ..."')
-    compare.add_argument("--rerun", action="store_true", help="rerun runs that already finished in --output_dir")
+    compare.add_argument("--rerun", action="store_true", help="rerun runs that already finished in --output_dir "
+                         "(it deletes only the run folders compare made there)")
     # Listed for `dualadam-hf --help` only: main() hands everything after `sharpness` (`--help` too, hence
     # add_help=False) to the HfArgumentParser of dualadam_hf.experiments.sharpness_cli.
     subparsers.add_parser("sharpness", add_help=False,

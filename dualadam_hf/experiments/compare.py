@@ -118,7 +118,8 @@ def checked_settings(recipe: dict[str, Any], command_line: dict[str, Any], confi
         "grid_seeds": lambda v, w: whole_number(v, w, minimum=1),
         "grid_seed": lambda v, w: whole_number(v, w, minimum=0),
         "lr_grid": _lr_grid,
-        "select_metric": lambda v, w: v if v in SELECT_METRICS else _refuse(w, v, " or ".join(SELECT_METRICS)),
+        "select_metric": lambda v, w: v if isinstance(v, str) and v in SELECT_METRICS else _refuse(
+            w, v, " or ".join(SELECT_METRICS)),
         "sharpness": true_or_false,
         "baseline": lambda v, w: v if isinstance(v, str) and v else _refuse(w, v, "a variant's label"),
     }
@@ -308,7 +309,8 @@ def remove_run_folder(folder: Path, runs_root: Path) -> None:
 
 
 def _execute(plan: Plan, specs: list[RunSpec], launcher: str | None, rerun: bool, log) -> list[RunResult]:
-    keys = [run_key(plan, train_command(plan, spec, launcher), launcher) for spec in specs]
+    commands = [train_command(plan, spec, launcher) for spec in specs]
+    keys = [run_key(plan, command, launcher) for command in commands]
     # A run folder left by something else (another recipe content, command or launcher) must not be reused or
     # resumed: its results would be mixed with this comparison's. Checked for every run before the first starts.
     for spec, key in zip(specs, keys, strict=True):
@@ -317,8 +319,7 @@ def _execute(plan: Plan, specs: list[RunSpec], launcher: str | None, rerun: bool
             raise RecipeError(f"{problem}; give another --output_dir" + (", or --rerun to replace it" if (
                 spec.output_dir / COMMAND_FILE).is_file() else ""))
     results = []
-    for index, (spec, key) in enumerate(zip(specs, keys, strict=True), start=1):
-        command = train_command(plan, spec, launcher)
+    for index, (spec, command, key) in enumerate(zip(specs, commands, keys, strict=True), start=1):
         lr = "" if spec.lr is None else f" lr={spec.lr!r}"
         where = f"[compare] {spec.phase} {index}/{len(specs)} {spec.variant.label} seed {spec.seed}{lr}"
         done = None if rerun else read_json(spec.output_dir / DONE_FILE)
