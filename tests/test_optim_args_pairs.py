@@ -64,3 +64,12 @@ def test_checking_the_arguments_leaves_the_optimizers_warnings_to_the_real_optim
         cls([torch.zeros(1)], **kwargs)
     with pytest.raises(ValueError, match="--optim dualadam: "):  # errors are still raised at the check
         check_training_args(training_args("switch_rate=2"))
+
+
+def test_every_named_inverse_scale_of_the_optimizer_is_accepted():
+    from dualadam_hf.optimizer import INVERSE_SCALE_NAMES
+
+    for name in INVERSE_SCALE_NAMES:
+        assert parse_optim_args(f"inverse_scale={name.upper()}") == {"inverse_scale": name}
+    with pytest.raises(ValueError, match="inverse_scale='huge' is malformed"):
+        parse_optim_args("inverse_scale=huge")

@@ -64,6 +64,17 @@ def test_recipe_loads_and_its_header_is_the_command(path):
             assert (path.parents[1] / config).is_file(), config
 
 
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.name)
+def test_the_compare_block_of_every_recipe_passes_the_plan_checks(path):
+    from dualadam_hf.experiments.compare import checked_settings
+    from dualadam_hf.experiments.variants import DEFAULT_OPTIMS, parse_variants
+
+    recipe = load_recipe(path, CPU_OVERRIDES if path in GPU_RECIPES else [])
+    settings = checked_settings(recipe.compare, {}, path)
+    variants = parse_variants(settings.get("optims", DEFAULT_OPTIMS), recipe.training.optim_args)
+    assert settings.get("baseline", variants[0].label) in [v.label for v in variants]
+
+
 def test_command_line_overrides_win_and_are_typed(tmp_path):
     recipe = load_recipe(
         write_recipe(tmp_path, BASE),

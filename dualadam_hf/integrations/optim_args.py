@@ -10,7 +10,7 @@ import warnings
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from ..optimizer import BLEND_KEYS, DualAdam, InvAdam, resolve_blend
+from ..optimizer import BLEND_KEYS, INVERSE_SCALE_NAMES, DualAdam, InvAdam, resolve_blend
 
 DUALADAM_NAME = "dualadam"
 INVADAM_NAME = "invadam"
@@ -37,7 +37,7 @@ def _parse_whole_number(raw: str) -> int:
 _BLEND_PARSERS: dict[str, Callable[[str], Any]] = dict(zip(BLEND_KEYS, (float, _parse_whole_number, float),
                                                            strict=True))
 _COMMON_KEYS: dict[str, Callable[[str], Any]] = {
-    "inverse_scale": lambda raw: "auto" if raw.strip().lower() == "auto" else float(raw),
+    "inverse_scale": lambda raw: raw.strip().lower() if raw.strip().lower() in INVERSE_SCALE_NAMES else float(raw),
     "foreach": _parse_bool, "fused": _parse_bool, "maximize": _parse_bool, "state_dtype": str,
 }
 _OPTIM_ARGS_PARSERS: dict[str, dict[str, Callable[[str], Any]]] = {
