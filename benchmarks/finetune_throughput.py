@@ -38,6 +38,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from optimizer_step import peak_temporary_bytes, sync  # noqa: E402
 
 from dualadam_hf import DualAdam  # noqa: E402
+from dualadam_hf.update import choose_path  # noqa: E402
 
 # Architectures of real models, built from their configs with random weights.
 PRESETS = {
@@ -128,7 +129,8 @@ def main() -> None:
     model_name = args.preset and f"{args.preset} (random weights)" or args.model or "tiny Llama (hidden 256, 4 layers)"
     gpu = f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""
     dual = next(o for o in opts.values() if isinstance(o, DualAdam))
-    path = dual._path(dual.param_groups[0], dual.param_groups[0]["params"])
+    group = dual.param_groups[0]
+    path = choose_path(group["params"], group["foreach"], group["fused"])
     print(f"device={device}{gpu} model={model_name} params={n_params / 1e6:.1f}M dtype={args.dtype} "
           f"amp={args.amp or 'off'} batch={args.batch}x{args.seq} threads={torch.get_num_threads()} "
           f"torch={torch.__version__} DualAdam path={path}")

@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
-# The GPU checks in one run (a lent GPU machine is short-lived):
-# the CUDA tests, the optimizer-step benchmark in fp32 and bf16 at >100M
-# elements, a block-size sweep of the Triton kernel, and a fine-tune throughput
-# run. Logs go to $OUT (or ./gpu_out). Needs torch with CUDA and triton;
-# pytorch_optimizer is optional (wheels in .whl/ are installed if present).
+# The GPU checks in one run of at most 6 minutes (a lent GPU machine is short-lived):
+# the CUDA tests, the optimizer-step benchmark in fp32 and bf16 at >100M elements
+# (with inverse_share), the host time of a step with 500 small tensors (real
+# launches), and the Trainer-level step time of --optim dualadam against
+# adamw_torch_fused (full and LoRA, bf16, SmolLM2-360M's architecture).
+# Logs go to $OUT (or ./gpu_out). Needs torch with CUDA, triton, transformers and
+# peft; pytorch_optimizer is optional (wheels in .whl/ are installed if present).
 set -u
 OUT=${OUT:-gpu_out}
 mkdir -p "$OUT"
@@ -16,9 +18,9 @@ nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --f
 python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)"
 big="--vocab 32000 --hidden 1024 --intermediate 2816 --layers 16"
 run() { local name=$1; shift; echo "== $name"; timeout "$@" 2>&1 | tee "$OUT/$name.txt" | tail -n 40; }
-run tests 150 python3 -m pytest -m gpu tests/test_gpu.py -q -rs -p no:cacheprovider
-run step_fp32 110 python3 benchmarks/optimizer_step.py --device cuda --dtype float32 $big --rounds 9
-run step_bf16 110 python3 benchmarks/optimizer_step.py --device cuda --dtype bfloat16 $big --rounds 9
-run sweep 80 python3 benchmarks/fused_block_sweep.py --dtype float32
-run finetune 110 python3 benchmarks/finetune_throughput.py --device cuda --preset smollm2-360m --amp bf16 --batch 8 --seq 1024 --rounds 7
-echo "== done"
+start=$SECONDS
+run tests 90 python3 -m pytest -m gpu tests/test_gpu.py -q -rs -p no:cacheprovider
+run step_fp32 60 python3 benchmarks/optimizer_step.py --device cuda --dtype float32 $big --rounds 7 --skip-probe
+run step_bf16 50 python3 benchmarks/optimizer_step.py --device cuda --dtype bfloat16 $big --rounds 5 --skip-probe --only fused
+run trainer 140 python3 benchmarks/trainer_step.py --device cuda --preset smollm2-360m --batch 8 --seq 1024 --rounds 3
+echo "== done in $((SECONDS - start)) s"

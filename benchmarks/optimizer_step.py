@@ -215,7 +215,7 @@ def build_variants(params, device, args):
                                  partial(dual, fused=True, state_dtype="bfloat16"), params, step))
     if not args.skip_probe:
         V.append(Probe(params, device))
-        V.append(CopyProbe(params, device))
+    V.append(CopyProbe(params, device))  # the bandwidth yardstick of the %copy column
     return V
 
 
@@ -231,7 +231,7 @@ def main() -> None:
     ap.add_argument("--steps-per-round", type=int, default=None, help="default: 1 on CPU, 20 on CUDA")
     ap.add_argument("--skip-pyo", action="store_true")
     ap.add_argument("--skip-compiled", action="store_true")
-    ap.add_argument("--skip-probe", action="store_true")
+    ap.add_argument("--skip-probe", action="store_true", help="leave out the compiled 28 B/element probe")
     ap.add_argument("--only", default="", help="comma-separated substrings of variant names to keep")
     args = ap.parse_args()
 
@@ -255,7 +255,7 @@ def main() -> None:
     if args.only:
         keep = [s.strip() for s in args.only.split(",")]
         variants = [v for v in variants
-                    if any(k in v.name for k in keep) or v.name.startswith("AdamW") or v.name.startswith("probe")]
+                    if any(k in v.name for k in keep) or v.name.startswith(("AdamW", "probe", "copy probe"))]
 
     # Warm-up: creates state, compiles; the first step's time is reported. A
     # variant that fails here is reported and left out rather than ending the run.

@@ -42,21 +42,39 @@ def update_norms(exp_avgs: Sequence[Tensor], exp_avg_sqs: Sequence[Tensor], step
         groups[(m.device, m.dtype)].append((m, v, c / bc1, inverse, r, hyper.eps * c))
     adam_sq = inverse_sq = 0.0
     for items in groups.values():
-        m, v, a, b, r, eps_c = (list(x) for x in zip(*items, strict=True))
-        if m[0].dtype != torch.float32:
-            m, v = [x.float() for x in m], [x.float() for x in v]
-        den = torch._foreach_sqrt(v)
-        torch._foreach_add_(den, eps_c)
-        parts = [torch.stack(torch._foreach_norm(torch._foreach_div(m, den)))]
-        if any(b):
-            parts.append(torch.stack(torch._foreach_norm(torch._foreach_mul(m, den))))
-        norms = torch.stack(parts).double().tolist()
-        for k in range(len(m)):
-            direction = a[k] * norms[0][k]  # ||mh/d||
-            adam_sq += ((1.0 - r[k]) * direction) ** 2
-            inverse = r[k] * direction if b[k] is None else (b[k] * norms[1][k] if b[k] else 0.0)
+        norms: list[Tensor] = []
+        for batch in _batches(items):
+            m, v, b = [x[0] for x in batch], [x[1] for x in batch], [x[3] for x in batch]
+            if m[0].dtype != torch.float32:
+                m, v = [x.float() for x in m], [x.float() for x in v]
+            den = torch._foreach_sqrt(v)
+            torch._foreach_add_(den, [x[5] for x in batch])
+            adam = torch.stack(torch._foreach_norm(torch._foreach_div(m, den)))
+            inverse = torch.stack(torch._foreach_norm(torch._foreach_mul(m, den))) if any(b) else adam * 0
+            norms.append(torch.stack([adam, inverse]))
+        values = torch.cat(norms, 1).double().tolist()
+        for k, (_, _, a, b, r, _) in enumerate(items):
+            direction = a * values[0][k]  # ||mh/d||
+            adam_sq += ((1.0 - r) * direction) ** 2
+            inverse = r * direction if b is None else (b * values[1][k] if b else 0.0)
             inverse_sq += inverse**2
     return adam_sq, inverse_sq
+
+
+# Elements per batch of foreach calls: the temporaries (den and two products, fp32) stay at a few hundred MB
+# whatever the model's size, for a few more launches on large models.
+_BATCH = 1 << 25
+
+
+def _batches(items: list[tuple]) -> list[list[tuple]]:
+    batches, size = [[]], 0
+    for item in items:
+        if batches[-1] and size + item[0].numel() > _BATCH:
+            batches.append([])
+            size = 0
+        batches[-1].append(item)
+        size += item[0].numel()
+    return batches
 
 
 def _numbers(tensors: Sequence[Tensor]) -> list[float]:

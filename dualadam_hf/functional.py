@@ -121,16 +121,16 @@ def held_norm_scales(tensors: StepTensors, hyper: Hyper, block: int | None = Non
     n = len(tensors.params)
     steps = [t + 1.0 for t in _host_steps(tensors, counted=False)]
     c = [(1.0 - hyper.beta2**t) ** 0.5 for t in steps]
-    squares = torch.zeros(2, n, dtype=torch.float64)
-    batch: list[int] = []
-    size, limit = 0, block or FOREACH_BLOCK
-    for i in range(n + 1):
-        if i < n:
-            batch.append(i)
-            size += local(tensors.params[i]).numel()
-        if batch and (i == n or size >= limit):
-            squares[:, batch] = _held_norm_squares(tensors, hyper, batch, [hyper.eps * c[k] for k in batch])
+    on_cpu = local(tensors.params[0]).device.type == "cpu"
+    limit = block or (FOREACH_BLOCK if on_cpu else 1 << 25)  # off the CPU: few launches, bounded temporaries
+    parts, batch, size = [], [], 0
+    for i in range(n):
+        batch.append(i)
+        size += local(tensors.params[i]).numel()
+        if size >= limit or i == n - 1:
+            parts.append(_held_norm_squares(tensors, hyper, batch, [hyper.eps * c[k] for k in batch]))
             batch, size = [], 0
+    squares = torch.cat(parts, 1)
     group = shard_group(tensors.params)
     if group is not None:
         torch.distributed.all_reduce(squares, group=group)
@@ -150,7 +150,7 @@ def _held_norm_squares(tensors: StepTensors, hyper: Hyper, batch: list[int], eps
     den = torch._foreach_sqrt(v)
     torch._foreach_add_(den, eps_c)
     norms = [torch._foreach_norm(torch._foreach_div(m, den)), torch._foreach_norm(torch._foreach_mul(m, den))]
-    return torch.stack([torch.stack(x).double() for x in norms]).square().cpu()
+    return torch.stack([torch.stack(x).double() for x in norms]).square()
 
 
 def shard_group(params: Sequence[Tensor]) -> Any:
