@@ -3,7 +3,10 @@
 Run at interpreter start by dualadam_hf_autoregister.pth. It imports nothing heavy: it only puts a finder on
 sys.meta_path which, once transformers.training_args or transformers.trainer has finished importing, hands that
 module to dualadam_hf.integrations.transformers to patch. Set DUALADAM_HF_NO_AUTOREGISTER=1 to turn it off.
-Whatever goes wrong in the patch, the import of transformers goes on: the hook then warns once.
+
+It is invisible to processes that do not use DualAdam: nothing it does at import can print, warn or raise, also
+under `python -W error`, PYTHONWARNINGS=error or pytest's `filterwarnings = error`. A transformers layout the
+patch does not know is raised as one error where `dualadam` is asked for, not here.
 """
 
 import os
@@ -31,25 +34,24 @@ class _PatchAfterExec:
 
     def exec_module(self, module):
         self._loader.exec_module(module)
-        try:
+        _patch_quietly(module)
+
+
+def _patch_quietly(module):
+    """Hand the freshly imported module to dualadam-hf without letting anything out of `import transformers`.
+
+    Warnings are ignored, not shown or raised, whatever the filters say: under `-W error` a warning from
+    importing the package would otherwise escape as an exception. A failure here (the package removed but this
+    file left behind, a broken install) leaves transformers as it is; `dualadam_hf.register()` shows the reason.
+    """
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
             from dualadam_hf.integrations.transformers import on_module_loaded
-        except ModuleNotFoundError as error:
-            if error.name and error.name.split(".")[0] == "dualadam_hf":
-                return  # the package was removed but this hook was left behind: nothing to register
-            _warn(error)
-            return
-        except Exception as error:  # a broken install must not break `import transformers`
-            _warn(error)
-            return
-        on_module_loaded(module)
 
-
-def _warn(error):
-    warnings.warn(
-        f"dualadam-hf could not load its transformers integration ({type(error).__name__}: {error}); "
-        f"--optim dualadam is not registered. Set {OPT_OUT_VARIABLE}=1 to silence this.",
-        stacklevel=3,
-    )
+            on_module_loaded(module)
+    except Exception:  # noqa: BLE001 (the import of transformers must go on, as if dualadam-hf were absent)
+        pass
 
 
 class _TransformersWatcher:

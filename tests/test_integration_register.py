@@ -57,15 +57,47 @@ def test_bad_optim_args_fail_when_arguments_are_built(tmp_path):
 
 
 def test_register_is_idempotent():
-    members = len(OptimizerNames)
-    dualadam_hf.register()
-    dualadam_hf.register()
-    assert len(OptimizerNames) == members
+    """With the hook off, register() patches once: a second call adds no member and wraps nothing twice."""
+    result = run_python("""
+        from transformers import Trainer, TrainingArguments
+        from transformers.training_args import OptimizerNames
+        import dualadam_hf
+        before = len(OptimizerNames)
+        dualadam_hf.register()
+        state = (len(OptimizerNames), TrainingArguments.__post_init__, Trainer.__init__,
+                 Trainer.__dict__["get_optimizer_cls_and_kwargs"].__func__)
+        dualadam_hf.register()
+        again = (len(OptimizerNames), TrainingArguments.__post_init__, Trainer.__init__,
+                 Trainer.__dict__["get_optimizer_cls_and_kwargs"].__func__)
+        wrapped_twice = hasattr(TrainingArguments.__post_init__.__wrapped__, "__wrapped__") or hasattr(
+            Trainer.__init__.__wrapped__, "__wrapped__")
+        print(state[0] - before, state == again, wrapped_twice, OptimizerNames("dualadam").name)
+    """, DUALADAM_HF_NO_AUTOREGISTER="1")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["2", "True", "False", "DUALADAM"]
+
+
+def test_optimizer_lookup_is_registered_in_the_handler_table_where_there_is_one(tmp_path):
+    """transformers with a handler table gets two entries and an untouched get_optimizer_cls_and_kwargs; one
+    without it (5.0) gets the staticmethod wrapped."""
+    import transformers.trainer as trainer_module
+    from transformers import Trainer
+
+    table = getattr(trainer_module, "_OPTIMIZER_HANDLERS", None)
+    factory = Trainer.__dict__["get_optimizer_cls_and_kwargs"].__func__
+    if table is not None:
+        assert "dualadam" in table and "invadam" in table, "the names are not in the handler table"
+        assert not hasattr(factory, "__wrapped__"), "the staticmethod is wrapped although the table is there"
+    else:
+        assert factory.__wrapped__.__module__ == "transformers.trainer"
+    args = TrainingArguments(str(tmp_path), optim="invadam", report_to="none")
+    optimizer_cls, _ = Trainer.get_optimizer_cls_and_kwargs(args)
+    assert optimizer_cls is dualadam_hf.InvAdam
 
 
 def test_moved_internals_raise_a_clear_error():
     bare = types.ModuleType("transformers.training_args")
-    with pytest.raises(TransformersLayoutError, match="OptimizerNames is missing .* DUALADAM_HF_NO_AUTOREGISTER=1"):
+    with pytest.raises(TransformersLayoutError, match="TrainingArguments has no optim.* DUALADAM_HF_NO_AUTOREGISTER=1"):
         patch_training_args(bare)
     trainer_module = types.ModuleType("transformers.trainer")
 
@@ -74,7 +106,7 @@ def test_moved_internals_raise_a_clear_error():
             return None
 
     trainer_module.Trainer = Trainer
-    with pytest.raises(TransformersLayoutError, match="no longer a staticmethod"):
+    with pytest.raises(TransformersLayoutError, match="neither the optimizer handler table .* nor the staticmethod"):
         patch_trainer(trainer_module)
 
 
@@ -152,22 +184,20 @@ class TrainingArguments:
 """
 
 
-def test_hook_fails_soft_when_transformers_has_moved_internals(tmp_path):
-    """A layout the patch does not know must not break `import transformers` for anyone: one warning, no change."""
+def test_hook_leaves_an_unknown_layout_alone_without_a_word(tmp_path):
+    """A layout the patch does not know must not change `import transformers` for anyone: no warning, no change."""
     root = fake_transformers(tmp_path, DRIFTED_TRAINING_ARGS)
     result = run_python("""
         import warnings
         warnings.simplefilter("always")
         from transformers.training_args import OptimizerNames, TrainingArguments
-        import transformers.training_args as module
         print([m.value for m in OptimizerNames], TrainingArguments("adamw_torch").optim.value)
         print(hasattr(TrainingArguments, "_dualadam_hf_patched"))
     """, PYTHONPATH=root)
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == ["['adamw_torch']", "adamw_torch", "False"]  # transformers left untouched
-    assert result.stderr.count("DualAdamRegistrationWarning") == 1
-    assert "cannot register --optim dualadam" in result.stderr and "optimizer_cls_and_kwargs" in result.stderr
-    # Only an explicit register() raises.
+    assert result.stderr == ""
+    # An explicit patch raises.
     explicit = run_python("""
         import dualadam_hf.integrations.transformers as hook
         import transformers.training_args as module
@@ -176,15 +206,23 @@ def test_hook_fails_soft_when_transformers_has_moved_internals(tmp_path):
     assert explicit.returncode != 0 and "TransformersLayoutError" in explicit.stderr
 
 
-def test_hook_survives_an_unexpected_error_in_the_patch(monkeypatch):
+def test_hook_keeps_an_unexpected_error_for_those_who_ask(monkeypatch, tmp_path):
+    """An error inside a patch is neither raised nor shown at import; it is raised where DualAdam is asked for."""
+    import warnings
+
     from dualadam_hf.integrations import transformers as hook
 
     def boom(module):
         raise RuntimeError("boom")
 
     monkeypatch.setitem(hook._PATCHES, "transformers.training_args", boom)
-    with pytest.warns(hook.DualAdamRegistrationWarning, match="RuntimeError: boom"):
+    monkeypatch.setattr(hook, "_layout_errors", {}, raising=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
         hook.on_module_loaded(types.ModuleType("transformers.training_args"))
+    hook._raise_if_unavailable(types.SimpleNamespace(optim="adamw_torch"))  # nothing asked, nothing raised
+    with pytest.raises(TransformersLayoutError, match="RuntimeError: boom.*optimizer_cls_and_kwargs"):
+        TrainingArguments(str(tmp_path), optim="dualadam", report_to="none")
 
 
 @pytest.mark.slow
