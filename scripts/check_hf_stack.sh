@@ -11,7 +11,7 @@
 #   STACK_DIR=/tmp/stacks scripts/...         # keep the venvs and logs there, and reuse them next time
 #   KEEP=1 scripts/check_hf_stack.sh          # keep the temporary folder
 #
-# Why pyproject's floors are what they are:
+# Why pyproject's floors (core and experiments extra) are what they are:
 #   datasets 4.7.0: TRL 1.0.0 requires datasets>=4.7.0, so nothing older installs next to trl>=1.0.
 #   peft 0.18.0: with PEFT 0.15 the Trainer and PEFT tests pass, but `trl sft --use_peft` fails, because
 #   TRL 1.0's get_peft_config passes LoraConfig(target_parameters=...), which PEFT only has from 0.17:
@@ -32,8 +32,8 @@ declare -A STACKS=(
     [newest]="transformers trl peft accelerate datasets"
 )
 TESTS=(
-    tests/test_integration_register.py tests/test_integration_trainer.py tests/test_integration_optim_args.py
-    tests/test_integration_cli.py tests/test_integration_peft.py
+    tests/test_integration_register.py tests/test_hook_warnings.py tests/test_integration_trainer.py
+    tests/test_integration_optim_args.py tests/test_integration_cli.py tests/test_integration_peft.py
 )
 if [[ "${FAST:-0}" == 1 ]]; then
     markers=()  # pyproject's addopts: not slow, not multiprocess, not gpu
@@ -55,8 +55,9 @@ install_stack() {  # venv name specs
         "$python" -m venv "$venv" && "$venv/bin/pip" install -q "torch==$torch_version" || return 1
     fi
     # shellcheck disable=SC2086
-    "$venv/bin/pip" install -q "${upgrade[@]}" "torch==$torch_version" $specs matplotlib pytest pytest-timeout pyyaml \
-        || return 1
+    # The stack, the rest of the experiments extra (unpinned) and the test tools.
+    "$venv/bin/pip" install -q "${upgrade[@]}" "torch==$torch_version" $specs matplotlib scipy pyyaml pytest \
+        pytest-timeout || return 1
     # --no-deps: test exactly the stack above, whatever pyproject's bounds say; `pip check` reports a clash.
     "$venv/bin/pip" install -q --no-deps --force-reinstall "$repo"
 }
