@@ -476,3 +476,28 @@ def test_auto_resume_matches_uninterrupted(name: str, auto_run) -> None:
     logged_resumed = read_reports(resumed)[0]["logged"]
     check_inverse_share_logged(logged_resumed)
     assert [h["loss"] for h in logged_resumed] == pytest.approx([h["loss"] for h in logged_full], abs=1e-5)
+
+
+# -- inverse_scale="norm" ------------------------------------------------------------------------------
+
+# The scale is set at every step from the norms of whole tensors: under FSDP2 the squared norms of the
+# shards are summed over the mesh first, so the run must end where one process does.
+NORM_OPTIM_ARGS = "blend_steps=4,inverse_scale=norm"
+
+
+def test_norm_under_fsdp2_matches_single_process(tiny_model_dir: str, work: Path) -> None:
+    ref = work / "norm_reference"
+    cmd = [sys.executable, str(SCRIPT)] + script_args(tiny_model_dir, ref, PER_RANK_BATCH * WORLD, NORM_OPTIM_ARGS)
+    run(cmd + ["--use_cpu", "--save_strategy", "no"], base_env(), work / "norm_reference.log")
+    out = work / "norm_fsdp2"
+    launch("fsdp2", tiny_model_dir, work, out, ["--save_strategy", "no"], optim_args=NORM_OPTIM_ARGS)
+    init, expected, got = (load_file(str(Path(tiny_model_dir) / "model.safetensors")), final_params(ref),
+                           final_params(out))
+    assert sorted(got) == sorted(expected)
+    for k in expected:
+        moved = (expected[k] - init[k]).abs().max().item()
+        assert moved > 100 * MATCH_ATOL, (k, moved)
+        torch.testing.assert_close(got[k], expected[k], atol=MATCH_ATOL + AUTO_MATCH_RTOL * moved, rtol=0,
+                                   msg=lambda m, k=k, moved=moved: f"{k} (moved by {moved:.3g}): {m}")
+    shares = [h["dualadam/inverse_share"] for h in read_reports(out)[0]["logged"]]
+    assert shares[0] > 0.5 and shares[-1] == 0.0, shares  # r = 0.75 at step 1 (on this rank's shard)
