@@ -206,13 +206,13 @@ class Comparison:
     mcnemar: list[tuple[int, McNemar | None]]  # per seed; None when the runs were scored on different problems
 
 
-def compare_to(selection: Selection, baseline: str) -> list[Comparison]:
-    """Every other variant minus ``baseline``, paired by seed, metric by metric."""
+def compare_to(selection: Selection, baseline: str, skip: Sequence[str] = ()) -> list[Comparison]:
+    """Every other variant (but those in ``skip``) minus ``baseline``, paired by seed, metric by metric."""
     base = {r.seed: r for r in selection.runs.get(baseline, [])}
     comparisons = []
     for label, runs in selection.runs.items():
         pairs = [(r, base[r.seed]) for r in runs if r.seed in base]
-        if label == baseline or not pairs:
+        if label == baseline or label in skip or not pairs:
             continue
         metrics = []
         for name, _, header, digits, better in METRICS:
@@ -229,15 +229,16 @@ def compare_to(selection: Selection, baseline: str) -> list[Comparison]:
     return comparisons
 
 
-def differences_section(selection: Selection, baseline: str) -> list[str]:
-    """The paired-differences section against one baseline (lines of markdown)."""
+def differences_section(selection: Selection, baseline: str, skip: Sequence[str] = ()) -> list[str]:
+    """The paired-differences section against one baseline (lines of markdown); variants in ``skip`` (earlier
+    baselines, whose differences to this one were given there with the opposite sign) are left out."""
     if baseline not in selection.runs:
         return [f"## Paired differences against {baseline}", "",
                 f"No paired differences: {baseline} is not a variant of this comparison.", ""]
     if not selection.runs[baseline]:
         return [f"## Paired differences against {baseline}", "",
                 f"No paired differences: no run of {baseline} finished without diverging.", ""]
-    comparisons = compare_to(selection, baseline)
+    comparisons = compare_to(selection, baseline, skip)
     if not comparisons:
         return []
     lines = [f"## Paired differences against {baseline}", "",
@@ -316,14 +317,15 @@ def curves_by_variant(groups: dict[str, list[RunResult]], key: str, log_y: bool 
     return out
 
 
-def why_no_curve(groups: dict[str, list[RunResult]], key: str, caption: str) -> str | None:
+def why_no_curve(groups: dict[str, list[RunResult]], key: str, caption: str, log_y: bool = False) -> str | None:
     """Why a logged quantity gets no curve (None when nothing logged it: nothing to explain)."""
     steps = sorted({s for runs in groups.values() for r in runs for s, _ in curve(r.log_history, key)})
     if not steps:
         return None
     if len(steps) == 1:
         return f"{caption}: no curve, it was logged at one step only ({steps[0]})."
-    return f"{caption}: no curve, no variant logged it at 2 or more steps shared by all its runs."
+    return (f"{caption}: no curve, no variant logged it at 2 or more steps shared by all its runs"
+            + (" with a value above 0 (the log axis)." if log_y else "."))
 
 
 def _replace_atomically(path: Path, write) -> None:
@@ -458,15 +460,15 @@ def write_report(plan: Any, results: Sequence[RunResult], grid_results: Sequence
                   "chosen rate is bold. The test split is not read in this phase.", "", grid_table(plan, grid_results),
                   ""]
     lines += _results_section(results, selection)
-    for name in baselines:
-        lines += differences_section(selection, name)
+    for k, name in enumerate(baselines):
+        lines += differences_section(selection, name, baselines[:k])
     lines += _run_notes(results, grid_results, seconds)
     planned = []  # (key, file, caption, log_y, curves)
     for key, name, caption, log_y in PLOTS:
         curves = curves_by_variant(selection.runs, key, log_y)
         if curves:
             planned.append((key, name, caption, log_y, curves))
-        elif reason := why_no_curve(selection.runs, key, caption):
+        elif reason := why_no_curve(selection.runs, key, caption, log_y):
             lines.append(f"- {reason}")
     if planned and not _matplotlib_available():
         lines += ["", "(No plots: matplotlib is not installed.)"]
