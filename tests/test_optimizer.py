@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import math
+from fractions import Fraction
 
 import pytest
 import torch
@@ -133,11 +134,14 @@ def test_blend_weight_schedule():
 
 @pytest.mark.parametrize("rate", [0.01, 0.1, 0.2, 0.3, 1 / 7, 8e-5, 1.0, 0.0])
 def test_last_blend_step_agrees_with_the_blend_weight(rate):
+    # The oracle decides r >= switch_rate in exact rational arithmetic on the rate as written (its shortest
+    # decimal form), independently of the implementation's floating-point tolerance.
+    exact = Fraction(repr(rate))
     last = last_blend_step(rate)
     for t in [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 99, 100, 101, 12499, 12500, 12501]:
         assert (blend_weight(t, rate) > 0) == (t <= last)
-        expected = max(0.0, 1 - t * rate) if (rate == 0 or 1 - t * rate >= rate * (1 - 1e-9)) else 0.0
-        assert blend_weight(t, rate) == pytest.approx(expected)
+        blended = rate == 0 or 1 - t * exact >= exact
+        assert blend_weight(t, rate) == pytest.approx(float(1 - t * exact) if blended else 0.0)
 
 
 def test_blend_weight_works_on_tensors_of_steps():
@@ -520,3 +524,43 @@ def test_calibrated_scale_of_low_precision_params_survives_reload_in_float32():
     opt2.load_state_dict(opt.state_dict())
     saved, loaded = opt.state[p]["inverse_scale"], opt2.state[p]["inverse_scale"]
     assert loaded.dtype == torch.float32 and torch.equal(loaded, saved)
+
+
+def test_foreach_and_fused_together_are_refused():
+    with pytest.raises(ValueError, match="foreach and fused cannot both be True"):
+        DualAdam([torch.nn.Parameter(torch.ones(2))], foreach=True, fused=True)
+
+
+def test_fused_with_parameters_on_several_devices_is_refused_by_name():
+    a, b = torch.nn.Parameter(torch.ones(2)), torch.nn.Parameter(torch.ones(2, device="meta"))
+    opt = DualAdam([a, b], fused=True)
+    a.grad, b.grad = torch.ones(2), torch.ones(2, device="meta")
+    with pytest.raises(RuntimeError, match="fused=True needs all parameters of a group on one CUDA or CPU device"):
+        opt.step()
+
+
+def test_a_state_saved_before_later_group_keys_existed_loads_with_their_defaults():
+    # Checkpoints written before blend_fraction, inverse_scale and state_dtype were group keys.
+    params = make_params()
+    opt = DualAdam(params, lr=1e-2, switch_rate=0.1)
+    for grads in grad_stream(params, 3):
+        for p, g in zip(params, grads):
+            p.grad = g
+        opt.step()
+    buffer = io.BytesIO()
+    torch.save(opt.state_dict(), buffer)  # as a checkpoint holds it (load_state_dict keeps live tensors)
+    buffer.seek(0)
+    saved = torch.load(buffer, weights_only=True)
+    for group in saved["param_groups"]:
+        for key in ("blend_fraction", "inverse_scale", "state_dtype"):
+            del group[key]
+    twin_params = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    twin = DualAdam(twin_params, lr=1e-2, switch_rate=0.1)
+    twin.load_state_dict(saved)
+    assert twin.param_groups[0]["inverse_scale"] == 1.0 and twin.param_groups[0]["blend_fraction"] is None
+    for grads in grad_stream(params, 2, seed=7):
+        for p, q, g in zip(params, twin_params, grads):
+            p.grad, q.grad = g.clone(), g.clone()
+        opt.step()
+        twin.step()
+    assert all(torch.equal(p, q) for p, q in zip(params, twin_params))
