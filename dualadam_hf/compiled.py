@@ -18,7 +18,6 @@ those sizes) are left to the caller (the eager foreach path); the graph computes
 
 from __future__ import annotations
 
-import weakref
 from collections import defaultdict
 from collections.abc import Sequence
 
@@ -96,9 +95,9 @@ def _signature(*lists: Sequence[Tensor]) -> list[tuple]:
 class _Plan:
     """One call's routing: buckets of flat aliases of p, m, v with their padding, and the fallbacks.
 
-    Building it cost 5-8% of a step (benchmarks/NOTES_compiled.md); an optimizer passes the same p, m, v
-    every step, so a plan of plain tensors is cached and a step only checks their signature and flattens
-    the gradients (new tensors every step, not kept, so set_to_none frees them).
+    Building it cost 5-8% of a step (benchmarks/NOTES_compiled.md). An optimizer passes the same p, m, v
+    every step, so the plan is kept in the optimizer's cache for these tensors; a step checks their
+    signature and flattens the gradients (new tensors every step, not kept: set_to_none frees them).
     """
 
     def __init__(self, tensors: StepTensors):
@@ -117,7 +116,6 @@ class _Plan:
                          for i, p, _, m, v in prepared)
         self.plain = self.plain and all(local(s) is s for s in tensors.steps)
         # Per dtype/device key: (key, indices, chunks); a chunk is (indices, P, G padding, M, V).
-        # Steps are looked up per call, not kept: the plan must not keep them alive (see _plans).
         self.buckets = []
         for key, items in groups.items():
             chunks = []
@@ -156,27 +154,16 @@ class _Plan:
                 fn(P, [_flat(g) for g in gs] + G_pad, M, V, rows.detach(), shared, hyper.maximize)
 
 
-# Cached plans, keyed by the ids of the step tensors. A weakref callback on every step tensor drops the plan
-# when one dies (optimizer deleted, state reloaded), so aliases never outlive the state and an id is never
-# reused while cached. At most _MAX_PLANS (oldest dropped): each pattern of missing gradients is its own key,
-# and ZeRO-3 steps each sub-group separately.
-_plans: dict[tuple[int, ...], tuple[_Plan, list]] = {}
-_MAX_PLANS = 64
-
-
 def _plan_for(tensors: StepTensors) -> _Plan:
-    key = tuple(map(id, tensors.steps))
-    cached = _plans.get(key)
-    if cached is not None and cached[0].matches(tensors):
-        return cached[0]
+    """The plan kept in the optimizer's cache for these tensors (it dies with the optimizer's plan, which is
+    dropped when a parameter or a state tensor moves); rebuilt when the gradients' dtypes or layout change."""
+    cache = tensors.counts.cache if tensors.counts is not None else None
+    plan = None if cache is None else cache.get("compiled")
+    if plan is not None and plan.matches(tensors):
+        return plan
     plan = _Plan(tensors)
-    if plan.plain:
-        def drop(_ref, key=key):
-            _plans.pop(key, None)
-
-        _plans[key] = (plan, [weakref.ref(s, drop) for s in tensors.steps])
-        while len(_plans) > _MAX_PLANS:
-            _plans.pop(next(iter(_plans)))
+    if cache is not None and plan.plain:
+        cache["compiled"] = plan
     return plan
 
 
