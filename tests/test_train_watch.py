@@ -89,6 +89,18 @@ def test_a_non_finite_gradient_norm_in_the_log_stops_training():
     assert len(trainer.state.log_history) == 1  # recorded once
 
 
+def test_an_overflow_the_fp16_loss_scaler_skipped_is_not_divergence():
+    trainer = FakeTrainer([])
+    trainer.accelerator = SimpleNamespace(optimizer_step_was_skipped=True)
+    watch = divergence_watch(trainer, print)
+    flow = control()
+    watch.on_log(None, trainer.state, flow, logs={"loss": 2.0, "grad_norm": math.inf})
+    assert not flow.should_training_stop and watch.mark is None
+    trainer.accelerator.optimizer_step_was_skipped = False
+    watch.on_log(None, trainer.state, flow, logs={"loss": 2.0, "grad_norm": math.inf})
+    assert flow.should_training_stop and watch.mark["what"] == "grad_norm"
+
+
 @pytest.mark.slow
 def test_a_diverged_run_says_where_and_is_finished_and_marked(tiny_model_dir, tiny_chat_dataset_dir, tmp_path, capfd):
     """At learning rate 1e4 the tiny model's numbers overflow within a few steps: transformers alone logs

@@ -70,7 +70,10 @@ def divergence_watch(trainer: Any, log: Callable[[str], None]) -> Any:
         def on_log(self, args, state, control, logs=None, **kwargs):
             if self.mark is None and logs:
                 bad = [key for key in ("loss", "grad_norm") if not _finite(logs.get(key))]
-                if bad:
+                # Under fp16 a loss scaler overflows now and then on purpose: it skips that step and lowers the
+                # scale. An infinite gradient norm on a skipped step is that, not divergence.
+                skipped = bool(getattr(getattr(trainer, "accelerator", None), "optimizer_step_was_skipped", False))
+                if bad and not (bad == ["grad_norm"] and skipped):
                     self._stop(state, control, state.global_step, bad[0])
 
     watch = DivergenceWatch()
