@@ -278,15 +278,17 @@ def test_stale_hook_without_the_package_is_silent(tmp_path):
 
 # --- the installed transformers ------------------------------------------------------------------------------
 
-def test_installed_transformers_with_warnings_as_errors_and_adamw(tmp_path):
+def test_installed_transformers_with_warnings_as_errors(tmp_path):
+    """adamw_torch and dualadam arguments on the installed transformers, whatever its version, under -W error."""
     result = run_python(f"""
         import transformers
         from transformers import TrainingArguments
         args = TrainingArguments({str(tmp_path)!r}, optim="adamw_torch", report_to="none")
-        print(args.optim.value)
+        ours = TrainingArguments({str(tmp_path)!r}, optim="dualadam", optim_args="blend_steps=5", report_to="none")
+        print(args.optim.value, ours.optim.value)
     """, "-W", "error")
     assert result.returncode == 0, result.stderr
-    assert (result.stdout, result.stderr) == ("adamw_torch\n", "")
+    assert (result.stdout, result.stderr) == ("adamw_torch dualadam\n", "")
 
 
 @pytest.mark.slow
