@@ -78,10 +78,11 @@ def test_power_iteration_stops_at_the_cap_or_the_tolerance():
     params, loss_fn = _quadratic(_hessian([10.0, 9.9, *([1.0] * (DIM - 2))]))
     capped = hessian_power_iteration(loss_fn, params, max_iters=2, tol=1e-9)
     assert capped.iterations == 2 and not capped.converged
+    assert 1e-9 < capped.relative_change < 1  # the change that missed the tolerance is reported
     # A well-separated spectrum converges before a generous cap.
     params, loss_fn = _quadratic(_hessian(_spectrum(top=10.0, second=1.0)))
     done = hessian_power_iteration(loss_fn, params, max_iters=200, tol=1e-4)
-    assert done.converged and done.iterations < 200
+    assert done.converged and done.iterations < 200 and done.relative_change <= 1e-4
     assert done.eigenvalue == pytest.approx(10.0, rel=1e-3)
     # The returned vector is the top eigenvector (unit norm, H v = 10 v).
     v = _flat(done.eigenvector)
@@ -413,6 +414,46 @@ def test_measure_sharpness_is_deterministic_given_a_seed():
     assert a["loss"] == c["loss"]
     for key in ("seconds_eigenvalue", "seconds_trace", "seconds_epsilon", "seconds_total"):
         assert a[key] > 0
+
+
+class _NoisyHead(torch.nn.Module):
+    """Adds noise from torch's global generator to a classifier's logits, in eval mode too: a model whose loss
+    depends on the global random state."""
+
+    def forward(self, logits):
+        return logits + 1e-3 * torch.randn_like(logits)
+
+
+def test_measure_sharpness_does_not_depend_on_the_global_random_state():
+    """The same model measured after different draws from torch's global generator (another run's training, a
+    resumed run's fresh start) gives the same numbers, and the caller's global state is left as it was."""
+    model = _tiny_classifier()
+    model.score.register_forward_hook(lambda module, args, output: _NoisyHead()(output))
+    batches = _cls_batches()
+    numbers = lambda r: {k: v for k, v in r.items() if not k.startswith("seconds")}
+    torch.manual_seed(123)
+    first = measure_sharpness(model, batches, _fast(seed=1))
+    after_first = torch.rand(3)
+    torch.manual_seed(123)
+    torch.rand(1000)  # a different global state before the second measurement
+    second = measure_sharpness(model, batches, _fast(seed=1))
+    assert numbers(first) == numbers(second)
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    assert torch.equal(after_first, expected)  # the measurement drew nothing from the caller's generator
+
+
+def test_measure_sharpness_shows_what_it_measures(capsys):
+    lines = []
+    out = measure_sharpness(_tiny_classifier(), _cls_batches(n=1), _fast(max_iters=3, probes=2, seeds=1),
+                            progress=lines.append, show_bar=True)
+    bar = capsys.readouterr().err
+    for what in ("top eigenvalue (power iteration)", "Hessian trace (Hutchinson probes)", "loss at perturbed weights"):
+        assert f"sharpness: {what}" in bar
+    assert sum(line.startswith("eigenvalue iteration") for line in lines) == out["eigenvalue_iterations"]
+    assert sum(line.startswith("trace probe") for line in lines) == 2
+    assert sum(line.startswith("loss evaluation") for line in lines) == 4  # loss, +z, -z, gradient step
+    assert out["eigenvalue_converged"] in (0.0, 1.0) and "eigenvalue_relative_change" in out
 
 
 def test_measure_sharpness_defaults_to_the_settings_record():

@@ -168,7 +168,8 @@ class SharpnessSettings:
     rho_random: float = field(default=0.05, metadata={"help": "Random-direction radius relative to ||theta||."})
     seeds: int = field(default=3, metadata={"help": "Random directions for sharpness_random."})
     params: str = field(default="trainable", metadata={"help": f"Which weights: one of {PARAM_CHOICES}."})
-    max_graph_tokens: int = field(default=512, metadata={
+    # About 10 MB per token for SmolLM2-135M: 128 keeps the measurement within the memory training needs.
+    max_graph_tokens: int = field(default=128, metadata={
         "help": "Input tokens whose double-backward graphs may be alive at once (memory)."})
     seed: int = field(default=0, metadata={"help": "Seed of the random vectors."})
 
@@ -188,6 +189,7 @@ class PowerIterationResult:
     eigenvector: list[Tensor]
     iterations: int
     converged: bool
+    relative_change: float = math.nan  # of the estimate in the last iteration (what ``tol`` is compared with)
 
 
 def hessian_power_iteration(loss_fn: LossFn | HessianVectorProduct, params: Sequence[Tensor] | None = None, *,
@@ -205,22 +207,24 @@ def hessian_power_iteration(loss_fn: LossFn | HessianVectorProduct, params: Sequ
     n = _norm(v)
     v = [x / n for x in v]
     eigenvalue: float | None = None
+    change = math.inf  # no change to compare before the second iteration
     for it in range(1, max_iters + 1):
         hv = hvp(v)
         rayleigh, hv_norm = _dot(v, hv), _norm(hv)  # v has unit norm
         if not math.isfinite(rayleigh) or not math.isfinite(hv_norm):
             raise FloatingPointError("Hessian-vector product is not finite")
         if hv_norm == 0.0:  # v is in the null space: every eigenvalue we can reach is 0
-            return PowerIterationResult(0.0, v, it, True)
-        done = eigenvalue is not None and abs(rayleigh - eigenvalue) <= tol * max(abs(rayleigh), 1e-30)
+            return PowerIterationResult(0.0, v, it, True, 0.0)
+        if eigenvalue is not None:
+            change = abs(rayleigh - eigenvalue) / max(abs(rayleigh), 1e-30)
         eigenvalue = rayleigh
         if progress is not None:
             progress(f"eigenvalue iteration {it}/{max_iters}: {rayleigh:.6g}")
-        if done:
-            return PowerIterationResult(eigenvalue, v, it, True)
+        if change <= tol:
+            return PowerIterationResult(eigenvalue, v, it, True, change)
         v = [x / hv_norm for x in hv]
     assert eigenvalue is not None
-    return PowerIterationResult(eigenvalue, v, max_iters, False)
+    return PowerIterationResult(eigenvalue, v, max_iters, False, change)
 
 
 def top_hessian_eigenvalue(loss_fn: LossFn, params: Sequence[Tensor], *, max_iters: int = 20, tol: float = 1e-3,
@@ -283,7 +287,8 @@ def _eval_loss(loss_fn: LossFn) -> float:
 
 
 def epsilon_sharpness(loss_fn: LossFn, params: Sequence[Tensor], *, rho: float = 1e-3, seeds: int = 3,
-                      seed: int = 0, rho_random: float | None = None) -> dict[str, float]:
+                      seed: int = 0, rho_random: float | None = None,
+                      progress: Callable[[str], None] | None = None) -> dict[str, float]:
     """Loss increase under perturbations of radius ``rho * ||theta||`` (global L2 norm of ``params``).
 
     ``worst``: one normalized gradient-ascent step (the first-order worst case; at a zero gradient the
@@ -292,6 +297,7 @@ def epsilon_sharpness(loss_fn: LossFn, params: Sequence[Tensor], *, rho: float =
     only the average curvature, so it needs a larger radius to rise above round-off), each averaged over
     +z and -z; ``random_max``: the largest of those single increases. Also ``loss``, ``radius``, ``rho``,
     ``radius_random``, ``rho_random``, ``grad_norm``, ``param_norm``. Parameters are restored bit for bit.
+    ``progress`` gets one line per loss evaluation.
     """
     params = _check_params(params)
     rho_random = rho if rho_random is None else rho_random
@@ -305,18 +311,28 @@ def epsilon_sharpness(loss_fn: LossFn, params: Sequence[Tensor], *, rho: float =
         raise ValueError("all trainable parameters are zero: a radius relative to ||theta|| is undefined")
     radius, radius_random = float(rho) * param_norm, float(rho_random) * param_norm
 
+    evaluations = iter(range(1, 3 + 2 * seeds))
+    total = 2 + 2 * seeds
+
+    def report(what: str, value: float) -> None:
+        if progress is not None:
+            progress(f"loss evaluation {next(evaluations)}/{total}: {what} {value:.6g}")
+
     def loss_at(direction: Sequence[Tensor], scale: float) -> float:
         with torch.no_grad():
             for p, b, d in zip(params, backup, direction):
                 p.copy_(b).add_(d, alpha=scale)
         try:
-            return _eval_loss(loss_fn)
+            loss = _eval_loss(loss_fn)
         finally:
             with torch.no_grad():
                 for p, b in zip(params, backup):
                     p.copy_(b)
+        report("perturbed loss", loss)
+        return loss
 
     loss0, grad = _loss_and_gradient(loss_fn, params)
+    report("loss and gradient", loss0)
     grad_norm = _norm(grad)
     increases, singles = [], []
     for _ in range(seeds):
@@ -441,36 +457,77 @@ def _measuring(model: torch.nn.Module, params: Sequence[Tensor]) -> Iterator[Non
         model.train(was_training)
 
 
+class _Steps:
+    """One progress bar over all Hessian-vector products and perturbed losses of a measurement, saying which
+    quantity is being measured; also forwards each line to ``progress``."""
+
+    def __init__(self, settings: SharpnessSettings, show_bar: bool, progress: Callable[[str], None] | None):
+        from tqdm.auto import tqdm
+
+        # Power iteration, trace probes, then the perturbed losses (1 gradient + 2 per direction + the worst).
+        self.bar = tqdm(total=settings.max_iters + settings.probes + 2 + 2 * settings.seeds, unit="step",
+                        desc="sharpness", disable=not show_bar, dynamic_ncols=True)
+        self.progress = progress
+
+    def start(self, what: str) -> Callable[[str], None]:
+        self.bar.set_description(f"sharpness: {what}")
+
+        def step(line: str) -> None:
+            self.bar.update(1)
+            self.bar.set_postfix_str(line.split(": ", 1)[-1], refresh=False)
+            if self.progress is not None:
+                self.progress(line)
+
+        return step
+
+    def skip(self, steps: int) -> None:
+        """A power iteration that converged early: its unused steps leave the total."""
+        self.bar.total -= steps
+        self.bar.refresh()
+
+
 def measure_sharpness(model: torch.nn.Module, batches: Sequence[Mapping[str, Any]],
                       settings: SharpnessSettings | None = None, *, params: Sequence[Tensor] | None = None,
-                      progress: Callable[[str], None] | None = None) -> dict[str, float]:
+                      progress: Callable[[str], None] | None = None, show_bar: bool = False) -> dict[str, float]:
     """All flatness numbers (docs/flatness.md lists the keys) for a full or PEFT model on fixed batches.
 
     ``settings`` defaults to ``SharpnessSettings()``; its ``params`` picks the weights unless ``params`` gives
     them. Graphs are kept while all batches fit in ``max_graph_tokens``, else rebuilt per product in row
-    groups of that size (half the speed). ``progress`` gets one line per Hessian-vector product.
+    groups of that size (half the speed). ``progress`` gets one line per Hessian-vector product; ``show_bar``
+    draws a progress bar on stderr. The result depends only on the model, the batches and the settings: the
+    random vectors come from generators seeded by ``settings.seed``, and anything in the model that draws from
+    torch's global generator draws from one seeded the same way, restored afterwards.
     """
     s = settings or SharpnessSettings()
     tensors = [p for _, p in select_parameters(model, s.params)] if params is None else list(params)
+    steps = _Steps(s, show_bar, progress)
     start = time.perf_counter()
-    with _measuring(model, tensors):
+    devices = sorted({p.device.index for p in tensors if p.device.type == "cuda"})
+    with _measuring(model, tensors), torch.random.fork_rng(devices=devices):
+        torch.manual_seed(s.seed)
         loss_fn = model_loss_fn(model, batches, max_tokens_per_part=s.max_graph_tokens)
         retain = loss_fn.tokens <= s.max_graph_tokens or len(loss_fn) == 1
         hvp = HessianVectorProduct(loss_fn, tensors, retain_graphs=retain)
         try:
             t0 = time.perf_counter()
-            power = hessian_power_iteration(hvp, max_iters=s.max_iters, tol=s.tol, seed=s.seed, progress=progress)
+            power = hessian_power_iteration(hvp, max_iters=s.max_iters, tol=s.tol, seed=s.seed,
+                                            progress=steps.start("top eigenvalue (power iteration)"))
+            steps.skip(s.max_iters - power.iterations)
             t1 = time.perf_counter()
-            trace = hessian_trace_estimate(hvp, probes=s.probes, seed=s.seed, progress=progress)
+            trace = hessian_trace_estimate(hvp, probes=s.probes, seed=s.seed,
+                                           progress=steps.start("Hessian trace (Hutchinson probes)"))
             t2 = time.perf_counter()
         finally:
             hvp.release()
-        eps = epsilon_sharpness(loss_fn, tensors, rho=s.rho, seeds=s.seeds, seed=s.seed, rho_random=s.rho_random)
+        eps = epsilon_sharpness(loss_fn, tensors, rho=s.rho, seeds=s.seeds, seed=s.seed, rho_random=s.rho_random,
+                                progress=steps.start("loss at perturbed weights"))
         t3 = time.perf_counter()
+    steps.bar.close()
     return {
         "loss": eps["loss"], "top_eigenvalue": power.eigenvalue, "hessian_trace": trace.trace,
         "sharpness_worst": eps["worst"], "sharpness_random": eps["random"],
         "eigenvalue_iterations": float(power.iterations), "eigenvalue_converged": float(power.converged),
+        "eigenvalue_relative_change": power.relative_change,
         "hessian_trace_stderr": trace.stderr, "probes": float(s.probes), "sharpness_random_std": eps["random_std"],
         **{k: eps[k] for k in ("rho", "radius", "rho_random", "radius_random", "grad_norm", "param_norm")},
         "num_params": float(sum(p.numel() for p in tensors)), "num_parts": float(len(loss_fn)),
