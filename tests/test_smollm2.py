@@ -138,15 +138,18 @@ def test_lora_step_with_dualadam_lowers_loss(smollm2_dir):
 
 
 @pytest.mark.slow
-def test_untuned_exact_match_scores_what_the_model_says(smollm2_dir):
+def test_batched_generation_answers_as_one_prompt_at_a_time(smollm2_dir):
+    """SmolLM2's template and pad token with left padding: a prompt batched with longer and shorter ones gets the
+    answer it gets alone (a wrong padding side or a missing attention mask changes the answers)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from dualadam_hf.experiments.tasks import exact_match, final_number, generate_answers, generated_dataset
+    from dualadam_hf.experiments.tasks import generate_answers, generated_dataset, score_answers
 
     tokenizer = AutoTokenizer.from_pretrained(smollm2_dir)
     model = AutoModelForCausalLM.from_pretrained(smollm2_dir)
-    rows = generated_dataset("basic_arithmetic", "test", 4, config="min_terms=2,max_terms=2,max_digits=1")
-    answers = generate_answers(model, tokenizer, rows["prompt"], max_new_tokens=16, batch_size=4)
-    correct = exact_match(model, tokenizer, rows, max_new_tokens=16, batch_size=4)
-    expected = [final_number(a) == float(g) for a, g in zip(answers, rows["answer"], strict=True)]
-    assert correct == expected  # greedy decoding is deterministic: the score is the answers' own
+    rows = generated_dataset("basic_arithmetic", "test", 4, config="min_terms=2,max_terms=3,max_digits=2")
+    assert len({len(p[-1]["content"]) for p in rows["prompt"]}) > 1  # prompts of different lengths share batches
+    alone = [generate_answers(model, tokenizer, [p], max_new_tokens=12, batch_size=1)[0] for p in rows["prompt"]]
+    correct, answers = score_answers(model, tokenizer, rows, max_new_tokens=12, batch_size=4)
+    assert answers == alone
+    assert len(correct) == 4 and all(isinstance(c, bool) for c in correct)

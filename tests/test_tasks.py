@@ -4,6 +4,7 @@ and that TRL's SFTTrainer puts loss on the completion only."""
 from __future__ import annotations
 
 import pytest
+import torch
 
 from dualadam_hf.experiments.tasks import (
     ANSWER_PREFIX,
@@ -15,6 +16,7 @@ from dualadam_hf.experiments.tasks import (
     is_correct,
     parse_config,
     parse_final_answer,
+    score_answers,
 )
 
 
@@ -160,25 +162,72 @@ def test_sft_trainer_masks_prompt_tokens(tiny_model_dir, tmp_path):
     assert trainer.train().training_loss > 0
 
 
-def test_generate_and_exact_match_on_tiny_model(tiny_model_dir):
-    """Runs end to end on the untrained tiny model: the score is a fraction and padding is restored."""
+class EchoLastDigit(torch.nn.Module):
+    """A stand-in causal LM whose greedy answer to a prompt is the prompt's last digit, then the end token: what
+    each problem gets is known in advance. It records the batches it was given."""
+
+    def __init__(self, tokenizer):
+        super().__init__()
+        self.tokenizer, self.batches = tokenizer, []
+        self.digits = {tokenizer.convert_tokens_to_ids(d) for d in "0123456789"}
+        self.anchor = torch.nn.Parameter(torch.zeros(1))  # gives the module a device
+
+    @property
+    def device(self):
+        return self.anchor.device
+
+    def generate(self, input_ids, attention_mask, max_new_tokens, **kwargs):
+        self.batches.append((input_ids.clone(), attention_mask.clone()))
+        last = [[t for t, m in zip(row.tolist(), mask.tolist()) if m and t in self.digits][-1]
+                for row, mask in zip(input_ids, attention_mask)]
+        new = torch.tensor([[d, self.tokenizer.eos_token_id] for d in last])[:, :max_new_tokens]
+        return torch.cat([input_ids, new], dim=1)
+
+
+def _prompt(question: str) -> list[dict[str, str]]:
+    return [{"role": "user", "content": question}]
+
+
+def test_exact_match_scores_each_problem_by_its_own_answer(tiny_model_dir):
+    """Problems of different lengths, batched by length: each answer and its score land on their own row."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    model = EchoLastDigit(tokenizer)
+    model.train()
+    rows = [{"prompt": _prompt("add 5 and 4 please , then tell me the total of the two numbers : 9"), "answer": "8"},
+            {"prompt": _prompt("7"), "answer": "7"},
+            {"prompt": _prompt("what is the sum of the numbers 1 and 2 , please tell me the result now : 3"),
+             "answer": "3"},
+            {"prompt": _prompt("6"), "answer": "5"}]
+    correct, answers = score_answers(model, tokenizer, rows, max_new_tokens=4, batch_size=2)
+    assert answers == ["9", "7", "3", "6"]
+    assert correct == [False, True, True, False]
+    assert tokenizer.padding_side == "right" and model.training  # left as found
+    # Batched by length: the two long prompts together, the two short ones together, so almost nothing is
+    # padding (in the given order each batch would pad a one-word prompt to a long one's length); on the left.
+    assert sum(int((mask == 0).sum()) for _, mask in model.batches) <= 2
+    assert all(mask[:, -1].all() for _, mask in model.batches)
+    assert exact_match(model, tokenizer, rows, max_new_tokens=4, batch_size=2) == correct
+    with pytest.raises(KeyError, match="'answer'"):
+        exact_match(model, tokenizer, [{"prompt": rows[0]["prompt"]}], max_new_tokens=1)
+    with pytest.raises(ValueError, match="at least one row"):
+        exact_match(model, tokenizer, [], max_new_tokens=1)
+
+
+def test_generation_on_the_tiny_model_runs_and_draws_a_bar(tiny_model_dir, capsys):
+    """The real generate path end to end on the untrained tiny model, with the progress bar on stderr."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
-    model.train()
     dataset = math_dataset("test", 3)
-    answers = generate_answers(model, tokenizer, dataset["prompt"], max_new_tokens=4, batch_size=2)
+    answers = generate_answers(model, tokenizer, dataset["prompt"], max_new_tokens=4, batch_size=2, show_bar=True)
     assert len(answers) == 3 and all(isinstance(a, str) for a in answers)
-    assert tokenizer.padding_side == "right" and model.training  # left as found
-    correct = exact_match(model, tokenizer, dataset, max_new_tokens=4, batch_size=2)
-    assert correct == [is_correct(a, g) for a, g in zip(answers, dataset["answer"], strict=True)]
-    # The row whose gold answer is what the model says is scored correct: the scorer reads the output.
-    fake = dataset.map(lambda row, i: {"answer": str(final_number(answers[i]) or "none")}, with_indices=True)
-    rescored = exact_match(model, tokenizer, fake, max_new_tokens=4, batch_size=2)
-    assert rescored == [final_number(a) is not None for a in answers]
-    with pytest.raises(KeyError, match="'answer'"):
-        exact_match(model, tokenizer, dataset.remove_columns("answer"), max_new_tokens=1)
+    assert "exact match: generating answers" in capsys.readouterr().err
+    # Alone or in a batch with a shorter prompt, a prompt gets the same greedy answer (padding is masked).
+    alone = [generate_answers(model, tokenizer, [p], max_new_tokens=4, batch_size=1)[0] for p in dataset["prompt"]]
+    assert alone == answers
 
 
 @pytest.mark.slow

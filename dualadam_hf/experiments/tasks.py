@@ -13,6 +13,8 @@ import re
 from collections.abc import Sequence
 from typing import Any
 
+from ..integrations.optim_args import parse_pairs
+
 PREFIX = "reasoning-gym:"
 ANSWER_PREFIX = "####"
 INSTRUCTION = "Reply with only the final answer."
@@ -33,20 +35,19 @@ def split_of(question: str) -> str:
     return _SPLIT_OF_BUCKET.get(_hash(question) % 8, "train")
 
 
+def _setting(raw: str) -> Any:
+    """A generator setting's value: an int if it reads as one, else a float, else a boolean, else the text."""
+    for convert in (int, float):
+        try:
+            return convert(raw)
+        except ValueError:
+            pass
+    return {"true": True, "false": False}.get(raw.lower(), raw)
+
+
 def parse_config(text: str | None) -> dict[str, Any]:
-    """Generator settings from "key=value,key=value" (numbers parsed; everything else kept as text)."""
-    settings: dict[str, Any] = {}
-    for entry in filter(str.strip, (text or "").split(",")):
-        key, sep, raw = (part.strip() for part in entry.partition("="))
-        if not sep or not key:
-            raise ValueError(f"dataset_config entry {entry!r} is not key=value")
-        settings[key] = {"true": True, "false": False}.get(raw.lower(), raw)
-        for convert in (float, int):  # an int if it reads as one, else a float, else bool or text
-            try:
-                settings[key] = convert(raw)
-            except ValueError:
-                pass
-    return settings
+    """Generator settings from "key=value,key=value" (numbers and true/false parsed; anything else is text)."""
+    return {key: _setting(raw) for key, raw in parse_pairs(text, "dataset_config").items()}
 
 
 def format_prompt(question: str, worked: bool) -> list[dict[str, str]]:
@@ -146,40 +147,60 @@ def is_correct(text: str, gold: str) -> bool:
 
 
 def generate_answers(model: Any, tokenizer: Any, prompts: Sequence[list[dict[str, str]]], *,
-                     max_new_tokens: int = 128, batch_size: int = 8) -> list[str]:
-    """Greedy answers of ``model`` to chat ``prompts`` (template applied), as decoded text."""
+                     max_new_tokens: int = 128, batch_size: int = 8, show_bar: bool = False) -> list[str]:
+    """Greedy answers of ``model`` to chat ``prompts`` (template applied), as decoded text, in prompt order.
+
+    Prompts are batched by length (the longest first), so a batch pads its prompts to nearly the same length
+    and a too-large ``batch_size`` fails at once; ``show_bar`` draws a progress bar over the problems.
+    """
     import torch
+    from tqdm.auto import tqdm
 
     texts = [tokenizer.apply_chat_template(p, add_generation_prompt=True, tokenize=False) for p in prompts]
+    # The chat template already holds the special tokens (BOS etc.); do not add them twice.
+    lengths = [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
+    order = sorted(range(len(texts)), key=lambda i: -lengths[i])
     # Decoder-only models continue from the last position, so the batch is padded on the left; the
     # tokenizer's own setting is restored afterwards because training pads on the right.
     padding_side, was_training = tokenizer.padding_side, model.training
     tokenizer.padding_side = "left"
     model.eval()
-    answers: list[str] = []
+    answers: list[str] = [""] * len(texts)
+    bar = tqdm(total=len(texts), desc="exact match: generating answers", unit="problem", disable=not show_bar,
+               dynamic_ncols=True)
     try:
-        for start in range(0, len(texts), batch_size):
-            # The chat template already holds the special tokens (BOS etc.); do not add them twice.
-            batch = tokenizer(texts[start:start + batch_size], return_tensors="pt", padding=True,
+        for start in range(0, len(order), batch_size):
+            chosen = order[start:start + batch_size]
+            batch = tokenizer([texts[i] for i in chosen], return_tensors="pt", padding=True,
                               add_special_tokens=False).to(model.device)
             with torch.no_grad():
                 output = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
                                         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
-            answers.extend(tokenizer.batch_decode(output[:, batch["input_ids"].shape[1]:], skip_special_tokens=True))
+            decoded = tokenizer.batch_decode(output[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
+            for index, text in zip(chosen, decoded, strict=True):
+                answers[index] = text
+            bar.update(len(chosen))
     finally:
+        bar.close()
         tokenizer.padding_side = padding_side
         model.train(was_training)
     return answers
 
 
-def exact_match(model: Any, tokenizer: Any, rows: Any, *, max_new_tokens: int = 128,
-                batch_size: int = 8) -> list[bool]:
-    """Per row, whether the greedy answer to its ``prompt`` matches its ``answer``."""
+def score_answers(model: Any, tokenizer: Any, rows: Any, *, max_new_tokens: int = 128, batch_size: int = 8,
+                  show_bar: bool = False) -> tuple[list[bool], list[str]]:
+    """Per row, whether the greedy answer to its ``prompt`` matches its ``answer``, and the answer's text."""
     rows = list(rows)
     if not rows:
         raise ValueError("exact-match evaluation needs at least one row")
     if missing := [c for c in ("prompt", "answer") if c not in rows[0]]:
         raise KeyError(f"rows lack {missing} (columns: {sorted(rows[0])})")
     answers = generate_answers(model, tokenizer, [r["prompt"] for r in rows], max_new_tokens=max_new_tokens,
-                               batch_size=batch_size)
-    return [is_correct(text, str(row["answer"])) for text, row in zip(answers, rows, strict=True)]
+                               batch_size=batch_size, show_bar=show_bar)
+    return [is_correct(text, str(row["answer"])) for text, row in zip(answers, rows, strict=True)], answers
+
+
+def exact_match(model: Any, tokenizer: Any, rows: Any, *, max_new_tokens: int = 128,
+                batch_size: int = 8) -> list[bool]:
+    """Per row, whether the greedy answer to its ``prompt`` matches its ``answer``."""
+    return score_answers(model, tokenizer, rows, max_new_tokens=max_new_tokens, batch_size=batch_size)[0]
