@@ -399,7 +399,9 @@ def test_resolve_model_folder_prefers_the_final_model(tmp_path, names):
             (run_dir / name / "trainer_state.json").write_text("{}")
     expected = run_dir / (names[0] if names else "checkpoint-12")
     assert sharpness_cli.resolve_model_folder(run_dir) == expected
-    (run_dir / "adapter_config.json").write_text("{}")  # a model at the top (the final save) wins
+    (run_dir / "adapter_config.json").write_text("{}")  # a config without weights is no model (a cut-off save)
+    assert sharpness_cli.resolve_model_folder(run_dir) == expected
+    (run_dir / "adapter_model.safetensors").write_text("")  # a model at the top (the final save) wins
     assert sharpness_cli.resolve_model_folder(run_dir) == run_dir
 
 

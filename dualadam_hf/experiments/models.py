@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -70,7 +69,13 @@ def load_model(path: str, *, task: str = "sft", num_labels: int = 2, dtype: str 
     return PeftModel.from_pretrained(model, adapter, is_trainable=trainable)
 
 
-def adapter_base(folder: str | Path) -> str | None:
-    """The base model a PEFT adapter folder was trained on (None if it is not an adapter folder)."""
-    config = Path(folder) / "adapter_config.json"
-    return json.loads(config.read_text(encoding="utf-8")).get("base_model_name_or_path") if config.is_file() else None
+def adapter_config(folder: str | Path) -> Any | None:
+    """The PEFT config of an adapter folder, read by PEFT itself (None if the folder holds no adapter)."""
+    if not (Path(folder) / "adapter_config.json").is_file():
+        return None
+    from peft import PeftConfig
+
+    try:
+        return PeftConfig.from_pretrained(str(folder))
+    except (OSError, ValueError, TypeError, KeyError) as error:
+        raise RecipeError(f"cannot read the PEFT adapter config in {folder}: {error}") from None

@@ -24,15 +24,14 @@ from safetensors import safe_open
 from transformers import HfArgumentParser
 
 from .arguments import RecipeError, find_recipe, load_experiment
-from .checkpoints import checkpoint_folders, incomplete_reason
+from .checkpoints import WEIGHT_FILES, checkpoint_folders, incomplete_reason
 from .data import load_splits, read_rows
-from .models import adapter_base, is_classifier_config, load_model, load_tokenizer, resolve_model
+from .models import adapter_config, is_classifier_config, load_model, load_tokenizer, resolve_model
 from .sharpness import DEFAULT_BATCH_SIZE, SharpnessSettings, is_causal_lm, measure_sharpness
 from .trainers import build_trainer, eval_batches
 
 PROG = "dualadam-hf sharpness"
 RESULT_FILE = "sharpness.json"
-MODEL_FILES = ("config.json", "adapter_config.json")
 DEFAULT_MAX_LENGTH = 64
 HEADLINE = ("loss", "top_eigenvalue", "hessian_trace", "sharpness_worst", "sharpness_random")  # printed first
 # Keeps the description's example lines and shows each default.
@@ -102,7 +101,7 @@ def resolve_model_folder(name_or_path: str | Path) -> Path:
     folder = Path(resolve_model(str(name_or_path)))  # a RecipeError if there is none
     if not folder.is_dir():
         raise SharpnessError(f"--model {str(name_or_path)!r} is not a local folder")
-    has_model = lambda d: any((d / name).is_file() for name in MODEL_FILES)
+    has_model = lambda d: any((d / name).is_file() for name in WEIGHT_FILES)
     if has_model(folder):
         return folder
     checkpoints = checkpoint_folders(folder)  # newest first
@@ -115,8 +114,9 @@ def resolve_model_folder(name_or_path: str | Path) -> Path:
     if complete := [checkpoint for checkpoint, reason in reasons.items() if reason is None]:
         return complete[0]
     skipped = ", ".join(f"{checkpoint.name} ({reason})" for checkpoint, reason in reasons.items())
-    raise SharpnessError(f"no model in {folder}: expected {' or '.join(MODEL_FILES)} there, in one final-model "
-                         f"subfolder, or a complete checkpoint-N{f'; skipped incomplete {skipped}' if skipped else ''}")
+    raise SharpnessError(f"no model in {folder}: expected model weights ({' or '.join(WEIGHT_FILES[:2])}, ...) there, "
+                         "in one final-model subfolder, or a complete checkpoint-N"
+                         f"{f'; skipped incomplete {skipped}' if skipped else ''}")
 
 
 class ModelSource(NamedTuple):
@@ -150,22 +150,25 @@ def _adapter_num_labels(folder: Path) -> int | None:
 
 def model_source(folder: Path, command: SharpnessCommand) -> ModelSource:
     """Read the folder's config files (no weights yet): what to load and which task it is."""
-    adapter = folder / "adapter_config.json"
-    if not adapter.is_file():
+    try:
+        adapter = adapter_config(folder)
+    except RecipeError as error:
+        raise SharpnessError(str(error)) from None
+    if adapter is None:
         config = _read_json(folder / "config.json")
         classifier, path, num_labels = is_classifier_config(config), str(folder), len(config.get("id2label") or {})
     else:
-        classifier = _read_json(adapter).get("task_type") == "SEQ_CLS"
-        base = command.base_model or adapter_base(folder)
+        classifier = adapter.task_type == "SEQ_CLS"
+        base = command.base_model or adapter.base_model_name_or_path
         if not base:
-            raise SharpnessError(f"{adapter} names no base model; pass --base_model <folder>")
+            raise SharpnessError(f"{folder / 'adapter_config.json'} names no base model; pass --base_model <folder>")
         try:
             path = resolve_model(str(base))
         except RecipeError as error:
             raise SharpnessError(f"base model of {folder}: {error}; pass --base_model <folder>") from None
         num_labels = command.num_labels or _adapter_num_labels(folder) if classifier else 2
     tokenizer = str(folder) if (folder / "tokenizer_config.json").is_file() else path
-    return ModelSource(folder, path, str(folder) if adapter.is_file() else None,
+    return ModelSource(folder, path, None if adapter is None else str(folder),
                        "classification" if classifier else "sft", num_labels or 2, tokenizer)
 
 
