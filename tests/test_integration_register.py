@@ -56,6 +56,15 @@ def test_bad_optim_args_fail_when_arguments_are_built(tmp_path):
     TrainingArguments(output_dir=str(tmp_path), optim="adamw_torch", optim_args="whatever=1", report_to="none")
 
 
+def test_empty_optim_args_entries_reach_the_optimizer(tmp_path):
+    """A trailing comma passes DualAdam's checks, so transformers' own optim_args parser must not trip on it."""
+    from transformers import Trainer
+
+    args = TrainingArguments(str(tmp_path), optim="dualadam", optim_args="blend_steps=5,", report_to="none")
+    optimizer_cls, kwargs = Trainer.get_optimizer_cls_and_kwargs(args)
+    assert optimizer_cls is dualadam_hf.DualAdam and kwargs["blend_steps"] == 5
+
+
 def test_register_is_idempotent():
     """With the hook off, register() patches once: a second call adds no member and wraps nothing twice."""
     result = run_python("""

@@ -119,6 +119,10 @@ def _wrap_post_init(training_arguments: type) -> None:
         original_post_init(self, *args, **kwargs)
         if optimizer_name(self) in OPTIMIZER_NAMES:
             check_training_args(self)
+            if isinstance(self.optim_args, str):
+                # Empty entries ("blend_steps=5,") are fine for DualAdam's parser but not for the one transformers
+                # runs on optim_args before it looks up the handler.
+                self.optim_args = ",".join(entry for entry in self.optim_args.split(",") if entry.strip())
 
     training_arguments.__post_init__ = __post_init__
     setattr(training_arguments, _PATCHED_MARK, True)
