@@ -91,6 +91,9 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         parser.print_help()
         return 0
+    from .trainers import quiet_library_noise
+
+    quiet_library_noise()  # the commands' own logs: only lines a user can act on
     if args.command == "sharpness":
         from . import sharpness_cli
 

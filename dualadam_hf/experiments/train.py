@@ -20,7 +20,7 @@ from .arguments import Experiment, RecipeError
 from .checkpoints import TRAINER_STATE, WALL_TIME, folder_lock, read_json, resume_checkpoint, saved_wall_time
 from .data import load_splits
 from .models import resolve_model
-from .tasks import exact_match
+from .tasks import score_answers
 from .trainers import build_trainer, eval_batches
 from .watch import DIVERGED_KEY, blend_length_check, divergence_watch
 
@@ -31,6 +31,7 @@ SEGMENTS_KEY = "train_segments"
 SHARPNESS_PREFIX = "sharpness/"
 DONE_FILE = "run_done.json"
 ACCURACY_ROWS_FILE = "accuracy_rows.json"
+ACCURACY_ANSWERS_FILE = "accuracy_answers.json"  # the generated text of each scored problem, in row order
 RUN_LOCK_FILE = ".train.lock"
 
 
@@ -42,6 +43,39 @@ def peak_memory_mb() -> float:
         return torch.cuda.max_memory_allocated() / 2**20
     kilobytes = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return kilobytes / 1024 if sys.platform != "darwin" else kilobytes / 2**20
+
+
+class MemoryPhases:
+    """The peak memory of a run and the phase that reached it.
+
+    After each phase the process's high-water mark (:func:`peak_memory_mb`, which never falls) is noted, so the
+    phase whose mark first equals the final one is where the peak was reached. The kernel's mark is only read,
+    never reset, so outside tools (``/usr/bin/time -v``) measure the same peak.
+    """
+
+    def __init__(self, earlier_peak: float = 0.0) -> None:
+        self.earlier_peak = earlier_peak  # recorded by the earlier segments of a resumed run
+        self.marks: dict[str, float] = {}
+
+    def mark(self, phase: str) -> None:
+        self.marks[phase] = peak_memory_mb()
+
+    @property
+    def peak(self) -> float:
+        return max([self.earlier_peak, *self.marks.values()])
+
+    @property
+    def peak_phase(self) -> str:
+        """The phase that reached the peak ("an earlier segment" when a resumed run's earlier part did)."""
+        return next((phase for phase, mark in self.marks.items() if mark >= self.peak), "an earlier segment")
+
+    def numbers(self) -> dict[str, float]:
+        """The log entries: the whole run's peak and the high-water mark after each phase."""
+        return {PEAK_MEMORY_KEY: self.peak, **{f"{PEAK_MEMORY_KEY}/{k}": v for k, v in self.marks.items()}}
+
+    def summary(self) -> str:
+        marks = ", ".join(f"{phase} {mark:,.0f}" for phase, mark in self.marks.items())
+        return f"peak memory {self.peak:,.0f} MB, reached in {self.peak_phase} (MB after each phase: {marks})"
 
 
 def check_output_dir(folder: str | os.PathLike) -> None:
@@ -130,15 +164,19 @@ def _run(experiment: Experiment, model_path: str, train_data: Any, heldout: Any,
     base = str(checkpoint) if finished and adapter is None else model_path
     trainer, tokenizer = build_trainer(experiment, base, train_data, heldout, adapter=adapter)
     offset, segments, earlier_peak = saved_wall_time(checkpoint)
+    memory = MemoryPhases(earlier_peak)
+    memory.mark("load")
+    show_bars = not training.disable_tqdm and trainer.is_local_process_zero()
     clock = {"offset": offset, "segments": segments + 1, "start": time.time(), "stopped": None}
-    accuracy, scored = None, {}
+    accuracy, scored, answers = None, {}, {}
     if args.task == "sft" and args.accuracy_size:
         rows = heldout.select(range(min(args.accuracy_size, len(heldout))))
 
         def accuracy(model: Any, step: int) -> list[bool]:  # scored once per step
             if step not in scored:
-                scored[step] = exact_match(model, tokenizer, rows, max_new_tokens=args.max_new_tokens,
-                                           batch_size=args.generation_batch_size)
+                scored[step], answers[step] = score_answers(
+                    model, tokenizer, rows, max_new_tokens=args.max_new_tokens, batch_size=args.generation_batch_size,
+                    show_bar=show_bars)
             return scored[step]
     for callback in _callbacks(clock, accuracy if args.accuracy_during_training else None):
         trainer.add_callback(callback)
@@ -155,16 +193,18 @@ def _run(experiment: Experiment, model_path: str, train_data: Any, heldout: Any,
             "training nothing")
     else:
         trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
-    # A resumed run's peak is the largest of its segments' (the checkpoint recorded the earlier ones').
-    final: dict[str, float] = {PEAK_MEMORY_KEY: max(peak_memory_mb(), earlier_peak), WALL_TIME_KEY: _seconds(clock),
-                               SEGMENTS_KEY: float(clock["segments"])}
+    memory.mark("train")
+    final: dict[str, float] = {WALL_TIME_KEY: _seconds(clock), SEGMENTS_KEY: float(clock["segments"])}
     step = trainer.state.global_step
     diverged = watch.mark or next((e[DIVERGED_KEY] for e in trainer.state.log_history if DIVERGED_KEY in e), None)
     if diverged is not None:
         log("[train] a diverged run is not evaluated: its weights are not finite")
     elif not any("eval_loss" in e and e.get("step") == step for e in trainer.state.log_history):
         trainer.evaluate()  # with accuracy_during_training this also scores the accuracy at this step
+        memory.mark("evaluate")
     rows = None if accuracy is None or diverged is not None else [int(r) for r in accuracy(trainer.model, step)]
+    if rows is not None:
+        memory.mark("accuracy")
     if rows is not None and not (args.accuracy_during_training and any(
             ACCURACY_KEY in e and e.get("step") == step for e in trainer.state.log_history)):
         final[ACCURACY_KEY] = sum(rows) / len(rows)
@@ -173,17 +213,30 @@ def _run(experiment: Experiment, model_path: str, train_data: Any, heldout: Any,
 
         settings = args.sharpness_settings(seed=training.seed)
         numbers = measure_sharpness(trainer.model, eval_batches(trainer, settings.batches, settings.batch_size),
-                                    settings)
+                                    settings, show_bar=show_bars)
+        memory.mark("sharpness")
+        if not numbers["eigenvalue_converged"]:
+            change = numbers["eigenvalue_relative_change"]
+            log(f"[train] sharpness: the top eigenvalue {numbers['top_eigenvalue']:.6g} stopped at the cap of "
+                f"{settings.max_iters} power iterations (last relative change {change:.2g}, tolerance {settings.tol:g})"
+                ": sharpness/eigenvalue_converged is 0; raise sharpness_max_iters for a converged estimate")
         # Non-finite numbers (e.g. the standard error of a single probe) are left out: JSON has no NaN.
         final.update({f"{SHARPNESS_PREFIX}{k}": float(v) for k, v in numbers.items() if math.isfinite(v)})
+    # The whole run's peak, training and everything after it (a resumed run: the largest of its segments').
+    final.update(memory.numbers())
+    if trainer.is_world_process_zero():
+        log(f"[train] {memory.summary()}")
     trainer.log(final)
     trainer.save_model()
     trainer.save_state()
     if trainer.is_world_process_zero():
         output = Path(training.output_dir)
+        generated = answers.get(step) if rows is not None else None
         if rows is not None:
             write_atomically(output / ACCURACY_ROWS_FILE, rows)
+            write_atomically(output / ACCURACY_ANSWERS_FILE, generated)
         write_atomically(output / DONE_FILE, {"log_history": trainer.state.log_history, "accuracy_rows": rows,
-                                              DIVERGED_KEY: diverged})
+                                              "accuracy_answers": generated, DIVERGED_KEY: diverged,
+                                              "peak_memory_phase": memory.peak_phase})
     numbers = {k: v for e in trainer.state.log_history for k, v in e.items() if isinstance(v, (int, float))}
     return numbers | ({} if diverged is None else {"diverged_at_step": float(diverged["step"])})

@@ -3,13 +3,42 @@ reading its held-out batches: shared by training runs and the sharpness command.
 
 from __future__ import annotations
 
+import os
 import re
+import warnings
 from itertools import islice
 from typing import Any
 
 from .arguments import Experiment, RecipeError
 from .data import sft_columns
 from .models import load_model, load_tokenizer
+
+# Upstream deprecations a user of our commands cannot act on: TRL's SFTConfig sets `gradient_checkpointing` (which
+# transformers 5 renamed `activation_checkpointing`) whatever the recipe says, and TRL and PEFT call
+# `is_gradient_checkpointing`.
+UPSTREAM_DEPRECATIONS = (r"`gradient_checkpointing` is deprecated", r"`is_gradient_checkpointing` is deprecated")
+
+
+def has_accelerator() -> bool:
+    """Whether torch sees a GPU or another accelerator (memory pinning and DeepSpeed's kernels need one)."""
+    import torch
+
+    accelerator = getattr(torch, "accelerator", None)
+    return bool(accelerator.is_available()) if accelerator is not None else torch.cuda.is_available()
+
+
+def quiet_library_noise() -> None:
+    """Keep the log of the ``dualadam-hf`` commands to lines a user can act on (called by the commands only,
+    never on import, so a script that imports the package keeps every warning).
+
+    Filters :data:`UPSTREAM_DEPRECATIONS`. On a machine without an accelerator it also tells DeepSpeed so
+    (``DS_ACCELERATOR=cpu``, unless set): accelerate imports DeepSpeed, when installed, on every model save, and
+    DeepSpeed would otherwise warn in every process that it detected no accelerator and chose the CPU.
+    """
+    for message in UPSTREAM_DEPRECATIONS:
+        warnings.filterwarnings("ignore", message=message, category=FutureWarning)
+    if "DS_ACCELERATOR" not in os.environ and not has_accelerator():
+        os.environ["DS_ACCELERATOR"] = "cpu"
 
 
 def build_trainer(experiment: Experiment, model_path: str, train_data: Any, heldout: Any, *,
@@ -20,6 +49,9 @@ def build_trainer(experiment: Experiment, model_path: str, train_data: Any, held
 
     args, training, model_args = experiment.args, experiment.training, experiment.model
     eval_data = heldout if args.eval_size is None else heldout.select(range(min(args.eval_size, len(heldout))))
+    if training.dataloader_pin_memory and (training.use_cpu or not has_accelerator()):
+        # Pinned memory only speeds copies to an accelerator; without one torch warns for every dataloader.
+        training.dataloader_pin_memory = False
     set_seed(training.seed)
     tokenizer = load_tokenizer(model_path)
     peft_config = None

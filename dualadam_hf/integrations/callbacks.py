@@ -1,4 +1,5 @@
-"""A TrainerCallback that resolves the blend length and logs `dualadam/blend` and `dualadam/inverse_share`."""
+"""A TrainerCallback that resolves the blend length and logs `dualadam/blend`, `dualadam/inverse_share` and
+`dualadam/effective_lr`."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from .unwrap import find_dualadam
 
 BLEND_LOG_KEY = "dualadam/blend"
 INVERSE_SHARE_LOG_KEY = "dualadam/inverse_share"
+EFFECTIVE_LR_LOG_KEY = "dualadam/effective_lr"
 
 
 def _wrapper_chain(optimizer: Any) -> str:
@@ -29,8 +31,10 @@ class DualAdamCallback(TrainerCallback):
 
     At train begin it finds DualAdam inside the optimizer wrappers and calls `set_total_steps(max_steps)`, or
     raises if `--optim dualadam`/`invadam` was requested but something else trains (e.g. DeepSpeedCPUAdam under
-    optimizer offload). Each training log gets `dualadam/blend` (the inverse-Adam weight of the latest step) and
-    `dualadam/inverse_share` (that step's share of the update from the inverse part). It warns when gradient
+    optimizer offload). Each training log gets `dualadam/blend` (the inverse-Adam weight r of the latest step),
+    `dualadam/inverse_share` (that step's share of the update from the inverse part) and `dualadam/effective_lr`
+    (the rate on the Adam part, (1 - r) times the group's learning rate: the schedule's `learning_rate` is the
+    rate before the blend, so the matched warmup logs its warmup here). It warns when gradient
     clipping is off and when a resumed run has an empty optimizer state. See docs/usage.md.
     """
 
@@ -78,7 +82,10 @@ class DualAdamCallback(TrainerCallback):
         # report the weight of step 1.
         group = next((i for i, g in enumerate(opt.param_groups)
                       if any("step" in opt.state.get(p, {}) for p in g["params"])), 0)
-        added = {BLEND_LOG_KEY: opt.blend_weight(group), INVERSE_SHARE_LOG_KEY: opt.inverse_share()}
+        blend = opt.blend_weight(group)
+        added = {BLEND_LOG_KEY: blend, INVERSE_SHARE_LOG_KEY: opt.inverse_share(),
+                 # The rate the log reports (the Trainer's learning_rate), else the group's.
+                 EFFECTIVE_LR_LOG_KEY: float(logs.get("learning_rate", opt.param_groups[group]["lr"])) * (1.0 - blend)}
         # Trainer.log stores a copy of `logs` in log_history before calling the callbacks; add the numbers to
         # that copy too so they are saved in trainer_state.json.
         latest = state.log_history[-1] if state.log_history else {}
