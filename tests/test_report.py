@@ -311,3 +311,15 @@ def test_the_cpu_study_recomputed_from_its_raw_logs(tmp_path):
     assert "dualadam-scaled − adamw_torch, held-out accuracy: the interval contains 0" in text
     # 3 of 3 seeds worse held-out loss for the warmup (and for DualAdam, the same model).
     assert all(x.startswith("+") for x in rows[("matched-warmup", "held-out loss")][0].split(", "))
+
+
+
+def test_the_training_side_does_not_import_the_report():
+    """watch.py owns the keys train records and the report reads: training never loads the report (nor scipy
+    through its statistics), and the report's import of watch is no circle."""
+    import subprocess
+
+    probe = ("import sys; import dualadam_hf.experiments.watch; "
+             "print(sorted(m for m in sys.modules if m == 'scipy' or m.endswith('experiments.report')))")
+    loaded = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
+    assert loaded.strip() == "[]"

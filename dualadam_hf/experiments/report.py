@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from .stats import McNemar, PairedDifference, format_number, mcnemar_exact, mean_std, paired_difference
+from .watch import DIVERGED_KEY
 
 # (summary key, log-history keys (first found wins), column header, digits, better)
 METRICS: tuple[tuple[str, tuple[str, ...], str, int, str], ...] = (
@@ -34,7 +35,6 @@ METRICS: tuple[tuple[str, tuple[str, ...], str, int, str], ...] = (
 RESOURCE_METRICS = ("wall_time_s", "peak_memory_mb")
 SUMMARY_OF = {"eval_loss": "heldout_loss", "eval_accuracy": "heldout_accuracy"}  # select_metric -> summary key
 INVERSE_SHARE_KEY = "dualadam/inverse_share"
-DIVERGED_KEY = "diverged"  # run_done.json and the log history: {"step": N} when the loss became non-finite
 # Log-history keys whose non-finite value means the run diverged (transformers logs a NaN loss as 0, but not
 # the gradient norm or the held-out loss).
 _WATCHED = ("loss", "grad_norm", "eval_loss", "train_loss")

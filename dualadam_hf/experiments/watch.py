@@ -17,8 +17,9 @@ import math
 from collections.abc import Callable
 from typing import Any
 
-from .report import DIVERGED_KEY
-
+# Keys of the log history and run_done.json: {"diverged": {"step": N, "what": "loss"}} when training stopped at a
+# non-finite number, {"blend_unfinished": {...}} when the blend outlasts the run. The report reads both.
+DIVERGED_KEY = "diverged"
 BLEND_UNFINISHED_KEY = "blend_unfinished"
 
 
