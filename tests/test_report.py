@@ -65,8 +65,11 @@ class FakePlan:
         self.output_dir, self.config = out, Path("recipe.yaml")
         self.variants = parse_variants(",".join(variants))
         self.seeds, self.overrides, self.test_split = list(seeds), [], "test"
-        self.lr_grid, self.chosen_lr, self.select_metric, self.grid_seed = [], {}, "eval_loss", 1000
+        self.lr_grid, self.chosen_lr, self.select_metric, self.grid_seeds = [], {}, "eval_loss", [1000]
         self.validation_split = "validation"
+
+    def seeds_of(self, variant) -> list[int]:
+        return self.seeds if variant.seeds is None else [self.seeds[0] + k for k in range(variant.seeds)]
 
 
 def differences_rows(text: str, baseline: str = "adamw_torch") -> dict[tuple[str, str], list[str]]:
@@ -323,3 +326,78 @@ def test_the_training_side_does_not_import_the_report():
              "print(sorted(m for m in sys.modules if m == 'scipy' or m.endswith('experiments.report')))")
     loaded = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
     assert loaded.strip() == "[]"
+
+
+def variant_line(text: str, label: str) -> str:
+    return next(line for line in text.splitlines() if line.startswith(f"- **{label}**:"))
+
+
+def test_a_blend_that_outlasts_the_runs_is_said_once_next_to_its_variant(tmp_path):
+    rng = random.Random(14)
+    mark = {"blend_steps": 100, "max_steps": 48, "last_blend": 0.52, "inverse_scale": 1.0}
+    warmup = {**mark, "inverse_scale": 0.0}
+    results = [RunResult("adamw_torch", s, fake_history(rng)) for s in (0, 1)]
+    # Recorded in run_done.json (one run) or in the log history (the other): either way the same note.
+    results.append(RunResult.from_done("dualadam", 0, {"log_history": fake_history(rng), "blend_unfinished": mark}))
+    results.append(RunResult("dualadam", 1, [{"blend_unfinished": mark, "step": 0}, *fake_history(rng)]))
+    results += [RunResult("matched-warmup", s, [{"blend_unfinished": warmup, "step": 0}, *fake_history(rng)])
+                for s in (0, 1)]
+    plan = FakePlan(tmp_path, ("adamw_torch", "dualadam", "matched_warmup"), seeds=(0, 1))
+    text = write_report(plan, results).read_text()
+    note = "blend not over at the last step: r = 0.52 at step 48 of a 100-step blend"
+    assert variant_line(text, "dualadam").endswith(f"— {note}") and text.count(note) == 2
+    assert variant_line(text, "matched-warmup").endswith(f"— {note} (the warmup reached 0.48 of the learning rate)")
+    assert "blend" not in variant_line(text, "adamw_torch")
+    # The record travels with the raw logs, so a report rewritten from them says the same.
+    final, _ = load_raw(tmp_path / "raw")
+    plan.output_dir = tmp_path / "again"
+    assert write_report(plan, final).read_text().count(note) == 2
+
+
+def test_grid_rates_equal_to_6_digits_keep_their_own_files_and_columns(tmp_path):
+    rng = random.Random(15)
+    rates = [1e-3, 1e-3 * (1 + 1e-9), 1.2345678e-4]  # the first two are equal to 9 significant digits
+    plan = FakePlan(tmp_path, seeds=(0,))
+    plan.lr_grid, plan.chosen_lr = rates, {"adamw_torch": rates[1], "dualadam": rates[2]}
+    grid = [RunResult(label, 1000, with_final(fake_history(rng), eval_loss=1 + k), phase="grid", lr=lr)
+            for label in ("adamw_torch", "dualadam") for k, lr in enumerate(rates)]
+    results = [RunResult(label, 0, fake_history(rng)) for label in ("adamw_torch", "dualadam")]
+    text = write_report(plan, results, grid).read_text()
+    header = next(line for line in text.splitlines() if line.startswith("| variant | lr "))
+    assert header == "| variant | lr 0.001 | lr 0.001000000001 | lr 0.00012345678 | chosen |"
+    assert "| adamw_torch | 1.0000 | **2.0000** | 3.0000 | 0.001000000001 |" in text
+    assert "| dualadam | 1.0000 | 2.0000 | **3.0000** | 0.00012345678 |" in text
+    raw = tmp_path / "raw"
+    assert len(list(raw.glob("grid-*.json"))) == 6
+    assert (raw / f"grid-dualadam-seed1000-lr{rates[1]!r}.json").is_file()
+    _, loaded = load_raw(raw)
+    assert sorted((r.label, r.lr, r.summary["heldout_loss"]) for r in loaded) == sorted(
+        (r.label, r.lr, r.summary["heldout_loss"]) for r in grid)
+    # A raw folder from before rates were named in full: the old name (rate:g) of a run is still read, and a run
+    # saved under both its old and its current name is read once, from the current file.
+    (raw / "grid-dualadam-seed1000-lr0.000123457.json").write_text(
+        (raw / "grid-dualadam-seed1000-lr0.00012345678.json").read_text())
+    old_name = raw / "grid-adamw_torch-seed1000-lr0.000123457.json"
+    (raw / "grid-adamw_torch-seed1000-lr0.00012345678.json").rename(old_name)
+    _, loaded = load_raw(raw)
+    assert sorted((r.label, r.lr) for r in loaded) == sorted((r.label, r.lr) for r in grid)
+
+
+def test_variants_with_their_own_seeds_are_shown_with_them(tmp_path):
+    from dualadam_hf.experiments.compare import Plan
+
+    rng = random.Random(16)
+    variants = parse_variants([{"optim": "adamw_torch"}, {"optim": "dualadam", "seeds": 1},
+                               {"optim": "invadam", "seeds": 3}])
+    plan = Plan(config=Path("recipe.yaml"), variants=variants, seeds=[5, 6, 7], lr_grid=[], grid_seeds=[1000],
+                select_metric="eval_loss", output_dir=tmp_path, overrides=[], sharpness=False, test_split="test",
+                validation_split="validation", baseline="adamw_torch", recipe_digest="")
+    results = [RunResult(v.label, s, fake_history(rng)) for v in variants for s in plan.seeds_of(v)]
+    text = write_report(plan, results).read_text()
+    assert variant_line(text, "dualadam") == "- **dualadam**: `dualadam`; its own seeds 5"
+    assert variant_line(text, "adamw_torch") == "- **adamw_torch**: `adamw_torch`"
+    assert variant_line(text, "invadam") == "- **invadam**: `invadam`"  # 3 seeds from 5: the comparison's own
+    assert "; seeds 5, 6, 7 (variants with their own: as listed);" in text
+    plan.variants = parse_variants([{"optim": "adamw_torch", "seeds": 2}, {"optim": "dualadam", "seeds": 1}])
+    text = write_report(plan, [r for r in results if r.label != "invadam"]).read_text()
+    assert variant_line(text, "adamw_torch").endswith("; its own seeds 5, 6") and "; seeds as listed with each" in text

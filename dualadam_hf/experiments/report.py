@@ -3,7 +3,8 @@ per-seed McNemar tests for accuracy, and curves.
 
 Every number is read back from a run's log history (``run_done.json``); nothing is recomputed from the
 model, so the report cannot disagree with the logs. A run that failed or diverged is named and kept out of every
-mean and interval, and so is its seed for the other variants: all variants are compared on the same seeds.
+mean and interval, and so is its seed for the other variants: all variants are compared on the same seeds. A
+blend that did not end inside a variant's runs (recorded by training) is said next to the variant.
 The report is written before the plots, each file atomically, so a full disk never leaves half a report.
 """
 
@@ -20,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from .stats import McNemar, PairedDifference, format_number, mcnemar_exact, mean_std, paired_difference
-from .watch import DIVERGED_KEY
+from .watch import BLEND_UNFINISHED_KEY, DIVERGED_KEY
 
 # (summary key, log-history keys (first found wins), column header, digits, better)
 METRICS: tuple[tuple[str, tuple[str, ...], str, int, str], ...] = (
@@ -63,6 +64,20 @@ def _describe_mark(mark: Any) -> str | None:
     return f"non-finite {what} at step {int(value)}"
 
 
+def _describe_blend(mark: Any) -> str | None:
+    """What an unfinished-blend record of training says, e.g. "blend not over at the last step: r = 0.52 at step
+    48 of a 100-step blend" (None for a record it cannot read)."""
+    try:
+        blend_steps, last_step, r = int(mark["blend_steps"]), int(mark["max_steps"]), float(mark["last_blend"])
+    except (KeyError, TypeError, ValueError):
+        return None
+    text = f"blend not over at the last step: r = {r:.2f} at step {last_step} of a {blend_steps}-step blend"
+    scale = mark.get("inverse_scale")
+    if isinstance(scale, (int, float)) and not isinstance(scale, bool) and scale == 0:  # the matched warmup
+        text += f" (the warmup reached {1 - r:.2f} of the learning rate)"
+    return text
+
+
 @dataclass
 class RunResult:
     label: str
@@ -74,6 +89,7 @@ class RunResult:
     lr: float | None = None
     accuracy_rows: list[int] | None = None
     diverged: dict[str, Any] | None = None  # run_done.json's mark, e.g. {"step": 14}
+    blend_unfinished: dict[str, Any] | None = None  # run_done.json's record of a blend longer than the run
     summary: dict[str, float | None] = field(init=False)
 
     def __post_init__(self) -> None:
@@ -84,7 +100,8 @@ class RunResult:
                   lr: float | None = None) -> RunResult:
         """A finished run from the contents of its ``run_done.json``."""
         return cls(label, seed, list(done.get("log_history") or []), phase=phase, lr=lr,
-                   accuracy_rows=done.get("accuracy_rows"), diverged=done.get(DIVERGED_KEY))
+                   accuracy_rows=done.get("accuracy_rows"), diverged=done.get(DIVERGED_KEY),
+                   blend_unfinished=done.get(BLEND_UNFINISHED_KEY))
 
     @property
     def segments(self) -> int:
@@ -108,6 +125,13 @@ class RunResult:
         return None
 
     @property
+    def unfinished_blend(self) -> str | None:
+        """What training recorded when the blend did not end inside the run (None if it did, or nothing says)."""
+        marks = [self.blend_unfinished] + [e[BLEND_UNFINISHED_KEY] for e in self.log_history
+                                           if BLEND_UNFINISHED_KEY in e]
+        return next((text for text in map(_describe_blend, marks) if text is not None), None)
+
+    @property
     def usable(self) -> bool:
         """Finished without diverging: its numbers may enter means and intervals."""
         return self.ok and self.divergence is None
@@ -115,7 +139,8 @@ class RunResult:
     def to_json(self) -> dict[str, Any]:
         return {"label": self.label, "seed": self.seed, "phase": self.phase, "lr": self.lr, "ok": self.ok,
                 "error": self.error, "diverged": self.divergence, "summary": self.summary,
-                "accuracy_rows": self.accuracy_rows, "log_history": self.log_history}
+                "accuracy_rows": self.accuracy_rows, "blend_unfinished": self.blend_unfinished,
+                "log_history": self.log_history}
 
 
 @dataclass
@@ -286,10 +311,22 @@ def _grid_cell(runs: Sequence[RunResult], key: str) -> str:
     return text if len(values) == len(runs) else f"{text} ({len(runs) - len(values)} of {len(runs)} lost)"
 
 
+def rate_texts(rates: Sequence[float]) -> dict[float, str]:
+    """Each rate written with the fewest significant digits, 6 or more (as ``:g``), that tell all ``rates`` apart:
+    1e-3 and 1.0000001e-3 are two rates and must not read as one. 17 digits always do."""
+    distinct = sorted(set(rates))
+    for digits in range(6, 18):
+        texts = {rate: f"{rate:.{digits}g}" for rate in distinct}
+        if len(set(texts.values())) == len(distinct):
+            return texts
+    return {rate: repr(rate) for rate in distinct}
+
+
 def grid_table(plan: Any, grid_results: Sequence[RunResult]) -> str:
     """Final validation metric per variant and rate (the mean over grid seeds); the chosen rate in bold."""
     key = SUMMARY_OF[plan.select_metric]
-    lines = ["| variant | " + " | ".join(f"lr {lr:g}" for lr in plan.lr_grid) + " | chosen |",
+    names = rate_texts(plan.lr_grid)
+    lines = ["| variant | " + " | ".join(f"lr {names[lr]}" for lr in plan.lr_grid) + " | chosen |",
              "|" + "---|" * (len(plan.lr_grid) + 2)]
     for variant in plan.variants:
         cells = []
@@ -297,7 +334,8 @@ def grid_table(plan: Any, grid_results: Sequence[RunResult]) -> str:
         for lr in plan.lr_grid:
             text = _grid_cell([r for r in grid_results if r.label == variant.label and r.lr == lr], key)
             cells.append(f"**{text}**" if chosen == lr else text)
-        lines.append(f"| {variant.label} | " + " | ".join(cells) + f" | {'-' if chosen is None else f'{chosen:g}'} |")
+        shown = "-" if chosen is None else names.get(chosen, repr(chosen))
+        lines.append(f"| {variant.label} | " + " | ".join(cells) + f" | {shown} |")
     return "\n".join(lines)
 
 
@@ -377,16 +415,30 @@ def _matplotlib_available() -> bool:
     return True
 
 
-def _header(plan: Any, baselines: list[str]) -> list[str]:
+def _blend_notes(label: str, runs: Sequence[RunResult]) -> str:
+    """What training recorded about the variant's blend outlasting its runs, each distinct record once."""
+    return "; ".join(dict.fromkeys(text for r in runs if r.label == label and (text := r.unfinished_blend)))
+
+
+def _header(plan: Any, baselines: list[str], runs: Sequence[RunResult]) -> list[str]:
+    """Title, the variants (with their own seeds where they differ from the comparison's, and a blend that did
+    not end inside their runs), the recipe, overrides and seeds."""
     lines = [f"# Optimizer comparison: {plan.config.stem}", "",
              f"Variants (paired differences against {' and '.join(baselines)}):", ""]
+    own_seeds = {v.label: plan.seeds_of(v) for v in plan.variants if list(plan.seeds_of(v)) != list(plan.seeds)}
     for v in plan.variants:
         extra = ", ".join([f"optim_args `{v.optim_args_text}`"] * bool(v.optim_args)
                           + [f"`{k}={val}`" for k, val in v.settings.items()])
-        lines.append(f"- **{v.label}**: `{v.optim}`" + (f" with {extra}" if extra else ""))
-    seeds = f"seeds {', '.join(map(str, plan.seeds))}"
-    if hasattr(plan, "seeds_of") and (own := [v for v in plan.variants if plan.seeds_of(v) != plan.seeds]):
-        seeds += " (" + "; ".join(f"{v.label}: {', '.join(map(str, plan.seeds_of(v)))}" for v in own) + ")"
+        line = f"- **{v.label}**: `{v.optim}`" + (f" with {extra}" if extra else "")
+        if v.label in own_seeds:
+            line += f"; its own seeds {', '.join(map(str, own_seeds[v.label]))}"
+        if blend := _blend_notes(v.label, runs):
+            line += f" — {blend}"
+        lines.append(line)
+    if len(own_seeds) == len(plan.variants):
+        seeds = "seeds as listed with each variant"
+    else:
+        seeds = f"seeds {', '.join(map(str, plan.seeds))}" + (" (variants with their own: as listed)" * bool(own_seeds))
     return lines + ["", f"Recipe `{plan.config.name}`; overrides `{' '.join(plan.overrides) or 'none'}`; {seeds}; "
                     f"held-out results on the `{plan.test_split}` split.", ""]
 
@@ -412,8 +464,9 @@ def _results_section(results: Sequence[RunResult], selection: Selection) -> list
 
 def _run_notes(results: Sequence[RunResult], grid_results: Sequence[RunResult], seconds: float) -> list[str]:
     everything = [*grid_results, *results]
+    names = rate_texts([r.lr for r in everything if r.lr is not None])
     lines = [f"- **failed**: {r.label} seed {r.seed} ({r.phase}): {r.error}" for r in everything if not r.ok]
-    lines += [f"- **diverged**: {r.label} seed {r.seed} ({r.phase}" + ("" if r.lr is None else f", lr {r.lr:g}")
+    lines += [f"- **diverged**: {r.label} seed {r.seed} ({r.phase}" + ("" if r.lr is None else f", lr {names[r.lr]}")
               + f"): {r.divergence}; left out of the means and intervals" for r in everything if r.ok and not r.usable]
     trained = sum(r.summary["wall_time_s"] or 0.0 for r in everything
                   if r.ok and r.summary["wall_time_s"] is not None and math.isfinite(r.summary["wall_time_s"]))
@@ -422,39 +475,54 @@ def _run_notes(results: Sequence[RunResult], grid_results: Sequence[RunResult], 
                     "(finished runs that were reused cost nothing)."]
 
 
+def raw_file_name(run: RunResult) -> str:
+    """``<phase>-<variant>-seed<k>[-lr<rate>].json``, the rate written in full (repr, as the run folders): rates
+    equal to 6 significant digits get files of their own."""
+    name = f"{run.phase}-{run.label}-seed{run.seed}" + ("" if run.lr is None else f"-lr{run.lr!r}")
+    return "".join(c if c.isalnum() or c in "._=-" else "_" for c in name) + ".json"
+
+
 def _save_raw(raw: Path, runs: Sequence[RunResult]) -> None:
     raw.mkdir(parents=True, exist_ok=True)
     for r in runs:
-        name = f"{r.phase}-{r.label}-seed{r.seed}" + ("" if r.lr is None else f"-lr{r.lr:g}")
-        write_text_atomically(raw / f"{''.join(c if c.isalnum() or c in '._=-' else '_' for c in name)}.json",
-                              json.dumps(r.to_json(), indent=1) + "\n")
+        write_text_atomically(raw / raw_file_name(r), json.dumps(r.to_json(), indent=1) + "\n")
 
 
 def load_raw(folder: str | os.PathLike) -> tuple[list[RunResult], list[RunResult]]:
-    """(final runs, grid runs) from a report's raw/*.json files, e.g. to rewrite a report without training."""
-    final, grid = [], []
+    """(final runs, grid runs) from a report's raw/*.json files, e.g. to rewrite a report without training.
+
+    Files are read by their content, whatever their name. A folder written before rates were named in full
+    (``-lr{rate:g}``) may hold a run under that old name next to the same run (phase, variant, seed and rate)
+    under its current name: the current file wins, and the run is read once."""
+    runs: dict[tuple[str, str, int, float | None], RunResult] = {}
     for file in sorted(Path(folder).glob("*.json")):
         run = json.loads(file.read_text(encoding="utf-8"))
         result = RunResult(run["label"], run["seed"], run["log_history"], ok=run["ok"], error=run["error"],
-                           phase=run["phase"], lr=run["lr"], accuracy_rows=run["accuracy_rows"])
-        (grid if result.phase == "grid" else final).append(result)
-    return final, grid
+                           phase=run["phase"], lr=run["lr"], accuracy_rows=run["accuracy_rows"],
+                           blend_unfinished=run.get("blend_unfinished"))
+        key = (result.phase, result.label, result.seed, result.lr)
+        if key not in runs or file.name == raw_file_name(result):
+            runs[key] = result
+    final = [r for r in runs.values() if r.phase != "grid"]
+    return final, [r for r in runs.values() if r.phase == "grid"]
 
 
 def write_report(plan: Any, results: Sequence[RunResult], grid_results: Sequence[RunResult] = (), *,
                  seconds: float = 0.0, baseline: str | None = None) -> Path:
     """Write raw/<phase>-<variant>-seed<k>[-lr<lr>].json, then report.md, then the plots; return report.md's path.
 
-    Paired differences are against the first variant and, when ``baseline`` names another variant, against it
-    too. A plot that cannot be written is reported on stderr and in report.md; the tables are already saved."""
+    ``plan`` is compare's plan (its variants, ``seeds`` and ``seeds_of``, ``lr_grid``, ``grid_seeds``,
+    ``chosen_lr``, splits, ...). Paired differences are against the first variant and, when ``baseline`` names
+    another variant, against it too. A plot that cannot be written is reported on stderr and in report.md; the
+    tables are already saved."""
     out = Path(plan.output_dir)
     _save_raw(out / "raw", [*grid_results, *results])
     selection = select(results, [v.label for v in plan.variants])
     first = plan.variants[0].label if plan.variants else next(iter(selection.runs), "")
     baselines = list(dict.fromkeys(b for b in (first, baseline) if b))
-    lines = _header(plan, baselines)
+    lines = _header(plan, baselines, [*grid_results, *results])
     if plan.lr_grid:
-        grid_seeds = ", ".join(map(str, getattr(plan, "grid_seeds", [plan.grid_seed])))
+        grid_seeds = ", ".join(map(str, plan.grid_seeds))
         lines += [f"## Learning rates, chosen on the `{plan.validation_split}` split", "",
                   f"Final {plan.select_metric} per rate (mean over the grid runs of seed {grid_seeds}); the "
                   "chosen rate is bold. The test split is not read in this phase.", "", grid_table(plan, grid_results),
