@@ -81,6 +81,13 @@ def test_bad_variants_are_named(text, match):
         parse_variants(text)
 
 
+@pytest.mark.parametrize("entry", ["dualadam[train_pool_size=64]", {"optim": "dualadam", "train_pool_size": 64}])
+def test_a_variant_cannot_draw_its_train_rows_from_another_pool(entry):
+    # The pool the train rows of a seed are drawn from must be the same for every variant of that seed.
+    with pytest.raises(RecipeError, match="train_pool_size must be the same in every run"):
+        parse_variants([entry])
+
+
 # --- plan, commands, learning-rate choice --------------------------------------------------------
 
 

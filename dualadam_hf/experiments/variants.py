@@ -39,8 +39,8 @@ SET_BY_COMPARE = ("optim", "optim_args", "seed", "output_dir", "learning_rate", 
 # model, data, held-out rows and measurements.
 EQUAL_ACROSS_RUNS = (
     "model_name_or_path", "task", "num_labels", "dataset_name", "dataset_config", "dataset_train_split",
-    "dataset_validation_split", "dataset_format", "dataset_seed", "train_size", "eval_size", "text_column",
-    "label_column", "accuracy_size", "max_new_tokens", "sharpness_batches", "sharpness_batch_size",
+    "dataset_validation_split", "dataset_format", "dataset_seed", "train_size", "train_pool_size", "eval_size",
+    "text_column", "label_column", "accuracy_size", "max_new_tokens", "sharpness_batches", "sharpness_batch_size",
     "sharpness_max_iters", "sharpness_probes",
 )
 _ENTRY = re.compile(r"^\s*([A-Za-z0-9_.\-]+)\s*(?:\[(.*)\])?\s*$", re.S)
