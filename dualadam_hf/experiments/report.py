@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..integrations.log_keys import INVERSE_SHARE_LOG_KEY as INVERSE_SHARE_KEY
 from .stats import McNemar, PairedDifference, format_number, mcnemar_exact, mean_std, paired_difference
 from .watch import BLEND_UNFINISHED_KEY, DIVERGED_KEY
 
@@ -35,7 +36,6 @@ METRICS: tuple[tuple[str, tuple[str, ...], str, int, str], ...] = (
 # Costs, not outcomes: shared cores make wall time noisy, so they get no paired differences.
 RESOURCE_METRICS = ("wall_time_s", "peak_memory_mb")
 SUMMARY_OF = {"eval_loss": "heldout_loss", "eval_accuracy": "heldout_accuracy"}  # select_metric -> summary key
-INVERSE_SHARE_KEY = "dualadam/inverse_share"
 # Log-history keys whose non-finite value means the run diverged (transformers logs a NaN loss as 0, but not
 # the gradient norm or the held-out loss).
 _WATCHED = ("loss", "grad_norm", "eval_loss", "train_loss")

@@ -10,12 +10,9 @@ from transformers import TrainerCallback
 from transformers.trainer_callback import DefaultFlowCallback
 
 from ..optimizer import DualAdam
+from .log_keys import BLEND_LOG_KEY, EFFECTIVE_LR_LOG_KEY, INVERSE_SHARE_LOG_KEY
 from .optim_args import OPTIMIZER_NAMES, optimizer_name
 from .unwrap import find_dualadam
-
-BLEND_LOG_KEY = "dualadam/blend"
-INVERSE_SHARE_LOG_KEY = "dualadam/inverse_share"
-EFFECTIVE_LR_LOG_KEY = "dualadam/effective_lr"
 
 
 def _wrapper_chain(optimizer: Any) -> str:
