@@ -3,6 +3,9 @@
 A kill during a save leaves a folder without ``trainer_state.json`` (the Trainer writes it last) or with
 truncated files: ``last`` takes the newest complete checkpoint and says which it skipped. A checkpoint without
 optimizer state is refused: resuming would restart the optimizer (DualAdam's bias correction and blend) silently.
+
+transformers is imported inside the functions that need it: the comparison imports this module for
+:func:`read_json` and :func:`folder_lock`, and should not wait for transformers to load.
 """
 
 from __future__ import annotations
@@ -14,19 +17,28 @@ import re
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .arguments import RecipeError
 
-TRAINER_STATE = "trainer_state.json"
+if TYPE_CHECKING:
+    from transformers import TrainerState
+
+TRAINER_STATE = "trainer_state.json"  # the name the Trainer saves its state under
 WALL_TIME = "wall_time.json"
+# The files a saved model or adapter keeps its weights in: one of them makes a folder hold a model.
 WEIGHT_FILES = ("model.safetensors", "adapter_model.safetensors", "pytorch_model.bin", "adapter_model.bin",
                 "model.safetensors.index.json", "pytorch_model.bin.index.json")
+# The Trainer's checkpoint folder names, as its get_last_checkpoint matches them.
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 
 
 def checkpoint_folders(output_dir: str | Path) -> list[Path]:
-    """``checkpoint-N`` folders of a run, newest (largest N) first."""
+    """The ``checkpoint-N`` folders of a run, newest (largest N) first.
+
+    The newest is the one ``transformers.trainer_utils.get_last_checkpoint`` picks. That function gives the
+    newest alone, whatever its state; the whole list lets a caller pass over a save that was cut off.
+    """
     folder = Path(output_dir)
     found = [(int(m.group(1)), p) for p in (folder.iterdir() if folder.is_dir() else ())
              if p.is_dir() and (m := _CHECKPOINT.match(p.name))]
@@ -37,17 +49,41 @@ def read_json(file: Path) -> Any:
     """A JSON file's content, or None if it is missing or cut off (being written when the run was killed)."""
     try:
         return json.loads(file.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
+    except (OSError, ValueError):  # ValueError: cut off inside the JSON or inside a UTF-8 character
         return None
+
+
+def load_trainer_state(folder: Path) -> TrainerState | None:
+    """A checkpoint's trainer state, read as the Trainer reads it when it resumes (``TrainerState.load_from_json``).
+
+    None when the file is missing or cut off: the run was killed while saving. A whole file that is not a state
+    this transformers version reads is a RecipeError. Passing over it would pass over a finished save, and the
+    Trainer would fail on it anyway when it resumes.
+    """
+    from transformers import TrainerState
+
+    file = folder / TRAINER_STATE
+    try:
+        return TrainerState.load_from_json(str(file))
+    except (OSError, ValueError):
+        return None
+    except TypeError as error:  # valid JSON, but not the fields of TrainerState (a list, or unknown keys)
+        raise RecipeError(f"{file} is not a trainer state this transformers version reads ({error}); was it "
+                          "saved by another version of transformers?") from None
+
+
+def holds_weights(folder: Path) -> bool:
+    """Whether ``folder`` holds model or adapter weights (one of :data:`WEIGHT_FILES`)."""
+    return any((folder / name).is_file() for name in WEIGHT_FILES)
 
 
 def incomplete_reason(folder: Path) -> str | None:
     """Why a checkpoint folder is not a finished save (None when it is)."""
     if not (folder / TRAINER_STATE).is_file():
         return f"no {TRAINER_STATE}: the save was cut off"
-    if read_json(folder / TRAINER_STATE) is None:
+    if load_trainer_state(folder) is None:
         return f"{TRAINER_STATE} is truncated"
-    if not any((folder / name).is_file() for name in WEIGHT_FILES):
+    if not holds_weights(folder):
         return "no model weights"
     return None
 
@@ -103,10 +139,10 @@ def saved_wall_time(checkpoint: Path | None) -> tuple[float, int, float]:
     by the run that saved it."""
     if checkpoint is None:
         return 0.0, 0, 0.0
+    data = read_json(checkpoint / WALL_TIME)
     try:
-        data = json.loads((checkpoint / WALL_TIME).read_text(encoding="utf-8"))
         return float(data["train_seconds"]), int(data["segments"]), float(data.get("peak_memory_mb", 0.0))
-    except (OSError, ValueError, KeyError, TypeError):
+    except (ValueError, KeyError, TypeError):  # None (no file), or a file without these numbers
         return 0.0, 1, 0.0  # saved by a run that did not record it: one earlier segment of unknown length
 
 
