@@ -1,4 +1,5 @@
-"""A training pool: each seed draws its own train rows from it, while the held-out rows stay fixed and apart."""
+"""Loading data: a training pool each seed draws its own rows from, held-out rows fixed and apart from the train
+rows even when the source repeats rows, and the rows of a data file as padded batches."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import pytest
 
 from dualadam_hf.experiments import RecipeError
 from dualadam_hf.experiments.arguments import load_experiment
-from dualadam_hf.experiments.data import load_splits
+from dualadam_hf.experiments.data import jsonl_batches, load_splits
 
 GENERATED = """
 model_name_or_path: some/model
@@ -76,3 +77,47 @@ def test_bad_pool_sizes_are_named(tmp_path, tiny_chat_dataset_dir):
                          "train_size: 12\ntrain_pool_size: 100000\nmax_steps: 1\nbf16: false\n")
     with pytest.raises(RecipeError, match=r"train_pool_size is 100000 but the train data has only \d+ rows"):
         splits(too_large)
+
+
+def test_a_row_repeated_in_the_source_is_not_left_in_train_when_a_copy_is_held_out(tmp_path):
+    # 10 distinct rows, 4 copies each. Held-out rows are carved from one shuffle: without the removal, the other
+    # copies of each held-out row would stay in train and the held-out loss would score rows trained on.
+    distinct = [{"text": f"row {i} says {i * 7}"} for i in range(10)]
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps(row) + "\n" for row in distinct * 4))
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"model_name_or_path: m\ndataset_name: {tmp_path / 'train.jsonl'}\neval_size: 3\n"
+                      "max_steps: 1\nbf16: false\n")
+    train, test = splits(recipe)
+    _, validation = splits(recipe, "--dataset_test_split", "validation")
+    texts = lambda dataset: [row["text"] for row in dataset]
+    held = set(texts(test)) | set(texts(validation))
+    assert len(test) == len(validation) == 3 and not held & set(texts(train))
+    # Repeats of rows that are not held out stay: every copy of every other row is still there.
+    assert sorted(texts(train)) == sorted(row["text"] for row in distinct * 4 if row["text"] not in held)
+
+
+def test_no_train_rows_left_once_held_out_rows_and_their_repeats_go_is_an_error(tmp_path):
+    (tmp_path / "train.jsonl").write_text((json.dumps({"text": "the same row"}) + "\n") * 10)
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"model_name_or_path: m\ndataset_name: {tmp_path / 'train.jsonl'}\neval_size: 2\n"
+                      "max_steps: 1\nbf16: false\n")
+    with pytest.raises(RecipeError, match="no train rows are left once the held-out rows and their repeats"):
+        splits(recipe)
+
+
+def test_data_file_rows_become_padded_batches_with_a_classifiers_labels(tiny_model_dir):
+    from dualadam_hf.experiments.models import load_tokenizer
+
+    tokenizer = load_tokenizer(tiny_model_dir)
+    rows = [{"text": "one plus one", "label": 2}, {"text": "one", "label": 0},
+            {"text": "one plus one plus one plus one", "label": 1}]
+    lengths = [min(len(tokenizer(row["text"])["input_ids"]), 4) for row in rows]
+    batches = jsonl_batches(rows, tokenizer, classifier=True, batch_size=2, max_length=4)
+    assert [sorted(batch) for batch in batches] == [["attention_mask", "input_ids", "labels"]] * 2
+    assert [batch["labels"].tolist() for batch in batches] == [[2, 0], [1]]
+    assert [batch["attention_mask"].sum(1).tolist() for batch in batches] == [lengths[:2], lengths[2:]]
+    first = batches[0]
+    assert first["input_ids"].shape == (2, max(lengths[:2])) and lengths[0] != lengths[1]
+    assert (first["input_ids"][first["attention_mask"] == 0] == tokenizer.pad_token_id).all()
+    # A language model's batches have no labels column: its loss is taken on the tokens themselves.
+    assert "labels" not in jsonl_batches(rows, tokenizer, classifier=False, batch_size=2, max_length=4)[0]

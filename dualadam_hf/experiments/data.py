@@ -250,6 +250,33 @@ def load_splits(experiment: Experiment) -> tuple[Any, Any]:
     return train, heldout
 
 
+def _token_ids(row: dict[str, Any], tokenizer: Any) -> list[int]:
+    """A row's tokens: a chat row through the tokenizer's chat template, text (or prompt + completion) as is."""
+    if "messages" in row or isinstance(row.get("prompt"), list):
+        messages = row["messages"] if "messages" in row else row["prompt"] + row["completion"]
+        # The chat template writes the special tokens itself: encoding its text must not add them again.
+        return tokenizer(tokenizer.apply_chat_template(messages, tokenize=False), add_special_tokens=False)["input_ids"]
+    return tokenizer(row["text"] if "text" in row else row["prompt"] + row["completion"])["input_ids"]
+
+
+def jsonl_batches(rows: list[dict[str, Any]], tokenizer: Any, *, classifier: bool, batch_size: int,
+                  max_length: int) -> list[dict[str, Any]]:
+    """Rows of a data file as model batches, for a loss over every token (the sharpness command's --data).
+
+    Each row is encoded as training encodes its format and cut to ``max_length`` tokens. transformers' padding
+    collator pads each batch and turns a classifier's ``label`` into ``labels``.
+
+    The rows stay a Python list rather than a ``datasets.Dataset``. One file may mix row formats (text in one
+    row, messages in the next), and a Dataset's single table of columns cannot hold such rows.
+    """
+    from transformers import DataCollatorWithPadding
+
+    collate = DataCollatorWithPadding(tokenizer, return_tensors="pt")
+    encoded = [{"input_ids": _token_ids(row, tokenizer)[:max_length], **({"label": row["label"]} if classifier else {})}
+               for row in rows]
+    return [dict(collate(encoded[start:start + batch_size])) for start in range(0, len(encoded), batch_size)]
+
+
 def sft_columns(dataset: Any) -> Any:
     """Only the columns SFTTrainer trains on (the ``answer`` column is for the accuracy eval)."""
     keep = {"prompt", "completion", "messages", "text"}

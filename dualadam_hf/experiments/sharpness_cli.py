@@ -24,8 +24,8 @@ from safetensors import safe_open
 from transformers import HfArgumentParser
 
 from .arguments import RecipeError, find_recipe, load_experiment
-from .checkpoints import WEIGHT_FILES, checkpoint_folders, incomplete_reason
-from .data import load_splits, read_rows
+from .checkpoints import WEIGHT_FILES, checkpoint_folders, holds_weights, incomplete_reason
+from .data import jsonl_batches, load_splits, read_rows
 from .models import adapter_config, is_classifier_config, load_model, load_tokenizer, resolve_model
 from .sharpness import DEFAULT_BATCH_SIZE, SharpnessSettings, is_causal_lm, measure_sharpness
 from .trainers import build_trainer, eval_batches
@@ -101,11 +101,10 @@ def resolve_model_folder(name_or_path: str | Path) -> Path:
     folder = Path(resolve_model(str(name_or_path)))  # a RecipeError if there is none
     if not folder.is_dir():
         raise SharpnessError(f"--model {str(name_or_path)!r} is not a local folder")
-    has_model = lambda d: any((d / name).is_file() for name in WEIGHT_FILES)
-    if has_model(folder):
+    if holds_weights(folder):
         return folder
     checkpoints = checkpoint_folders(folder)  # newest first
-    finals = [d for d in sorted(folder.iterdir()) if d.is_dir() and d not in checkpoints and has_model(d)]
+    finals = [d for d in sorted(folder.iterdir()) if d.is_dir() and d not in checkpoints and holds_weights(d)]
     if len(finals) > 1:
         raise SharpnessError(f"{folder} holds several models: {', '.join(d.name for d in finals)}; pass one as --model")
     if finals:
@@ -185,28 +184,6 @@ def read_jsonl(path: str, source: ModelSource, n_rows: int) -> list[dict[str, An
             raise SharpnessError(f'{file} row {number} needs an integer "label" in [0, {source.num_labels}) '
                                  f"for a classifier, got {label!r}")
     return rows
-
-
-def jsonl_batches(rows: list[dict[str, Any]], tokenizer: Any, *, classifier: bool, batch_size: int,
-                  max_length: int) -> list[dict[str, Any]]:
-    """Rows tokenized, cut to ``max_length`` tokens and padded per batch (the loss then covers every token)."""
-
-    def row_ids(row: dict[str, Any]) -> list[int]:
-        if "messages" in row or isinstance(row.get("prompt"), list):
-            messages = row["messages"] if "messages" in row else row["prompt"] + row["completion"]
-            # The chat template writes the special tokens itself: encoding its text must not add them again.
-            return tokenizer(tokenizer.apply_chat_template(messages, tokenize=False),
-                             add_special_tokens=False)["input_ids"]
-        return tokenizer(row["text"] if "text" in row else row["prompt"] + row["completion"])["input_ids"]
-
-    batches = []
-    for start in range(0, len(rows), batch_size):
-        chunk = rows[start:start + batch_size]
-        batches.append(dict(tokenizer.pad({"input_ids": [row_ids(r)[:max_length] for r in chunk]},
-                                          return_tensors="pt")))
-        if classifier:
-            batches[-1]["labels"] = torch.tensor([row["label"] for row in chunk])
-    return batches
 
 
 def load_recipe(command: SharpnessCommand, source: ModelSource) -> Any:
