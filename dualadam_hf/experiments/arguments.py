@@ -1,9 +1,11 @@
 """An experiment's arguments, parsed the way TRL scripts parse theirs (see docs/recipes.md).
 
-A recipe is a flat YAML mapping read by ``trl.TrlParser`` into ``ScriptArguments``, ``SFTConfig``
-(``TrainingArguments`` for ``task: classification``), ``ModelConfig`` and :class:`ExperimentArguments` (what
-TRL lacks). ``--key value`` on the command line wins over the YAML; a ``compare:`` mapping is for
-``dualadam-hf compare`` only. Every problem is reported before any model loads, with the valid names.
+A recipe is a flat YAML mapping of ``key: value``. ``trl.TrlParser`` reads it into TRL's ``ScriptArguments``,
+``SFTConfig`` (``TrainingArguments`` for ``task: classification``) and ``ModelConfig``, and into
+:class:`ExperimentArguments` for what TRL lacks. A ``--key value`` on the command line wins over the YAML. A
+``compare:`` mapping is read by ``dualadam-hf compare`` only.
+
+Every problem is reported before any model loads, with the valid names.
 """
 
 from __future__ import annotations
@@ -34,8 +36,11 @@ class RecipeError(ValueError):
 
 
 def whole_number(value: Any, what: str, minimum: int | None = None) -> int:
-    """A YAML or command-line value as a whole number: ``3`` and ``"3"`` pass; ``2.7``, ``"two"`` and ``true``
-    (YAML's booleans are ints to Python) are RecipeErrors naming ``what``."""
+    """A YAML or command-line value as a whole number, else a RecipeError naming ``what``.
+
+    ``3`` and ``"3"`` pass; ``2.7`` and ``"two"`` do not. Nor does ``true``: YAML's booleans are ints to Python,
+    so without a check of its own it would pass as 1.
+    """
     text = str(value).strip()
     if isinstance(value, bool) or not (isinstance(value, int) or (isinstance(value, str) and
                                                                   text.lstrip("+-").isdigit())):
@@ -46,8 +51,11 @@ def whole_number(value: Any, what: str, minimum: int | None = None) -> int:
 
 
 def true_or_false(value: Any, what: str) -> bool:
-    """A YAML or command-line value as a boolean: true/false, or the words true/false/yes/no/1/0 as text (so the
-    text ``"false"`` is False, not a non-empty string that Python calls true); anything else is a RecipeError."""
+    """A YAML or command-line value as a boolean, else a RecipeError naming ``what``.
+
+    Booleans pass, and so do the words true/false, yes/no and 1/0 as text. The text ``"false"`` is therefore
+    False, where Python alone would call it true, as it calls any non-empty string.
+    """
     if isinstance(value, bool):
         return value
     words = {"true": True, "yes": True, "1": True, "false": False, "no": False, "0": False}
@@ -72,9 +80,9 @@ class ExperimentArguments:
         "validation", "The split compare chooses learning rates on (carved from train if the source lacks it).")
     train_size: int | None = _field(None, "Train rows to use (None: all).")
     train_pool_size: int | None = _field(
-        None, "With train_size: the run's train rows are drawn with its seed from a pool of this many train rows "
-        "(fixed by dataset_seed), so seeds sample data too; held-out rows stay fixed and outside the pool. None: "
-        "train_size rows fixed by dataset_seed.")
+        None, "A pool of this many train rows, fixed by dataset_seed. Each run draws its train_size rows from it "
+        "with its own seed, so the seeds vary the data too. Held-out rows stay fixed and outside the pool. None: "
+        "the train_size rows are fixed by dataset_seed.")
     eval_size: int | None = _field(None, "Held-out rows for the eval loss (None: all).")
     text_column: str = _field("text", "Input text column, for task: classification.")
     label_column: str = _field("label", "Integer label column, for classification.")
@@ -104,6 +112,7 @@ class ExperimentArguments:
         self.sharpness_settings(seed=0)  # checks the sharpness keys now, not after training
 
     def sharpness_settings(self, seed: int) -> SharpnessSettings:
+        """The settings of the sharpness measurement, its random vectors drawn with ``seed``."""
         return SharpnessSettings(batches=self.sharpness_batches, batch_size=self.sharpness_batch_size,
                                  max_iters=self.sharpness_max_iters, probes=self.sharpness_probes, seed=seed)
 
@@ -135,9 +144,13 @@ def read_yaml(path: str | os.PathLike) -> dict[str, Any]:
 
 
 def _as_argument_text(key: str, value: Any, hint: Any, where: str) -> Any:
-    """A YAML value as the text argparse converts and checks for `--key value`: PyYAML types scalars itself and
-    argparse converts only string defaults, so `max_steps: 2.7` would skip the int check. Lists stay lists where
-    the field takes one; a mapping is kept for mapping-typed fields, and optim_args is joined into "k=v,..."."""
+    """A YAML value as the text argparse would get from ``--key value``, so that argparse checks it.
+
+    PyYAML gives scalars types of their own, and argparse converts and checks only defaults given as text:
+    ``max_steps: 2.7`` would skip the int check unless it is turned back into text. A list stays a list where
+    the field takes one and is an error elsewhere. A mapping is passed on as it is, except ``optim_args``,
+    which is joined into the ``"k=v,..."`` text transformers parses.
+    """
     from ..integrations.optim_args import optim_args_text
 
     if value is None or (isinstance(value, dict) and key != "optim_args"):
@@ -185,6 +198,10 @@ def _value_of(key: str, data: dict[str, Any], overrides: list[str]) -> Any:
 
 
 def check_optimizer_name(name: str) -> None:
+    """A RecipeError, with the closest valid name, unless ``name`` is one of transformers' ``optim`` names.
+
+    dualadam and invadam are registered first, so they are valid whether or not the import hook has run.
+    """
     from dualadam_hf.integrations.transformers import register
 
     register()  # `optim: dualadam` is valid before any parser is built, hook or not

@@ -1,12 +1,16 @@
 """One dataset loader for training, comparing and measuring sharpness (docs/recipes.md, "Data").
 
-``dataset_name``: ``reasoning-gym:<task>`` (:mod:`.tasks`), a local ``.jsonl``/``.json`` file or a folder of
-``<split>.jsonl`` files, else a hub dataset id. The held-out split is ``dataset_test_split``; a local source
-without it holds out disjoint slices of its train split. Bad files are reported with name, line and problem.
+``dataset_name`` says where the rows come from: a generated task (``reasoning-gym:<task>``, see :mod:`.tasks`),
+a local ``.jsonl`` or ``.json`` file, a folder of ``<split>.jsonl`` files, or else a dataset id on the hub. A bad
+file is reported with its name, line and problem.
 
-Held-out rows are fixed by ``dataset_seed``. So are the train rows, unless ``train_pool_size`` is set: then the
-pool (that many train rows, fixed by ``dataset_seed``) is shared and each run draws its ``train_size`` rows from
-it with its own ``seed``, so a comparison's seeds sample the training data as well as the initialisation.
+The held-out split is ``dataset_test_split``. A local source that lacks it holds out slices of its train split
+instead, and the slices of two held-out splits never overlap.
+
+``dataset_seed`` fixes the held-out rows, so every run of a comparison is scored on the same rows. It fixes the
+train rows too, unless ``train_pool_size`` is set. Then it fixes a pool of that many train rows, and each run
+draws its ``train_size`` rows from the pool with its own ``seed``. That way the seeds of a comparison vary the
+training data as well as the initialisation.
 """
 
 from __future__ import annotations
@@ -43,8 +47,11 @@ def _check_pool(experiment: Experiment) -> None:
 
 
 def _train_rows(pool: Any, experiment: Experiment) -> Any:
-    """The run's train rows: with ``train_pool_size``, ``train_size`` rows of the pool drawn with the run's seed
-    (so two seeds train on different subsets of one pool), else the rows as given."""
+    """The rows a run trains on.
+
+    Without ``train_pool_size`` they are the rows as given. With it, ``pool`` is the shared pool and the run draws
+    ``train_size`` rows from it with its own seed, so two seeds train on different subsets of one pool.
+    """
     args = experiment.args
     if args.train_pool_size is None:
         return pool
@@ -124,7 +131,13 @@ def _dataset(file: Path, task: str) -> Any:
 
 
 def _carve(train: Any, missing: list[str], size: int | None, seed: int) -> tuple[Any, dict[str, Any]]:
-    """(rest of train, {split: slice}): the missing held-out splits as disjoint slices of one shuffle."""
+    """Held-out splits cut out of the train rows, for a local source that lacks them.
+
+    Returns the train rows left over and one slice per split in ``missing``, each of ``size`` rows (a tenth of
+    the rows when size is None). The slices come from one shuffle fixed by ``seed``: they never overlap, and
+    every run holds out the same rows. A row the source repeats leaves train entirely when one copy is held
+    out, so that the held-out loss never scores a row the model trained on.
+    """
     size = size or max(1, len(train) // 10)
     if len(train) <= len(missing) * size:
         raise RecipeError(f"the train split has {len(train)} rows: too few to hold out {size} each for "
@@ -141,9 +154,12 @@ def _carve(train: Any, missing: list[str], size: int | None, seed: int) -> tuple
 
 
 def _load_source(experiment: Experiment) -> tuple[Any, dict[str, Any]]:
-    """(train, {held-out split: a loader, or None when the source lacks it}). Asked about are the requested
-    split, the validation split and "test", so the carved rows, and with them the train rows, are the same
-    whichever of them a run holds out; only the requested split is ever read."""
+    """A local or hub source's train rows, and for each held-out split a loader, or None if the source lacks it.
+
+    The held-out mapping always covers the same splits: "test", the validation split and the requested split.
+    Splits the source lacks are then carved out of train the same way whichever of them a run holds out, so
+    the train rows are the same too. Only the requested split is ever loaded.
+    """
     script, args = experiment.script, experiment.args
     task = args.task if args.dataset_format == "auto" else args.dataset_format
     name = str(script.dataset_name)
