@@ -26,9 +26,10 @@ from .arguments import COMPARE_KEY, RecipeError, load_experiment, read_yaml, tru
 from .checkpoints import folder_lock, read_json
 from .data import load_splits
 from .models import resolve_model
-from .report import DIVERGED_KEY, SUMMARY_OF, RunResult, write_report
+from .report import SUMMARY_OF, RunResult, write_report
 from .train import DONE_FILE, check_output_dir
 from .variants import DEFAULT_OPTIMS, SET_BY_COMPARE, Variant, parse_variants
+from .watch import DIVERGED_KEY
 
 COMMAND_FILE = "compare_command.json"  # a run folder's reuse key; also marks the folder as made by compare
 LOCK_FILE = ".compare.lock"
