@@ -401,3 +401,11 @@ def test_variants_with_their_own_seeds_are_shown_with_them(tmp_path):
     plan.variants = parse_variants([{"optim": "adamw_torch", "seeds": 2}, {"optim": "dualadam", "seeds": 1}])
     text = write_report(plan, [r for r in results if r.label != "invadam"]).read_text()
     assert variant_line(text, "adamw_torch").endswith("; its own seeds 5, 6") and "; seeds as listed with each" in text
+
+
+def test_a_cut_off_raw_log_is_named(tmp_path):
+    from dualadam_hf.experiments.report import load_raw
+
+    (tmp_path / "final-adamw_torch-seed0.json").write_text('{"label": "adamw_torch", "seed": 0, "log_hist')
+    with pytest.raises(ValueError, match="final-adamw_torch-seed0.json is not a readable raw log"):
+        load_raw(tmp_path)

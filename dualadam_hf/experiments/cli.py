@@ -108,16 +108,17 @@ def main(argv: list[str] | None = None) -> int:
                 sharpness=args.sharpness, smoke=args.smoke, launcher=args.launcher, rerun=args.rerun,
                 baseline=args.baseline, grid_seeds=args.grid_seeds,
             )
+        from ..integrations.log_keys import LOG_PREFIX
         from .arguments import load_experiment
         from .compare import smoke_overrides
-        from .train import run
+        from .train import SHARPNESS_PREFIX, run
 
         experiment = load_experiment(find_recipe(args.config), (smoke_overrides() if args.smoke else []) + extra)
         numbers = run(experiment)
         verdict = "done" if "diverged_at_step" not in numbers else \
             f"finished, DIVERGED at step {numbers['diverged_at_step']:.0f}"
         print(f"[train] {verdict}: {experiment.training.output_dir}: " + ", ".join(
-            f"{k}={v:.4g}" for k, v in numbers.items() if not k.startswith(("sharpness/", "dualadam/"))))
+            f"{k}={v:.4g}" for k, v in numbers.items() if not k.startswith((SHARPNESS_PREFIX, LOG_PREFIX))))
         return 0
     except RecipeError as error:
         print(f"dualadam-hf {args.command}: error: {error}", file=sys.stderr)

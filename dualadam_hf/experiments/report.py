@@ -496,7 +496,10 @@ def load_raw(folder: str | os.PathLike) -> tuple[list[RunResult], list[RunResult
     under its current name: the current file wins, and the run is read once."""
     runs: dict[tuple[str, str, int, float | None], RunResult] = {}
     for file in sorted(Path(folder).glob("*.json")):
-        run = json.loads(file.read_text(encoding="utf-8"))
+        try:
+            run = json.loads(file.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+            raise ValueError(f"{file} is not a readable raw log ({error}); it was cut off or damaged") from None
         result = RunResult(run["label"], run["seed"], run["log_history"], ok=run["ok"], error=run["error"],
                            phase=run["phase"], lr=run["lr"], accuracy_rows=run["accuracy_rows"],
                            blend_unfinished=run.get("blend_unfinished"))
