@@ -3,10 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
-import sys
-import threading
 from pathlib import Path
 
 import pytest
@@ -14,27 +10,12 @@ import pytest
 from dualadam_hf.experiments import RecipeError
 from dualadam_hf.experiments import compare as compare_module
 from dualadam_hf.experiments.cli import main
-from dualadam_hf.experiments.compare import Interrupted, RunSpec, choose_rates, make_plan, run_child, train_command
+from dualadam_hf.experiments.compare import RunSpec, choose_rates, make_plan, train_command
 from dualadam_hf.experiments.report import RunResult
 from dualadam_hf.experiments.variants import parse_variant, parse_variants, split_entries
+from tests.test_report import parse_table
 
 DEFAULT_RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "smollm2_math_lora.yaml"
-
-
-def parse_table(markdown: str) -> dict[str, dict[str, tuple[float, float | None]]]:
-    """{variant: {column header: (mean, std or None)}} from the report's results table."""
-    section = markdown.split("## Results", 1)[1].split("\n## ", 1)[0]
-    lines = [line for line in section.splitlines() if line.startswith("|")]
-    headers = [cell.strip() for cell in lines[0].strip("|").split("|")]
-    table = {}
-    for line in lines[2:]:
-        cells = [cell.strip() for cell in line.strip("|").split("|")]
-        row = {}
-        for header, cell in zip(headers[2:], cells[2:], strict=True):
-            mean, _, std = cell.partition(" ± ")
-            row[header] = (float(mean), float(std) if std else None)
-        table[cells[0]] = row
-    return table
 
 
 class FakePlan:
@@ -137,22 +118,6 @@ def test_compare_checks_the_model_before_the_first_run(tmp_path, capsys):
     assert main(argv) == 2
     assert "model path not found" in capsys.readouterr().err
     assert not (tmp_path / "c").exists()
-
-
-def test_a_signal_to_compare_reaches_the_child_and_is_waited_for(tmp_path):
-    marker = tmp_path / "child_stopped"
-    child = (f"import signal, sys, time\n"
-             f"def stop(*_):\n    open({str(marker)!r}, 'w').write('yes'); sys.exit(3)\n"
-             f"signal.signal(signal.SIGTERM, stop)\nprint('ready', flush=True)\ntime.sleep(60)\n")
-    timer = threading.Timer(1.5, os.kill, (os.getpid(), signal.SIGTERM))
-    timer.start()
-    try:
-        with pytest.raises(Interrupted) as stop:
-            run_child([sys.executable, "-c", child])
-    finally:
-        timer.cancel()
-    assert stop.value.signum == signal.SIGTERM
-    assert marker.read_text() == "yes"  # the child got the signal and finished before compare went on
 
 
 # --- end to end ----------------------------------------------------------------------------------
