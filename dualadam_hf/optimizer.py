@@ -30,7 +30,7 @@ BLEND_KEYS = ("switch_rate", "blend_steps", "blend_fraction")
 AUTO = "auto"
 NORM = "norm"
 INVERSE_SCALE_NAMES = (AUTO, NORM)
-_MAX_PLANS = 64  # cached plans per optimizer: one per pattern of missing gradients (ZeRO-3: per sub-group)
+_MAX_PLANS = 1024  # cached plans per optimizer: one per pattern of missing gradients (ZeRO-3: per sub-group)
 
 _logger = logging.getLogger(__name__)
 
