@@ -177,6 +177,7 @@ def assert_one_layout_error(result: subprocess.CompletedProcess) -> None:
 
 # --- the layout the patch knows ------------------------------------------------------------------------------
 
+@pytest.mark.slow  # a subprocess per case: run in CI, not in the quick loop
 @pytest.mark.parametrize("trainer", [TABLE_TRAINER, STATICMETHOD_TRAINER], ids=["handler-table", "staticmethod"])
 @pytest.mark.parametrize(("flags", "env"), WARNINGS_AS_ERRORS, ids=["-W error", "PYTHONWARNINGS=error"])
 def test_known_layout_is_silent_and_registers(tmp_path, trainer, flags, env):
@@ -202,6 +203,7 @@ MOVED_LAYOUTS = {
 }
 
 
+@pytest.mark.slow  # a subprocess per case: run in CI, not in the quick loop
 @pytest.mark.parametrize("layout", MOVED_LAYOUTS)
 @pytest.mark.parametrize(("flags", "env"), WARNINGS_AS_ERRORS, ids=["-W error", "PYTHONWARNINGS=error"])
 def test_moved_layout_is_silent_where_nothing_asks(tmp_path, layout, flags, env):
@@ -238,6 +240,7 @@ def test_unknown_layout_is_left_alone_and_silent(tmp_path):
     assert (result.stdout, result.stderr) == ("adamw_torch False\n", "")
 
 
+@pytest.mark.slow  # a subprocess per case: run in CI, not in the quick loop
 def test_pytest_filterwarnings_error_collects_a_module_that_imports_transformers(tmp_path):
     """Another project's suite run with `filterwarnings = error` must not fail because dualadam-hf is installed."""
     root = fake_transformers(tmp_path / "site", KNOWN_TRAINING_ARGS, MOVED_TRAINER)

@@ -181,6 +181,7 @@ def test_a_second_trainer_on_a_run_folder_is_refused(tiny_model_dir, tiny_chat_d
         first.wait()
 
 
+@pytest.mark.slow  # trains in a subprocess
 def test_a_second_trainer_exits_non_zero_with_the_message(tiny_model_dir, tiny_chat_dataset_dir, tmp_path):
     out = tmp_path / "run"
     first = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(out), RUN_LOCK_FILE], stdout=subprocess.PIPE,
