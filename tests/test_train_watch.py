@@ -3,6 +3,7 @@ announced, one trainer per run folder, a finished run is never silently retraine
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -166,35 +167,36 @@ with folder_lock(sys.argv[1], sys.argv[2], "trainer"):
 """
 
 
-def test_a_second_trainer_on_a_run_folder_is_refused(tiny_model_dir, tiny_chat_dataset_dir, tmp_path):
-    out = tmp_path / "run"
+@contextlib.contextmanager
+def another_process_holding_the_run_lock(out: Path):
+    """A process that holds ``out``'s trainer lock until the block ends; yields it."""
     first = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(out), RUN_LOCK_FILE], stdout=subprocess.PIPE,
                              text=True)
     try:
         assert first.stdout.readline().strip() == "locked"
+        yield first
+    finally:
+        first.kill()
+        first.wait()
+
+
+def test_a_second_trainer_on_a_run_folder_is_refused(tiny_model_dir, tiny_chat_dataset_dir, tmp_path):
+    out = tmp_path / "run"
+    with another_process_holding_the_run_lock(out) as first:
         experiment = tiny_experiment(tiny_model_dir, tiny_chat_dataset_dir, out)
         with pytest.raises(RecipeError, match=f"another trainer \\(pid {first.pid}\\) is running in {out}"):
             run(experiment)
         assert sorted(p.name for p in out.iterdir()) == [RUN_LOCK_FILE]  # nothing written
-    finally:
-        first.kill()
-        first.wait()
 
 
 @pytest.mark.slow  # trains in a subprocess
 def test_a_second_trainer_exits_non_zero_with_the_message(tiny_model_dir, tiny_chat_dataset_dir, tmp_path):
     out = tmp_path / "run"
-    first = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(out), RUN_LOCK_FILE], stdout=subprocess.PIPE,
-                             text=True)
-    try:
-        assert first.stdout.readline().strip() == "locked"
+    with another_process_holding_the_run_lock(out) as first:
         env = {**os.environ, "HF_HUB_OFFLINE": "1"}
         second = subprocess.run([sys.executable, "-m", "dualadam_hf", "train",
                                  *tiny_argv(tiny_model_dir, tiny_chat_dataset_dir, out)],
                                 capture_output=True, text=True, env=env, timeout=300)
-    finally:
-        first.kill()
-        first.wait()
     assert second.returncode == 2 and f"another trainer (pid {first.pid})" in second.stderr
 
 
