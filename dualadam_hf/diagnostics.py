@@ -1,5 +1,5 @@
-"""What an update did, read back from the optimizer state: the norms of its Adam and inverse parts, the
-inverse part's share of the update, and the per-tensor scale of ``inverse_scale="auto"``.
+"""What an update did, read back from the optimizer state: the norms of its Adam and inverse parts and the
+inverse part's share of the update.
 
 They read moments and steps only (no gradients, nothing written), so they cost nothing unless called.
 """
@@ -13,7 +13,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from .functional import full, local
+from .functional import local
 from .schedule import Hyper, blend_weight
 
 
@@ -89,19 +89,3 @@ def inverse_share(adam_sq: float, inverse_sq: float) -> float:
     """||inverse part|| / (||Adam part|| + ||inverse part||) from squared norms (0 when both are 0)."""
     a, b = math.sqrt(adam_sq), math.sqrt(inverse_sq)
     return b / (a + b) if a + b > 0 else 0.0
-
-
-def calibrated_scale(grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, step: float, hyper: Hyper) -> Tensor | None:
-    """||mh/d|| / ||mh*d|| over a tensor for its coming update at ``step`` (None while its gradient is 0): the
-    scale of ``inverse_scale="auto"``, with which the inverse share of that update is r whatever the gradients'
-    units. Taken at a tensor's first non-zero gradient (LoRA's A gets exactly 0 at first, while B is 0) and
-    kept. For a DTensor the norms run over the whole tensor (a collective)."""
-    g = grad.detach().float()
-    m = exp_avg.detach().float() * hyper.beta1 + g * (1.0 - hyper.beta1)
-    v = exp_avg_sq.detach().float() * hyper.beta2 + g.square() * (1.0 - hyper.beta2)
-    mh, d = m / (1.0 - hyper.beta1**step), (v / (1.0 - hyper.beta2**step)).sqrt_().add_(hyper.eps)
-    # Both reductions run on every rank (collectives on a DTensor) before anything is decided.
-    adam_sq, inverse_sq = (full(x) for x in ((mh / d).square().sum(), (mh * d).square().sum()))
-    if not float(inverse_sq) > 0.0:
-        return None
-    return (adam_sq / inverse_sq).sqrt().reshape(()).to(device="cpu", dtype=torch.float32)

@@ -346,9 +346,3 @@ def coefficients(steps: Sequence[Tensor] | Tensor, scales: Sequence[Tensor] | No
     lr = hyper.lr.to(device, torch.float64) if isinstance(hyper.lr, Tensor) else hyper.lr
     adam, inverse, eps_c, decay = fold(t, dataclasses.replace(hyper, lr=lr), scale)
     return torch.stack([adam, inverse, eps_c], 1).float(), torch.as_tensor(decay, dtype=torch.float64, device=device)
-
-
-def full(t: Tensor) -> Tensor:
-    """The whole value of a DTensor (a collective); plain tensors pass through."""
-    full_tensor = getattr(t, "full_tensor", None)
-    return full_tensor() if full_tensor is not None else t

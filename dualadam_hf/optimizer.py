@@ -21,7 +21,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from . import diagnostics
-from .functional import LOW_PRECISION, StepCounts, StepTensors, local
+from .functional import LOW_PRECISION, StepCounts, StepTensors, held_norm_scales, local
 from .schedule import Hyper, blend_weight, switch_rate_from_fraction, switch_rate_from_steps
 from .update import choose_path, update
 
@@ -346,13 +346,16 @@ class DualAdam(Optimizer):
                          device_type, group.get("foreach"), group.get("fused"))
 
     def _calibrate(self, plan: _Plan, grads: list[Tensor], hyper: Hyper) -> None:
-        """``inverse_scale="auto"``: a tensor's scale is taken at its first non-zero gradient and kept."""
-        for k in list(plan.uncalibrated):
-            state = plan.states[k]
-            scale = diagnostics.calibrated_scale(_real(grads[k]), plan.exp_avgs[k], plan.exp_avg_sqs[k],
-                                                 float(state["step"]) + 1, hyper)
-            if scale is not None:
-                state["inverse_scale"] = plan.scales[k] = scale.to(plan.scale_device)
+        """``inverse_scale="auto"``: a tensor's scale is the norm-matching scale of ``"norm"``
+        (:func:`~dualadam_hf.functional.held_norm_scales`), taken at its first update with a non-zero
+        gradient (0 until then: LoRA's A gets exactly 0 at first, while B is 0) and kept."""
+        waiting = list(plan.uncalibrated)
+        part = StepTensors([plan.real_params[k] for k in waiting], [_real(grads[k]) for k in waiting],
+                           [plan.exp_avgs[k] for k in waiting], [plan.exp_avg_sqs[k] for k in waiting],
+                           [plan.steps[k] for k in waiting])
+        for k, scale in zip(waiting, held_norm_scales(part, hyper)):
+            if float(scale) > 0.0:
+                plan.states[k]["inverse_scale"] = plan.scales[k] = scale.to(plan.scale_device)
                 plan.uncalibrated.remove(k)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
