@@ -208,6 +208,40 @@ def test_an_edited_recipe_is_refused_instead_of_mixing_old_and_new_runs(recipe, 
         compare_module._execute(plan, final_specs(plan), "torchrun", False, said.append)
 
 
+def test_a_study_moved_with_its_checkout_is_reused_and_a_changed_seed_still_refused(recipe, tmp_path):
+    """The reuse key leaves out the recipe's path and the run folder (the content and the folder itself stand
+    for them): a study copied to another checkout resumes; keys written with absolute paths still match."""
+    first = tmp_path / "first"
+    first.mkdir()
+    plan = plan_of(recipe(), first / "out", optims="adamw_torch")
+    fake_finished_run(plan, final_specs(plan)[0])
+    key = json.loads((final_specs(plan)[0].output_dir / COMMAND_FILE).read_text())
+    assert str(first) not in json.dumps(key)
+    # A key as older versions wrote it, with the absolute recipe path and run folder of the first checkout.
+    spec = RunSpec(plan.variants[0], 7, plan.output_dir / "runs" / "adamw_torch-seed7", "final")
+    spec.output_dir.mkdir(parents=True)
+    command = train_command(plan, spec, None)
+    (spec.output_dir / COMMAND_FILE).write_text(json.dumps(
+        {"command": command[command.index("train"):], "recipe_sha256": plan.recipe_digest, "launcher": None}))
+    (spec.output_dir / "run_done.json").write_text(json.dumps({"log_history": [{"eval_loss": 1.0, "step": 2}]}))
+    assert str(first) in (spec.output_dir / COMMAND_FILE).read_text()
+
+    moved = tmp_path / "second"
+    moved.mkdir()
+    (first / "out").rename(moved / "out")
+    (tmp_path / "recipe.yaml").rename(moved / "recipe.yaml")
+    again = plan_of(moved / "recipe.yaml", moved / "out", optims="adamw_torch")
+    specs = [*final_specs(again), RunSpec(again.variants[0], 7, again.output_dir / "runs" / "adamw_torch-seed7",
+                                          "final")]
+    said = []
+    assert all(r.ok for r in compare_module._execute(again, specs, None, False, said.append))
+    assert len(said) == 2 and all("already finished, reusing its log" in line for line in said)
+    # What the key still holds decides: the same folder asked for with another seed is refused.
+    wrong = RunSpec(again.variants[0], 8, specs[-1].output_dir, "final")
+    with pytest.raises(RecipeError, match="whose train command differs"):
+        compare_module._execute(again, [wrong], None, False, said.append)
+
+
 def test_a_folder_compare_did_not_make_is_neither_reused_nor_deleted(recipe, tmp_path):
     plan = plan_of(recipe(), tmp_path / "out", optims="adamw_torch")
     spec = final_specs(plan)[0]

@@ -274,10 +274,21 @@ def run_child(command: list[str]) -> int:
     return code
 
 
+# Paths a reuse key leaves out: the recipe's content is in the key (recipe_sha256) and the key lies in the run
+# folder it describes, so a study's folder moved with its checkout (another clone, another machine) resumes.
+PATHS_LEFT_OUT = {"--config": "<recipe>", "--output_dir": "<run folder>"}
+
+
+def _without_paths(command: list[str]) -> list[str]:
+    """The train command with the recipe's path and the run folder replaced by placeholders (keys written
+    before these were left out hold absolute paths: they compare equal after this too)."""
+    return [PATHS_LEFT_OUT.get(command[i - 1], word) if i else word for i, word in enumerate(command)]
+
+
 def run_key(plan: Plan, command: list[str], launcher: str | None) -> dict[str, Any]:
-    """What a run's result depends on: its train command (recipe path, overrides, variant settings, learning
-    rate, seed, split), the recipe's content and the launcher (e.g. the number of processes)."""
-    return {"command": command[command.index("train"):], "recipe_sha256": plan.recipe_digest,
+    """What a run's result depends on: its train command (overrides, variant settings, learning rate, seed,
+    split), the recipe's content and the launcher (e.g. the number of processes)."""
+    return {"command": _without_paths(command[command.index("train"):]), "recipe_sha256": plan.recipe_digest,
             "launcher": launcher}
 
 
@@ -290,6 +301,8 @@ def _key_problem(folder: Path, key: dict[str, Any]) -> str | None:
         return f"{folder} exists but was not made by compare (no readable {COMMAND_FILE})"
     if not isinstance(saved, dict):
         return f"{folder} holds a run of an older version that did not record the recipe's content"
+    saved = {**saved, "command": _without_paths(saved["command"]) if isinstance(saved.get("command"), list)
+             else saved.get("command")}
     differs = [what for part, what in (("command", "train command"), ("recipe_sha256", "recipe content"),
                                        ("launcher", "launcher")) if saved.get(part) != key[part]]
     if not differs:
