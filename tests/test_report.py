@@ -354,6 +354,19 @@ def test_a_blend_that_outlasts_the_runs_is_said_once_next_to_its_variant(tmp_pat
     assert write_report(plan, final).read_text().count(note) == 2
 
 
+def test_the_raw_logs_keep_each_scored_problems_answer_text(tmp_path):
+    """A reviewer can tell "the same answers" from "the same correctness" from the published logs alone."""
+    rng = random.Random(17)
+    answers = {"adamw_torch": ["12", "-3", "7 "], "dualadam": ["12", "-4", "7"]}
+    results = [RunResult.from_done(label, 0, {"log_history": fake_history(rng), "accuracy_rows": [1, 0, 1],
+                                              "accuracy_answers": text}) for label, text in answers.items()]
+    write_report(FakePlan(tmp_path, ("adamw_torch", "dualadam"), seeds=(0,)), results)
+    saved = json.loads((tmp_path / "raw" / "final-dualadam-seed0.json").read_text())
+    assert saved["accuracy_answers"] == ["12", "-4", "7"] and saved["accuracy_rows"] == [1, 0, 1]
+    final, _ = load_raw(tmp_path / "raw")
+    assert {r.label: r.accuracy_answers for r in final} == answers
+
+
 def test_grid_rates_equal_to_6_digits_keep_their_own_files_and_columns(tmp_path):
     rng = random.Random(15)
     rates = [1e-3, 1e-3 * (1 + 1e-9), 1.2345678e-4]  # the first two are equal to 9 significant digits

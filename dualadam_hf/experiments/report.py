@@ -88,6 +88,7 @@ class RunResult:
     phase: str = "final"
     lr: float | None = None
     accuracy_rows: list[int] | None = None
+    accuracy_answers: list[str] | None = None  # the generated text of each scored problem, in row order
     diverged: dict[str, Any] | None = None  # run_done.json's mark, e.g. {"step": 14}
     blend_unfinished: dict[str, Any] | None = None  # run_done.json's record of a blend longer than the run
     summary: dict[str, float | None] = field(init=False)
@@ -100,7 +101,8 @@ class RunResult:
                   lr: float | None = None) -> RunResult:
         """A finished run from the contents of its ``run_done.json``."""
         return cls(label, seed, list(done.get("log_history") or []), phase=phase, lr=lr,
-                   accuracy_rows=done.get("accuracy_rows"), diverged=done.get(DIVERGED_KEY),
+                   accuracy_rows=done.get("accuracy_rows"), accuracy_answers=done.get("accuracy_answers"),
+                   diverged=done.get(DIVERGED_KEY),
                    blend_unfinished=done.get(BLEND_UNFINISHED_KEY))
 
     @property
@@ -139,7 +141,8 @@ class RunResult:
     def to_json(self) -> dict[str, Any]:
         return {"label": self.label, "seed": self.seed, "phase": self.phase, "lr": self.lr, "ok": self.ok,
                 "error": self.error, "diverged": self.divergence, "summary": self.summary,
-                "accuracy_rows": self.accuracy_rows, "blend_unfinished": self.blend_unfinished,
+                "accuracy_rows": self.accuracy_rows, "accuracy_answers": self.accuracy_answers,
+                "blend_unfinished": self.blend_unfinished,
                 "log_history": self.log_history}
 
 
@@ -502,7 +505,7 @@ def load_raw(folder: str | os.PathLike) -> tuple[list[RunResult], list[RunResult
             raise ValueError(f"{file} is not a readable raw log ({error}); it was cut off or damaged") from None
         result = RunResult(run["label"], run["seed"], run["log_history"], ok=run["ok"], error=run["error"],
                            phase=run["phase"], lr=run["lr"], accuracy_rows=run["accuracy_rows"],
-                           blend_unfinished=run.get("blend_unfinished"))
+                           accuracy_answers=run.get("accuracy_answers"), blend_unfinished=run.get("blend_unfinished"))
         key = (result.phase, result.label, result.seed, result.lr)
         if key not in runs or file.name == raw_file_name(result):
             runs[key] = result
