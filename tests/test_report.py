@@ -314,6 +314,9 @@ def test_the_cpu_study_recomputed_from_its_raw_logs(tmp_path):
     assert "dualadam-scaled − adamw_torch, held-out accuracy: the interval contains 0" in text
     # 3 of 3 seeds worse held-out loss for the warmup (and for DualAdam, the same model).
     assert all(x.startswith("+") for x in rows[("matched-warmup", "held-out loss")][0].split(", "))
+    # The 4 eigenvalue estimates an audit found at the iteration cap are flagged, and only those.
+    assert ("Top Hessian eigenvalue: 4 of 12 estimates stopped at the cap of power iterations without converging "
+            "(adamw_torch seed 1, adamw_torch seed 2, dualadam-scaled seed 0, dualadam-scaled seed 2;") in text
 
 
 

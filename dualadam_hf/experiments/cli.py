@@ -111,7 +111,8 @@ def main(argv: list[str] | None = None) -> int:
         from ..integrations.log_keys import LOG_PREFIX
         from .arguments import load_experiment
         from .compare import smoke_overrides
-        from .train import SHARPNESS_PREFIX, run
+        from .train import run
+        from .watch import SHARPNESS_PREFIX
 
         experiment = load_experiment(find_recipe(args.config), (smoke_overrides() if args.smoke else []) + extra)
         numbers = run(experiment)

@@ -22,7 +22,7 @@ from typing import Any
 
 from ..integrations.log_keys import INVERSE_SHARE_LOG_KEY as INVERSE_SHARE_KEY
 from .stats import McNemar, PairedDifference, format_number, mcnemar_exact, mean_std, paired_difference
-from .watch import BLEND_UNFINISHED_KEY, DIVERGED_KEY
+from .watch import BLEND_UNFINISHED_KEY, DIVERGED_KEY, SHARPNESS_PREFIX
 
 # (summary key, log-history keys (first found wins), column header, digits, better)
 METRICS: tuple[tuple[str, tuple[str, ...], str, int, str], ...] = (
@@ -31,8 +31,9 @@ METRICS: tuple[tuple[str, tuple[str, ...], str, int, str], ...] = (
     ("final_train_loss", ("loss",), "final train loss", 4, "lower"),
     ("wall_time_s", ("train_wall_time_s", "train_runtime"), "train wall time (s)", 1, "lower"),
     ("peak_memory_mb", ("peak_memory_mb",), "peak memory (MB)", 0, "lower"),
-    ("sharpness", ("sharpness/top_eigenvalue",), "top Hessian eigenvalue", 4, "lower"),
+    ("sharpness", (f"{SHARPNESS_PREFIX}top_eigenvalue",), "top Hessian eigenvalue", 4, "lower"),
 )
+CONVERGED_KEY = f"{SHARPNESS_PREFIX}eigenvalue_converged"  # 0: the eigenvalue estimate stopped at the cap
 # Costs, not outcomes: shared cores make wall time noisy, so they get no paired differences.
 RESOURCE_METRICS = ("wall_time_s", "peak_memory_mb")
 SUMMARY_OF = {"eval_loss": "heldout_loss", "eval_accuracy": "heldout_accuracy"}  # select_metric -> summary key
@@ -458,6 +459,12 @@ def _results_section(results: Sequence[RunResult], selection: Selection) -> list
                   + "; ".join(f"seed {s}: {why}" for s, why in selection.dropped.items())
                   + f"), so that all variants are compared on the same seeds ({', '.join(map(str, kept)) or 'none'}).",
                   ""]
+    if capped := [f"{r.label} seed {r.seed}" for runs in selection.runs.values() for r in runs
+                  if last_logged(r.log_history, (CONVERGED_KEY,)) == 0]:
+        estimates = sum(r.summary["sharpness"] is not None for runs in selection.runs.values() for r in runs)
+        lines += [f"Top Hessian eigenvalue: {len(capped)} of {estimates} estimates stopped at the cap of power "
+                  f"iterations without converging ({', '.join(capped)}; `{CONVERGED_KEY}` 0 in their logs): read "
+                  "them, and the means and differences that include them, as rough.", ""]
     if len({tuple(seeds) for seeds in selection.seeds.values()}) > 1:
         lines += ["Variants ran different seeds: " + "; ".join(
             f"{label} {', '.join(map(str, seeds)) or 'none'}" for label, seeds in selection.seeds.items())

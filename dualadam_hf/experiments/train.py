@@ -22,13 +22,12 @@ from .data import load_splits
 from .models import resolve_model
 from .tasks import score_answers
 from .trainers import build_trainer, eval_batches
-from .watch import DIVERGED_KEY, blend_length_check, divergence_watch
+from .watch import DIVERGED_KEY, SHARPNESS_PREFIX, blend_length_check, divergence_watch
 
 PEAK_MEMORY_KEY = "peak_memory_mb"
 ACCURACY_KEY = "eval_accuracy"
 WALL_TIME_KEY = "train_wall_time_s"
 SEGMENTS_KEY = "train_segments"
-SHARPNESS_PREFIX = "sharpness/"
 DONE_FILE = "run_done.json"
 ACCURACY_ROWS_FILE = "accuracy_rows.json"
 ACCURACY_ANSWERS_FILE = "accuracy_answers.json"  # the generated text of each scored problem, in row order
