@@ -204,6 +204,13 @@ def build_variants(params, device, args):
         if phase == "dual":
             V.append(Variant("DualAdam foreach auto scale [dual]", partial(dual, foreach=True, inverse_scale="auto"),
                              params, step))
+            # The inverse part held at the Adam part's norm: one more pass over the moments every step.
+            V.append(Variant("DualAdam foreach norm scale [dual]", partial(dual, foreach=True, inverse_scale="norm"),
+                             params, step))
+            single_pass = "compiled" if device.type == "cpu" else "fused"
+            if device.type == "cuda" or not args.skip_compiled:
+                V.append(Variant(f"DualAdam {single_pass} norm scale [dual]",
+                                 partial(dual, fused=True, inverse_scale="norm"), params, step))
             V.append(InverseShare(partial(dual, foreach=True), params, step))
         if device.type == "cpu" and not args.skip_compiled:
             V.append(Variant(f"DualAdam compiled [{phase}]", partial(dual, fused=True), params, step))
