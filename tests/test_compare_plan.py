@@ -75,6 +75,10 @@ def plan_of(path: Path, out: Path, **settings):
     ("select_metric: [eval_loss]", r"compare: select_metric must be eval_loss or eval_accuracy, got \['eval_loss'\]"),
     ("optims: 3", r"compare: optims must be text or a list of variants"),
     ("baseline: sgd", r"baseline 'sgd' is not a variant of this comparison; variants: adamw_torch, dualadam"),
+    ("baseline: [dualadam, sgd]", r"baseline 'sgd' is not a variant of this comparison"),
+    ("baseline: [dualadam, dualadam]", r"compare: baseline names 'dualadam' twice"),
+    ("baseline: [dualadam, 3]", r"compare: baseline must be a variant's label or a list of them"),
+    ("baseline: \"\"", r"compare: baseline must be a variant's label or a list of them"),
     ("optims: [adamw_torch, {optim: dualadam, learning_rate: 0.1}]", r"learning_rate is set by compare"),
 ])
 def test_a_bad_compare_block_is_refused_before_any_run(recipe, tmp_path, block, match):
@@ -89,6 +93,7 @@ def test_a_bad_compare_block_is_refused_before_any_run(recipe, tmp_path, block, 
     ("--grid_seeds", "two", r"--grid_seeds must be a whole number"),
     ("--lr_grid", "1e-3,x", r"--lr_grid must be learning rates"),
     ("--baseline", "sgd", r"baseline 'sgd' is not a variant"),
+    ("--baseline", "dualadam,", r"--baseline must be a variant's label or a list of them"),
 ])
 def test_the_command_line_gets_the_same_checks(recipe, tmp_path, capsys, flag, value, match):
     assert main(["compare", "--config", str(recipe()), "--output_dir", str(tmp_path / "out"), flag, value]) == 2
@@ -100,10 +105,16 @@ def test_compare_block_values_are_typed_as_on_the_command_line(recipe, tmp_path)
                           "  grid_seed: 7\n  baseline: dualadam\n"), tmp_path / "out")
     assert plan.sharpness is False  # the text "false" used to switch sharpness on
     assert plan.lr_grid == [0.001] and plan.seeds == [0, 1, 2] and plan.grid_seeds == [7, 8]
-    assert plan.baseline == "dualadam"
+    assert plan.baselines == ["adamw_torch", "dualadam"]
     # The command line wins over the recipe.
     plan = plan_of(recipe("compare:\n  seeds: 3\n"), tmp_path / "out", seeds="2", baseline="adamw_torch")
-    assert plan.seeds == [0, 1] and plan.baseline == "adamw_torch"
+    assert plan.seeds == [0, 1] and plan.baselines == ["adamw_torch"]
+    # Several: a YAML list or comma-separated on the command line, in order, the first variant first.
+    plan = plan_of(recipe("compare:\n  baseline: [dualadam, adamw_torch]\n"), tmp_path / "out")
+    assert plan.baselines == ["adamw_torch", "dualadam"]
+    plan = plan_of(recipe(), tmp_path / "out", optims="adamw_torch,dualadam,matched_warmup",
+                   baseline="matched-warmup,dualadam")
+    assert plan.baselines == ["adamw_torch", "matched-warmup", "dualadam"]
 
 
 # --- variants: one syntax, one check, settings a variant may not change --------------------------
@@ -375,11 +386,11 @@ def test_the_report_gets_the_baseline(recipe, tmp_path, monkeypatch):
     plan = plan_of(recipe(), tmp_path / "out", optims="adamw_torch,dualadam", baseline="dualadam")
     seen = []
 
-    def write_report(plan, results, grid_results, *, seconds, baseline):
-        seen.append(baseline)
+    def write_report(plan, results, grid_results, *, seconds, baselines):
+        seen.append(baselines)
         return tmp_path / "report.md"
 
     monkeypatch.setattr(compare_module, "_execute", lambda *args: [])
     monkeypatch.setattr(compare_module, "write_report", write_report)
     compare_module.compare(plan)
-    assert seen == ["dualadam"]
+    assert seen == [["adamw_torch", "dualadam"]]

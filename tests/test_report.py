@@ -232,7 +232,7 @@ def test_differences_against_a_named_baseline_as_well(tmp_path):
     labels = ("adamw_torch", "matched_warmup", "dualadam")
     results = [RunResult(label, seed, fake_history(rng)) for label in ("adamw_torch", "matched-warmup", "dualadam")
                for seed in (0, 1, 2)]
-    text = write_report(FakePlan(tmp_path, labels), results, baseline="matched-warmup").read_text()
+    text = write_report(FakePlan(tmp_path, labels), results, baselines=["matched-warmup"]).read_text()
     assert "paired differences against adamw_torch and matched-warmup" in text
     against = differences_rows(text, "matched-warmup")
     assert ("dualadam", "held-out loss") in against
@@ -241,8 +241,23 @@ def test_differences_against_a_named_baseline_as_well(tmp_path):
                 if a.label == "dualadam" and b.label == "matched-warmup" and a.seed == b.seed]
     assert [float(x) for x in against[("dualadam", "held-out loss")][0].split(", ")] == pytest.approx(expected,
                                                                                                     abs=1e-5)
-    missing = write_report(FakePlan(tmp_path / "m", labels), results, baseline="adamw").read_text()
+    missing = write_report(FakePlan(tmp_path / "m", labels), results, baselines=["adamw"]).read_text()
     assert "No paired differences: adamw is not a variant of this comparison" in missing
+
+
+def test_differences_against_several_named_baselines_each_pair_once(tmp_path):
+    """Each control against its own twin: a section per baseline, in order, a pair given once."""
+    rng = random.Random(19)
+    labels = ("adamw_torch", "matched_warmup", "dualadam", "invadam")
+    results = [RunResult(label, seed, fake_history(rng)) for label in ("adamw_torch", "matched-warmup", "dualadam",
+                                                                       "invadam") for seed in (0, 1, 2)]
+    text = write_report(FakePlan(tmp_path, labels), results, baselines=["matched-warmup", "dualadam"]).read_text()
+    assert "paired differences against adamw_torch and matched-warmup and dualadam" in text
+    assert text.index("## Paired differences against matched-warmup") < text.index(
+        "## Paired differences against dualadam")
+    against = {variant for variant, _ in differences_rows(text, "dualadam")}
+    assert against == {"invadam"}  # adamw_torch and matched-warmup were paired with dualadam already
+    assert {variant for variant, _ in differences_rows(text, "matched-warmup")} == {"dualadam", "invadam"}
 
 
 def test_accuracy_gets_an_exact_mcnemar_test_per_seed(tmp_path):
@@ -407,7 +422,7 @@ def test_variants_with_their_own_seeds_are_shown_with_them(tmp_path):
                                {"optim": "invadam", "seeds": 3}])
     plan = Plan(config=Path("recipe.yaml"), variants=variants, seeds=[5, 6, 7], lr_grid=[], grid_seeds=[1000],
                 select_metric="eval_loss", output_dir=tmp_path, overrides=[], sharpness=False, test_split="test",
-                validation_split="validation", baseline="adamw_torch", recipe_digest="")
+                validation_split="validation", baselines=["adamw_torch"], recipe_digest="")
     results = [RunResult(v.label, s, fake_history(rng)) for v in variants for s in plan.seeds_of(v)]
     text = write_report(plan, results).read_text()
     assert variant_line(text, "dualadam") == "- **dualadam**: `dualadam`; its own seeds 5"

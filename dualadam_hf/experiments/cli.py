@@ -55,7 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
                          help="seeds per learning rate of the grid (default: the recipe's, else 1); the grid "
                          "chooses on the mean over them")
     compare.add_argument("--baseline", default=None,
-                         help="the variant (label) the paired differences are taken against (default: the first)")
+                         help="the variant (label) the paired differences are also taken against, or several, "
+                         "comma-separated (the first variant is always one)")
     compare.add_argument("--select_metric", default=None, choices=("eval_loss", "eval_accuracy"),
                          help="what the grid chooses on (default eval_loss)")
     compare.add_argument("--output_dir", default=None, help="report folder (default: compare/<recipe name>)")

@@ -65,7 +65,7 @@ class Plan:
     sharpness: bool
     test_split: str
     validation_split: str
-    baseline: str
+    baselines: list[str]  # the paired differences are against each, the first variant always among them
     recipe_digest: str
     chosen_lr: dict[str, float] = field(default_factory=dict)
 
@@ -122,7 +122,7 @@ def checked_settings(recipe: dict[str, Any], command_line: dict[str, Any], confi
         "select_metric": lambda v, w: v if isinstance(v, str) and v in SELECT_METRICS else _refuse(
             w, v, " or ".join(SELECT_METRICS)),
         "sharpness": true_or_false,
-        "baseline": lambda v, w: v if isinstance(v, str) and v else _refuse(w, v, "a variant's label"),
+        "baseline": _labels,
     }
     settings = {}
     for key, check in checks.items():
@@ -131,6 +131,19 @@ def checked_settings(recipe: dict[str, Any], command_line: dict[str, Any], confi
         elif recipe.get(key) is not None:
             settings[key] = check(recipe[key], f"recipe {config.name}, compare: {key}")
     return settings
+
+
+def _labels(value: Any, where: str) -> list[str]:
+    """Variant labels from "dualadam,dualadam-paper-rate" (command line), a YAML list, or one label."""
+    items = value.split(",") if isinstance(value, str) else value if isinstance(value, list) else [value]
+    labels: list[str] = []
+    for item in items:
+        if not isinstance(item, str) or not item.strip():
+            _refuse(where, value, "a variant's label or a list of them")
+        if item.strip() in labels:
+            raise RecipeError(f"{where} names {item.strip()!r} twice ({value!r})")
+        labels.append(item.strip())
+    return labels
 
 
 def _refuse(where: str, value: Any, expected: str) -> Any:
@@ -163,8 +176,8 @@ def make_plan(config: str | Path, *, optims: str | None = None, seeds: Any = Non
     if metric == "eval_accuracy" and not base.args.accuracy_size:
         raise RecipeError("select_metric eval_accuracy needs accuracy_size > 0")
     labels = [v.label for v in variants]
-    if settings.get("baseline", labels[0]) not in labels:
-        raise RecipeError(f"baseline {settings['baseline']!r} is not a variant of this comparison; variants: "
+    if missing := [b for b in settings.get("baseline", []) if b not in labels]:
+        raise RecipeError(f"baseline {missing[0]!r} is not a variant of this comparison; variants: "
                           f"{', '.join(labels)}")
     base_seed, grid_seed = base.training.seed, settings.get("grid_seed", base.training.seed + 1000)
     plan = Plan(
@@ -174,7 +187,8 @@ def make_plan(config: str | Path, *, optims: str | None = None, seeds: Any = Non
         output_dir=Path(output_dir or Path("compare") / (config.stem + ("-smoke" if smoke else ""))).resolve(),
         overrides=overrides, sharpness=settings.get("sharpness", True) and sharpness,
         test_split=base.script.dataset_test_split, validation_split=base.args.dataset_validation_split,
-        baseline=settings.get("baseline", labels[0]), recipe_digest=recipe_digest(config),
+        baselines=list(dict.fromkeys([labels[0], *settings.get("baseline", [])])),
+        recipe_digest=recipe_digest(config),
     )
     if plan.lr_grid and plan.test_split == plan.validation_split:
         raise RecipeError(f"dataset_test_split is {plan.test_split!r}: the learning-rate grid chooses on "
@@ -409,7 +423,7 @@ def compare(plan: Plan, *, launcher: str | None = None, rerun: bool = False, log
                  if seed in plan.seeds_of(v)]
         results = _execute(plan, specs, launcher, rerun, log)
         return write_report(plan, results, grid_results, seconds=time.time() - started,
-                            baseline=plan.baseline), results
+                            baselines=plan.baselines), results
 
 
 def run_compare(config: str, *, optims: str | None, seeds: Any, lr_grid: str | None, select_metric: str | None,

@@ -521,18 +521,18 @@ def load_raw(folder: str | os.PathLike) -> tuple[list[RunResult], list[RunResult
 
 
 def write_report(plan: Any, results: Sequence[RunResult], grid_results: Sequence[RunResult] = (), *,
-                 seconds: float = 0.0, baseline: str | None = None) -> Path:
+                 seconds: float = 0.0, baselines: Sequence[str] = ()) -> Path:
     """Write raw/<phase>-<variant>-seed<k>[-lr<lr>].json, then report.md, then the plots; return report.md's path.
 
     ``plan`` is compare's plan (its variants, ``seeds`` and ``seeds_of``, ``lr_grid``, ``grid_seeds``,
-    ``chosen_lr``, splits, ...). Paired differences are against the first variant and, when ``baseline`` names
-    another variant, against it too. A plot that cannot be written is reported on stderr and in report.md; the
-    tables are already saved."""
+    ``chosen_lr``, splits, ...). Paired differences are against the first variant and against each variant
+    ``baselines`` names, in that order (a pair is given once, under the earlier baseline). A plot that cannot
+    be written is reported on stderr and in report.md; the tables are already saved."""
     out = Path(plan.output_dir)
     _save_raw(out / "raw", [*grid_results, *results])
     selection = select(results, [v.label for v in plan.variants])
     first = plan.variants[0].label if plan.variants else next(iter(selection.runs), "")
-    baselines = list(dict.fromkeys(b for b in (first, baseline) if b))
+    baselines = list(dict.fromkeys(b for b in (first, *baselines) if b))
     lines = _header(plan, baselines, [*grid_results, *results])
     if plan.lr_grid:
         grid_seeds = ", ".join(map(str, plan.grid_seeds))
