@@ -87,11 +87,15 @@ class RunSpec:
     lr: float | None = None  # None: the recipe's learning rate
 
 
+def _listed(value: Any) -> list[Any]:
+    """The items of a compare setting given as "a,b" (command line), a YAML list, or one YAML value."""
+    return value.split(",") if isinstance(value, str) else value if isinstance(value, list) else [value]
+
+
 def _lr_grid(value: Any, where: str) -> list[float]:
     """Learning rates from "3e-4,1e-3" (command line), a YAML list, or one YAML number; positive, distinct."""
-    items = value.split(",") if isinstance(value, str) else value if isinstance(value, list) else [value]
     grid = []
-    for item in items:
+    for item in _listed(value):
         if isinstance(item, str) and not item.strip():
             continue
         try:
@@ -135,9 +139,8 @@ def checked_settings(recipe: dict[str, Any], command_line: dict[str, Any], confi
 
 def _labels(value: Any, where: str) -> list[str]:
     """Variant labels from "dualadam,dualadam-paper-rate" (command line), a YAML list, or one label."""
-    items = value.split(",") if isinstance(value, str) else value if isinstance(value, list) else [value]
     labels: list[str] = []
-    for item in items:
+    for item in _listed(value):
         if not isinstance(item, str) or not item.strip():
             _refuse(where, value, "a variant's label or a list of them")
         if item.strip() in labels:
@@ -315,8 +318,8 @@ def _key_problem(folder: Path, key: dict[str, Any]) -> str | None:
         return f"{folder} exists but was not made by compare (no readable {COMMAND_FILE})"
     if not isinstance(saved, dict):
         return f"{folder} holds a run of an older version that did not record the recipe's content"
-    saved = {**saved, "command": _without_paths(saved["command"]) if isinstance(saved.get("command"), list)
-             else saved.get("command")}
+    if isinstance(saved.get("command"), list):
+        saved = {**saved, "command": _without_paths(saved["command"])}
     differs = [what for part, what in (("command", "train command"), ("recipe_sha256", "recipe content"),
                                        ("launcher", "launcher")) if saved.get(part) != key[part]]
     if not differs:
