@@ -15,7 +15,7 @@ import pytest
 from dualadam_hf.experiments.report import METRICS, RunResult, load_raw, results_table, write_report
 from dualadam_hf.experiments.variants import parse_variants
 
-STUDY_RAW = Path(__file__).resolve().parents[1] / "docs" / "study" / "raw"
+STUDY_RAW = Path(__file__).resolve().parents[1] / "docs" / "study" / "v1" / "raw"
 
 
 def parse_table(markdown: str) -> dict[str, dict[str, tuple[float, float | None]]]:
