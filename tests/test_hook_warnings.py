@@ -18,18 +18,9 @@ from pathlib import Path
 
 import pytest
 
+from tests.standins import fake_transformers, run_python
+
 REPO = Path(__file__).resolve().parent.parent
-
-
-def run_python(code: str, *flags: str, cwd: Path | None = None, **env_overrides: str) -> subprocess.CompletedProcess:
-    """Run `code` in a new interpreter with the hook on (unless DUALADAM_HF_NO_AUTOREGISTER is given)."""
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", **env_overrides}
-    if "DUALADAM_HF_NO_AUTOREGISTER" not in env_overrides:
-        env.pop("DUALADAM_HF_NO_AUTOREGISTER", None)
-    if "PYTHONWARNINGS" not in env_overrides:
-        env.pop("PYTHONWARNINGS", None)
-    return subprocess.run([sys.executable, *flags, "-c", textwrap.dedent(code)], env=env, capture_output=True,
-                          text=True, timeout=300, cwd=cwd)
 
 
 # --- stand-in transformers packages --------------------------------------------------------------------------
@@ -135,15 +126,10 @@ MOVED_ENUM_TRAINING_ARGS = KNOWN_TRAINING_ARGS.replace("class OptimizerNames(str
                                                        "class OptimizerNames(enum.Enum):")
 
 
-def fake_transformers(root: Path, training_args: str, trainer: str) -> str:
-    """Write a stand-in `transformers` package under root and return root, for PYTHONPATH."""
-    package = root / "transformers"
-    package.mkdir(parents=True)
-    (package / "__init__.py").write_text(FAKE_INIT)
-    (package / "trainer_callback.py").write_text(FAKE_TRAINER_CALLBACK)
-    (package / "training_args.py").write_text(training_args)
-    (package / "trainer.py").write_text(trainer)
-    return str(root)
+def stand_in(root: Path, training_args: str, trainer: str) -> str:
+    """A stand-in transformers with what callbacks.py needs, the given training_args.py and trainer.py."""
+    return fake_transformers(root, __init__=FAKE_INIT, trainer_callback=FAKE_TRAINER_CALLBACK,
+                             training_args=training_args, trainer=trainer)
 
 
 ASK_NOTHING = """
@@ -181,7 +167,7 @@ def assert_one_layout_error(result: subprocess.CompletedProcess) -> None:
 @pytest.mark.parametrize("trainer", [TABLE_TRAINER, STATICMETHOD_TRAINER], ids=["handler-table", "staticmethod"])
 @pytest.mark.parametrize(("flags", "env"), WARNINGS_AS_ERRORS, ids=["-W error", "PYTHONWARNINGS=error"])
 def test_known_layout_is_silent_and_registers(tmp_path, trainer, flags, env):
-    root = fake_transformers(tmp_path, KNOWN_TRAINING_ARGS, trainer)
+    root = stand_in(tmp_path, KNOWN_TRAINING_ARGS, trainer)
     result = run_python("""
         from transformers.trainer import Trainer
         from transformers.training_args import TrainingArguments
@@ -207,7 +193,7 @@ MOVED_LAYOUTS = {
 @pytest.mark.parametrize("layout", MOVED_LAYOUTS)
 @pytest.mark.parametrize(("flags", "env"), WARNINGS_AS_ERRORS, ids=["-W error", "PYTHONWARNINGS=error"])
 def test_moved_layout_is_silent_where_nothing_asks(tmp_path, layout, flags, env):
-    root = fake_transformers(tmp_path, *MOVED_LAYOUTS[layout])
+    root = stand_in(tmp_path, *MOVED_LAYOUTS[layout])
     result = run_python(ASK_NOTHING, *flags, PYTHONPATH=root, **env)
     assert result.returncode == 0, result.stderr
     assert (result.stdout, result.stderr) == ("ok\n", "")
@@ -215,13 +201,13 @@ def test_moved_layout_is_silent_where_nothing_asks(tmp_path, layout, flags, env)
 
 @pytest.mark.parametrize("layout", MOVED_LAYOUTS)
 def test_moved_layout_gives_one_clear_error_where_dualadam_is_asked_for(tmp_path, layout):
-    root = fake_transformers(tmp_path, *MOVED_LAYOUTS[layout])
+    root = stand_in(tmp_path, *MOVED_LAYOUTS[layout])
     assert_one_layout_error(run_python(ASK_DUALADAM_AFTER_TRAINER, "-W", "error", PYTHONPATH=root))
 
 
 def test_moved_trainer_errors_at_the_trainer_when_arguments_came_first(tmp_path):
     """Arguments built before transformers.trainer was imported: the Trainer is where the name gets used."""
-    root = fake_transformers(tmp_path, KNOWN_TRAINING_ARGS, MOVED_TRAINER)
+    root = stand_in(tmp_path, KNOWN_TRAINING_ARGS, MOVED_TRAINER)
     result = run_python(ASK_DUALADAM_AT_TRAINER, "-W", "error", PYTHONPATH=root)
     assert result.stdout == "arguments built\n"
     assert_one_layout_error(result)
@@ -230,7 +216,7 @@ def test_moved_trainer_errors_at_the_trainer_when_arguments_came_first(tmp_path)
 def test_unknown_layout_is_left_alone_and_silent(tmp_path):
     """Neither a known TrainingArguments nor a Trainer: nothing to patch, nothing printed."""
     unrecognisable = "class TrainingArguments:\n    def __init__(self, optim):\n        self.optim = optim\n"
-    root = fake_transformers(tmp_path, unrecognisable, "class Helper:\n    pass\n")
+    root = stand_in(tmp_path, unrecognisable, "class Helper:\n    pass\n")
     result = run_python("""
         import transformers.trainer, transformers.training_args as module
         arguments = module.TrainingArguments
@@ -243,7 +229,7 @@ def test_unknown_layout_is_left_alone_and_silent(tmp_path):
 @pytest.mark.slow  # a subprocess per case: run in CI, not in the quick loop
 def test_pytest_filterwarnings_error_collects_a_module_that_imports_transformers(tmp_path):
     """Another project's suite run with `filterwarnings = error` must not fail because dualadam-hf is installed."""
-    root = fake_transformers(tmp_path / "site", KNOWN_TRAINING_ARGS, MOVED_TRAINER)
+    root = stand_in(tmp_path / "site", KNOWN_TRAINING_ARGS, MOVED_TRAINER)
     (tmp_path / "test_other.py").write_text(textwrap.dedent("""
         import transformers.trainer
         from transformers.training_args import TrainingArguments
@@ -263,7 +249,7 @@ def test_pytest_filterwarnings_error_collects_a_module_that_imports_transformers
 def test_stale_hook_without_the_package_is_silent(tmp_path):
     """dualadam-hf uninstalled but its .pth and hook module left in site-packages: transformers imports quietly."""
     site_dir = tmp_path / "site"
-    fake_transformers(site_dir, KNOWN_TRAINING_ARGS, TABLE_TRAINER)
+    stand_in(site_dir, KNOWN_TRAINING_ARGS, TABLE_TRAINER)
     for name in ("_dualadam_hf_autoregister.py", "dualadam_hf_autoregister.pth"):
         shutil.copy(REPO / name, site_dir / name)
     # -S: no site-packages, so the only copy of dualadam_hf would be the repository, which cwd keeps off sys.path.

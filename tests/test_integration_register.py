@@ -1,9 +1,5 @@
 """Registration of `--optim dualadam` with transformers: the startup hook, its opt-out, register(), layout errors."""
 
-import os
-import subprocess
-import sys
-import textwrap
 import types
 
 import pytest
@@ -17,14 +13,7 @@ from dualadam_hf.integrations.transformers import (
     patch_trainer,
     patch_training_args,
 )
-
-
-def run_python(code: str, **env_overrides: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", **env_overrides}
-    if "DUALADAM_HF_NO_AUTOREGISTER" not in env_overrides:
-        env.pop("DUALADAM_HF_NO_AUTOREGISTER", None)
-    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=env, capture_output=True, text=True,
-                          timeout=120)
+from tests.standins import fake_transformers, run_python
 
 
 def test_names_are_registered_in_this_process():
@@ -152,22 +141,14 @@ PROBE = """
 """
 
 
-def fake_transformers(root, training_args_source: str) -> str:
-    package = root / "transformers"
-    package.mkdir()
-    (package / "__init__.py").write_text("")
-    (package / "training_args.py").write_text(training_args_source)
-    return str(root)
-
-
 def test_startup_hook_registers_without_importing_dualadam_hf_in_user_code(tmp_path):
-    result = run_python(PROBE, PYTHONPATH=fake_transformers(tmp_path, FAKE_TRAINING_ARGS))
+    result = run_python(PROBE, PYTHONPATH=fake_transformers(tmp_path, training_args=FAKE_TRAINING_ARGS))
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == ["True", "True"]
 
 
 def test_opt_out_variable_turns_the_hook_off(tmp_path):
-    result = run_python(PROBE, PYTHONPATH=fake_transformers(tmp_path, FAKE_TRAINING_ARGS),
+    result = run_python(PROBE, PYTHONPATH=fake_transformers(tmp_path, training_args=FAKE_TRAINING_ARGS),
                         DUALADAM_HF_NO_AUTOREGISTER="1")
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == ["False", "False"]
@@ -195,7 +176,7 @@ class TrainingArguments:
 
 def test_hook_leaves_an_unknown_layout_alone_without_a_word(tmp_path):
     """A layout the patch does not know must not change `import transformers` for anyone: no warning, no change."""
-    root = fake_transformers(tmp_path, DRIFTED_TRAINING_ARGS)
+    root = fake_transformers(tmp_path, training_args=DRIFTED_TRAINING_ARGS)
     result = run_python("""
         import warnings
         warnings.simplefilter("always")

@@ -1,0 +1,34 @@
+"""Fresh interpreters and stand-in `transformers` packages, for tests of what the startup hook does at import.
+
+The hook acts when a process imports transformers, so these tests run their code in a new interpreter, on the
+installed transformers or on a small package written under a temporary folder and put first on PYTHONPATH.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+
+def run_python(code: str, *flags: str, cwd: Path | None = None, **env_overrides: str) -> subprocess.CompletedProcess:
+    """Run `code` in a new interpreter, offline, with the hook on (unless DUALADAM_HF_NO_AUTOREGISTER is given)
+    and no inherited PYTHONWARNINGS (unless given)."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", **env_overrides}
+    for name in ("DUALADAM_HF_NO_AUTOREGISTER", "PYTHONWARNINGS"):
+        if name not in env_overrides:
+            env.pop(name, None)
+    return subprocess.run([sys.executable, *flags, "-c", textwrap.dedent(code)], env=env, capture_output=True,
+                          text=True, timeout=300, cwd=cwd)
+
+
+def fake_transformers(root: Path, **modules: str) -> str:
+    """Write a stand-in `transformers` package under root, one `<name>.py` per keyword (`__init__` empty unless
+    given), and return root, for PYTHONPATH."""
+    package = root / "transformers"
+    package.mkdir(parents=True)
+    for name, source in {"__init__": "", **modules}.items():
+        (package / f"{name}.py").write_text(source)
+    return str(root)
