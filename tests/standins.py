@@ -12,6 +12,29 @@ import sys
 import textwrap
 from pathlib import Path
 
+# The layout the patch knows: a str Enum of names and a dataclass with optim/optim_args and __post_init__.
+KNOWN_TRAINING_ARGS = """
+import dataclasses
+import enum
+
+class OptimizerNames(str, enum.Enum):
+    ADAMW_TORCH = "adamw_torch"
+
+@dataclasses.dataclass
+class TrainingArguments:
+    output_dir: str = "out"
+    optim: str = "adamw_torch"
+    optim_args: str = None
+    learning_rate: float = 1e-3
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_epsilon: float = 1e-8
+    weight_decay: float = 0.0
+
+    def __post_init__(self):
+        self.optim = OptimizerNames(self.optim)
+"""
+
 
 def run_python(code: str, *flags: str, cwd: Path | None = None, **env_overrides: str) -> subprocess.CompletedProcess:
     """Run `code` in a new interpreter, offline, with the hook on (unless DUALADAM_HF_NO_AUTOREGISTER is given)

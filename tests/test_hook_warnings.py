@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.standins import fake_transformers, run_python
+from tests.standins import KNOWN_TRAINING_ARGS, fake_transformers, run_python
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -37,29 +37,6 @@ class DefaultFlowCallback(TrainerCallback):
     pass
 """
 
-# The layout the patch knows: a str Enum of names and a dataclass with optim/optim_args and __post_init__.
-KNOWN_TRAINING_ARGS = """
-import dataclasses
-import enum
-
-class OptimizerNames(str, enum.Enum):
-    ADAMW_TORCH = "adamw_torch"
-
-@dataclasses.dataclass
-class TrainingArguments:
-    output_dir: str = "out"
-    optim: str = "adamw_torch"
-    optim_args: str = None
-    learning_rate: float = 1e-3
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
-    adam_epsilon: float = 1e-8
-    weight_decay: float = 0.0
-
-    def __post_init__(self):
-        self.optim = OptimizerNames(self.optim)
-"""
-
 # A Trainer that keeps its optimizers in a handler table (transformers 5.6 and later).
 _TRAINER_BASE = """
 from transformers.trainer_callback import DefaultFlowCallback
@@ -69,6 +46,12 @@ from transformers.training_args import OptimizerNames
 class _Callbacks:
     def __init__(self):
         self.callbacks = [DefaultFlowCallback()]
+
+
+class _TrainerBase:
+    def __init__(self, model=None, args=None):
+        self.args, self.optimizer, self.optimizer_cls_and_kwargs = args, None, None
+        self.callback_handler = _Callbacks()
 """
 TABLE_TRAINER = _TRAINER_BASE + """
 
@@ -84,10 +67,7 @@ def _get_adamw(ctx):
 _OPTIMIZER_HANDLERS = {OptimizerNames.ADAMW_TORCH: _get_adamw}
 
 
-class Trainer:
-    def __init__(self, model=None, args=None):
-        self.args, self.optimizer, self.optimizer_cls_and_kwargs = args, None, None
-        self.callback_handler = _Callbacks()
+class Trainer(_TrainerBase):
 
     @staticmethod
     def get_optimizer_cls_and_kwargs(args, model=None):
@@ -99,10 +79,7 @@ class Trainer:
 # The transformers 5.0 layout: no table, one staticmethod that maps names to classes.
 STATICMETHOD_TRAINER = _TRAINER_BASE + """
 
-class Trainer:
-    def __init__(self, model=None, args=None):
-        self.args, self.optimizer, self.optimizer_cls_and_kwargs = args, None, None
-        self.callback_handler = _Callbacks()
+class Trainer(_TrainerBase):
 
     @staticmethod
     def get_optimizer_cls_and_kwargs(args, model=None):
@@ -113,10 +90,7 @@ class Trainer:
 # A layout that moved: no handler table, and the factory became an instance method of another name.
 MOVED_TRAINER = _TRAINER_BASE + """
 
-class Trainer:
-    def __init__(self, model=None, args=None):
-        self.args, self.optimizer, self.optimizer_cls_and_kwargs = args, None, None
-        self.callback_handler = _Callbacks()
+class Trainer(_TrainerBase):
 
     def build_optimizer_spec(self):
         return "AdamW", {"lr": self.args.learning_rate}

@@ -13,7 +13,7 @@ from dualadam_hf.integrations.transformers import (
     patch_trainer,
     patch_training_args,
 )
-from tests.standins import fake_transformers, run_python
+from tests.standins import KNOWN_TRAINING_ARGS, fake_transformers, run_python
 
 
 def test_names_are_registered_in_this_process():
@@ -117,23 +117,6 @@ def test_startup_hook_imports_nothing_heavy():
     assert result.stdout.strip() == "[]"
 
 
-# A stand-in transformers with the layout the patch relies on: importing it is quick, unlike the real one.
-FAKE_TRAINING_ARGS = """
-import dataclasses
-import enum
-
-class OptimizerNames(str, enum.Enum):
-    ADAMW_TORCH = "adamw_torch"
-
-@dataclasses.dataclass
-class TrainingArguments:
-    optim: str = "adamw_torch"
-    optim_args: str = None
-
-    def __post_init__(self):
-        self.optim = OptimizerNames(self.optim)
-"""
-
 PROBE = """
     import sys
     from transformers.training_args import OptimizerNames, TrainingArguments
@@ -142,13 +125,13 @@ PROBE = """
 
 
 def test_startup_hook_registers_without_importing_dualadam_hf_in_user_code(tmp_path):
-    result = run_python(PROBE, PYTHONPATH=fake_transformers(tmp_path, training_args=FAKE_TRAINING_ARGS))
+    result = run_python(PROBE, PYTHONPATH=fake_transformers(tmp_path, training_args=KNOWN_TRAINING_ARGS))
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == ["True", "True"]
 
 
 def test_opt_out_variable_turns_the_hook_off(tmp_path):
-    result = run_python(PROBE, PYTHONPATH=fake_transformers(tmp_path, training_args=FAKE_TRAINING_ARGS),
+    result = run_python(PROBE, PYTHONPATH=fake_transformers(tmp_path, training_args=KNOWN_TRAINING_ARGS),
                         DUALADAM_HF_NO_AUTOREGISTER="1")
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == ["False", "False"]
