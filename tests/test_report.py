@@ -440,3 +440,47 @@ def test_a_cut_off_raw_log_is_named(tmp_path):
     (tmp_path / "final-adamw_torch-seed0.json").write_text('{"label": "adamw_torch", "seed": 0, "log_hist')
     with pytest.raises(ValueError, match="final-adamw_torch-seed0.json is not a readable raw log"):
         load_raw(tmp_path)
+
+
+def share_rows(text: str) -> dict[str, list[str]]:
+    section = text.split("## Inverse share of the update", 1)[1].split("\n## ", 1)[0]
+    rows = [line.strip("|").split("|") for line in section.splitlines() if line.startswith("| ")][1:]
+    return {cells[0].strip(): [c.strip() for c in cells[1:]] for cells in rows}
+
+
+def blended_history(shares: list[float], blend_steps: int, steps: int = 6) -> list[dict]:
+    """A log history whose r falls by 1/blend_steps per step, with the given share at each blended step."""
+    history = []
+    for step in range(1, steps + 1):
+        r = max(0.0, 1 - step / blend_steps)
+        history.append({"loss": 1.0, "dualadam/blend": r, "dualadam/inverse_share": shares[step - 1] if r else 0.0,
+                        "step": step})
+    return history + [{"eval_loss": 1.0, "step": steps}]
+
+
+def test_the_inverse_share_table_says_how_large_the_inverse_part_was(tmp_path):
+    """Held at strength r reads 1 in the last column, the paper's rule at LLM scale far below, no blend no row;
+    steps after the blend (r = 0) are not counted."""
+    held = [1 - s / 4 for s in range(1, 4)]  # share == r at steps 1-3, the blend over at step 4
+    results = [RunResult("adamw_torch", s, [{"loss": 1.0, "step": 1}, {"eval_loss": 1.0, "step": 1}]) for s in (0, 1)]
+    results += [RunResult("dualadam-norm", s, blended_history(held, 4)) for s in (0, 1)]
+    results += [RunResult("dualadam", s, blended_history([3e-5 * (s + 1), 1e-6, 2e-7], 4)) for s in (0, 1)]
+    plan = FakePlan(tmp_path, ("adamw_torch", "dualadam", "dualadam[inverse_scale=norm,label=dualadam-norm]"),
+                    seeds=(0, 1))
+    rows = share_rows(write_report(plan, results).read_text())
+    assert "adamw_torch" not in rows
+    assert rows["dualadam-norm"] == ["2", "0.750", "0.750", "3", "0.250", "0.250", "1.000"]
+    runs, r1, share1, last, r_last, share_last, ratio = rows["dualadam"]
+    assert (r1, share1, last, share_last) == ("0.750", "3.00e-05 to 6.00e-05", "3", "2.00e-07")
+    assert ratio == f"{2e-7 / 0.25:.2e} to {6e-5 / 0.75:.2e}"
+
+
+def test_the_inverse_share_of_the_first_study_from_its_raw_logs(tmp_path):
+    """The figures docs/study/v1.md gives for the inverse part's size come out of the report's table."""
+    results, _ = load_raw(STUDY_RAW)
+    labels = ("adamw_torch", "matched_warmup", "dualadam", "dualadam_scaled")
+    rows = share_rows(write_report(FakePlan(tmp_path, labels), results).read_text())
+    assert rows["dualadam"][2] == "4.86e-05 to 6.20e-05" and rows["dualadam"][5] == "2.45e-07 to 2.72e-07"
+    assert rows["matched-warmup"][-1] == "0.000"
+    # the calibrated "auto" scale: the share started at r, then drifted to 12 times r
+    assert rows["dualadam-scaled"][2] == "0.917" and rows["dualadam-scaled"][-1] == "1.000 to 11.811"

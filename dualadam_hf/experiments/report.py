@@ -15,11 +15,12 @@ import math
 import os
 import statistics
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..integrations.log_keys import BLEND_LOG_KEY
 from ..integrations.log_keys import INVERSE_SHARE_LOG_KEY as INVERSE_SHARE_KEY
 from .stats import McNemar, PairedDifference, format_number, mcnemar_exact, mean_std, paired_difference
 from .watch import BLEND_UNFINISHED_KEY, DIVERGED_KEY, SHARPNESS_PREFIX
@@ -472,6 +473,44 @@ def _results_section(results: Sequence[RunResult], selection: Selection) -> list
     return lines
 
 
+def blended_steps(log_history: Sequence[dict[str, Any]]) -> list[tuple[int, float, float]]:
+    """(step, r, inverse share) of every logged step whose blend weight r was above 0."""
+    rows = {int(e["step"]): (float(e[BLEND_LOG_KEY]), float(e[INVERSE_SHARE_KEY])) for e in log_history
+            if BLEND_LOG_KEY in e and INVERSE_SHARE_KEY in e and "step" in e}
+    return [(step, r, share) for step, (r, share) in sorted(rows.items()) if r > 0]
+
+
+def _spread(values: Sequence[float], show: Callable[[float], str] = lambda v: format_number(v, 3, sign=False)) -> str:
+    """min to max, once if they print the same."""
+    low, high = show(min(values)), show(max(values))
+    return low if low == high else f"{low} to {high}"
+
+
+def inverse_share_section(selection: Selection) -> list[str]:
+    """How large the inverse part was, per variant with a blend: the share at the first and at the last blended
+    step, and share / r over the blend (1 when the inverse part acts at strength r), min to max over seeds."""
+    rows = []
+    for label, runs in selection.runs.items():
+        steps = [s for s in (blended_steps(r.log_history) for r in runs) if s]
+        if not steps:
+            continue
+        first, last = [s[0] for s in steps], [s[-1] for s in steps]
+        cells = [label, str(len(steps)), *(_spread([row[k] for row in first]) for k in (1, 2)),
+                 _spread([row[0] for row in last], str), *(_spread([row[k] for row in last]) for k in (1, 2)),
+                 _spread([share / r for s in steps for _, r, share in s])]
+        rows.append("| " + " | ".join(cells) + " |")
+    if not rows:
+        return []
+    return ["## Inverse share of the update", "",
+            f"From `{INVERSE_SHARE_KEY}` and `{BLEND_LOG_KEY}` (r) in the logs: the inverse part's share of the "
+            "step's norm (0: Adam's step alone; r: both parts in the proportion the blend weight says), at the "
+            "first and the last logged step with r > 0, and share / r over all of those steps. Each cell: min to "
+            "max over the runs.", "",
+            "| variant | runs | first step: r | first step: share | last blended step | its r | its share "
+            "| share / r over the blend |",
+            "|---|---|---|---|---|---|---|---|", *rows, ""]
+
+
 def _run_notes(results: Sequence[RunResult], grid_results: Sequence[RunResult], seconds: float) -> list[str]:
     everything = [*grid_results, *results]
     names = rate_texts([r.lr for r in everything if r.lr is not None])
@@ -541,6 +580,7 @@ def write_report(plan: Any, results: Sequence[RunResult], grid_results: Sequence
                   "chosen rate is bold. The test split is not read in this phase.", "", grid_table(plan, grid_results),
                   ""]
     lines += _results_section(results, selection)
+    lines += inverse_share_section(selection)
     for k, name in enumerate(baselines):
         lines += differences_section(selection, name, baselines[:k])
     lines += _run_notes(results, grid_results, seconds)
