@@ -475,9 +475,8 @@ def _results_section(results: Sequence[RunResult], selection: Selection) -> list
 
 def blended_steps(log_history: Sequence[dict[str, Any]]) -> list[tuple[int, float, float]]:
     """(step, r, inverse share) of every logged step whose blend weight r was above 0."""
-    rows = {int(e["step"]): (float(e[BLEND_LOG_KEY]), float(e[INVERSE_SHARE_KEY])) for e in log_history
-            if BLEND_LOG_KEY in e and INVERSE_SHARE_KEY in e and "step" in e}
-    return [(step, r, share) for step, (r, share) in sorted(rows.items()) if r > 0]
+    shares = dict(curve(log_history, INVERSE_SHARE_KEY))
+    return [(step, r, shares[step]) for step, r in curve(log_history, BLEND_LOG_KEY) if r > 0 and step in shares]
 
 
 def _spread(values: Sequence[float], show: Callable[[float], str] = lambda v: format_number(v, 3, sign=False)) -> str:
