@@ -484,3 +484,34 @@ def test_the_inverse_share_of_the_first_study_from_its_raw_logs(tmp_path):
     assert rows["matched-warmup"][-1] == "0.000"
     # the calibrated "auto" scale: the share started at r, then drifted to 12 times r
     assert rows["dualadam-scaled"][2] == "0.917" and rows["dualadam-scaled"][-1] == "1.000 to 11.811"
+
+
+STUDY = Path(__file__).resolve().parents[1] / "docs" / "study"
+RECIPE_V2 = Path(__file__).resolve().parents[1] / "recipes" / "smollm2_chainsum_study_v2.yaml"
+
+
+def without_timing(text: str) -> list[str]:
+    """The report's lines less the one that says how long this invocation took."""
+    return [line for line in text.splitlines() if not line.startswith("- Training time of all runs")]
+
+
+def test_the_published_study_is_what_its_raw_logs_give(tmp_path):
+    """docs/study/report.md is rewritten, table for table, from docs/study/raw and the recipe's plan: the grid
+    chooses the published rates, and every paired interval, McNemar test and share cited in the docs follows."""
+    from dualadam_hf.experiments.compare import choose_rates, make_plan
+
+    results, grid = load_raw(STUDY / "raw")
+    assert len(grid) == 48 and len(results) == 46
+    plan = make_plan(RECIPE_V2, output_dir=tmp_path)
+    plan.chosen_lr = choose_rates(plan, grid)
+    text = write_report(plan, results, grid, baselines=plan.baselines).read_text()
+    assert without_timing(text) == without_timing((STUDY / "report.md").read_text())
+    # The figures docs/study.md and the README cite.
+    rows = differences_rows(text)
+    assert rows[("dualadam", "held-out accuracy")][1:3] == ["-0.0264", "[-0.0473, -0.0055]"]
+    assert rows[("dualadam-paper-rate", "held-out accuracy")][1:3] == ["-0.0712", "[-0.1059, -0.0365]"]
+    assert rows[("dualadam-norm", "held-out accuracy")][1:4] == ["-0.0072", "[-0.0211, +0.0067]", "1"]
+    assert rows[("dualadam", "held-out loss")][1:3] == ["+0.01403", "[-0.01426, +0.04232]"]
+    warmup = differences_rows(text, "dualadam")[("matched-warmup", "held-out accuracy")]
+    assert warmup[0] == "+0.0000, +0.0000, +0.0000"
+    assert share_rows(text)["dualadam"][2] == "4.89e-05 to 7.03e-05"
