@@ -15,7 +15,10 @@ import pytest
 from dualadam_hf.experiments.report import METRICS, RunResult, load_raw, results_table, write_report
 from dualadam_hf.experiments.variants import parse_variants
 
-STUDY_RAW = Path(__file__).resolve().parents[1] / "docs" / "study" / "v1" / "raw"
+ROOT = Path(__file__).resolve().parents[1]
+STUDY = ROOT / "docs" / "study"  # the published study (v2): report.md, raw/
+STUDY_RAW = STUDY / "v1" / "raw"  # the first study's raw logs
+RECIPE_V2 = ROOT / "recipes" / "smollm2_chainsum_study_v2.yaml"
 
 
 def parse_table(markdown: str) -> dict[str, dict[str, tuple[float, float | None]]]:
@@ -484,10 +487,6 @@ def test_the_inverse_share_of_the_first_study_from_its_raw_logs(tmp_path):
     assert rows["matched-warmup"][-1] == "0.000"
     # the calibrated "auto" scale: the share started at r, then drifted to 12 times r
     assert rows["dualadam-scaled"][2] == "0.917" and rows["dualadam-scaled"][-1] == "1.000 to 11.811"
-
-
-STUDY = Path(__file__).resolve().parents[1] / "docs" / "study"
-RECIPE_V2 = Path(__file__).resolve().parents[1] / "recipes" / "smollm2_chainsum_study_v2.yaml"
 
 
 def without_timing(text: str) -> list[str]:
