@@ -5,6 +5,13 @@ from __future__ import annotations
 import os
 
 import pytest
+from hypothesis import settings
+
+# Property tests draw from a fixed seed and keep no example database, so every run (CI's included) tests the
+# same examples and a failure reproduces; `--hypothesis-profile=thorough` draws many more, from a fresh seed.
+settings.register_profile("ci", max_examples=30, deadline=None, derandomize=True, database=None)
+settings.register_profile("thorough", max_examples=1000, deadline=None)
+settings.load_profile("ci")
 
 # Tests never reach the hub; set before transformers is imported by any test module.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
