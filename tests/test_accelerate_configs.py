@@ -27,7 +27,7 @@ CPU = {
     "cpu/deepspeed_zero3_offload.yaml": "deepspeed_zero3_offload.yaml",
     "cpu/fsdp2.yaml": "fsdp2.yaml",
 }
-FSDP_SHIM = "accelerate_configs/cpu/run_fsdp_on_cpu.py"
+FSDP_SHIM = "scripts/run_fsdp_on_cpu.py"
 # What the training script needs to run its processes on the CPU, per distributed_type of a CPU config.
 CPU_SCRIPT_FLAGS = {"MULTI_GPU": ["--use_cpu"], "DEEPSPEED": ["--ddp_backend", "gloo"], "FSDP": []}
 

@@ -40,7 +40,7 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
 CPU_CONFIGS = REPO / "accelerate_configs" / "cpu"
 SCRIPT = HERE / "train_lm.py"
-FSDP_SHIM = CPU_CONFIGS / "run_fsdp_on_cpu.py"
+FSDP_SHIM = REPO / "scripts" / "run_fsdp_on_cpu.py"
 
 MAX_STEPS = 5
 SAVE_AT = 3
