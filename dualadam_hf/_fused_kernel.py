@@ -18,10 +18,23 @@ def cast(x, DTYPE: tl.constexpr, EMULATE_RTNE: tl.constexpr):
 
 
 @triton.jit
-def update_block(p_ptrs, g_ptrs, m_ptrs, v_ptrs, offs, numel, decay, adam, inv, eps_c, b1, b2,
+def stochastic_round_bf16(x, seed, noise_offs):
+    # dualadam_hf.functional.stochastic_round_to_bf16 in Triton: 16 uniform random bits added to the fp32
+    # pattern carry into the next bf16 with probability (low bits) / 2**16, so the expected result is x.
+    # Bit operations only: the same result compiled and interpreted.
+    noise = tl.randint(seed, noise_offs) & 0xFFFF
+    bits = x.to(tl.uint32, bitcast=True) + noise
+    return (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+
+
+@triton.jit
+def update_block(p_ptrs, g_ptrs, m_ptrs, v_ptrs, offs, numel, decay, adam, inv, eps_c, b1, b2, seed_ptr,
                  P_DTYPE: tl.constexpr, S_DTYPE: tl.constexpr, MAXIMIZE: tl.constexpr,
-                 EMULATE_RTNE: tl.constexpr, MASKED: tl.constexpr):
-    """The folded update (dualadam_hf.schedule.fold) on one block, in fp32."""
+                 EMULATE_RTNE: tl.constexpr, MASKED: tl.constexpr, STOCHASTIC: tl.constexpr,
+                 BLOCK: tl.constexpr):
+    """The folded update (dualadam_hf.schedule.fold) on one block, in fp32. STOCHASTIC: a bf16 parameter is
+    stored with stochastic rounding, its noise drawn at the element's place in the launch under this step's
+    seed (read from seed_ptr), so no two elements of a launch share a draw."""
     if MASKED:
         mask = offs < numel
         g = tl.load(g_ptrs, mask=mask, other=0.0).to(tl.float32)
@@ -39,12 +52,17 @@ def update_block(p_ptrs, g_ptrs, m_ptrs, v_ptrs, offs, numel, decay, adam, inv, 
     v = b2 * v + (1.0 - b2) * g * g
     den = tl.sqrt_rn(v) + eps_c
     p = p * decay - adam * tl.div_rn(m, den) - inv * (m * den)
+    if STOCHASTIC and P_DTYPE == tl.bfloat16:
+        noise_offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        p_out = stochastic_round_bf16(p, tl.load(seed_ptr), noise_offs)
+    else:
+        p_out = cast(p, P_DTYPE, EMULATE_RTNE)
     if MASKED:
-        tl.store(p_ptrs, cast(p, P_DTYPE, EMULATE_RTNE), mask=mask)
+        tl.store(p_ptrs, p_out, mask=mask)
         tl.store(m_ptrs, cast(m, S_DTYPE, EMULATE_RTNE), mask=mask)
         tl.store(v_ptrs, cast(v, S_DTYPE, EMULATE_RTNE), mask=mask)
     else:
-        tl.store(p_ptrs, cast(p, P_DTYPE, EMULATE_RTNE))
+        tl.store(p_ptrs, p_out)
         tl.store(m_ptrs, cast(m, S_DTYPE, EMULATE_RTNE))
         tl.store(v_ptrs, cast(v, S_DTYPE, EMULATE_RTNE))
 
@@ -55,13 +73,15 @@ def dualadam_kernel(
     # "fp64": Triton passes Python floats as fp32 unless annotated (ruff reads the
     # strings as names, hence noqa).
     chunk_tensor, table, coefs, decay_ptr, n_tensors, beta1: "fp64", beta2: "fp64",  # noqa: F821
+    seed_ptr,
     P_DTYPE: tl.constexpr, G_DTYPE: tl.constexpr, S_DTYPE: tl.constexpr,
     MAXIMIZE: tl.constexpr, BLOCK: tl.constexpr, EMULATE_RTNE: tl.constexpr, ALIGNED: tl.constexpr,
-    WIDE: tl.constexpr,
+    WIDE: tl.constexpr, STOCHASTIC: tl.constexpr,
 ):
     # table rows (int64, n_tensors each): p, g, m, v pointers, numel, first program, coefficient row.
     # coefs: float32 rows (adam, inverse, eps_c), one per tensor of the update (functional.coefficients);
-    # decay_ptr: the float32 weight-decay factor shared by all.
+    # decay_ptr: the float32 weight-decay factor shared by all. seed_ptr: with STOCHASTIC, the int64 seed of
+    # this launch's noise, on the device (the launcher advances it every step); read by nothing otherwise.
     pid = tl.program_id(0)
     i = tl.load(chunk_tensor + pid)
     p_ptr = tl.load(table + i).to(tl.pointer_type(P_DTYPE))
@@ -98,7 +118,9 @@ def dualadam_kernel(
     # last block of a tensor is masked.
     if start + BLOCK <= numel:
         update_block(p_ptr + offs, g_ptr + offs, m_ptr + offs, v_ptr + offs, offs, numel,
-                     decay, adam, inv, eps_c, b1, b2, P_DTYPE, S_DTYPE, MAXIMIZE, EMULATE_RTNE, False)
+                     decay, adam, inv, eps_c, b1, b2, seed_ptr, P_DTYPE, S_DTYPE, MAXIMIZE, EMULATE_RTNE, False,
+                     STOCHASTIC, BLOCK)
     else:
         update_block(p_ptr + offs, g_ptr + offs, m_ptr + offs, v_ptr + offs, offs, numel,
-                     decay, adam, inv, eps_c, b1, b2, P_DTYPE, S_DTYPE, MAXIMIZE, EMULATE_RTNE, True)
+                     decay, adam, inv, eps_c, b1, b2, seed_ptr, P_DTYPE, S_DTYPE, MAXIMIZE, EMULATE_RTNE, True,
+                     STOCHASTIC, BLOCK)

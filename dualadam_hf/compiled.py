@@ -11,9 +11,10 @@ For CPU training and DeepSpeed optimizer offload. One compilation serves the who
 - Past the blend the dispatcher (``dualadam_hf.update``) hands the update to torch's fused AdamW kernel.
 - The routing and the flat aliases are cached across steps (:class:`_Plan`).
 
-Cold compile: about 41 s on 2 cores (BUCKET 32), whatever the number of tensors; the inductor cache makes
-later runs start in seconds. Non-contiguous, float64 and 0/1-element tensors (dynamic shapes specialize on
-those sizes) are left to the caller (the eager foreach path); the graph computes in float32.
+Cold compile: about 42 s on 2 idle cores, whatever the number of tensors; the inductor cache makes later
+processes start in seconds (docs/performance.md has the measurements behind these choices).
+Non-contiguous, float64 and 0/1-element tensors (dynamic shapes specialize on those sizes) are left to the
+caller (the eager foreach path); the graph computes in float32.
 """
 
 from __future__ import annotations
@@ -25,14 +26,15 @@ import torch
 import torch.fx.experimental._config as shape_config
 from torch import Tensor
 
-from .functional import StepTensors, coefficients, grad_like_param, local, prepare
+from .functional import StepTensors, coefficients, grad_like_param, local, prepare, stochastic_round_to_bf16
 from .schedule import Hyper
 
 __all__ = ["BUCKET", "compiled"]
 
 # Quads per compiled call: each call costs ~0.1 ms plus one OpenMP wake-up, and the one-time compile grows
-# with BUCKET (cold, 200 tensors, 2 idle cores: 8 -> 26 s, 16 -> 30 s, 32 -> 41 s); 32 put the step at
-# 1.00-1.06x AdamW(fused=True) where 16 gave 1.04-1.14x (benchmarks/optimizer_step.py).
+# with BUCKET (cold, 200 tensors, 2 cores under a load of about 1: 8 -> 26 s, 16 -> 30 s, 32 -> 48 s; 32 on idle
+# cores: about 42 s); 32 put the step at 1.00-1.06x AdamW(fused=True) where 16 gave 1.04-1.14x
+# (benchmarks/optimizer_step.py, docs/performance.md).
 BUCKET = 32
 GRAPH_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -40,8 +42,9 @@ _compiled_fn = None
 _scratch: dict[tuple, tuple[Tensor, ...]] = {}
 
 
-def _update(ps, gs, ms, vs, coef, shared, maximize: bool):
-    """The folded update on BUCKET flat quads, one fused loop each (see schedule.fold)."""
+def _update(ps, gs, ms, vs, coef, shared, maximize: bool, stochastic: bool = False):
+    """The folded update on BUCKET flat quads, one fused loop each (see schedule.fold). ``stochastic``: the
+    parameters (bf16) are written with :func:`~dualadam_hf.functional.stochastic_round_to_bf16`."""
     decay, w1, b2, w2 = shared.unbind()
     for k, (p, g, m, v) in enumerate(zip(ps, gs, ms, vs, strict=True)):
         adam, inverse, eps_c = coef[k].unbind()
@@ -49,7 +52,8 @@ def _update(ps, gs, ms, vs, coef, shared, maximize: bool):
         m.copy_(m + w1 * (gf - m))
         v.copy_(v * b2 + w2 * gf * gf)
         den = v.sqrt() + eps_c
-        p.copy_(p.float() * decay - adam * (m / den) - inverse * (m * den))
+        new = p.float() * decay - adam * (m / den) - inverse * (m * den)
+        p.copy_(stochastic_round_to_bf16(new) if stochastic else new)
 
 
 def _get_compiled():
@@ -95,9 +99,10 @@ def _signature(*lists: Sequence[Tensor]) -> list[tuple]:
 class _Plan:
     """One call's routing: buckets of flat aliases of p, m, v with their padding, and the fallbacks.
 
-    Building it cost 5-8% of a step (benchmarks/NOTES_compiled.md). An optimizer passes the same p, m, v
-    every step, so the plan is kept in the optimizer's cache for these tensors; a step checks their
-    signature and flattens the gradients (new tensors every step, not kept: set_to_none frees them).
+    Rebuilding it every step cost about 2 ms of a 40 ms step for 122 tensors (docs/performance.md). An
+    optimizer passes the same p, m, v every step, so the plan is kept in the optimizer's cache for these
+    tensors; a step checks their signature and flattens the gradients (new tensors every step, not kept:
+    set_to_none frees them).
     """
 
     def __init__(self, tensors: StepTensors):
@@ -141,6 +146,8 @@ class _Plan:
         fn = _get_compiled()
         for key, indices, chunks in self.buckets:
             device = key[3]
+            # Only bf16 buckets take the rounding: one more graph for them, none for the other dtypes.
+            stochastic = hyper.bf16_stochastic_round and key[0] == torch.bfloat16
             steps = [local(tensors.steps[i]) for i in indices]
             torch._foreach_add_(steps, 1.0)
             scales = None if tensors.scales is None else [tensors.scales[i] for i in indices]
@@ -151,7 +158,7 @@ class _Plan:
                 gs = (tensors.grads[i] for i in idx) if self.plain else (
                     grad_like_param(tensors.params[i], tensors.grads[i]) for i in idx)
                 # rows.detach() drops the view's base (coef), whose shape Dynamo would guard on.
-                fn(P, [_flat(g) for g in gs] + G_pad, M, V, rows.detach(), shared, hyper.maximize)
+                fn(P, [_flat(g) for g in gs] + G_pad, M, V, rows.detach(), shared, hyper.maximize, stochastic)
 
 
 def _plan_for(tensors: StepTensors) -> _Plan:

@@ -19,6 +19,8 @@ from torch import Tensor
 from .schedule import Hyper, blend_weight, fold
 
 LOW_PRECISION = (torch.float16, torch.bfloat16)
+# 0xFFFF0000 as an int32: keeps an fp32 bit pattern's sign, exponent and top 7 mantissa bits (a bf16).
+_BF16_HIGH_BITS = -(1 << 16)
 
 # Elements per block in the foreach path on CPU. The step is memory bound: working on blocks whose five
 # operands (p, g, m, v and one temporary) fit in L2 turns the dozen element-wise passes into about one
@@ -168,6 +170,31 @@ def _fp32(xs: list[Tensor]) -> list[Tensor]:
     return [x.float() for x in xs]
 
 
+def stochastic_round_to_bf16(x: Tensor) -> Tensor:
+    """``x`` (fp32) rounded to bf16 up or down at random, with the expected value of the result equal to ``x``.
+
+    Uniform random bits are added to the 16 low bits of the fp32 pattern, then those bits are dropped: the
+    pattern carries into the next bf16 with probability (low bits) / 2**16, which within a binade is the
+    distance to the lower bf16 over the spacing. Round-to-nearest would drop every update smaller than half
+    a bf16 ulp of the weight; this keeps them on average. The noise comes from torch's generator (seeded by
+    ``torch.manual_seed``); plain torch ops, so it also runs inside ``torch.compile``. inf stays inf and
+    arithmetic (quiet) NaNs stay NaN; a finite value within half an ulp of the bf16 maximum may round to inf.
+    """
+    bits = x.float().view(torch.int32)
+    noise = torch.randint_like(bits, 1 << 16)
+    # Two's complement addition is the unsigned one: for negative values the carry also raises the magnitude.
+    return ((bits + noise) & _BF16_HIGH_BITS).view(torch.float32).to(torch.bfloat16)
+
+
+def write_param(p: Tensor, work: Tensor, hyper: Hyper) -> None:
+    """Store the fp32 result ``work`` into the parameter ``p``: stochastically rounded for bf16 parameters
+    with ``hyper.bf16_stochastic_round``, else by ``copy_`` (round to nearest)."""
+    if hyper.bf16_stochastic_round and p.dtype == torch.bfloat16:
+        p.copy_(stochastic_round_to_bf16(work))
+    else:
+        p.copy_(work)
+
+
 def single_tensor(tensors: StepTensors, hyper: Hyper) -> None:
     """The plain path: one parameter at a time, written to read like the formulas."""
     lr, b1, b2 = float(hyper.lr), hyper.beta1, hyper.beta2
@@ -194,7 +221,7 @@ def single_tensor(tensors: StepTensors, hyper: Hyper) -> None:
             u.mul_(1.0 - r).add_(mh * d, alpha=r * hyper.inverse_scale * scales[i])
         work.add_(u, alpha=-lr)
         if work is not p:
-            p.copy_(work)
+            write_param(p, work, hyper)
         if m is not m_in:
             m_in.copy_(m)
             v_in.copy_(v)
@@ -289,7 +316,10 @@ def foreach(tensors: StepTensors, hyper: Hyper, block: int | None = None) -> Non
             m_work, v_work = (_fp32(m), _fp32(v)) if s_dtype in LOW_PRECISION else (m, v)
             g_work = _fp32(g) if g_dtype != m_work[0].dtype else g
             _foreach_update(work, g_work, m_work, v_work, coefs, hyper, decay)
-            if work is not p:
+            if work is not p and hyper.bf16_stochastic_round and p_dtype == torch.bfloat16:
+                for p_k, w_k in zip(p, work):  # bit operations have no foreach form
+                    p_k.copy_(stochastic_round_to_bf16(w_k))
+            elif work is not p:
                 torch._foreach_copy_(p, work)
             if m_work is not m:
                 torch._foreach_copy_(m, m_work)

@@ -118,7 +118,17 @@ class _Layout:
                 self.rest.append(i)
         self.groups = [_Group([i for i, _ in items], [q for _, q in items], self.device)
                        for items in by_dtype.values()]
+        self.seeds: Tensor | None = None
 
+    def next_seeds(self) -> Tensor:
+        """One seed per group for this step's stochastic rounding, on the device. Drawn once from torch's
+        generator (only when rounding stochastically: with it off the generator is not touched) and advanced
+        by one on the device every step, so steps differ with no host work, also in a captured CUDA graph."""
+        if self.seeds is None:
+            self.seeds = torch.randint(0, 1 << 62, (len(self.groups),), dtype=torch.int64).to(self.device)
+        else:
+            self.seeds.add_(1)
+        return self.seeds
 
 
 def _layout(tensors: StepTensors) -> _Layout:
@@ -152,7 +162,10 @@ def fused(tensors: StepTensors, hyper: Hyper) -> list[int]:
     decay = decay.float().reshape(1)
     kernel = _get_kernel()
     interpreted = os.environ.get("TRITON_INTERPRET", "0") == "1"
-    for group in layout.groups:
+    rounding = hyper.bf16_stochastic_round and any(group.p_dtype == torch.bfloat16 for group in layout.groups)
+    seeds = layout.next_seeds() if rounding else None
+    for k, group in enumerate(layout.groups):
+        stochastic = rounding and group.p_dtype == torch.bfloat16
         grads = [local(tensors.grads[i]) for i in group.indices]
         if any(g.dtype != group.g_dtype or not g.is_contiguous() for g in grads):
             grads = [g.to(group.g_dtype).contiguous() for g in grads]
@@ -160,8 +173,9 @@ def fused(tensors: StepTensors, hyper: Hyper) -> list[int]:
         aligned = group.aligned and all(ptr % 16 == 0 for ptr in group.grad_ptrs)
         kernel[(group.n_programs,)](
             group.owner, group.table, coef, decay, len(group.indices), float(hyper.beta1), float(hyper.beta2),
+            seeds[k:] if stochastic else decay,  # a pointer the kernel reads only when rounding stochastically
             P_DTYPE=_triton_dtype(group.p_dtype), G_DTYPE=_triton_dtype(group.g_dtype),
             S_DTYPE=_triton_dtype(group.s_dtype), MAXIMIZE=bool(hyper.maximize), BLOCK=BLOCK, num_warps=NUM_WARPS,
-            EMULATE_RTNE=interpreted, ALIGNED=aligned, WIDE=group.wide,
+            EMULATE_RTNE=interpreted, ALIGNED=aligned, WIDE=group.wide, STOCHASTIC=stochastic,
         )
     return layout.rest

@@ -11,6 +11,7 @@ from __future__ import annotations
 import itertools
 import logging
 import math
+import numbers
 import operator
 import warnings
 from collections.abc import Callable, Iterable
@@ -20,7 +21,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from . import diagnostics
+from . import diagnostics, lowbit
 from .functional import LOW_PRECISION, StepCounts, StepTensors, held_norm_scales, local
 from .schedule import Hyper, blend_weight, switch_rate_from_fraction, switch_rate_from_steps
 from .update import choose_path, update
@@ -39,27 +40,58 @@ ParamsT = Iterable[Tensor] | Iterable[dict[str, Any]]
 _STATE_DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16"}
 
 
+def _is_number(value: Any) -> bool:
+    # Python counts a bool as an int, but True where a rate belongs is a slip, not 1.
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def invadam_refusal(blend: Iterable[str], name: str = "InvAdam") -> str:
+    """Why InvAdam refuses the blend settings ``blend`` (names, or name=value), wherever they are given."""
+    return f"{name} holds the blend weight at 1 and takes no {', '.join(blend)}"
+
+
+def _warn_inverse_only(where: str, stacklevel: int) -> None:
+    """DualAdam with switch_rate 0 is InvAdam under another name: say so wherever such a setting enters."""
+    warnings.warn(f"{where} holds the blend weight at 1 for the whole run: that is InvAdam, the inverse rule alone, "
+                  "not plain Adam (use InvAdam to say so).", UserWarning, stacklevel=stacklevel + 1)
+
+
+def _warn_updates_nothing(stacklevel: int) -> None:
+    """InvAdam with inverse_scale 0: its only part is scaled away, whether by the defaults or by a group."""
+    warnings.warn("InvAdam(inverse_scale=0) updates nothing: its only part is the inverse one, scaled by 0.",
+                  UserWarning, stacklevel=stacklevel + 1)
+
+
 def check_group(group: dict[str, Any]) -> None:
     """Raise ValueError naming the first bad hyperparameter of a param group (or of the defaults)."""
     lr, betas = group["lr"], group["betas"]
-    lr = float(lr.item()) if isinstance(lr, Tensor) else lr
-    if not isinstance(lr, (int, float)) or not 0.0 <= lr < math.inf:
-        raise ValueError(f"Invalid learning rate: {group['lr']!r} (must be a number >= 0)")
-    if not isinstance(betas, (tuple, list)) or len(betas) != 2:
-        raise ValueError(f"betas must be a pair (beta1, beta2), got {betas!r}")
-    checks = [(f"beta{i + 1}", beta, 0.0 <= beta < 1.0, "in [0, 1)") for i, beta in enumerate(betas)]
-    checks += [(name, group[name], 0.0 <= group[name] < math.inf, ">= 0") for name in ("eps", "weight_decay")]
+    if isinstance(lr, Tensor):
+        if lr.numel() != 1:
+            raise ValueError(f"Invalid learning rate: a tensor of shape {tuple(lr.shape)} (lr must be a number or a "
+                             "one-element tensor)")
+        lr = lr.item()
+    if not isinstance(betas, (tuple, list)) or len(betas) != 2 or not all(map(_is_number, betas)):
+        raise ValueError(f"betas must be two numbers (beta1, beta2), got {betas!r}")
     rate, fraction, scale = group["switch_rate"], group.get("blend_fraction"), group["inverse_scale"]
-    checks += [("switch_rate", rate, rate is None or 0.0 <= rate <= 1.0, "in [0, 1]"),
-               ("blend_fraction", fraction, fraction is None or 0.0 < fraction <= 1.0, "in (0, 1]"),
-               ("inverse_scale", scale, scale in INVERSE_SCALE_NAMES
-                or (not isinstance(scale, (bool, str)) and 0 <= scale < math.inf), "a number >= 0, 'auto' or 'norm'")]
+    # Each test runs only on a number (and() stops first), so a string or None is named, not compared.
+    checks = [("learning rate", group["lr"], _is_number(lr) and 0.0 <= lr < math.inf, "a number >= 0")]
+    checks += [(f"beta{i + 1}", beta, 0.0 <= beta < 1.0, "in [0, 1)") for i, beta in enumerate(betas)]
+    checks += [(name, group[name], _is_number(group[name]) and 0.0 <= group[name] < math.inf, "a number >= 0")
+               for name in ("eps", "weight_decay")]
+    checks += [("switch_rate", rate, rate is None or (_is_number(rate) and 0.0 <= rate <= 1.0), "in [0, 1]"),
+               ("blend_fraction", fraction, fraction is None or (_is_number(fraction) and 0.0 < fraction <= 1.0),
+                "in (0, 1]"),
+               ("inverse_scale", scale, scale in INVERSE_SCALE_NAMES if isinstance(scale, str)
+                else _is_number(scale) and 0 <= scale < math.inf, "a number >= 0, 'auto' or 'norm'")]
     for name, value, ok, rule in checks:
         if not ok:
-            raise ValueError(f"Invalid {name}: {value!r} (must be {rule})")
+            hint = ", not a bool" if isinstance(value, bool) else ""
+            raise ValueError(f"Invalid {name}: {value!r} (must be {rule}{hint})")
     if group.get("foreach") and group.get("fused"):
         raise ValueError("foreach and fused cannot both be True")
-    resolve_state_dtype(group.get("state_dtype"))
+    if not isinstance(group.get("bf16_stochastic_round", False), bool):
+        raise ValueError(f"Invalid bf16_stochastic_round: {group['bf16_stochastic_round']!r} (must be True or False)")
+    lowbit.check_group(group, resolve_state_dtype(group.get("state_dtype")))
 
 
 def resolve_state_dtype(state_dtype: torch.dtype | str | None) -> str | None:
@@ -77,6 +109,9 @@ def resolve_blend(switch_rate: float | None, blend_steps: int | None,
     given = [n for n, v in zip(BLEND_KEYS, (switch_rate, blend_steps, blend_fraction)) if v is not None]
     if len(given) > 1:
         raise ValueError(f"Give only one of switch_rate, blend_steps, blend_fraction; got {', '.join(given)}")
+    for name, value in (("switch_rate", switch_rate), ("blend_fraction", blend_fraction)):
+        if value is not None and not _is_number(value):
+            raise ValueError(f"Invalid {name}: {value!r} (must be a number)")
     if blend_steps is not None:
         return switch_rate_from_steps(blend_steps), None
     if blend_fraction is not None:
@@ -162,6 +197,20 @@ class _Plan:
 _PLAN_KEYS = operator.itemgetter("exp_avg", "exp_avg_sq", "step")
 
 
+def _highest(steps: list[Any]) -> float | None:
+    """The largest of these step counters (None if there are none), read from each device once: the Trainer
+    logs the blend at every logging step, and a read per counter would wait on the GPU once per parameter."""
+    on_device: dict[torch.device, list[Tensor]] = {}
+    numbers = []
+    for step in steps:
+        if isinstance(step, Tensor):
+            on_device.setdefault(step.device, []).append(step.detach())
+        else:
+            numbers.append(float(step))
+    numbers += [torch.stack(counters).max().item() for counters in on_device.values()]
+    return max(numbers) if numbers else None
+
+
 def _real(t: Tensor) -> Tensor:
     # Complex tensors are updated as pairs of reals, as torch's Adam does.
     return torch.view_as_real(t) if t.is_complex() else t
@@ -187,7 +236,7 @@ class DualAdam(Optimizer):
         weight_decay: decoupled weight decay, scaled by lr (AdamW style).
         switch_rate: the paper's rate: the blend lasts about ``1 / switch_rate`` optimizer steps
             (default 0.01). Give at most one of ``switch_rate``, ``blend_steps``, ``blend_fraction``.
-        blend_steps: the blend's length in optimizer steps.
+        blend_steps: ``N`` sets ``switch_rate = 1/N``: steps 1 to N-1 carry the inverse part, step N on is plain Adam.
         blend_fraction: the blend's length as a fraction of the run, resolved by :meth:`set_total_steps`
             (the Trainer integration calls it).
         inverse_scale: ``s``. 1 is the paper's rule; another number scales the inverse part; ``"auto"``
@@ -201,6 +250,14 @@ class DualAdam(Optimizer):
             CUDA parameters take the Triton kernel when Triton is installed.
         state_dtype: ``"bfloat16"`` keeps bf16 moments; by default moments are fp32 for bf16/fp16
             parameters and the parameters' dtype otherwise.
+        bf16_stochastic_round: write bf16 parameters back from the fp32 update with stochastic rounding, so
+            that on average updates below half a bf16 ulp of the weight are kept (round-to-nearest drops
+            them). For pure-bf16 training without fp32 master weights; no effect on other dtypes
+            (default False).
+        state_bits: 8 or 4 keeps the moments as torchao's block-wise quantized 8-bit or 4-bit state (about 2
+            or 1 bytes per parameter instead of 8), updated by one compiled step per tensor; tensors under 4096
+            elements stay fp32. Needs torchao (the ``lowbit`` extra) (see :mod:`dualadam_hf.lowbit`).
+            None (the default) keeps full-precision moments.
 
     Train with gradient clipping: the inverse part grows like g*|g|.
     """
@@ -221,37 +278,45 @@ class DualAdam(Optimizer):
         foreach: bool | None = None,
         fused: bool | None = None,
         state_dtype: torch.dtype | str | None = None,
+        bf16_stochastic_round: bool = False,
+        state_bits: int | None = None,
     ) -> None:
         switch_rate, blend_fraction = resolve_blend(switch_rate, blend_steps, blend_fraction)
         if switch_rate == 0.0 and not isinstance(self, InvAdam):
-            warnings.warn("DualAdam(switch_rate=0) holds the blend weight at 1 for the whole run: that is InvAdam, "
-                          "the inverse rule alone, not plain Adam (use InvAdam to say so).", UserWarning, stacklevel=2)
+            _warn_inverse_only("DualAdam(switch_rate=0)", stacklevel=2)
         defaults = dict(
-            lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
+            lr=lr, betas=tuple(betas) if isinstance(betas, list) else betas, eps=eps, weight_decay=weight_decay,
             switch_rate=switch_rate, blend_fraction=blend_fraction, inverse_scale=inverse_scale,
             maximize=maximize, foreach=foreach, fused=fused, state_dtype=resolve_state_dtype(state_dtype),
+            bf16_stochastic_round=bf16_stochastic_round, state_bits=state_bits,
         )
         super().__init__(params, defaults)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a group, checking its hyperparameters as the constructor checks the defaults. The blend may be
-        given as ``switch_rate``, ``blend_steps`` or ``blend_fraction`` (one of them), as to the constructor."""
-        given = [key for key in BLEND_KEYS if key in param_group]
-        if given and given != ["switch_rate"]:
-            param_group = dict(param_group)
-            blend = {key: param_group.pop(key) for key in given}
-            param_group["switch_rate"], param_group["blend_fraction"] = resolve_blend(
-                blend.get("switch_rate"), blend.get("blend_steps"), blend.get("blend_fraction"))
-        super().add_param_group(param_group)
+        given as ``switch_rate``, ``blend_steps`` or ``blend_fraction`` (one of them), as to the constructor; a
+        group that states its blend takes none of the defaults' (``None`` states nothing)."""
+        own_rate = None
+        if any(key in param_group for key in BLEND_KEYS):
+            # The group's blend replaces the defaults' whole: a group's switch_rate that kept the defaults'
+            # blend_fraction would be overwritten by set_total_steps().
+            blend = [param_group.get(key) for key in BLEND_KEYS]
+            param_group = {key: value for key, value in param_group.items() if key not in BLEND_KEYS}
+            if any(value is not None for value in blend):
+                own_rate, param_group["blend_fraction"] = resolve_blend(*blend)
+                param_group["switch_rate"] = own_rate
+        super().add_param_group(param_group)  # fills the defaults into param_group
         group = self.param_groups[-1]
         try:
             group["state_dtype"] = resolve_state_dtype(group.get("state_dtype"))
-            if "betas" in param_group:
+            if isinstance(group["betas"], list):
                 group["betas"] = tuple(group["betas"])
             check_group(group)
-        except ValueError:
+        except (ValueError, ImportError):  # ImportError: state_bits without torchao
             self.param_groups.pop()
             raise
+        if own_rate == 0.0 and not isinstance(self, InvAdam):
+            _warn_inverse_only("A DualAdam param group with switch_rate=0", stacklevel=2)
 
     def set_total_steps(self, total_steps: int) -> None:
         """Resolve ``blend_fraction`` against the run's number of optimizer steps."""
@@ -269,21 +334,22 @@ class DualAdam(Optimizer):
         return Hyper(lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"],
                      switch_rate=group["switch_rate"],
                      inverse_scale=1.0 if scale in INVERSE_SCALE_NAMES else float(scale),
-                     maximize=group["maximize"], hold_norm=scale == NORM)
+                     maximize=group["maximize"], hold_norm=scale == NORM,
+                     bf16_stochastic_round=group.get("bf16_stochastic_round", False))
 
     def current_step(self) -> int:
         """The largest per-parameter step taken so far (0 before the first step)."""
-        steps = [float(s["step"]) for s in self.state.values() if "step" in s]
-        return int(max(steps)) if steps else 0
+        highest = _highest([s["step"] for s in self.state.values() if "step" in s])
+        return 0 if highest is None else int(highest)
 
     def blend_weight(self, group_index: int = 0) -> float:
         """Blend weight of the most recent step of ``param_groups[group_index]`` (before any: step 1's)."""
         group = self.param_groups[group_index]
         if group.get("switch_rate") is None:
             return 0.0  # blend_fraction not resolved yet, so no step has been taken
-        steps = [float(self.state[p]["step"]) for p in group["params"] if "step" in self.state.get(p, {})]
+        highest = _highest([self.state[p]["step"] for p in group["params"] if "step" in self.state.get(p, {})])
         # DeepSpeed ZeRO-3 puts a sub-group's partition in params only during its step(); the state keeps them.
-        step = max(steps) if steps else (0 if group["params"] else self.current_step())
+        step = highest if highest is not None else (0 if group["params"] else self.current_step())
         return float(blend_weight(max(step, 1), group["switch_rate"]))
 
     def inverse_share(self) -> float:
@@ -306,7 +372,8 @@ class DualAdam(Optimizer):
 
     def _update_norms(self, states: list[dict[str, Any]], group: dict[str, Any]) -> tuple[float, float]:
         scales = [s["inverse_scale"] for s in states] if "inverse_scale" in states[0] else None
-        return diagnostics.update_norms([_real(s["exp_avg"]) for s in states], [_real(s["exp_avg_sq"]) for s in states],
+        return diagnostics.update_norms([_real(lowbit.dense(s["exp_avg"])) for s in states],
+                                        [_real(lowbit.dense(s["exp_avg_sq"])) for s in states],
                                         [s["step"] for s in states], self.hyper(group), scales)
 
     @staticmethod
@@ -318,6 +385,9 @@ class DualAdam(Optimizer):
         return torch.float32 if p.dtype in LOW_PRECISION else p.dtype
 
     def _init_state(self, p: Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:
+        if group.get("state_bits") is not None:
+            lowbit.init_state(p, state, group, self._moment_dtype(group, p))
+            return
         # zeros_like keeps the DTensor placement under FSDP2 and the device under offload.
         dtype = p.dtype if p.is_complex() else self._moment_dtype(group, p)
         state["step"] = torch.tensor(0.0, dtype=torch.float32)
@@ -359,8 +429,9 @@ class DualAdam(Optimizer):
                 plan.uncalibrated.remove(k)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load a DualAdam/InvAdam state; another optimizer's state, or a damaged one, is refused with what
-        is wrong."""
+        """Load a DualAdam/InvAdam state; another optimizer's state, a damaged one, group settings the
+        constructor would refuse or moments that do not fit their parameters are refused with what is wrong,
+        before anything is loaded."""
         name = type(self).__name__
         lacking = sorted({k for g in state_dict.get("param_groups", []) for k in ("betas", "eps", "switch_rate")
                           if k not in g})
@@ -376,11 +447,24 @@ class DualAdam(Optimizer):
             if problem:
                 raise ValueError(f"{name}.load_state_dict: the state of parameter {pid} is damaged ({problem}); "
                                  "resume from an earlier checkpoint, or start from a fresh state")
+        inverse_only = self._check_loaded_groups(state_dict.get("param_groups", []))
+        self._check_loaded_moments(state_dict)
+        if numbered := [pid for pid, saved in state_dict.get("state", {}).items()
+                        if saved and not isinstance(saved["step"], Tensor)]:
+            # A step saved as a number (as torch's own optimizers accept) becomes the float32 0-d counter the
+            # update paths count on; torch would keep it as it is. The caller's dict is left as given.
+            state = dict(state_dict["state"])
+            for pid in numbered:
+                state[pid] = {**state[pid], "step": torch.tensor(float(state[pid]["step"]), dtype=torch.float32)}
+            state_dict = {**state_dict, "state": state}
         self.__dict__.pop("_plans", None)
         super().load_state_dict(state_dict)
         for group in self.param_groups:
             for key, value in self.defaults.items():
                 group.setdefault(key, value)  # keys added after the checkpoint was written
+        for index in inverse_only:
+            _warn_inverse_only(f"{name}.load_state_dict: param group {index} of this state has switch_rate=0, which",
+                               stacklevel=2)
         # torch casts floating state to the param's dtype and device; a resume is exact only with the saved
         # moments in their own dtype (fp32 for low-precision params unless state_dtype says otherwise) and the
         # calibrated scale in float32 on the host, as they were created.
@@ -393,8 +477,48 @@ class DualAdam(Optimizer):
                 self.state[p]["inverse_scale"] = saved["inverse_scale"].to(device="cpu", dtype=torch.float32)
             dtype = p.dtype if p.is_complex() else self._moment_dtype(group, p)
             for key in ("exp_avg", "exp_avg_sq"):
-                if self.state[p][key].dtype != dtype:
+                # Quantized moments (state_bits) keep their codes: torch's cast changed only their appearance.
+                if self.state[p][key].dtype != dtype and not lowbit.is_quantized(self.state[p][key]):
                     self.state[p][key] = saved[key].to(device=p.device, dtype=dtype)
+
+    def _check_loaded_groups(self, saved_groups: list[dict[str, Any]]) -> list[int]:
+        """Check each saved group's settings as the constructor checks its own (a group's settings replace
+        the live group's at load); return the groups whose switch_rate 0 would turn a blending DualAdam group
+        into InvAdam, to be warned about once the state is in."""
+        name, inverse_only = type(self).__name__, []
+        for index, saved in enumerate(saved_groups):
+            group = {**self.defaults, **{key: value for key, value in saved.items() if key != "params"}}
+            if isinstance(group["betas"], list):
+                group["betas"] = tuple(group["betas"])
+            try:
+                check_group(group)
+            except ValueError as error:
+                raise ValueError(f"{name}.load_state_dict: param group {index} of this state: {error}") from None
+            if isinstance(self, InvAdam):
+                blend = [f"{key}={group[key]!r}" for key, own in (("switch_rate", 0.0), ("blend_fraction", None))
+                         if group[key] != own]
+                if blend:
+                    raise ValueError(f"{name}.load_state_dict: param group {index} of this state: "
+                                     f"{invadam_refusal(blend)}; load a DualAdam state into DualAdam")
+            elif group["switch_rate"] == 0.0 and (index >= len(self.param_groups)
+                                                  or self.param_groups[index]["switch_rate"] != 0.0):
+                inverse_only.append(index)
+        return inverse_only
+
+    def _check_loaded_moments(self, state_dict: dict[str, Any]) -> None:
+        """Refuse moments that do not fit their parameters, naming them, before torch takes them in (a wrong
+        shape would load and fail at the first step)."""
+        saved_groups, states = state_dict.get("param_groups", []), state_dict.get("state", {})
+        if len(saved_groups) != len(self.param_groups) or any(
+                len(saved.get("params", ())) != len(group["params"])
+                for saved, group in zip(saved_groups, self.param_groups)):
+            return  # torch refuses a state whose groups do not match, in its own words
+        for saved_group, group in zip(saved_groups, self.param_groups):
+            for pid, p in zip(saved_group["params"], group["params"]):
+                problem = mismatched_state(states[pid], p) if states.get(pid) else None
+                if problem:
+                    raise ValueError(f"{type(self).__name__}.load_state_dict: the state of parameter {pid} does not "
+                                     f"fit it ({problem}); load the state saved for this model")
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:
@@ -411,6 +535,9 @@ class DualAdam(Optimizer):
             if any(g.is_sparse for g in grads):
                 raise RuntimeError(f"{type(self).__name__} does not support sparse gradients; use dense gradients "
                                    "(e.g. nn.Embedding(sparse=False)) or torch.optim.SparseAdam.")
+            if group.get("state_bits") is not None:
+                lowbit.step(self, group, params, grads, self.hyper(group))
+                continue
             plan = self._plan(group, params)
             hyper = self.hyper(group)
             if plan.uncalibrated:
@@ -424,10 +551,11 @@ def damaged_state(saved: dict[str, Any]) -> str | None:
     """What is wrong with one parameter's saved state, or None: the step must be a whole number >= 0 and
     the moments finite, with v >= 0 (a bit flip in a checkpoint can leave a loadable but poisoned state)."""
     step = saved["step"]
-    value = float(step) if isinstance(step, (Tensor, int, float)) else math.nan
+    one = isinstance(step, (int, float)) or (isinstance(step, Tensor) and step.numel() == 1)
+    value = float(step) if one else math.nan
     if not (math.isfinite(value) and value >= 0 and value.is_integer()):
         return f"step {step!r} is not a whole number >= 0"
-    m, v = saved["exp_avg"], saved["exp_avg_sq"]
+    m, v = lowbit.dense(saved["exp_avg"]), lowbit.dense(saved["exp_avg_sq"])
     for key, t in (("exp_avg", m), ("exp_avg_sq", v)):
         if not isinstance(t, Tensor):
             return f"{key} is a {type(t).__name__}, not a tensor"
@@ -435,6 +563,19 @@ def damaged_state(saved: dict[str, Any]) -> str | None:
             return f"{key} holds non-finite values"
     if not v.is_complex() and bool((v < 0).any()):
         return "exp_avg_sq holds negative values"
+    return None
+
+
+def mismatched_state(saved: dict[str, Any], param: Tensor) -> str | None:
+    """What keeps one parameter's saved moments from fitting it, or None: each moment has the parameter's
+    shape and, held in a plain tensor, a floating (or complex) dtype. A tensor subclass (a quantized moment)
+    keeps the parameter's shape but may store its values in another dtype: it is compared by shape alone."""
+    for key in ("exp_avg", "exp_avg_sq"):
+        moment = saved[key]
+        if moment.shape != param.shape:
+            return f"{key} has shape {tuple(moment.shape)}, its parameter {tuple(param.shape)}"
+        if type(moment) in (Tensor, torch.nn.Parameter) and not (moment.is_floating_point() or moment.is_complex()):
+            return f"{key} is {moment.dtype}, not a floating dtype"
     return None
 
 
@@ -446,8 +587,19 @@ class InvAdam(DualAdam):
                  eps: float = 1e-8, weight_decay: float = 0.0, **kwargs: Any) -> None:
         blend = [key for key in BLEND_KEYS if key in kwargs]
         if blend:
-            raise TypeError(f"InvAdam holds the blend weight at 1 and takes no {', '.join(blend)}")
+            raise TypeError(invadam_refusal(blend))
         if kwargs.get("inverse_scale", 1.0) == 0:
-            warnings.warn("InvAdam(inverse_scale=0) updates nothing: its only part is the inverse one, scaled by 0.",
-                          UserWarning, stacklevel=2)
+            _warn_updates_nothing(stacklevel=2)
         super().__init__(params, lr, betas, eps, weight_decay, switch_rate=0.0, **kwargs)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a group as DualAdam does; a blend setting is refused as by the constructor (a copy of one of
+        InvAdam's own groups, with switch_rate 0 and no blend_fraction, is taken as it is)."""
+        own = {"switch_rate": 0.0}
+        blend = [key for key in BLEND_KEYS if key in param_group and param_group[key] != own.get(key)]
+        if blend:
+            raise TypeError(invadam_refusal(blend))
+        scale = param_group.get("inverse_scale")  # the group's own: the defaults' scale warned in the constructor
+        super().add_param_group(param_group)
+        if _is_number(scale) and scale == 0:
+            _warn_updates_nothing(stacklevel=2)

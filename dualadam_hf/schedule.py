@@ -34,7 +34,9 @@ _RTOL = 1e-9
 class Hyper:
     """The hyperparameters of one update: ``lr`` may be a tensor (as in torch), the rest are plain numbers.
     ``hold_norm`` (``inverse_scale="norm"``): each tensor's inverse scale is set at every step so that the
-    inverse part's norm equals the Adam part's (:func:`dualadam_hf.functional.held_norm_scales`)."""
+    inverse part's norm equals the Adam part's (:func:`dualadam_hf.functional.held_norm_scales`).
+    ``bf16_stochastic_round``: bf16 parameters are written back from fp32 with stochastic rounding
+    (:func:`dualadam_hf.functional.stochastic_round_to_bf16`); other dtypes are unaffected."""
 
     lr: Any
     beta1: float
@@ -45,6 +47,7 @@ class Hyper:
     inverse_scale: float = 1.0
     maximize: bool = False
     hold_norm: bool = False
+    bf16_stochastic_round: bool = False
 
 
 @functools.lru_cache(maxsize=256)
@@ -77,7 +80,8 @@ def last_blend_step(switch_rate: float) -> float:
 
 
 def blend_weight(step: Any, switch_rate: float) -> Any:
-    """The blend weight r at ``step`` (1-based, a number or a tensor): 1 - step*switch_rate, then 0."""
+    """The blend weight r at ``step`` (1-based, a number or a tensor): 1 - step*switch_rate while that is at
+    least switch_rate (through :func:`last_blend_step`), then 0."""
     # + 0.0: past the blend the product is -0.0 (a negative number times False), shown as "-0" in logs.
     return (1.0 - step * switch_rate) * (step <= last_blend_step(switch_rate)) + 0.0
 
@@ -100,8 +104,20 @@ def fold(step: Any, hyper: Hyper, scale: Any = 1.0) -> tuple[Any, Any, Any, Any]
             1.0 - lr * hyper.weight_decay)
 
 
+def folded_update(p: Any, g: Any, m: Any, v: Any, beta1: float, beta2: float, adam: Any, inverse: Any, eps_c: Any,
+                  decay: Any) -> tuple[Any, Any, Any]:
+    """One step in the form of :func:`fold`, element-wise and out of place, from its coefficients: the new
+    (p, m, v). ``g`` already carries the sign of ``maximize``. For a step that keeps its moments in another
+    form and writes them back itself (the quantized state of :mod:`dualadam_hf.lowbit`)."""
+    m = m.lerp(g, 1.0 - beta1)
+    v = v * beta2 + (1.0 - beta2) * g * g
+    den = v.sqrt() + eps_c
+    return p * decay - adam * (m / den) - inverse * (m * den), m, v
+
+
 def switch_rate_from_steps(blend_steps: int) -> float:
-    """The switch rate that spends the blend over ``blend_steps`` optimizer steps (a positive integer)."""
+    """The switch rate 1/N of ``blend_steps = N`` (a positive integer): steps 1 .. N-1 carry the inverse part
+    (r = 1 - t/N, down to 1/N) and from step N on the update is plain Adam."""
     if isinstance(blend_steps, bool) or not isinstance(blend_steps, (int, float)) or not (
             math.isfinite(blend_steps) and blend_steps >= 1 and float(blend_steps).is_integer()):
         raise ValueError(f"blend_steps must be a positive whole number of optimizer steps, got {blend_steps!r} "
@@ -110,7 +126,7 @@ def switch_rate_from_steps(blend_steps: int) -> float:
 
 
 def switch_rate_from_fraction(blend_fraction: float, total_steps: int) -> float:
-    """The switch rate that spends the blend over ``blend_fraction`` of ``total_steps``."""
+    """The switch rate of ``blend_steps = ceil(blend_fraction * total_steps)`` (see :func:`switch_rate_from_steps`)."""
     if not 0.0 < blend_fraction <= 1.0:
         raise ValueError(f"blend_fraction must be in (0, 1], got {blend_fraction!r}")
     if total_steps < 1:

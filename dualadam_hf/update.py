@@ -7,8 +7,9 @@ chooses between its single-tensor, foreach and fused implementations.
 - ``compiled``: :func:`~dualadam_hf.compiled.compiled`, torch.compile on CPU (``fused=True`` on CPU).
 
 Around the chosen path: past the blend the update is AdamW's, so every tensor torch's fused AdamW kernel
-takes goes to it (all paths but ``single``); what the fused and compiled paths leave (non-contiguous, other
-dtypes) goes to foreach; and with ``inverse_scale="norm"`` the per-tensor scales are found first.
+takes goes to it (all paths but ``single``; not bf16 parameters with ``bf16_stochastic_round``, as that kernel
+rounds to nearest); what the fused and compiled paths leave (non-contiguous, other dtypes) goes to foreach;
+and with ``inverse_scale="norm"`` the per-tensor scales are found first.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Sequence
 
+import torch
 from torch import Tensor
 
 from . import functional
@@ -56,6 +58,10 @@ def update(tensors: StepTensors, hyper: Hyper, path: str) -> None:
         functional.single_tensor(tensors, hyper)
         return
     adam = _adam_phase(tensors, hyper)
+    if adam and hyper.bf16_stochastic_round:
+        # torch's fused AdamW rounds bf16 results to nearest: those parameters stay on the chosen path, which
+        # computes a step past the blend exactly too (its inverse coefficient is 0 there).
+        adam = [i for i in adam if tensors.params[i].dtype != torch.bfloat16]
     if adam:
         whole = len(adam) == len(tensors.params)
         part = tensors if whole else _part(tensors, adam, "adamw")

@@ -41,8 +41,19 @@ def test_bad_optim_args_name_the_problem_and_the_valid_keys(text, message):
     with pytest.raises(ValueError, match=message) as error:
         parse_optim_args(text)
     if "twice" not in message and "only one" not in message:
-        assert ("switch_rate, blend_steps, blend_fraction, inverse_scale, foreach, fused, maximize, state_dtype"
-                in str(error.value))
+        assert ("switch_rate, blend_steps, blend_fraction, inverse_scale, foreach, fused, maximize, state_dtype, "
+                "bf16_stochastic_round" in str(error.value))
+
+
+def test_bf16_stochastic_round_in_optim_args_reaches_the_optimizer():
+    from dualadam_hf.integrations.optim_args import optimizer_cls_and_kwargs
+
+    assert parse_optim_args("bf16_stochastic_round=true") == {"bf16_stochastic_round": True}
+    for name in ("dualadam", "invadam", "dualadam_8bit"):
+        _, kwargs = optimizer_cls_and_kwargs(fake_args(optim=name, optim_args="bf16_stochastic_round=true"))
+        assert kwargs["bf16_stochastic_round"] is True
+    with pytest.raises(ValueError, match="bf16_stochastic_round"):
+        parse_optim_args("bf16_stochastic_round=sometimes")
 
 
 def test_inverse_scale_and_yaml_mappings():

@@ -49,6 +49,12 @@ class DualAdamCallback(TrainerCallback):
                     '"zero_force_ds_cpu_optimizer": false; an `optimizers=(...)` argument also overrides --optim.'
                 )
             return
+        if any(g.get("state_bits") for g in found.param_groups) and "deepspeed" in _wrapper_chain(optimizer).lower():
+            raise ValueError(
+                "state_bits (--optim dualadam_8bit/dualadam_4bit) does not run under DeepSpeed: ZeRO hands DualAdam "
+                "one flat partition of many parameters per rank, so the quantization blocks would straddle tensors "
+                "and no tensor would keep its own rule for small tensors. Use DDP, or --optim dualadam under DeepSpeed."
+            )
         # Resolves blend_fraction (a no-op for switch_rate/blend_steps); max_steps counts optimizer steps.
         found.set_total_steps(state.max_steps)
         if not args.max_grad_norm or args.max_grad_norm <= 0:

@@ -10,12 +10,15 @@ import warnings
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from ..optimizer import BLEND_KEYS, INVERSE_SCALE_NAMES, DualAdam, InvAdam, resolve_blend
+from ..optimizer import BLEND_KEYS, INVERSE_SCALE_NAMES, DualAdam, InvAdam, invadam_refusal, resolve_blend
 
 DUALADAM_NAME = "dualadam"
 INVADAM_NAME = "invadam"
-OPTIMIZER_NAMES = (DUALADAM_NAME, INVADAM_NAME)
-OPTIMIZER_CLASSES: dict[str, type[DualAdam]] = {DUALADAM_NAME: DualAdam, INVADAM_NAME: InvAdam}
+# DualAdam with low-bit optimizer state (state_bits), named as transformers names adamw_torch_8bit/4bit.
+STATE_BITS_OF_NAME = {"dualadam_8bit": 8, "dualadam_4bit": 4}
+OPTIMIZER_NAMES = (DUALADAM_NAME, INVADAM_NAME, *STATE_BITS_OF_NAME)
+OPTIMIZER_CLASSES: dict[str, type[DualAdam]] = {DUALADAM_NAME: DualAdam, INVADAM_NAME: InvAdam,
+                                                **dict.fromkeys(STATE_BITS_OF_NAME, DualAdam)}
 # Hyperparameters that TrainingArguments carries itself (learning_rate, adam_beta1, ...).
 _TRAINING_ARGUMENT_KEYS = ("lr", "betas", "eps", "weight_decay")
 
@@ -39,11 +42,16 @@ _BLEND_PARSERS: dict[str, Callable[[str], Any]] = dict(zip(BLEND_KEYS, (float, _
 _COMMON_KEYS: dict[str, Callable[[str], Any]] = {
     "inverse_scale": lambda raw: raw.strip().lower() if raw.strip().lower() in INVERSE_SCALE_NAMES else float(raw),
     "foreach": _parse_bool, "fused": _parse_bool, "maximize": _parse_bool, "state_dtype": str,
+    "bf16_stochastic_round": _parse_bool,
 }
 _OPTIM_ARGS_PARSERS: dict[str, dict[str, Callable[[str], Any]]] = {
     DUALADAM_NAME: {**_BLEND_PARSERS, **_COMMON_KEYS},
     INVADAM_NAME: dict(_COMMON_KEYS),  # InvAdam holds the blend at 1: no blend keys
+    # The name sets state_bits; the rest is DualAdam's.
+    **dict.fromkeys(STATE_BITS_OF_NAME, {**_BLEND_PARSERS, **_COMMON_KEYS}),
 }
+# Keys an explicit caller of optimizer_cls_and_kwargs may override beyond --optim_args (what a name implies).
+_OVERRIDE_ONLY_KEYS = ("state_bits",)
 
 
 def parse_pairs(text: str | None, what: str) -> dict[str, str]:
@@ -103,7 +111,8 @@ def parse_optim_args(text: str | Mapping[str, Any] | None, name: str = DUALADAM_
                          f"{valid_keys}") from None
     for key, raw in pairs.items():
         if key not in parsers:
-            raise ValueError(f"Unknown --optim_args key {key!r} for --optim {name}; valid keys: {valid_keys}")
+            reason = f" ({invadam_refusal([key])})" if name == INVADAM_NAME and key in BLEND_KEYS else ""
+            raise ValueError(f"Unknown --optim_args key {key!r} for --optim {name}{reason}; valid keys: {valid_keys}")
         try:
             parsed[key] = parsers[key](raw)
         except ValueError as error:
@@ -120,9 +129,9 @@ def optimizer_cls_and_kwargs(training_args: Any, **overrides: Any) -> tuple[type
     """`(DualAdam or InvAdam, kwargs)` built from TrainingArguments, for `Trainer(optimizer_cls_and_kwargs=...)`.
 
     lr, betas, eps and weight_decay come from learning_rate, adam_beta1/adam_beta2, adam_epsilon and
-    weight_decay. `optim_args` are parsed only when `training_args.optim` is dualadam or invadam (otherwise they
-    belong to another optimizer); `overrides` win over both, e.g. `blend_fraction=0.1`. InvAdam is chosen only
-    for `optim` invadam.
+    weight_decay. `optim_args` are parsed only when `training_args.optim` is one of DualAdam's names (otherwise
+    they belong to another optimizer); dualadam_8bit/dualadam_4bit set `state_bits`; `overrides` win over all,
+    e.g. `blend_fraction=0.1` or `state_bits=8`. InvAdam is chosen only for `optim` invadam.
     """
     name = optimizer_name(training_args)
     kwargs: dict[str, Any] = {
@@ -131,9 +140,11 @@ def optimizer_cls_and_kwargs(training_args: Any, **overrides: Any) -> tuple[type
     }
     if name in OPTIMIZER_NAMES:
         kwargs.update(parse_optim_args(getattr(training_args, "optim_args", None), name))
+        if name in STATE_BITS_OF_NAME:
+            kwargs["state_bits"] = STATE_BITS_OF_NAME[name]
     else:
         name = DUALADAM_NAME
-    allowed = _TRAINING_ARGUMENT_KEYS + valid_optim_args_keys(name)
+    allowed = _TRAINING_ARGUMENT_KEYS + valid_optim_args_keys(name) + _OVERRIDE_ONLY_KEYS
     if unknown := sorted(set(overrides) - set(allowed)):
         raise TypeError(
             f"Unknown {OPTIMIZER_CLASSES[name].__name__} override(s) {unknown}; valid: {', '.join(allowed)}"

@@ -1,13 +1,14 @@
-"""Teach transformers the optimizer names `dualadam` and `invadam` (`--optim dualadam`); see docs/usage.md.
+"""Teach transformers the optimizer names `dualadam`, `invadam`, `dualadam_8bit` and `dualadam_4bit`
+(`--optim dualadam`); see docs/usage.md.
 
 The startup hook (`_dualadam_hf_autoregister`) calls `on_module_loaded` once transformers.training_args or
 transformers.trainer has imported; `register()` does the same explicitly. What is patched, attribute by
 attribute (docs/usage.md lists the same):
 
-- `OptimizerNames`: two members, `DUALADAM` and `INVADAM`, so that argparse, YAML and `TrainingArguments` accept
-  the names;
+- `OptimizerNames`: one member per name (`DUALADAM`, `INVADAM`, `DUALADAM_8BIT`, `DUALADAM_4BIT`), so that argparse,
+  YAML and `TrainingArguments` accept the names;
 - `TrainingArguments.__post_init__`: wrapped, to check the DualAdam settings while the arguments are parsed;
-- the optimizer lookup: two entries in the Trainer's handler table (`transformers.trainer_optimizer.
+- the optimizer lookup: one entry per name in the Trainer's handler table (`transformers.trainer_optimizer.
   _OPTIMIZER_HANDLERS`) where transformers has one, else (transformers before that table, 5.0 included) a wrapper
   around the staticmethod `Trainer.get_optimizer_cls_and_kwargs`;
 - `Trainer.__init__`: wrapped, to attach DualAdamCallback when DualAdam trains.
@@ -91,7 +92,7 @@ def _add_names(names: type[enum.Enum]) -> None:
     for value in OPTIMIZER_NAMES:
         if value in names._value2member_map_:
             continue
-        name = value.upper()  # DUALADAM, INVADAM
+        name = value.upper()  # DUALADAM, INVADAM, DUALADAM_8BIT, DUALADAM_4BIT
         # Built by hand (an Enum cannot be extended) so that lookup, iteration and `OptimizerNames(value)` see it.
         member = str.__new__(names, value)
         member._name_, member._value_, member.__objclass__ = name, value, names

@@ -26,6 +26,7 @@ import os
 import socket
 import subprocess
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -186,13 +187,16 @@ def work(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("engines")
 
 
+def single_process_run(model_dir: str, out: Path, optim_args: str = OPTIM_ARGS, extra: Sequence[str] = ()) -> Path:
+    """The reference a launch is compared with: one process whose per-device batch is the launches' global batch."""
+    cmd = [sys.executable, str(SCRIPT)] + script_args(model_dir, out, PER_RANK_BATCH * WORLD, optim_args) + [*extra]
+    run(cmd + ["--use_cpu", "--save_strategy", "no"], base_env(), out.with_suffix(".log"))
+    return out
+
+
 @pytest.fixture(scope="module")
 def reference(tiny_model_dir: str, work: Path) -> Path:
-    """One process, per-device batch = the global batch of the launches."""
-    out = work / "reference"
-    cmd = [sys.executable, str(SCRIPT)] + script_args(tiny_model_dir, out, PER_RANK_BATCH * WORLD)
-    run(cmd + ["--use_cpu", "--save_strategy", "no"], base_env(), work / "reference.log")
-    return out
+    return single_process_run(tiny_model_dir, work / "reference")
 
 
 @pytest.fixture(scope="module", params=list(ENGINES))
@@ -326,10 +330,7 @@ AUTO_RESUMED = ["fsdp2", "zero2"]
 
 @pytest.fixture(scope="module")
 def auto_reference(tiny_model_dir: str, work: Path) -> Path:
-    out = work / "auto_reference"
-    cmd = [sys.executable, str(SCRIPT)] + script_args(tiny_model_dir, out, PER_RANK_BATCH * WORLD, AUTO_OPTIM_ARGS)
-    run(cmd + ["--use_cpu", "--save_strategy", "no"], base_env(), work / "auto_reference.log")
-    return out
+    return single_process_run(tiny_model_dir, work / "auto_reference", AUTO_OPTIM_ARGS)
 
 
 @pytest.fixture(scope="module")

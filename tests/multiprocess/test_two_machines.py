@@ -34,8 +34,8 @@ from tests.multiprocess.test_engines import (
     free_port,
     launch_config,
     read_reports,
-    run,
     script_args,
+    single_process_run,
 )
 
 pytestmark = pytest.mark.multiprocess
@@ -77,11 +77,7 @@ def work(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def reference(tiny_model_dir: str, work: Path) -> Path:
-    """One process, per-device batch = the global batch of the two machines."""
-    out = work / "reference"
-    cmd = [sys.executable, str(SCRIPT)] + script_args(tiny_model_dir, out, PER_RANK_BATCH * WORLD)
-    run(cmd + ["--use_cpu", "--save_strategy", "no"], base_env(), work / "reference.log")
-    return out
+    return single_process_run(tiny_model_dir, work / "reference")
 
 
 @pytest.fixture(scope="module", params=["ddp", "zero2"])

@@ -1,0 +1,266 @@
+"""Low-bit DualAdam state against torchao's AdamW8bit / AdamW4bit: bytes, step time, fidelity, peak memory.
+
+Every figure is a ratio against an anchor measured in the same process (peak memory: in sibling processes
+started by this one), on SmolLM2-135M's architecture built from its configuration with random weights:
+
+- ``bytes``: optimizer-state bytes per parameter, counted from the storage of every state tensor (codes,
+  block scales, quantization maps, step counters; each storage once), for DualAdam with ``state_bits`` 8 and
+  4 against torchao's AdamW8bit and AdamW4bit on the same model, and for fp32 DualAdam.
+- ``time``: step time after warm-up (median over interleaved rounds), compiled, DualAdam with ``state_bits``
+  against torchao's AdamW of the same bits on the same parameters; the first (compiling) step's time is
+  printed beside it. During the blend, DualAdam's inverse part is live; the steps are timed there and past it.
+- ``fidelity``: after 200 steps on one fixed stream of gradients, the distance of low-bit DualAdam's
+  parameters from fp32 DualAdam's, against the distance of torchao's AdamW8bit/4bit from torch's AdamW, each
+  relative to how far the full-precision run moved; read at step 50 (inside a 100-step blend) and at 200.
+- ``memory``: the peak resident memory of a process that fully fine-tunes SmolLM2-135M's architecture for a few
+  steps (random tokens, a plain training loop) with each optimizer, against fp32 DualAdam's.
+
+    OMP_WAIT_POLICY=PASSIVE python benchmarks/lowbit_state.py                 # all four, CPU, ~10 minutes
+    OMP_WAIT_POLICY=PASSIVE python benchmarks/lowbit_state.py bytes fidelity  # some of them
+    python benchmarks/lowbit_state.py time --device cuda                      # on a GPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+# Must precede the first torch import: spinning OpenMP threads distort timings on a small shared machine.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import json  # noqa: E402
+import resource  # noqa: E402
+import statistics  # noqa: E402
+import subprocess  # noqa: E402
+import time  # noqa: E402
+from collections.abc import Callable  # noqa: E402
+
+import torch  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from dualadam_hf import DualAdam  # noqa: E402
+from dualadam_hf.lowbit import state_types  # noqa: E402  (imports torchao quietly)
+
+BLEND_STEPS = 100  # the fidelity runs' blend: the inverse part is live in steps 1-99
+LR = 1e-3
+SMOLLM2_135M = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                    num_attention_heads=9, num_key_value_heads=3, tie_word_embeddings=True,
+                    max_position_embeddings=2048, rms_norm_eps=1e-5, rope_theta=10000.0)
+
+
+def smollm2_model(layers: int | None = None, device: str = "cpu") -> torch.nn.Module:
+    """SmolLM2-135M's architecture (transformers' Llama) with random weights; ``layers`` fewer for a quick run."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(**{**SMOLLM2_135M, **({} if layers is None else {"num_hidden_layers": layers})})
+    torch.manual_seed(0)
+    return LlamaForCausalLM(config).to(device)
+
+
+def optimizers(bits: int) -> dict[str, Callable[[list[torch.Tensor]], torch.optim.Optimizer]]:
+    from torchao.optim import AdamW4bit, AdamW8bit
+
+    anchor = {8: AdamW8bit, 4: AdamW4bit}[bits]
+    return {f"DualAdam state_bits={bits}": lambda ps: DualAdam(ps, lr=LR, blend_steps=BLEND_STEPS, state_bits=bits),
+            f"torchao AdamW{bits}bit": lambda ps: anchor(ps, lr=LR, weight_decay=0.0)}
+
+
+def storages(t: torch.Tensor) -> list[torch.Tensor]:
+    """The plain tensors holding a state tensor's data: itself, or a tensor subclass's inner tensors."""
+    flatten = getattr(type(t), "__tensor_flatten__", None)
+    if flatten is None or type(t) is torch.Tensor or isinstance(t, torch.nn.Parameter):
+        return [t]
+    names, _ = t.__tensor_flatten__()
+    return [inner for name in names for inner in storages(getattr(t, name))]
+
+
+def state_bytes(opt: torch.optim.Optimizer) -> int:
+    """Bytes of every storage the optimizer state holds, each storage once."""
+    seen: dict[int, int] = {}
+    for state in opt.state.values():
+        for value in state.values():
+            if isinstance(value, torch.Tensor):
+                for t in storages(value):
+                    storage = t.untyped_storage()
+                    seen[storage.data_ptr()] = storage.nbytes()
+    return sum(seen.values())
+
+
+def first_step(opt: torch.optim.Optimizer, params: list[torch.Tensor]) -> float:
+    for p in params:
+        p.grad = torch.randn_like(p) * 1e-3
+    start = time.perf_counter()
+    opt.step()
+    return time.perf_counter() - start
+
+
+def bench_bytes(args: argparse.Namespace) -> None:
+    model = smollm2_model(args.layers)
+    params = [p for p in model.parameters() if p.requires_grad]
+    n = sum(p.numel() for p in params)
+    print(f"\n## State bytes per parameter: SmolLM2-135M architecture, {n / 1e6:.1f}M parameters\n")
+    print("| optimizer | bytes/param | vs torchao AdamW of the same bits |\n|---|---|---|")
+    fp32 = DualAdam(params, lr=LR)
+    first_step(fp32, params)
+    print(f"| DualAdam (fp32 moments) | {state_bytes(fp32) / n:.3f} | |")
+    del fp32
+    for bits in (8, 4):
+        measured = {}
+        for name, make in optimizers(bits).items():
+            opt = make(params)
+            first_step(opt, params)
+            measured[name] = state_bytes(opt) / n
+            del opt
+        ours, anchor = measured.values()
+        print(f"| DualAdam state_bits={bits} | {ours:.3f} | {ours / anchor:.4f}x |")
+        print(f"| torchao AdamW{bits}bit | {anchor:.3f} | 1 |")
+
+
+def bench_time(args: argparse.Namespace) -> None:
+    model = smollm2_model(args.layers, args.device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    n = sum(p.numel() for p in params)
+    print(f"\n## Step time, compiled, {args.device}: {n / 1e6:.1f}M parameters, median of {args.rounds} rounds\n")
+    print("| state | DualAdam in the blend | DualAdam past it | torchao AdamW | in the blend / torchao | "
+          "past it / torchao | first step: DualAdam, torchao |\n|---|---|---|---|---|---|---|")
+    sync = torch.cuda.synchronize if args.device == "cuda" else (lambda: None)
+    for bits in (8, 4):
+        made = {name: make(params) for name, make in optimizers(bits).items()}
+        first = {name: first_step(opt, params) for name, opt in made.items()}
+        ours_name, anchor_name = made
+        ours = made[ours_name]
+        times: dict[str, list[float]] = {"blend": [], "past": [], "anchor": []}
+        for _ in range(args.rounds):
+            for phase, opt, step in (("blend", ours, 10.0), ("past", ours, 10_000.0), ("anchor", made[anchor_name],
+                                                                                        None)):
+                if step is not None:
+                    for state in opt.state.values():
+                        state["step"].fill_(step)
+                sync()
+                start = time.perf_counter()
+                opt.step()
+                sync()
+                times[phase].append(time.perf_counter() - start)
+        blend, past, anchor = (statistics.median(times[k]) for k in ("blend", "past", "anchor"))
+        print(f"| {bits}-bit | {blend * 1e3:.0f} ms | {past * 1e3:.0f} ms | {anchor * 1e3:.0f} ms | "
+              f"{blend / anchor:.3f} | {past / anchor:.3f} | {first[ours_name]:.1f} s, {first[anchor_name]:.1f} s |")
+        del made, ours
+
+
+def bench_fidelity(args: argparse.Namespace) -> None:
+    from torchao.optim import AdamW4bit, AdamW8bit
+
+    # One layer of SmolLM2-135M: every matrix shape it has, 3.5M parameters.
+    shapes = [(576, 576), (192, 576), (192, 576), (576, 576), (1536, 576), (1536, 576), (576, 1536)]
+    gen = torch.Generator().manual_seed(0)
+    start = [torch.randn(s, generator=gen) * 0.02 for s in shapes]
+    # A fixed gradient stream with a per-row scale spread over two decades, as in real layers.
+    row_scales = [torch.logspace(-4, -2, s[0])[torch.randperm(s[0], generator=gen)].unsqueeze(1) for s in shapes]
+    checkpoints = (50, 200)
+    makers = {
+        "fp32 DualAdam": lambda ps: DualAdam(ps, lr=LR, blend_steps=BLEND_STEPS),
+        "DualAdam state_bits=8": lambda ps: DualAdam(ps, lr=LR, blend_steps=BLEND_STEPS, state_bits=8),
+        "DualAdam state_bits=4": lambda ps: DualAdam(ps, lr=LR, blend_steps=BLEND_STEPS, state_bits=4),
+        "torch AdamW": lambda ps: torch.optim.AdamW(ps, lr=LR, weight_decay=0.0),
+        "torchao AdamW8bit": lambda ps: AdamW8bit(ps, lr=LR, weight_decay=0.0),
+        "torchao AdamW4bit": lambda ps: AdamW4bit(ps, lr=LR, weight_decay=0.0),
+    }
+    snapshots: dict[str, dict[int, list[torch.Tensor]]] = {}
+    for name, make in makers.items():
+        params = [torch.nn.Parameter(p.clone()) for p in start]
+        opt = make(params)
+        stream = torch.Generator().manual_seed(1)
+        snapshots[name] = {}
+        for step in range(1, max(checkpoints) + 1):
+            for p, scale in zip(params, row_scales):
+                p.grad = torch.randn(p.shape, generator=stream) * scale
+            opt.step()
+            if step in checkpoints:
+                snapshots[name][step] = [p.detach().clone() for p in params]
+
+    def distance(a: str, b: str, step: int) -> float:
+        """||a - b|| over all parameters, relative to how far b moved from the start."""
+        diff = sum(float((x - y).pow(2).sum()) for x, y in zip(snapshots[a][step], snapshots[b][step]))
+        moved = sum(float((y - s).pow(2).sum()) for y, s in zip(snapshots[b][step], start))
+        return (diff / moved) ** 0.5
+
+    print(f"\n## Fidelity: 200 steps on one gradient stream, one SmolLM2-135M layer, lr {LR:g}, "
+          f"DualAdam blend_steps={BLEND_STEPS}\n")
+    print("| bits | step | DualAdam low-bit vs fp32 | torchao AdamW low-bit vs torch AdamW | ratio |")
+    print("|---|---|---|---|---|")
+    for bits in (8, 4):
+        for step in checkpoints:
+            ours = distance(f"DualAdam state_bits={bits}", "fp32 DualAdam", step)
+            anchor = distance(f"torchao AdamW{bits}bit", "torch AdamW", step)
+            where = "in the blend" if step < BLEND_STEPS else "past the blend"
+            print(f"| {bits} | {step} ({where}) | {ours:.4f} | {anchor:.4f} | {ours / anchor:.3f} |")
+
+
+MEMORY_RUN = """
+import json, resource, sys, torch
+sys.path.insert(0, {root!r})
+from benchmarks.lowbit_state import smollm2_model, LR
+from dualadam_hf import DualAdam
+name, layers, steps = sys.argv[1], {layers!r}, {steps!r}
+model = smollm2_model(layers)
+params = list(model.parameters())
+if name.startswith("torchao"):
+    from dualadam_hf.lowbit import state_types
+    state_types()
+    from torchao.optim import AdamW8bit, AdamW4bit
+    opt = (AdamW8bit if name.endswith("8bit") else AdamW4bit)(params, lr=LR)
+else:
+    bits = None if name == "dualadam" else int(name.removeprefix("dualadam_").removesuffix("bit"))
+    opt = DualAdam(params, lr=LR, blend_fraction=0.25, state_bits=bits)
+    opt.set_total_steps(steps)
+gen = torch.Generator().manual_seed(0)
+for _ in range(steps):
+    ids = torch.randint(0, model.config.vocab_size, (2, 128), generator=gen)
+    model(input_ids=ids, labels=ids).loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+print(json.dumps({{"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}}))
+"""
+
+
+def bench_memory(args: argparse.Namespace) -> None:
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    code = MEMORY_RUN.format(root=root, layers=args.layers, steps=args.memory_steps)
+    names = ["dualadam", "dualadam_8bit", "dualadam_4bit", "torchao AdamW8bit", "torchao AdamW4bit"]
+    peaks = {}
+    for name in names:
+        done = subprocess.run([sys.executable, "-c", code, name], capture_output=True, text=True, check=True)
+        peaks[name] = json.loads(done.stdout.strip().splitlines()[-1])["peak_rss_mb"]
+    print(f"\n## Peak memory of a process that fully fine-tunes SmolLM2-135M's architecture ({args.memory_steps} "
+          "steps, batch 2 x 128 random tokens, fp32 weights and gradients)\n")
+    print("| optimizer | peak RSS (MB) | vs fp32 DualAdam |\n|---|---|---|")
+    for name, peak in peaks.items():
+        print(f"| {name} | {peak:.0f} | {peak / peaks['dualadam']:.3f} |")
+
+
+def main() -> None:
+    sections = {"bytes": bench_bytes, "time": bench_time, "fidelity": bench_fidelity, "memory": bench_memory}
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("sections", nargs="*", help=f"what to measure: {', '.join(sections)} (default: all)")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--layers", type=int, default=None, help="fewer decoder layers than SmolLM2-135M's 30")
+    parser.add_argument("--rounds", type=int, default=10)
+    parser.add_argument("--memory_steps", type=int, default=3)
+    args = parser.parse_args()
+    unknown = [name for name in args.sections if name not in sections]
+    if unknown:
+        parser.error(f"unknown section {unknown[0]!r}; choose from {', '.join(sections)}")
+    state_types()  # torchao, imported quietly, before anything prints
+    print(f"torch {torch.__version__}, {args.device}, {torch.get_num_threads()} threads; "
+          f"max RSS of this process so far {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB")
+    for name in args.sections or list(sections):
+        if name == "memory" and args.device != "cpu":
+            continue
+        sections[name](args)
+
+
+if __name__ == "__main__":
+    main()
