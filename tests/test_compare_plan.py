@@ -39,14 +39,28 @@ from dualadam_hf.experiments.variants import entry_mapping, parse_variant, parse
 RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "smollm2_math_lora.yaml"
 
 
+def with_keys(text: str, extra: str) -> str:
+    """A recipe's YAML with the top-level keys of ``extra`` set to extra's values: each key's line (and the
+    lines nested under it) leaves the recipe, then ``extra`` is appended. A recipe names each key once."""
+    keys = set(re.findall(r"^([A-Za-z_]\w*):", extra, re.M))
+    kept, dropping = [], False
+    for line in text.splitlines():
+        if line[:1].strip() and not line.startswith("#"):  # a top-level line
+            dropping = line.split(":", 1)[0] in keys
+        if not dropping:
+            kept.append(line)
+    return "\n".join(kept) + "\n" + extra
+
+
 @pytest.fixture
 def recipe(tmp_path, tiny_model_dir, tiny_chat_dataset_dir):
-    """A copy of a shipped recipe on the tiny model and data; ``recipe(extra)`` appends YAML to it."""
+    """A copy of a shipped recipe on the tiny model and data; ``recipe(extra)`` sets the keys of the YAML
+    ``extra`` in it, ``recipe(extra, data=folder)`` reads the data of ``folder``."""
 
-    def write(extra: str = "") -> Path:
+    def write(extra: str = "", data: str | Path = tiny_chat_dataset_dir) -> Path:
         path = tmp_path / "recipe.yaml"
-        path.write_text(RECIPE.read_text() + f"\nmodel_name_or_path: {tiny_model_dir}\n"
-                        f"dataset_name: {tiny_chat_dataset_dir}\n" + extra)
+        path.write_text(with_keys(RECIPE.read_text(), f"model_name_or_path: {tiny_model_dir}\n"
+                                  f"dataset_name: {data}\n" + extra))
         return path
 
     return write
@@ -181,8 +195,9 @@ def test_the_grid_chooses_on_the_mean_over_grid_seeds_and_a_rate_that_diverged_o
                run("dualadam", 1e-3, 0.9, 1042), run("dualadam", 1e-3, 0.9, 1043),
                run("dualadam", 3e-3, 0.1, 1042), run("dualadam", 3e-3, 0.1, 1043, diverged={"step": 2})]
     assert choose_rates(plan, results) == {"adamw_torch": 1e-3, "dualadam": 1e-3}
-    with pytest.raises(RecipeError, match="no grid rate of dualadam finished with a finite eval_loss"):
-        choose_rates(plan, [r for r in results if not (r.label == "dualadam" and r.lr == 1e-3)])
+    # No safe rate for dualadam: it gets none, and the others keep theirs.
+    assert choose_rates(plan, [r for r in results if not (r.label == "dualadam" and r.lr == 1e-3)]) == {
+        "adamw_torch": 1e-3}
 
 
 # --- what a run folder may be reused for ---------------------------------------------------------
@@ -228,12 +243,12 @@ def test_a_study_moved_with_its_checkout_is_reused_and_a_changed_seed_still_refu
     fake_finished_run(plan, final_specs(plan)[0])
     key = json.loads((final_specs(plan)[0].output_dir / COMMAND_FILE).read_text())
     assert str(first) not in json.dumps(key)
-    # A key as older versions wrote it, with the absolute recipe path and run folder of the first checkout.
+    # A key whose command holds the absolute recipe path and run folder of the first checkout.
     spec = RunSpec(plan.variants[0], 7, plan.output_dir / "runs" / "adamw_torch-seed7", "final")
     spec.output_dir.mkdir(parents=True)
     command = train_command(plan, spec, None)
     (spec.output_dir / COMMAND_FILE).write_text(json.dumps(
-        {"command": command[command.index("train"):], "recipe_sha256": plan.recipe_digest, "launcher": None}))
+        {**run_key(plan, command, None), "command": command[command.index("train"):]}))
     (spec.output_dir / "run_done.json").write_text(json.dumps({"log_history": [{"eval_loss": 1.0, "step": 2}]}))
     assert str(first) in (spec.output_dir / COMMAND_FILE).read_text()
 
@@ -394,3 +409,151 @@ def test_the_report_gets_the_baseline(recipe, tmp_path, monkeypatch):
     monkeypatch.setattr(compare_module, "write_report", write_report)
     compare_module.compare(plan)
     assert seen == [["adamw_torch", "dualadam"]]
+
+
+# --- the data is part of what a run measured ---------------------------------------------------------
+
+
+def chat_folder(folder: Path, rows: int = 64) -> Path:
+    """A dataset folder of its own (train.jsonl), so that a test may edit it."""
+    from dualadam_hf.experiments.tiny import write_tiny_chat_jsonl
+
+    folder.mkdir(parents=True, exist_ok=True)
+    write_tiny_chat_jsonl(folder / "train.jsonl", n=rows, seed=0)
+    return folder
+
+
+def test_an_edited_data_file_is_refused_instead_of_mixing_old_and_new_runs(recipe, tmp_path):
+    data = chat_folder(tmp_path / "data")
+    out = tmp_path / "out"
+    plan = plan_of(recipe(data=data), out, optims="adamw_torch")
+    fake_finished_run(plan, final_specs(plan)[0])
+    said = []
+    assert compare_module._execute(plan, final_specs(plan), None, False, said.append)[0].ok  # unchanged: reused
+    # The same command with a second seed, after a row of the file changed: seed 0 ran on the old rows.
+    lines = (data / "train.jsonl").read_text().splitlines()
+    (data / "train.jsonl").write_text("\n".join([*lines[:-1], lines[0]]) + "\n")
+    more = plan_of(recipe(data=data), out, optims="adamw_torch", seeds="2")
+    with pytest.raises(RecipeError, match=rf"read other data: data file {re.escape(str(data / 'train.jsonl'))} "
+                                          r"changed since it ran.*--rerun"):
+        compare_module._execute(more, final_specs(more), None, False, said.append)
+    # A validation file that appears changes which rows are carved out of train, though the run never reads it.
+    (data / "train.jsonl").write_text("\n".join(lines) + "\n")
+    (data / "validation.jsonl").write_text("\n".join(lines[:8]) + "\n")
+    added = plan_of(recipe(data=data), out, optims="adamw_torch")
+    with pytest.raises(RecipeError, match="a split file of the data folder was added or removed"):
+        compare_module._execute(added, final_specs(added), None, False, said.append)
+    # The held-out file the run reads, new since: named as such.
+    (data / "validation.jsonl").unlink()
+    (data / "test.jsonl").write_text("\n".join(lines[:8]) + "\n")
+    tested = plan_of(recipe(data=data), out, optims="adamw_torch")
+    with pytest.raises(RecipeError, match=r"data file .*test.jsonl was not there when it ran"):
+        compare_module._execute(tested, final_specs(tested), None, False, said.append)
+
+
+def write_key_without_data(plan, spec) -> None:
+    """A finished run whose key records no data, as keys were written before the data entered them."""
+    spec.output_dir.mkdir(parents=True)
+    key = run_key(plan, train_command(plan, spec, None), None)
+    key.pop("data", None)
+    (spec.output_dir / COMMAND_FILE).write_text(json.dumps(key))
+    (spec.output_dir / "run_done.json").write_text(json.dumps({"log_history": [{"eval_loss": 1.0, "step": 2}]}))
+
+
+def test_a_key_that_records_no_data_is_reused_only_for_data_with_no_local_file(recipe, tmp_path):
+    local = plan_of(recipe(), tmp_path / "local", optims="adamw_torch")
+    write_key_without_data(local, final_specs(local)[0])
+    with pytest.raises(RecipeError, match="recorded without the content of its data files, so it cannot be told "
+                                          "whether .*train.jsonl changed"):
+        compare_module._execute(local, final_specs(local), None, False, print)
+    # Generated rows follow from the recipe and the seed, both in the key already.
+    generated = plan_of(recipe("dataset_config: min_terms=2,max_terms=2,min_digits=1,max_digits=2\n",
+                               data="reasoning-gym:chain_sum"), tmp_path / "generated", optims="adamw_torch")
+    spec = final_specs(generated)[0]
+    write_key_without_data(generated, spec)
+    assert "data" not in run_key(generated, train_command(generated, spec, None), None)
+    said = []
+    assert compare_module._execute(generated, [spec], None, False, said.append)[0].ok
+    assert "already finished, reusing its log" in said[0]
+
+
+# --- what a variant may change ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("entry, why", [
+    ("adamw_torch[max_length=12]", "cuts the training and held-out rows"),
+    ("adamw_torch[per_device_eval_batch_size=2]", "changes how the held-out loss is batched"),
+    ("dualadam[chat_template_path=other.jinja]", "changes the text the model trains and is scored on"),
+    ("dualadam[completion_only_loss=false]", "changes which tokens the loss counts"),
+    ("dualadam[max_steps=4]", "changes how long the runs train"),
+    ("dualadam[bf16=true]", "not an optimizer, schedule or speed setting"),
+    ("adamw_torch[warmup_step=2]", r"did you mean 'warmup_steps'"),
+])
+def test_a_variant_may_change_only_the_optimizer_its_schedule_and_speed(entry, why):
+    key = entry.split("[")[1].split("=")[0]
+    with pytest.raises(RecipeError, match=rf"{key} must be the same in every run: it .*{why}"):
+        parse_variants(entry)
+    allowed = parse_variant("adamw_torch[weight_decay=0.1,adam_beta2=0.95,max_grad_norm=0.5,lr_scheduler_type=cosine,"
+                            "warmup_ratio=0.1,gradient_checkpointing=true,dataloader_num_workers=2]")
+    assert set(allowed.settings) == {"weight_decay", "adam_beta2", "max_grad_norm", "lr_scheduler_type",
+                                     "warmup_ratio", "gradient_checkpointing", "dataloader_num_workers"}
+
+
+# --- names that fit the file system -----------------------------------------------------------------
+
+
+def test_a_label_too_long_for_a_folder_name_is_refused_before_any_run(recipe, tmp_path):
+    label = "x" * 300
+    with pytest.raises(RecipeError, match=rf"variant label '{'x' * 57}\.\.\.' \(300 characters\) is too long: .* "
+                                          r"over the file system's limit of \d+ bytes per name"):
+        plan_of(recipe(), tmp_path / "out", optims=f"adamw_torch,dualadam[label={label}]")
+    # A long label that fits is fine, grid folders and raw files included.
+    plan = plan_of(recipe(), tmp_path / "out", optims=f"adamw_torch,dualadam[label={'y' * 200}]", lr_grid="1e-3")
+    assert plan.variants[1].label == "y" * 200
+
+
+# --- a variant with no safe rate, a full disk --------------------------------------------------------
+
+
+def test_a_variant_that_diverges_at_every_grid_rate_is_reported_and_the_others_go_on(recipe, tmp_path, monkeypatch):
+    plan = plan_of(recipe(), tmp_path / "out", optims="adamw_torch,dualadam", lr_grid="1e-3,3e-3")
+    ran = []
+
+    def execute(plan, specs, launcher, rerun, log):
+        ran.extend(specs)
+        history = [{"loss": 1.0, "step": 1}, {"eval_loss": 1.0, "step": 1}]
+        return [RunResult(s.variant.label, s.seed, history, phase=s.phase, lr=s.lr,
+                          diverged={"step": 1} if s.variant.label == "dualadam" else None) for s in specs]
+
+    monkeypatch.setattr(compare_module, "_execute", execute)
+    report, results = compare_module.compare(plan, log=lambda line: None)
+    assert plan.chosen_lr == {"adamw_torch": 1e-3}
+    assert [(s.variant.label, s.phase) for s in ran if s.phase == "final"] == [("adamw_torch", "final")]
+    text = report.read_text()
+    assert "| dualadam | diverged | diverged | none: diverged at every rate |" in text
+    assert "dualadam ran no seeds: it diverged at every rate of the learning-rate grid" in text
+    assert "seeds none" not in text and " none." not in text
+
+
+def test_a_full_disk_while_writing_the_report_is_one_line_and_keeps_the_old_report(recipe, tmp_path, monkeypatch,
+                                                                                   capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "report.md").write_text("the previous report\n")
+    write_text = Path.write_text
+
+    def full_disk(self, *args, **kwargs):
+        if self.name == ".report.md.tmp":
+            write_text(self, "half a rep")  # what a full disk leaves: part of the file
+            raise OSError(28, "No space left on device")
+        return write_text(self, *args, **kwargs)
+
+    monkeypatch.setattr(compare_module, "_execute", lambda *args: [])
+    monkeypatch.setattr(Path, "write_text", full_disk)
+    argv = ["compare", "--config", str(recipe()), "--output_dir", str(out), "--optims", "adamw_torch", "--smoke",
+            "--accuracy_size", "0"]
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert f"could not write {out / 'report.md'}: No space left on device" in err
+    assert "Traceback" not in err
+    assert (out / "report.md").read_text() == "the previous report\n"

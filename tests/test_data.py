@@ -121,3 +121,21 @@ def test_data_file_rows_become_padded_batches_with_a_classifiers_labels(tiny_mod
     assert (first["input_ids"][first["attention_mask"] == 0] == tokenizer.pad_token_id).all()
     # A language model's batches have no labels column: its loss is taken on the tokens themselves.
     assert "labels" not in jsonl_batches(rows, tokenizer, classifier=False, batch_size=2, max_length=4)[0]
+
+
+def test_a_size_larger_than_the_data_is_said_once_with_the_numbers(tmp_path, monkeypatch):
+    from dualadam_hf.experiments import data
+    from dualadam_hf.experiments.tiny import write_tiny_chat_jsonl
+
+    monkeypatch.setattr(data, "_WARNED", set())
+    write_tiny_chat_jsonl(tmp_path / "rows.jsonl", n=10, seed=0)
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"model_name_or_path: m\ndataset_name: {tmp_path / 'rows.jsonl'}\neval_size: 2\ntrain_size: 32\n"
+                      "max_steps: 1\nbf16: false\n")
+    with pytest.warns(UserWarning) as said:
+        train, _ = splits(recipe)
+        splits(recipe, "--seed", "1")  # a plan loads the same data again: no second warning
+    # 10 rows, 2 held out for each of test and validation: 6 left to train on.
+    assert len(train) == 6
+    assert [str(w.message) for w in said if "_size" in str(w.message)] == [
+        "train_size is 32 but the train data (once the held-out rows are out) has only 6 rows: every run uses those 6"]

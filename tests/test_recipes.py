@@ -40,6 +40,12 @@ bf16: false
 """
 
 
+def base_with(line: str) -> str:
+    """BASE with ``line`` in place of the line of the same key (a recipe names each key once)."""
+    key = line.split(":", 1)[0]
+    return "\n".join([kept for kept in BASE.splitlines() if not kept.startswith(f"{key}:")] + [line]) + "\n"
+
+
 def test_there_are_cpu_and_gpu_recipes():
     names = {p.name for p in RECIPES}
     assert {"smollm2_math_lora.yaml", "smollm2_math_full.yaml", "roberta_sst2_lora.yaml"} <= names
@@ -75,6 +81,25 @@ def test_the_compare_block_of_every_recipe_passes_the_plan_checks(path):
     assert set(settings.get("baseline", [])) <= {v.label for v in variants}
 
 
+@pytest.mark.parametrize("path", GPU_RECIPES, ids=lambda p: p.name)
+def test_gpu_recipes_compare_the_variants_of_the_study(path):
+    # The study's arms (the paper's inverse part at the recipe's blend and at the paper's rate, the inverse part
+    # held at strength r, the matched warmups); not the calibrated "auto" scale, which tests a fixed rescaling.
+    from dualadam_hf.experiments.compare import checked_settings
+    from dualadam_hf.experiments.variants import parse_variants
+
+    def variants(recipe_path):
+        recipe = load_recipe(recipe_path, CPU_OVERRIDES if recipe_path in GPU_RECIPES else [])
+        return parse_variants(checked_settings(recipe.compare, {}, recipe_path)["optims"], recipe.training.optim_args)
+
+    study = variants(path.parent / "smollm2_chainsum_study_v2.yaml")
+    here = variants(path)
+    assert [v.label for v in here] == [v.label for v in study]
+    assert all(v.optim_args.get("inverse_scale") != "auto" for v in here)
+    assert {v.label: v.optim_args.get("inverse_scale") for v in here} == \
+        {v.label: v.optim_args.get("inverse_scale") for v in study}
+
+
 def test_command_line_overrides_win_and_are_typed(tmp_path):
     recipe = load_recipe(
         write_recipe(tmp_path, BASE),
@@ -98,7 +123,7 @@ def test_list_override_with_several_values(tmp_path):
     path = write_recipe(tmp_path, BASE)
     assert load_recipe(path, ["--lora_target_modules", "a", "b"]).model.lora_target_modules == ["a", "b"]
     with pytest.raises(RecipeError, match="max_steps takes one value"):
-        load_recipe(write_recipe(tmp_path, BASE + "max_steps: [1, 2]\n"))
+        load_recipe(write_recipe(tmp_path, base_with("max_steps: [1, 2]")))
 
 
 @pytest.mark.parametrize("line, match", [
@@ -110,7 +135,7 @@ def test_list_override_with_several_values(tmp_path):
 ])
 def test_yaml_values_get_the_checks_command_line_values_get(tmp_path, line, match):
     with pytest.raises(RecipeError, match=match):
-        load_recipe(write_recipe(tmp_path, BASE + line + "\n"))
+        load_recipe(write_recipe(tmp_path, base_with(line)))
 
 
 def test_optim_args_may_be_a_yaml_mapping(tmp_path):
@@ -122,7 +147,7 @@ def test_optim_args_may_be_a_yaml_mapping(tmp_path):
 
 def test_unknown_yaml_key_is_named_with_a_suggestion_and_the_valid_keys(tmp_path):
     with pytest.raises(RecipeError) as error:
-        load_recipe(write_recipe(tmp_path, BASE + "lerning_rate: 0.1\n"))
+        load_recipe(write_recipe(tmp_path, base_with("lerning_rate: 0.1")))
     message = str(error.value)
     assert "'lerning_rate'" in message and "did you mean 'learning_rate'" in message
     assert "Keys of this toolkit:" in message and "accuracy_size" in message
@@ -314,3 +339,37 @@ def test_wheel_ships_the_recipes(tmp_path):
     for recipe in (root / "recipes").glob("*.yaml"):
         assert f"dualadam_hf/_recipes/{recipe.name}" in names
     assert "_dualadam_hf_autoregister.py" in names and "dualadam_hf_autoregister.pth" in names
+
+
+# --- the recipe file itself: UTF-8, each key once, not empty -----------------------------------------------
+
+
+@pytest.mark.parametrize("content, match", [
+    (b"model_name_or_path: caf\xe9\n", r"recipe .*recipe.yaml is not UTF-8 text \(byte 0xe9 on line 1\)"),
+    (b"max_steps: 3\nlearning_rate: 1e-4\nmax_steps: 30\n",
+     r"recipe.yaml:3: key 'max_steps' appears twice \(first on line 1\); the second would silently win"),
+    (b"max_steps: 3\ncompare:\n  seeds: 2\n  seeds: 3\n", r"recipe.yaml:4: key 'seeds' appears twice"),
+    (b"", r"recipe .*recipe.yaml is empty"),
+    (b"# only a comment\n\n", r"recipe .*recipe.yaml is empty"),
+])
+def test_a_recipe_file_that_is_not_utf8_names_a_key_twice_or_is_empty_is_refused(tmp_path, capsys, content, match):
+    from dualadam_hf.experiments.cli import main
+    from dualadam_hf.experiments.recipe_file import check_recipe_file
+
+    path = tmp_path / "recipe.yaml"
+    path.write_bytes(content)
+    with pytest.raises(RecipeError, match=match):
+        check_recipe_file(path)
+    for command in ("train", "compare"):  # where the harness reads a recipe
+        assert main([command, "--config", str(path), "--output_dir", str(tmp_path / "out")]) == 2
+        err = capsys.readouterr().err
+        assert re.search(match, err) and "Traceback" not in err
+
+
+def test_every_shipped_recipe_names_each_key_once_and_a_merge_key_is_no_repeat(tmp_path):
+    from dualadam_hf.experiments.recipe_file import check_recipe_file
+
+    for recipe in RECIPES:
+        check_recipe_file(recipe)
+    merged = write_recipe(tmp_path, "base: &base\n  a: 1\nother:\n  <<: *base\n  a: 2\n")
+    check_recipe_file(merged)  # `<<` merges, and a key of the mapping itself may override a merged one

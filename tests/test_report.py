@@ -324,20 +324,22 @@ def test_the_grid_footer_only_when_a_grid_ran(tmp_path):
 
 
 def test_the_cpu_study_recomputed_from_its_raw_logs(tmp_path):
-    """The published v1 logs give the paired-t intervals an audit computed by hand."""
+    """The published v1 logs give the paired-t intervals computed by hand from the raw logs."""
     results, grid = load_raw(STUDY_RAW)
     assert len(results) == 12 and len(grid) == 12 and all(r.phase == "grid" for r in grid)
     labels = ("adamw_torch", "matched_warmup", "dualadam", "dualadam_scaled")
     text = write_report(FakePlan(tmp_path, labels), results).read_text()
     rows = differences_rows(text)
     warmup = rows[("matched-warmup", "held-out accuracy")]
-    assert warmup[1:3] == ["-0.0120", "[-0.0724, +0.0484]"]
+    assert warmup[1:3] == ["-0.0120", "[-0.0725, +0.0485]"]  # [-0.07243, +0.04843], rounded outward
     scaled = rows[("dualadam-scaled", "held-out accuracy")]
     assert scaled[1] == "-0.1893" and scaled[2].startswith("[-0.69") and scaled[3] == "0.25"
-    assert "dualadam-scaled − adamw_torch, held-out accuracy: the interval contains 0" in text
+    # A primary test (against the first variant, on a held-out outcome): its verdict follows Holm's p.
+    assert ("dualadam-scaled − adamw_torch, held-out accuracy: Holm p = " in text
+            and "over the 4 primary tests: no difference shown after the correction" in text)
     # 3 of 3 seeds worse held-out loss for the warmup (and for DualAdam, the same model).
     assert all(x.startswith("+") for x in rows[("matched-warmup", "held-out loss")][0].split(", "))
-    # The 4 eigenvalue estimates an audit found at the iteration cap are flagged, and only those.
+    # The 4 eigenvalue estimates that stopped at the iteration cap in the raw logs are flagged, and only those.
     assert ("Top Hessian eigenvalue: 4 of 12 estimates stopped at the cap of power iterations without converging "
             "(adamw_torch seed 1, adamw_torch seed 2, dualadam-scaled seed 0, dualadam-scaled seed 2;") in text
 
@@ -488,10 +490,18 @@ def test_the_inverse_share_of_the_first_study_from_its_raw_logs(tmp_path):
     results, _ = load_raw(STUDY_RAW)
     labels = ("adamw_torch", "matched_warmup", "dualadam", "dualadam_scaled")
     rows = share_rows(write_report(FakePlan(tmp_path, labels), results).read_text())
-    assert rows["dualadam"][2] == "4.86e-05 to 6.20e-05" and rows["dualadam"][5] == "2.45e-07 to 2.72e-07"
+    # min rounded down, max up: the printed range holds every run's share
+    assert rows["dualadam"][2] == "4.85e-05 to 6.21e-05" and rows["dualadam"][5] == "2.44e-07 to 2.73e-07"
     assert rows["matched-warmup"][-1] == "0.000"
     # the calibrated "auto" scale: the share started at r, then drifted to 12 times r
-    assert rows["dualadam-scaled"][2] == "0.917" and rows["dualadam-scaled"][-1] == "1.000 to 11.811"
+    assert rows["dualadam-scaled"][2] == "0.917" and rows["dualadam-scaled"][-1] == "0.999 to 11.811"
+
+
+def prespecified_rows(text: str) -> dict[tuple[str, str], list[str]]:
+    """{(comparison, metric): [family, mean, 95% interval, t p, Holm p, family-wise interval, verdict]}."""
+    section = text.split("## Pre-specified comparisons", 1)[1].split("\n## ", 1)[0]
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in section.splitlines() if line.startswith("| ")]
+    return {(cells[1], cells[2]): [cells[0], *cells[3:]] for cells in rows[1:]}
 
 
 def without_timing(text: str) -> list[str]:
@@ -512,10 +522,189 @@ def test_the_published_study_is_what_its_raw_logs_give(tmp_path):
     assert without_timing(text) == without_timing((STUDY / "report.md").read_text())
     # The figures docs/study.md and the README cite.
     rows = differences_rows(text)
-    assert rows[("dualadam", "held-out accuracy")][1:3] == ["-0.0264", "[-0.0473, -0.0055]"]
+    assert rows[("dualadam", "held-out accuracy")][1:3] == ["-0.0264", "[-0.0474, -0.0054]"]
     assert rows[("dualadam-paper-rate", "held-out accuracy")][1:3] == ["-0.0712", "[-0.1059, -0.0365]"]
     assert rows[("dualadam-norm", "held-out accuracy")][1:4] == ["-0.0072", "[-0.0211, +0.0067]", "1"]
-    assert rows[("dualadam", "held-out loss")][1:3] == ["+0.01403", "[-0.01426, +0.04232]"]
+    assert rows[("dualadam", "held-out loss")][1:3] == ["+0.01403", "[-0.01427, +0.04232]"]
+    assert rows[("dualadam-paper-rate", "held-out loss")][1:3] == ["+0.07131", "[+0.04374, +0.09889]"]
+    assert rows[("dualadam-norm", "held-out loss")][1:3] == ["+0.00909", "[-0.01913, +0.03731]"]
     warmup = differences_rows(text, "dualadam")[("matched-warmup", "held-out accuracy")]
     assert warmup[0] == "+0.0000, +0.0000, +0.0000"
-    assert share_rows(text)["dualadam"][2] == "4.89e-05 to 7.03e-05"
+    shares = share_rows(text)
+    assert shares["dualadam"][2] == "4.88e-05 to 7.04e-05" and shares["dualadam"][5] == "2.27e-07 to 2.75e-07"
+    assert shares["dualadam-paper-rate"][2] == "4.39e-04 to 6.33e-04"
+    assert shares["dualadam-paper-rate"][3:6] == ["48", "0.520", "1.08e-06 to 1.41e-06"]
+    # The six primary tests, Holm-corrected: only the paper rate's two survive.
+    planned = prespecified_rows(text)
+    assert planned[("dualadam − adamw_torch", "held-out accuracy")] == [
+        "primary", "-0.0264", "[-0.0474, -0.0054]", "0.0191", "0.0763", "[-0.0576, +0.0048]", "no difference shown"]
+    assert [planned[("dualadam-paper-rate − adamw_torch", m)][4:] for m in ("held-out loss", "held-out accuracy")] == [
+        ["0.00146", "[+0.03031, +0.11232]", "worse"], ["0.00605", "[-0.1228, -0.0196]", "worse"]]
+    assert [row[-1] for row in planned.values() if row[0] == "primary"].count("no difference shown") == 4
+    assert "- **primary**: every variant but the matched warmups against adamw_torch" in text
+    # The run resumed after training, and the estimates that used every allowed power iteration.
+    assert "Evaluated from a finished checkpoint: dualadam-paper-rate seed 5. " in text
+    assert "25 of 46 estimates stopped at the cap" in text and "and 8 more met the tolerance only at that" in text
+
+
+def outcome_history(rng: random.Random, loss: float, accuracy: float, **extra: float) -> list[dict]:
+    return with_final(fake_history(rng), eval_loss=loss, eval_accuracy=accuracy, **extra)
+
+
+def test_pre_specified_families_are_holm_corrected_and_the_verdicts_follow(tmp_path):
+    """Primary: every variant but the matched warmups against the first, on held-out loss and accuracy; control:
+    each matched warmup against its blend. A primary difference whose 95% interval excludes 0 is no finding when
+    its Holm p is above 0.05; other pairs and metrics are marked exploratory."""
+    from dualadam_hf.experiments.report import families
+
+    labels = ("adamw_torch", "dualadam", "dualadam[switch_rate=0.01,label=dualadam-paper-rate]", "matched_warmup",
+              "dualadam[inverse_scale=norm,label=dualadam-norm]")
+    plan = FakePlan(tmp_path, labels, seeds=range(6))
+    found = {f.name: f.pairs for f in families(plan.variants, "adamw_torch")}
+    assert found == {"primary": (("dualadam", "adamw_torch"), ("dualadam-paper-rate", "adamw_torch"),
+                                 ("dualadam-norm", "adamw_torch")),
+                     "control": (("matched-warmup", "dualadam"),)}
+    rng = random.Random(21)
+    # dualadam - adamw_torch in accuracy: mean -0.02, sd 0.0141 over 6 seeds: paired t p = 0.018, the 3rd smallest
+    # of the 6 primary p-values, so Holm multiplies it by 4: 0.072.
+    drop = [-0.02, -0.03, -0.01, -0.04, -0.02, 0.0]
+    results = []
+    for seed in range(6):
+        base = 0.5 + 0.01 * seed
+        loss = {label: 1 + rng.uniform(0, 0.1) for label in ("adamw_torch", "dualadam", "dualadam-norm")}
+        results += [RunResult("adamw_torch", seed, outcome_history(rng, loss["adamw_torch"], base)),
+                    RunResult("dualadam", seed, outcome_history(rng, loss["dualadam"], base + drop[seed])),
+                    RunResult("dualadam-paper-rate", seed, outcome_history(rng, 2 + rng.uniform(0, 0.01),
+                                                                           base - 0.2 + rng.uniform(0, 0.01))),
+                    RunResult("matched-warmup", seed, outcome_history(rng, loss["dualadam"] + rng.uniform(0, 1e-6),
+                                                                      base + drop[seed])),
+                    RunResult("dualadam-norm", seed, outcome_history(rng, loss["dualadam-norm"],
+                                                                     base + rng.uniform(-0.01, 0.01)))]
+    text = write_report(plan, results).read_text()
+    planned = prespecified_rows(text)
+    accuracy = planned[("dualadam − adamw_torch", "held-out accuracy")]
+    p = scipy_t_p(drop)
+    assert accuracy[3] == f"{p:.3g}" and float(accuracy[4]) == pytest.approx(4 * p, rel=1e-3)
+    assert accuracy[-1] == "no difference shown"
+    low, high = (float(x) for x in accuracy[2].strip("[]").split(", "))
+    assert high < 0  # the uncorrected interval excludes 0
+    assert [row[-1] for key, row in planned.items() if key[0].startswith("dualadam-paper-rate")] == ["worse", "worse"]
+    assert planned[("matched-warmup − dualadam", "held-out accuracy")][-1].startswith("no test: all 6 differences")
+    assert ("- dualadam − adamw_torch, held-out accuracy: Holm p = " in text
+            and "over the 6 primary tests: no difference shown after the correction" in text)
+    assert "- dualadam − adamw_torch, final train loss (exploratory): " in text
+    assert "- matched-warmup − adamw_torch, held-out accuracy (exploratory): " in text
+    # The control pair has its own family (here its one test with a p), whether or not a section prints the pair.
+    assert planned[("matched-warmup − dualadam", "held-out loss")][0] == "control"
+    assert "- **control**: each matched warmup against its blend" in text and "(matched-warmup − dualadam)" in text
+
+
+def scipy_t_p(differences: list[float]) -> float:
+    from scipy import stats as scipy_stats
+
+    return float(scipy_stats.ttest_1samp(differences, 0.0).pvalue)
+
+
+def sharpness_entry(iterations: int, converged: int) -> dict:
+    return {"sharpness/top_eigenvalue": 10.0 + iterations + converged, "sharpness/eigenvalue_iterations": iterations,
+            "sharpness/eigenvalue_converged": converged, "step": 4}
+
+
+def test_estimates_that_used_every_allowed_iteration_are_flagged_and_not_compared(tmp_path):
+    rng = random.Random(22)
+    marks = {("adamw_torch", 0): (8, 0), ("adamw_torch", 1): (8, 1), ("dualadam", 0): (5, 1), ("dualadam", 1): (8, 1)}
+    results = [RunResult(label, seed, [*fake_history(rng), sharpness_entry(*mark)]) for (label, seed), mark in
+               marks.items()]
+    text = write_report(FakePlan(tmp_path, seeds=(0, 1)), results).read_text()
+    assert ("Top Hessian eigenvalue: 1 of 4 estimates stopped at the cap of power iterations without converging "
+            "(adamw_torch seed 0; `sharpness/eigenvalue_converged` 0 in their logs), and 2 more met the tolerance "
+            "only at that last allowed iteration (adamw_torch seed 1, dualadam seed 1; "
+            "`sharpness/eigenvalue_iterations` 8)") in text
+    assert ("- dualadam − adamw_torch, top Hessian eigenvalue (exploratory): 3 of its 4 estimates used every "
+            "allowed power iteration: too coarse to compare, no verdict.") in text
+    # With no estimate at the cap the cap is not known: nothing is flagged.
+    results = [RunResult(label, seed, [*fake_history(rng), sharpness_entry(8, 1)]) for label, seed in marks]
+    assert "Top Hessian eigenvalue:" not in write_report(FakePlan(tmp_path, seeds=(0, 1)), results).read_text()
+
+
+def test_a_run_evaluated_from_its_finished_checkpoint_is_said_and_wall_time_is_no_speed(tmp_path):
+    """A run resumed after its training had ended trains nothing in its last process: no train_runtime entry,
+    its peak memory partly the checkpoint's record. The report names it beside the memory and time columns."""
+    rng = random.Random(23)
+    results = [RunResult(label, seed, fake_history(rng)) for label in ("adamw_torch", "dualadam") for seed in (0, 1)]
+    results[3] = RunResult("dualadam", 1, [e for e in fake_history(rng) if "train_runtime" not in e])
+    text = write_report(FakePlan(tmp_path, seeds=(0, 1)), results).read_text()
+    assert "Evaluated from a finished checkpoint: dualadam seed 1. Each was resumed after its training" in text
+    assert text.count("Evaluated from a finished checkpoint") == 1
+    assert "not a measurement of the optimizers' speed" in text
+
+
+def test_an_all_failed_report_has_one_column_per_separator_and_never_calls_a_failure_diverged(tmp_path):
+    results = [RunResult(label, seed, [], ok=False, error="exit code 1") for label in ("adamw_torch", "dualadam")
+               for seed in (0, 1)]
+    text = write_report(FakePlan(tmp_path, seeds=(0, 1)), results).read_text()
+    table = [line for line in text.split("## Results", 1)[1].splitlines() if line.startswith("|")]
+    assert len({line.count("|") for line in table}) == 1, table  # header, separator and rows: as many columns
+    assert "No paired differences: adamw_torch failed at every seed." in text
+    assert "diverg" not in text.split("## Paired differences", 1)[1].split("- **failed**", 1)[0]
+
+
+def test_a_variant_that_diverged_at_every_seed_is_said_so_not_seeds_none(tmp_path):
+    rng = random.Random(21)
+    nan = [{**e, "grad_norm": math.nan} if "grad_norm" in e else e for e in fake_history(rng)]
+    results = [RunResult("adamw_torch", s, fake_history(rng)) for s in (0, 1)] + [
+        RunResult("dualadam", s, nan) for s in (0, 1)]
+    text = write_report(FakePlan(tmp_path, seeds=(0, 1)), results).read_text()
+    assert "Variants ran different seeds: adamw_torch 0, 1; dualadam diverged at every seed." in text
+    assert "none" not in text.split("Variants ran different seeds", 1)[1].split("\n", 1)[0]
+
+
+def test_the_grid_says_when_rates_tie_and_which_variant_had_no_safe_rate(tmp_path):
+    plan = FakePlan(tmp_path, ("adamw_torch", "dualadam", "invadam"), seeds=(0,))
+    plan.lr_grid, plan.chosen_lr = [1e-3, 3e-3], {"adamw_torch": 1e-3, "dualadam": 1e-3}
+    flat = [{"loss": 1.0, "step": 1}, {"eval_loss": 0.5, "step": 1}]
+    grid = [RunResult("adamw_torch", 1000, flat, phase="grid", lr=lr) for lr in plan.lr_grid]  # every rate ties
+    grid += [RunResult("dualadam", 1000, with_final(flat, eval_loss=0.5 + lr), phase="grid", lr=lr)
+             for lr in plan.lr_grid]
+    grid += [RunResult("invadam", 1000, flat, phase="grid", lr=1e-3, diverged={"step": 1}),
+             RunResult("invadam", 1000, [], ok=False, error="exit code 1", phase="grid", lr=3e-3)]
+    results = [RunResult(label, 0, flat) for label in ("adamw_torch", "dualadam")]
+    text = write_report(plan, results, grid).read_text()
+    assert "| adamw_torch | **0.5000** | 0.5000 | 0.001 (every rate ties: the smallest is chosen) |" in text
+    assert "| dualadam | **0.5010** | 0.5030 | 0.001 |" in text
+    assert "| invadam | diverged | failed | none: diverged or failed at every rate |" in text
+    assert "invadam ran no seeds: it diverged or failed at every rate of the learning-rate grid" in text
+
+
+def test_a_full_disk_while_writing_the_report_names_the_report_and_keeps_the_old_one(tmp_path, monkeypatch):
+    from dualadam_hf.experiments import report
+
+    rng = random.Random(22)
+    results = [RunResult(label, 0, fake_history(rng)) for label in ("adamw_torch", "dualadam")]
+    (tmp_path / "report.md").write_text("the previous report\n")
+    write_text = Path.write_text
+
+    def full_disk(self, *args, **kwargs):
+        if self.name == ".report.md.tmp":
+            raise OSError(28, "No space left on device")
+        return write_text(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "write_text", full_disk)
+    with pytest.raises(OSError) as error:
+        report.write_report(FakePlan(tmp_path, seeds=(0,)), results)
+    assert (error.value.filename, error.value.strerror) == (str(tmp_path / "report.md"), "No space left on device")
+    assert (tmp_path / "report.md").read_text() == "the previous report\n"
+
+
+def test_each_low_bit_variant_is_tested_against_its_full_precision_twin(tmp_path):
+    """Low-bit: dualadam_8bit/4bit against dualadam and adamw_torch_8bit against adamw_torch, with the same
+    optim_args; a low-bit variant without such a twin is compared with the baseline as any other variant."""
+    from dualadam_hf.experiments.report import families
+
+    labels = ("adamw_torch", "dualadam[blend_fraction=0.25,label=dual]", "dualadam_8bit[blend_fraction=0.25,label=d8]",
+              "dualadam_4bit[blend_fraction=0.25,label=d4]", "adamw_torch_8bit",
+              "dualadam_4bit[blend_fraction=0.5,label=odd]")
+    plan = FakePlan(tmp_path, labels, seeds=range(3))
+    found = {f.name: f.pairs for f in families(plan.variants, "adamw_torch")}
+    assert found == {"primary": (("dual", "adamw_torch"), ("odd", "adamw_torch")),
+                     "low-bit": (("d8", "dual"), ("d4", "dual"), ("adamw_torch_8bit", "adamw_torch"))}

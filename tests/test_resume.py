@@ -8,28 +8,47 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import torch
 
 from dualadam_hf.experiments import RecipeError
-from dualadam_hf.experiments.checkpoints import resume_checkpoint, saved_wall_time
+from dualadam_hf.experiments.checkpoints import OPTIMIZER_START_KEY, resume_checkpoint, saved_wall_time
 
 DEFAULT_RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "smollm2_math_lora.yaml"
 
 
-def fake_checkpoint(folder: Path, step: int, *, state: bool = True, optimizer: str | None = "ok") -> Path:
-    """A checkpoint folder as the Trainer writes it (weights, optimizer, then trainer_state.json last)."""
+@dataclass
+class RecordedArguments:
+    """Stands in for the TrainingArguments the Trainer pickles into training_args.bin."""
+
+    fp16: bool = False
+    learning_rate: float = 1e-3
+
+
+def fake_checkpoint(folder: Path, step: int, *, state: bool = True, optimizer: str | None = "ok",
+                    global_step: object = None, optimizer_steps: int | None = None,
+                    arguments: RecordedArguments | None = None) -> Path:
+    """A checkpoint folder as the Trainer writes it (weights, optimizer, then trainer_state.json last).
+
+    ``global_step`` is what trainer_state.json says (default: ``step``); ``optimizer_steps`` the step counters
+    of two parameters' optimizer state (the larger of them; default: no state)."""
     path = folder / f"checkpoint-{step}"
     path.mkdir(parents=True)
     (path / "adapter_model.safetensors").write_bytes(b"weights")
+    if arguments is not None:
+        torch.save(arguments, path / "training_args.bin")
     if optimizer == "ok":
-        torch.save({"state": {}, "param_groups": []}, path / "optimizer.pt")
+        counters = {} if optimizer_steps is None else {
+            0: {"step": torch.tensor(float(optimizer_steps))}, 1: {"step": torch.tensor(optimizer_steps - 1.0)}}
+        torch.save({"state": counters, "param_groups": [{"lr": 1e-3, "params": [0, 1]}]}, path / "optimizer.pt")
     elif optimizer == "empty":
         (path / "optimizer.pt").write_bytes(b"")
     elif optimizer == "truncated":
@@ -37,7 +56,8 @@ def fake_checkpoint(folder: Path, step: int, *, state: bool = True, optimizer: s
         data = (path / "optimizer.pt").read_bytes()
         (path / "optimizer.pt").write_bytes(data[: len(data) // 2])
     if state:
-        (path / "trainer_state.json").write_text(json.dumps({"global_step": step, "max_steps": 10}))
+        recorded = step if global_step is None else global_step
+        (path / "trainer_state.json").write_text(json.dumps({"global_step": recorded, "max_steps": 10}))
     return path
 
 
@@ -80,6 +100,67 @@ def test_deepspeed_and_fsdp_optimizer_layouts_are_accepted(tmp_path):
         path = fake_checkpoint(tmp_path, step, optimizer=None)
         (path / extra).mkdir()
         assert resume_checkpoint(str(path), tmp_path) == path
+
+
+@pytest.mark.parametrize("global_step, match", [
+    (1000, r"global_step is 1000, but the folder checkpoint-8 was saved at step 8"),
+    (-5, r"global_step must be a whole number >= 0, got -5"),
+    ("abc", r"global_step must be a whole number >= 0, got 'abc'"),
+    (None, r"global_step must be a whole number >= 0, got None"),
+    (True, r"global_step must be a whole number >= 0, got True"),
+])
+def test_a_step_count_its_checkpoint_does_not_agree_with_is_refused(tmp_path, global_step, match):
+    # Trusted, 1000 would take the run as finished and evaluate the step-8 weights as step 1000; -5 would train
+    # 25 steps of a 12-step run; "abc" would end in a TypeError deep inside the Trainer.
+    fake_checkpoint(tmp_path, 8, global_step=global_step, optimizer_steps=8)
+    (tmp_path / "checkpoint-8" / "trainer_state.json").write_text(json.dumps({"global_step": global_step}))
+    for value in ("last", str(tmp_path / "checkpoint-8")):
+        with pytest.raises(RecipeError, match=rf"^cannot resume from {tmp_path}/checkpoint-8: "
+                                              rf"{tmp_path}/checkpoint-8/trainer_state.json: {match}$"):
+            resume_checkpoint(value, tmp_path)
+
+
+def test_a_run_length_that_is_not_a_number_is_refused(tmp_path):
+    path = fake_checkpoint(tmp_path, 8)
+    (path / "trainer_state.json").write_text(json.dumps({"global_step": 8, "max_steps": "12"}))
+    with pytest.raises(RecipeError, match=r"trainer_state.json: max_steps must be a whole number, got '12'$"):
+        resume_checkpoint("last", tmp_path)
+
+
+def test_a_step_count_the_optimizer_did_not_take_is_refused(tmp_path):
+    fake_checkpoint(tmp_path, 12, optimizer_steps=8)
+    with pytest.raises(RecipeError, match=r"trainer_state.json: global_step is 12, but .*checkpoint-12/optimizer.pt "
+                                          r"has taken 8 optimizer steps \(expected 12\)$"):
+        resume_checkpoint("last", tmp_path)
+    renamed = tmp_path / "renamed"  # folder name and state agree, the optimizer does not
+    fake_checkpoint(renamed, 1000, optimizer_steps=8)
+    with pytest.raises(RecipeError, match=r"has taken 8 optimizer steps \(expected 1000\)"):
+        resume_checkpoint("last", renamed)
+    ahead = tmp_path / "ahead"
+    fake_checkpoint(ahead, 4, optimizer_steps=6)
+    with pytest.raises(RecipeError, match=r"has taken 6 optimizer steps \(expected 4\)"):
+        resume_checkpoint("last", ahead)
+    agreeing = tmp_path / "agreeing"
+    assert resume_checkpoint("last", agreeing) is None
+    fake_checkpoint(agreeing, 12, optimizer_steps=12)
+    assert resume_checkpoint("last", agreeing) == agreeing / "checkpoint-12"
+
+
+def test_fewer_optimizer_steps_are_expected_after_a_fresh_optimizer_and_under_fp16(tmp_path):
+    # Resumed at step 4 with a fresh optimizer (resume_without_optimizer_state): its counters start over there.
+    restarted = fake_checkpoint(tmp_path / "restarted", 6, optimizer_steps=2)
+    (restarted / "wall_time.json").write_text(json.dumps({"train_seconds": 1.0, "segments": 2,
+                                                          OPTIMIZER_START_KEY: 4}))
+    assert resume_checkpoint("last", tmp_path / "restarted") == restarted
+    (restarted / "wall_time.json").write_text(json.dumps({OPTIMIZER_START_KEY: 3}))
+    with pytest.raises(RecipeError, match=r"has taken 2 optimizer steps since step 3 \(expected 3\)"):
+        resume_checkpoint("last", tmp_path / "restarted")
+    # fp16's loss scaler skips the steps whose gradients overflow; it never takes more.
+    fp16 = fake_checkpoint(tmp_path / "fp16", 6, optimizer_steps=5, arguments=RecordedArguments(fp16=True))
+    assert resume_checkpoint("last", tmp_path / "fp16") == fp16
+    fake_checkpoint(tmp_path / "fp32", 6, optimizer_steps=5, arguments=RecordedArguments(fp16=False))
+    with pytest.raises(RecipeError, match=r"has taken 5 optimizer steps \(expected 6\)"):
+        resume_checkpoint("last", tmp_path / "fp32")
 
 
 def test_wall_time_of_earlier_segments(tmp_path):
@@ -164,13 +245,18 @@ def test_runs_damaged_or_killed_at_any_moment_resume_to_the_same_model(tiny_mode
 @pytest.mark.slow
 def test_resuming_without_optimizer_state_is_refused(tiny_model_dir, tmp_path):
     out = tmp_path / "run"
-    run_train(train_argv(tiny_model_dir, out, "--max_steps", "4"))
-    (out / "checkpoint-4" / "optimizer.pt").unlink()
-    (out / "checkpoint-4" / "trainer_state.json").write_text(
-        (out / "checkpoint-4" / "trainer_state.json").read_text())
+    run_train(train_argv(tiny_model_dir, out, "--max_steps", "6"))
+    shutil.rmtree(out / "checkpoint-6")  # killed after checkpoint-4 ...
+    (out / "run_done.json").unlink()
+    (out / "checkpoint-4" / "optimizer.pt").unlink()  # ... which lost its optimizer state
     argv = train_argv(tiny_model_dir, out, "--max_steps", "6", "--resume_from_checkpoint", "last")
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     refused = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=600)
     assert refused.returncode == 2 and "optimizer.pt is missing" in refused.stderr
     allowed = run_train(argv + ["--resume_without_optimizer_state", "true"])
     assert "with a fresh optimizer" in allowed.stdout
+    # The checkpoint saved after the restart says where its optimizer began, so its step counters (2, not 6)
+    # agree with its step count and it resumes like any other.
+    assert json.loads((out / "checkpoint-6" / "wall_time.json").read_text())[OPTIMIZER_START_KEY] == 4
+    again = run_train(argv)
+    assert "finished training at step 6: evaluating it, training nothing" in again.stdout

@@ -456,6 +456,16 @@ def test_measure_sharpness_shows_what_it_measures(capsys):
     assert out["eigenvalue_converged"] in (0.0, 1.0) and "eigenvalue_relative_change" in out
 
 
+def test_measure_sharpness_says_before_the_power_iteration_what_it_costs_on_cpu(capsys):
+    # A product on a real model takes minutes on CPU, and the bar moves only when one ends.
+    lines = []
+    measure_sharpness(_tiny_classifier(), _cls_batches(n=1), _fast(max_iters=3, probes=1, seeds=1),
+                      progress=lines.append, show_bar=True)
+    assert lines[0] == ("top eigenvalue: up to 3 power iterations, one Hessian-vector product each; on CPU each "
+                        "can take a minute or more")
+    assert lines[0] in capsys.readouterr().err
+
+
 def test_measure_sharpness_defaults_to_the_settings_record():
     # No settings: SharpnessSettings() (the one place the defaults live); the record says what was used.
     model = _tiny_classifier()

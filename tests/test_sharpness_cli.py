@@ -412,6 +412,25 @@ def test_resolve_model_folder_says_what_it_skipped(tmp_path):
         sharpness_cli.resolve_model_folder(tmp_path / "run")
 
 
+def test_the_folder_of_a_diverged_run_is_refused_in_one_line(tmp_path, capsys, never_measured):
+    """Its weights are not finite: measured, they would end in a FloatingPointError traceback."""
+    from tests.test_resume import fake_checkpoint
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "model.safetensors").write_bytes(b"non-finite weights an older version saved here")
+    (run / "run_done.json").write_text(json.dumps({"log_history": [], "diverged": {"step": 5, "what": "grad_norm"}}))
+    assert sharpness_cli.main(["--model", str(run), "--random_batches"]) == 2
+    error = capsys.readouterr().err
+    assert error == (f"{PREFIX}{run} holds a run marked diverged at step 5 ({run / 'run_done.json'}): its weights "
+                     "are not finite, so it has no sharpness; it saved no checkpoint before diverging, so it keeps no "
+                     "finite weights\n")
+    fake_checkpoint(run, 4)
+    assert sharpness_cli.main(["--model", str(run), "--random_batches"]) == 2
+    assert f"its last checkpoint, {run / 'checkpoint-4'}, is the last finite one; pass that as --model to measure " \
+           "it\n" in capsys.readouterr().err
+
+
 def test_cli_on_a_classification_lora_adapter_reads_the_head_size_from_its_weights(tiny_model_dir, tmp_path, capsys):
     # As in a classification recipe: a causal-LM base, a new 3-class head trained with the adapters.
     import torch

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import statistics
 
 import numpy as np
 import pytest
@@ -10,6 +11,7 @@ from scipy import stats as scipy_stats
 
 from dualadam_hf.experiments.stats import (
     format_number,
+    holm,
     mcnemar_exact,
     mean_std,
     min_detectable_difference,
@@ -143,3 +145,57 @@ def test_small_numbers_do_not_print_as_zero():
     assert format_number(-0.0123, 3) == "-0.012"
     assert format_number(0.0, 3) == "+0.000"
     assert format_number(None, 3) == "-"
+
+
+def test_holm_adjusts_a_family_of_p_values_step_down():
+    # By hand: sorted 0.005, 0.01, 0.03, 0.04 times 4, 3, 2, 1 gives 0.02, 0.03, 0.06, 0.04; the last may not fall
+    # below the one before it (0.06). Returned in the order given.
+    assert holm([0.01, 0.04, 0.03, 0.005]) == pytest.approx([0.03, 0.06, 0.06, 0.02])
+    assert holm([0.5, 0.6]) == [1.0, 1.0]  # 2 * 0.5 = 1, capped; 0.6 may not fall below it
+    assert holm([0.02]) == [0.02] and holm([]) == []
+    # The study's six primary tests: the third smallest (0.0191) times 4.
+    adjusted = holm([0.291, 0.0191, 0.000243, 0.00121, 0.485, 0.271])
+    assert adjusted[1] == pytest.approx(4 * 0.0191) and adjusted[2] == pytest.approx(6 * 0.000243)
+    assert adjusted[4] == adjusted[5] == adjusted[0] == pytest.approx(3 * 0.271)
+    with pytest.raises(ValueError, match="between 0 and 1"):
+        holm([0.2, 1.5])
+    with pytest.raises(ValueError, match="finite numbers"):
+        holm([math.nan])
+
+
+def test_paired_t_p_and_a_wider_interval_on_the_sleep_data():
+    diff = paired_difference(SLEEP_DIFFERENCES)
+    # R's paired t.test on the sleep data: t = -4.0621, df = 9, p-value = 0.002833.
+    assert diff.t_p == pytest.approx(0.002833, abs=5e-7)
+    low, high = diff.interval(1 - 0.05 / 6)  # Bonferroni over 6 tests: t(1 - 0.05/12, 9) = 3.3642
+    half = 3.3642 * statistics.stdev(SLEEP_DIFFERENCES) / math.sqrt(10)
+    assert (low, high) == pytest.approx((1.58 - half, 1.58 + half), abs=2e-4)
+    assert diff.interval() == pytest.approx((diff.low, diff.high))
+    assert paired_difference([0.25]).t_p is None and paired_difference([0.25]).interval() is None
+    with pytest.raises(ValueError, match="between 0 and 1"):
+        diff.interval(1.5)
+
+
+def test_the_verdict_follows_the_corrected_p_when_there_is_one():
+    # The study's 12-step blend against AdamW in accuracy: its 95% interval excludes 0, its Holm p does not pass.
+    diff = paired_difference([0.012, -0.052, -0.008, -0.060, -0.064, -0.012, -0.016, 0.012, -0.056, -0.020])
+    assert not diff.contains_zero and diff.t_p == pytest.approx(0.0191, abs=1e-4)
+    words = diff.words("held-out accuracy", "higher", holm_p=0.0763, family="the 6 primary tests")
+    assert "Holm p = 0.0763 over the 6 primary tests: no difference shown after the correction" in words
+    assert "uncorrected, the 95% interval excludes 0" in words and "worse" not in words
+    assert "the variant is worse" in diff.words("held-out accuracy", "higher", holm_p=0.01, family="6 tests")
+    assert "the interval excludes 0: the variant is worse" in diff.words("held-out accuracy", "higher")
+
+
+def test_interval_bounds_round_outward():
+    # The study's upper bound -0.005450910 prints -0.0055 to the nearest, -0.0054 rounded up.
+    assert format_number(-0.005450910, 4) == "-0.0055"
+    assert format_number(-0.005450910, 4, toward="up") == "-0.0054"
+    assert format_number(-0.047349090, 4, toward="down") == "-0.0474"
+    assert format_number(7.0312e-05, 3, sign=False, toward="up") == "7.04e-05"  # "at most 7.04e-05"
+    assert format_number(-2.5379e-04, 4, toward="up") == "-2.53e-04"
+    assert format_number(9.996e-05, 3, sign=False, toward="up") == "1.00e-04"
+    # A value already on the grid stays put (decided on 0.1, not on its binary value a hair above).
+    assert format_number(0.1, 4, toward="up") == "+0.1000" and format_number(0.1, 4, toward="down") == "+0.1000"
+    with pytest.raises(ValueError, match="toward"):
+        format_number(0.1, 4, toward="out")

@@ -7,6 +7,7 @@ import contextlib
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -43,11 +44,12 @@ def tiny_experiment(model_dir: str, data_dir: str, out: Path, *extra: str):
 
 
 class FakeTrainer:
-    """What divergence_watch touches of a Trainer: training_step, state, add_callback."""
+    """What divergence_watch touches of a Trainer: training_step, state, args.output_dir, add_callback."""
 
-    def __init__(self, losses):
+    def __init__(self, losses, output_dir: Path | None = None):
         self.losses, self.callbacks = iter(losses), []
         self.state = SimpleNamespace(global_step=0, log_history=[])
+        self.args = SimpleNamespace(output_dir=str(output_dir or Path("no-such-run-folder")))
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         return torch.tensor(next(self.losses))
@@ -61,9 +63,9 @@ def control():
 
 
 @pytest.mark.parametrize("bad", [math.nan, math.inf])
-def test_the_first_non_finite_loss_stops_training_and_is_recorded_with_its_step(bad):
+def test_the_first_non_finite_loss_stops_training_and_is_recorded_with_its_step(bad, tmp_path):
     said = []
-    trainer = FakeTrainer([2.0, 1.5, bad, 1.0])
+    trainer = FakeTrainer([2.0, 1.5, bad, 1.0], tmp_path)
     watch = divergence_watch(trainer, said.append)
     args = SimpleNamespace(device=torch.device("cpu"))
     for _ in range(3):
@@ -77,6 +79,8 @@ def test_the_first_non_finite_loss_stops_training_and_is_recorded_with_its_step(
     assert watch.mark == {"step": 3, "what": "loss"}
     assert trainer.state.log_history == [{"diverged": {"step": 3, "what": "loss"}, "step": 3}]
     assert "the training loss became non-finite at step 3" in said[0]
+    # It names the finite checkpoint it keeps, and says so when there is none.
+    assert "(it saved no checkpoint before diverging, so it keeps no finite weights)" in said[0]
 
 
 def test_a_non_finite_gradient_norm_in_the_log_stops_training():
@@ -121,6 +125,9 @@ def test_a_diverged_run_says_where_and_is_finished_and_marked(tiny_model_dir, ti
     assert max(e["step"] for e in history if "loss" in e) == step  # nothing trained past it
     assert not any(k.startswith("sharpness/") for e in history for k in e)  # a NaN model is not measured
     assert not (out / f"checkpoint-{step}").exists()  # the last checkpoint is a finite one
+    # Nor is a final model saved where a user would load it: its weights are not finite.
+    assert not any((out / name).exists() for name in ("adapter_model.safetensors", "model.safetensors"))
+    assert f"the diverged weights are not saved to {out}" in printed
 
 
 # --- a blend longer than the run -----------------------------------------------------------------
@@ -141,16 +148,19 @@ def test_a_blend_longer_than_the_run_is_announced_and_recorded(tiny_model_dir, t
                                                                 capfd):
     out = tmp_path / "run"
     argv = ["train", *tiny_argv(tiny_model_dir, tiny_chat_dataset_dir, out, "--optim_args", "inverse_scale=0",
-                                "--max_steps", "2", "--save_steps", "1")]
+                                "--max_steps", "3", "--save_steps", "1", "--save_total_limit", "5")]
     assert main(argv) == 0
     printed = capfd.readouterr().out
-    assert "the blend lasts 100 optimizer steps but the run has 2" in printed
-    assert "the matched warmup never reaches the full learning rate (it ends at 0.02 of it)" in printed
+    assert "the blend lasts 100 optimizer steps but the run has 3" in printed
+    assert "the matched warmup never reaches the full learning rate (it ends at 0.03 of it)" in printed
     marks = [e[BLEND_UNFINISHED_KEY] for e in json.loads((out / DONE_FILE).read_text())["log_history"]
              if BLEND_UNFINISHED_KEY in e]
-    assert marks == [{"blend_steps": 100, "max_steps": 2, "last_blend": pytest.approx(0.98), "inverse_scale": 0.0}]
-    # Resumed and run longer: announced again, recorded once.
-    assert main(argv[:-4] + ["--max_steps", "3", "--save_steps", "1", "--resume_from_checkpoint", "last"]) == 0
+    assert marks == [{"blend_steps": 100, "max_steps": 3, "last_blend": pytest.approx(0.97), "inverse_scale": 0.0}]
+    # Killed after checkpoint-2, then resumed: announced again, recorded once.
+    shutil.rmtree(out / "checkpoint-3")
+    (out / DONE_FILE).unlink()
+    assert main(argv + ["--resume_from_checkpoint", "last"]) == 0
+    assert "the blend lasts 100 optimizer steps but the run has 3" in capfd.readouterr().out
     history = json.loads((out / DONE_FILE).read_text())["log_history"]
     assert sum(BLEND_UNFINISHED_KEY in e for e in history) == 1
 

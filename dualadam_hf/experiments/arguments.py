@@ -97,6 +97,10 @@ class ExperimentArguments:
     sharpness_probes: int = _field(_SHARPNESS.probes, "Hutchinson probes for the trace.")
     resume_without_optimizer_state: bool = _field(
         False, "Allow resuming from a checkpoint that has no optimizer state (the optimizer restarts).")
+    # The Trainer's name for starting over (transformers 5's TrainingArguments lacks the field); without it,
+    # train refuses a folder that holds a run.
+    overwrite_output_dir: bool = _field(
+        False, "Start over in an output_dir that holds a run: remove its checkpoints, results and model first.")
 
     def __post_init__(self) -> None:
         for name, valid in (("task", TASKS), ("dataset_format", DATASET_FORMATS)):
@@ -130,10 +134,14 @@ class Experiment:
 
 
 def read_yaml(path: str | os.PathLike) -> dict[str, Any]:
-    """The recipe's mapping; a missing file, bad YAML or a non-mapping is a RecipeError."""
+    """The recipe's mapping; a missing file, bad YAML, a non-mapping, and what :func:`.recipe_file.check_recipe_file`
+    refuses (not UTF-8, a key named twice, an empty file) are a RecipeError."""
+    from .recipe_file import check_recipe_file  # it imports RecipeError from here
+
     path = Path(path)
     if not path.is_file():
         raise RecipeError(f"recipe not found: {path} (give --config recipes/<name>.yaml)")
+    check_recipe_file(path)
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as error:

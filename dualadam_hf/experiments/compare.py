@@ -24,9 +24,9 @@ from typing import Any
 
 from .arguments import COMPARE_KEY, RecipeError, load_experiment, read_yaml, true_or_false, whole_number
 from .checkpoints import folder_lock, read_json
-from .data import load_splits
+from .data import load_splits, local_data_files
 from .models import resolve_model
-from .report import SUMMARY_OF, RunResult, write_report
+from .report import SUMMARY_OF, RunResult, rate_scores, raw_file_name, write_report
 from .train import DONE_FILE, check_output_dir
 from .variants import DEFAULT_OPTIMS, SET_BY_COMPARE, Variant, parse_variants
 from .watch import DIVERGED_KEY
@@ -52,7 +52,8 @@ class Plan:
     """What a comparison runs: variants, seeds, the learning-rate grid and where results go.
 
     ``seeds`` are the seeds of a variant without a ``seeds`` count of its own (:meth:`seeds_of`);
-    ``grid_seeds`` those of every grid point. ``recipe_digest`` is part of each run's reuse key."""
+    ``grid_seeds`` those of every grid point. ``recipe_digest`` is part of each run's reuse key, and so is the
+    content of the local data files ``data_files`` names per held-out split (with the splits carved from train)."""
 
     config: Path
     variants: list[Variant]
@@ -68,6 +69,7 @@ class Plan:
     baselines: list[str]  # the paired differences are against each, the first variant always among them
     recipe_digest: str
     chosen_lr: dict[str, float] = field(default_factory=dict)
+    data_files: dict[str, tuple[dict[str, Path], list[str]]] = field(default_factory=dict)
 
     @property
     def grid_seed(self) -> int:
@@ -197,14 +199,49 @@ def make_plan(config: str | Path, *, optims: str | None = None, seeds: Any = Non
         raise RecipeError(f"dataset_test_split is {plan.test_split!r}: the learning-rate grid chooses on "
                           f"{plan.validation_split!r}, so the test split must be another one")
     check_output_dir(plan.output_dir)
+    check_run_names(plan)
     # Every variant's run must parse, and the model and data must be there, before the first run starts.
     for variant in variants:
         load_experiment(config, [*overrides, *variant.overrides()])
     resolve_model(base.model.model_name_or_path)
     load_splits(base)
+    plan.data_files[plan.test_split] = local_data_files(base)
     if plan.lr_grid:
-        load_splits(load_experiment(config, [*overrides, "--dataset_test_split", plan.validation_split]))
+        validation = load_experiment(config, [*overrides, "--dataset_test_split", plan.validation_split])
+        load_splits(validation)
+        plan.data_files[plan.validation_split] = local_data_files(validation)
     return plan
+
+
+def _name_limit(folder: Path) -> int:
+    """The file system's longest name, in bytes, where ``folder`` is (or would be): 255 where it cannot say."""
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    try:
+        return os.pathconf(folder, "PC_NAME_MAX")
+    except (OSError, ValueError):
+        return 255
+
+
+def check_run_names(plan: Plan) -> None:
+    """Every folder and file name a variant's runs and raw logs get must fit the file system, checked before the
+    first run: a label too long for it would otherwise fail after hours of runs."""
+    limit = _name_limit(plan.output_dir)
+    for variant in plan.variants:
+        names = [variant.folder]
+        for seed in plan.seeds_of(variant):
+            names += [f"{variant.folder}-seed{seed}", raw_file_name(RunResult(variant.label, seed, []))]
+        for lr in plan.lr_grid:
+            for seed in plan.grid_seeds:
+                grid_run = RunResult(variant.label, seed, [], phase="grid", lr=lr)
+                names += [f"lr{lr!r}-seed{seed}", raw_file_name(grid_run)]
+        # Files are written under a temporary name (".<name>.tmp") first and then moved.
+        longest = max((f".{name}.tmp" for name in names), key=lambda name: len(os.fsencode(name)))
+        if len(os.fsencode(longest)) > limit:
+            label = variant.label if len(variant.label) <= 60 else variant.label[:57] + "..."
+            raise RecipeError(f"variant label {label!r} ({len(variant.label)} characters) is too long: a file of its "
+                              f"runs would get a name of {len(os.fsencode(longest))} bytes, over the file system's "
+                              f"limit of {limit} bytes per name; give the variant a shorter label=")
 
 
 def train_command(plan: Plan, spec: RunSpec, launcher: str | None) -> list[str]:
@@ -293,6 +330,7 @@ def run_child(command: list[str]) -> int:
 
 # Paths a reuse key leaves out: the recipe's content is in the key (recipe_sha256) and the key lies in the run
 # folder it describes, so a study's folder moved with its checkout (another clone, another machine) resumes.
+# The data files are in the key by the names the recipe gives them, with their size and content.
 PATHS_LEFT_OUT = {"--config": "<recipe>", "--output_dir": "<run folder>"}
 
 
@@ -302,11 +340,64 @@ def _without_paths(command: list[str]) -> list[str]:
     return [PATHS_LEFT_OUT.get(command[i - 1], word) if i else word for i, word in enumerate(command)]
 
 
+_DIGESTS: dict[tuple[str, int, int, int], dict[str, Any]] = {}  # (file, size, mtime, ctime) -> size and sha256
+
+
+def file_digest(path: Path) -> dict[str, Any]:
+    """A file's size and sha256, read once per process while its size and change times stay the same."""
+    stat = path.stat()
+    where = (str(path.resolve()), stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns)
+    if where not in _DIGESTS:
+        digest = hashlib.sha256()
+        with path.open("rb") as file:
+            for block in iter(lambda: file.read(1 << 20), b""):
+                digest.update(block)
+        _DIGESTS[where] = {"bytes": stat.st_size, "sha256": digest.hexdigest()}
+    return _DIGESTS[where]
+
+
+def data_key(plan: Plan, split: str) -> dict[str, Any] | None:
+    """The content of the local data files a run holding out ``split`` reads, and the splits it carves from
+    train; None for data with no local file (generated from the recipe and seed, or from the hub)."""
+    files, carved = plan.data_files.get(split, ({}, []))
+    if not files:
+        return None
+    try:
+        return {"files": {name: file_digest(path) for name, path in files.items()}, "carved": list(carved)}
+    except OSError as error:
+        raise RecipeError(f"data file {error.filename or ''} cannot be read ({error.strerror or error})") from None
+
+
 def run_key(plan: Plan, command: list[str], launcher: str | None) -> dict[str, Any]:
     """What a run's result depends on: its train command (overrides, variant settings, learning rate, seed,
-    split), the recipe's content and the launcher (e.g. the number of processes)."""
-    return {"command": _without_paths(command[command.index("train"):]), "recipe_sha256": plan.recipe_digest,
-            "launcher": launcher}
+    split), the recipe's content, the content of the local data files it reads and the launcher (e.g. the number
+    of processes)."""
+    key = {"command": _without_paths(command[command.index("train"):]), "recipe_sha256": plan.recipe_digest,
+           "launcher": launcher}
+    last = len(command) - 1 - command[::-1].index("--dataset_test_split")  # the split compare gives the run
+    if (data := data_key(plan, command[last + 1])) is not None:
+        key["data"] = data
+    return key
+
+
+def _data_problem(saved: Any, wanted: Any) -> str | None:
+    """How the data a run folder's key records differs from ``wanted`` (None when it does not)."""
+    if saved == wanted:
+        return None
+    if wanted is not None and saved is None:
+        return (f"was recorded without the content of its data files, so it cannot be told whether "
+                f"{', '.join(wanted['files'])} changed since it ran (reusing it could mix results on different data)")
+    saved_files = saved.get("files", {}) if isinstance(saved, dict) else {}
+    wanted_files = wanted.get("files", {}) if isinstance(wanted, dict) else {}
+    names = [name for name in dict.fromkeys([*wanted_files, *saved_files])
+             if saved_files.get(name) != wanted_files.get(name)]
+    notes = [f"data file {name} " + ("was not there when it ran" if name not in saved_files else
+                                     "is gone" if name not in wanted_files else "changed since it ran")
+             for name in names]
+    if not notes:
+        return ("held out other rows carved from the train data: a split file of the data folder was added or "
+                "removed since it ran (reusing it would mix results on different data)")
+    return f"read other data: {'; '.join(notes)} (reusing it would mix results on different data)"
 
 
 def _key_problem(folder: Path, key: dict[str, Any]) -> str | None:
@@ -322,10 +413,12 @@ def _key_problem(folder: Path, key: dict[str, Any]) -> str | None:
         saved = {**saved, "command": _without_paths(saved["command"])}
     differs = [what for part, what in (("command", "train command"), ("recipe_sha256", "recipe content"),
                                        ("launcher", "launcher")) if saved.get(part) != key[part]]
-    if not differs:
-        return None
-    return (f"{folder} holds a run whose {' and '.join(differs)} differ{'s' * (len(differs) == 1)} from this "
-            "comparison's (reusing it would mix results of different settings)")
+    if differs:
+        return (f"{folder} holds a run whose {' and '.join(differs)} differ{'s' * (len(differs) == 1)} from this "
+                "comparison's (reusing it would mix results of different settings)")
+    if problem := _data_problem(saved.get("data"), key.get("data")):
+        return f"{folder} holds a run that {problem}"
+    return None
 
 
 def remove_run_folder(folder: Path, runs_root: Path) -> None:
@@ -383,21 +476,16 @@ def _diverged_words(done: dict[str, Any]) -> str:
 
 
 def choose_rates(plan: Plan, grid_results: list[RunResult]) -> dict[str, float]:
-    """Per variant, the grid rate with the best mean final validation metric over the grid seeds. A rate with
-    a failed, diverged or non-finite run among its seeds loses: it is not safe at that rate."""
+    """Per variant, the grid rate with the best mean final validation metric over the grid seeds (of rates that
+    tie, the smallest; the report says so). A rate with a failed, diverged or non-finite run among its seeds
+    loses: it is not safe at that rate. A variant with no such rate at all is left out of the result."""
     sign = 1 if SELECT_METRICS[plan.select_metric] == "lower" else -1
     chosen = {}
     for variant in plan.variants:
-        scored = []
-        for lr in plan.lr_grid:
-            runs = [r for r in grid_results if r.label == variant.label and r.lr == lr]
-            values = [r.summary.get(SUMMARY_OF[plan.select_metric]) for r in runs if r.usable]
-            if runs and len(values) == len(runs) and all(v is not None and math.isfinite(v) for v in values):
-                scored.append((sign * sum(values) / len(values), lr))
-        if not scored:
-            raise RecipeError(f"no grid rate of {variant.label} finished with a finite {plan.select_metric} on "
-                              "every grid seed")
-        chosen[variant.label] = min(scored)[1]
+        scores = rate_scores([r for r in grid_results if r.label == variant.label], plan.lr_grid,
+                             SUMMARY_OF[plan.select_metric])
+        if scores:
+            chosen[variant.label] = min((sign * score, lr) for lr, score in scores.items())[1]
     return chosen
 
 
@@ -419,10 +507,14 @@ def compare(plan: Plan, *, launcher: str | None = None, rerun: bool = False, log
             grid_results = _execute(plan, specs, launcher, rerun, log)
             plan.chosen_lr = choose_rates(plan, grid_results)
             log("[compare] chosen learning rates (on the validation split): "
-                + ", ".join(f"{k}={v!r}" for k, v in plan.chosen_lr.items()))
-        seeds = sorted({seed for v in plan.variants for seed in plan.seeds_of(v)})
+                + (", ".join(f"{k}={v!r}" for k, v in plan.chosen_lr.items()) or "none"))
+            for variant in (v for v in plan.variants if v.label not in plan.chosen_lr):
+                log(f"[compare] {variant.label}: no grid rate finished with a finite {plan.select_metric} on every "
+                    "grid seed; it runs no seeds and the report says so")
+        running = [v for v in plan.variants if not plan.lr_grid or v.label in plan.chosen_lr]
+        seeds = sorted({seed for v in running for seed in plan.seeds_of(v)})
         specs = [RunSpec(v, seed, plan.output_dir / "runs" / f"{v.folder}-seed{seed}", "final",
-                         plan.chosen_lr.get(v.label)) for seed in seeds for v in plan.variants
+                         plan.chosen_lr.get(v.label)) for seed in seeds for v in running
                  if seed in plan.seeds_of(v)]
         results = _execute(plan, specs, launcher, rerun, log)
         return write_report(plan, results, grid_results, seconds=time.time() - started,
@@ -443,5 +535,10 @@ def run_compare(config: str, *, optims: str | None, seeds: Any, lr_grid: str | N
         print(f"[compare] interrupted by {stop}; the running child was stopped. Rerun the same command to "
               "continue where it stopped.", file=sys.stderr)
         return 128 + stop.signum
+    except OSError as error:  # e.g. a full disk: the file and the reason, not a traceback
+        print(f"[compare] error: could not write {error.filename or 'a file'}: {error.strerror or error}. A file "
+              "being replaced keeps its previous content; finished runs are kept, and rerunning the same command "
+              "reuses them.", file=sys.stderr)
+        return 1
     print(f"[compare] report: {report}")
     return 0 if all(r.ok for r in results) else 1

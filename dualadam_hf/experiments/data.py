@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import re
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -31,8 +32,25 @@ ALIASES = {"reasoning-gym-math": f"{tasks.PREFIX}gsm_symbolic"}
 _GSM8K_FINAL = re.compile(r"####\s*(.+?)\s*$", re.S)
 
 
+_WARNED: set[str] = set()  # what this process has warned about: a plan loads the same data more than once
+
+
+def warn_once(message: str) -> None:
+    """A UserWarning, given once per process whatever the warning filters say."""
+    if message not in _WARNED:
+        _WARNED.add(message)
+        warnings.warn(message, UserWarning, stacklevel=3)
+
+
 def _subsample(dataset: Any, size: int | None, seed: int) -> Any:
     return dataset if size is None or size >= len(dataset) else dataset.shuffle(seed=seed).select(range(size))
+
+
+def _warn_if_short(dataset: Any, size: int | None, setting: str, what: str) -> None:
+    """Say when a size asks for more rows than the source has: the run takes them all, not the number asked."""
+    if size is not None and size > len(dataset):
+        warn_once(f"{setting} is {size} but the {what} has only {len(dataset)} rows: every run uses those "
+                  f"{len(dataset)}")
 
 
 def _check_pool(experiment: Experiment) -> None:
@@ -153,6 +171,40 @@ def _carve(train: Any, missing: list[str], size: int | None, seed: int) -> tuple
     return rest, slices
 
 
+def _heldout_splits(experiment: Experiment) -> list[str]:
+    """The held-out splits a local or hub source is read for: "test", the validation split and the requested one."""
+    args, script = experiment.args, experiment.script
+    return list(dict.fromkeys(["test", args.dataset_validation_split, script.dataset_test_split]))
+
+
+def _split_files(folder: Path, splits: list[str]) -> dict[str, Path | None]:
+    """Each split's ``<split>.jsonl`` (or ``.json``) in a dataset folder, None where the folder has neither."""
+    return {split: next((f for f in (folder / f"{split}.jsonl", folder / f"{split}.json") if f.is_file()), None)
+            for split in splits}
+
+
+def local_data_files(experiment: Experiment) -> tuple[dict[str, Path], list[str]]:
+    """The local files a run of ``experiment`` reads, each under the name the recipe gives it (a file, or the
+    folder joined with the file's name), and the held-out splits it carves out of the train rows.
+
+    A folder's split file that appears or goes changes which rows are carved out of train, so the carved splits
+    belong with the files in a run's identity; the files of held-out splits the run does not read do not.
+    Generated and hub data: no files (generated rows follow from the recipe and the seed).
+    """
+    script = experiment.script
+    name = ALIASES.get(str(script.dataset_name), str(script.dataset_name))
+    wanted = _heldout_splits(experiment)
+    path = Path(name).expanduser()
+    if name.startswith(tasks.PREFIX) or not path.exists():
+        return {}, []
+    if path.is_file():
+        return {name: path}, wanted
+    files = _split_files(path, [script.dataset_train_split, *wanted])
+    read = [script.dataset_train_split, script.dataset_test_split]
+    return ({str(Path(name) / file.name): file for split, file in files.items() if split in read and file},
+            [split for split in wanted if files[split] is None])
+
+
 def _load_source(experiment: Experiment) -> tuple[Any, dict[str, Any]]:
     """A local or hub source's train rows, and for each held-out split a loader, or None if the source lacks it.
 
@@ -163,13 +215,12 @@ def _load_source(experiment: Experiment) -> tuple[Any, dict[str, Any]]:
     script, args = experiment.script, experiment.args
     task = args.task if args.dataset_format == "auto" else args.dataset_format
     name = str(script.dataset_name)
-    wanted = list(dict.fromkeys(["test", args.dataset_validation_split, script.dataset_test_split]))
+    wanted = _heldout_splits(experiment)
     path = Path(name).expanduser()
     if path.is_file():
         return _dataset(path, task), dict.fromkeys(wanted)
     if path.is_dir():
-        files = {split: next((f for f in (path / f"{split}.jsonl", path / f"{split}.json") if f.is_file()), None)
-                 for split in (script.dataset_train_split, *wanted)}
+        files = _split_files(path, [script.dataset_train_split, *wanted])
         if files[script.dataset_train_split] is None:
             raise RecipeError(f"dataset folder {path} holds no {script.dataset_train_split}.jsonl (or .json)")
         return _dataset(files[script.dataset_train_split], task), {
@@ -258,6 +309,10 @@ def load_splits(experiment: Experiment) -> tuple[Any, Any]:
         if missing:
             train, carved = _carve(train, missing, heldout_size, args.dataset_seed)
             heldout = carved.get(requested, heldout)
+        if args.train_pool_size is None:  # a pool too large for the data is an error of _train_rows
+            _warn_if_short(train, args.train_size, "train_size", "train data (once the held-out rows are out)")
+        setting = "eval_size" if heldout_size == args.eval_size else "accuracy_size"
+        _warn_if_short(heldout, heldout_size, setting, f"held-out split {requested!r}")
         train = _subsample(train, shared_size, args.dataset_seed)
         heldout = _subsample(heldout, heldout_size, args.dataset_seed)
     train = _train_rows(train, experiment)

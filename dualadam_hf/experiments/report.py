@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import statistics
 import sys
 from collections.abc import Callable, Sequence
@@ -22,7 +23,16 @@ from typing import Any
 
 from ..integrations.log_keys import BLEND_LOG_KEY
 from ..integrations.log_keys import INVERSE_SHARE_LOG_KEY as INVERSE_SHARE_KEY
-from .stats import McNemar, PairedDifference, format_number, mcnemar_exact, mean_std, paired_difference
+from .stats import (
+    ALPHA,
+    McNemar,
+    PairedDifference,
+    format_number,
+    holm,
+    mcnemar_exact,
+    mean_std,
+    paired_difference,
+)
 from .watch import BLEND_UNFINISHED_KEY, DIVERGED_KEY, SHARPNESS_PREFIX
 
 # (summary key, log-history keys (first found wins), column header, digits, better)
@@ -35,6 +45,9 @@ METRICS: tuple[tuple[str, tuple[str, ...], str, int, str], ...] = (
     ("sharpness", (f"{SHARPNESS_PREFIX}top_eigenvalue",), "top Hessian eigenvalue", 4, "lower"),
 )
 CONVERGED_KEY = f"{SHARPNESS_PREFIX}eigenvalue_converged"  # 0: the eigenvalue estimate stopped at the cap
+ITERATIONS_KEY = f"{SHARPNESS_PREFIX}eigenvalue_iterations"
+# The outcomes a pre-specified comparison is judged on (summary keys); train loss and sharpness are exploratory.
+FAMILY_METRICS = ("heldout_loss", "heldout_accuracy")
 # Costs, not outcomes: shared cores make wall time noisy, so they get no paired differences.
 RESOURCE_METRICS = ("wall_time_s", "peak_memory_mb")
 SUMMARY_OF = {"eval_loss": "heldout_loss", "eval_accuracy": "heldout_accuracy"}  # select_metric -> summary key
@@ -110,6 +123,13 @@ class RunResult:
     @property
     def segments(self) -> int:
         return int(last_logged(self.log_history, ("train_segments",)) or 1)
+
+    @property
+    def evaluated_without_training(self) -> bool:
+        """Its last process resumed from a checkpoint that had finished training and trained nothing: train's
+        wall time is logged, the Trainer's ``train_runtime`` (logged whenever it trains) is not."""
+        keys = {key for entry in self.log_history for key in entry}
+        return "train_wall_time_s" in keys and "train_runtime" not in keys
 
     @property
     def divergence(self) -> str | None:
@@ -219,11 +239,21 @@ def results_table(results: Sequence[RunResult], order: Sequence[str] = ()) -> st
     selection = select(results, order)
     groups = selection.runs
     columns = [m for m in METRICS if any(r.summary[m[0]] is not None for runs in groups.values() for r in runs)]
-    lines = ["| variant | runs | " + " | ".join(m[2] for m in columns) + " |", "|" + "---|" * (len(columns) + 2)]
+    header = ["variant", "runs", *(m[2] for m in columns)]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for label, runs in groups.items():
         cells = [format_cell([r.summary[name] for r in runs], digits, len(runs)) for name, _, _, digits, _ in columns]
-        lines.append(f"| {label} | {_runs_cell(label, selection)} | " + " | ".join(cells) + " |")
+        lines.append("| " + " | ".join([label, _runs_cell(label, selection), *cells]) + " |")
     return "\n".join(lines)
+
+
+def lost_words(runs: Sequence[RunResult], unit: str) -> str:
+    """What became of a variant none of whose ``runs`` is usable, per ``unit`` ("seed", "rate"): "failed at
+    every seed", "diverged at every rate", or both; a failed run is never called diverged."""
+    kinds = list(dict.fromkeys("failed" if not r.ok else "diverged" for r in runs if not r.usable))
+    if not kinds:
+        return f"logged no value at any {unit}"
+    return f"{' or '.join(kinds)} at every {unit}"
 
 
 @dataclass
@@ -234,6 +264,7 @@ class Comparison:
     baseline: str
     metrics: list[tuple[str, PairedDifference, str, int]]  # (metric header, differences, better, digits)
     mcnemar: list[tuple[int, McNemar | None]]  # per seed; None when the runs were scored on different problems
+    seeds: tuple[int, ...] = ()  # the seeds paired
 
 
 def compare_to(selection: Selection, baseline: str, skip: Sequence[str] = ()) -> list[Comparison]:
@@ -255,19 +286,189 @@ def compare_to(selection: Selection, baseline: str, skip: Sequence[str] = ()) ->
             if a.accuracy_rows and b.accuracy_rows:
                 same = len(a.accuracy_rows) == len(b.accuracy_rows)
                 tests.append((a.seed, mcnemar_exact(a.accuracy_rows, b.accuracy_rows) if same else None))
-        comparisons.append(Comparison(label, baseline, metrics, tests))
+        comparisons.append(Comparison(label, baseline, metrics, tests, tuple(a.seed for a, _ in pairs)))
     return comparisons
 
 
-def differences_section(selection: Selection, baseline: str, skip: Sequence[str] = ()) -> list[str]:
+def _inverse_scale(variant: Any) -> float | None:
+    """A variant's inverse_scale as a number (1, the paper's, when unset; None for "norm" or "auto")."""
+    try:
+        return float(variant.optim_args.get("inverse_scale", "1"))
+    except ValueError:
+        return None
+
+
+def matched_warmups(variants: Sequence[Any]) -> dict[str, str]:
+    """{matched warmup: its blend}, by label. A matched warmup is a variant with inverse_scale 0 (DualAdam without
+    its inverse part); its blend is the variant with the same optimizer, settings and other optim_args and the
+    paper's inverse part (inverse_scale 1): the difference of the two is the inverse term's effect."""
+    def others(v: Any) -> dict[str, str]:
+        return {k: value for k, value in v.optim_args.items() if k != "inverse_scale"}
+
+    pairs = {}
+    for warmup in (v for v in variants if _inverse_scale(v) == 0):
+        blend = next((v for v in variants if v.optim == warmup.optim and _inverse_scale(v) == 1
+                      and others(v) == others(warmup) and v.settings == warmup.settings), None)
+        if blend is not None:
+            pairs[warmup.label] = blend.label
+    return pairs
+
+
+@dataclass(frozen=True)
+class Family:
+    """Comparisons fixed before the runs and corrected together: ``pairs`` of (variant, baseline), each judged
+    on the held-out outcomes (:data:`FAMILY_METRICS`)."""
+
+    name: str
+    what: str
+    pairs: tuple[tuple[str, str], ...]
+
+
+def low_bit_twins(variants: Sequence[Any]) -> dict[str, str]:
+    """{low-bit variant: its full-precision twin}, by label. A low-bit variant's optimizer name ends in
+    ``_8bit`` or ``_4bit`` (``dualadam_8bit``, ``adamw_torch_8bit``); its twin is the variant of the name without
+    that ending, with the same settings and optim_args: the difference of the two is what the quantized state
+    costs."""
+    pairs = {}
+    for low in variants:
+        full = re.sub(r"_[48]bit$", "", low.optim)
+        if full == low.optim:
+            continue
+        twin = next((v for v in variants if v.optim == full and v.optim_args == low.optim_args
+                     and v.settings == low.settings), None)
+        if twin is not None:
+            pairs[low.label] = twin.label
+    return pairs
+
+
+def families(variants: Sequence[Any], first: str) -> list[Family]:
+    """The pre-specified families: "primary", every variant but the matched warmups and the low-bit variants
+    against ``first`` (the comparison's baseline); "control", each matched warmup against its blend; "low-bit",
+    each low-bit variant against its full-precision twin. Any other pair is exploratory."""
+    warmups, twins = matched_warmups(variants), low_bit_twins(variants)
+    primary = tuple((v.label, first) for v in variants
+                    if v.label != first and v.label not in warmups and v.label not in twins)
+    found = [Family("primary", f"every variant but the matched warmups and the low-bit ones against {first}"
+                    if twins else f"every variant but the matched warmups against {first}", primary),
+             Family("control", "each matched warmup against its blend (the same optimizer without its inverse "
+                    "part): whether the inverse term changed anything", tuple(warmups.items())),
+             Family("low-bit", "each low-bit variant against its full-precision twin (the same optimizer and "
+                    "settings with 32-bit state): what the quantized state costs", tuple(twins.items()))]
+    return [family for family in found if family.pairs]
+
+
+@dataclass(frozen=True)
+class FamilyTest:
+    """One pre-specified test: its paired differences, its p after Holm's correction within the family of
+    ``size`` tests (None without a test), and the family-wise (Bonferroni) interval."""
+
+    family: str
+    variant: str
+    baseline: str
+    metric: str
+    better: str
+    digits: int
+    diff: PairedDifference
+    holm_p: float | None
+    size: int
+    joint: tuple[float, float] | None
+
+    @property
+    def verdict(self) -> str:
+        if self.holm_p is None:
+            return f"no test: {self.diff.no_interval or 'no p-value'}"
+        if self.holm_p >= ALPHA:
+            return "no difference shown"
+        return "better" if (self.diff.mean < 0) == (self.better == "lower") else "worse"
+
+
+def family_tests(selection: Selection, found: Sequence[Family]) -> list[FamilyTest]:
+    """Each family's paired t tests on :data:`FAMILY_METRICS`, Holm-corrected within the family (tests without a
+    p-value, e.g. from differences that are all equal, are named and not counted)."""
+    headers = {header for name, _, header, *_ in METRICS if name in FAMILY_METRICS}
+    tests = []
+    for family in found:
+        rows = []
+        for variant, baseline in family.pairs:
+            if not selection.runs.get(baseline):
+                continue
+            comparison = next((c for c in compare_to(selection, baseline) if c.variant == variant), None)
+            rows += [(variant, baseline, *metric) for metric in (comparison.metrics if comparison else [])
+                     if metric[0] in headers]
+        adjusted = iter(holm([diff.t_p for *_, diff, _, _ in rows if diff.t_p is not None]))
+        size = sum(diff.t_p is not None for *_, diff, _, _ in rows)
+        for variant, baseline, header, diff, better, digits in rows:
+            holm_p = None if diff.t_p is None else next(adjusted)
+            joint = None if holm_p is None else diff.interval(1 - ALPHA / size)
+            tests.append(FamilyTest(family.name, variant, baseline, header, better, digits, diff, holm_p, size, joint))
+    return tests
+
+
+def _span(low: float | None, high: float | None, digits: int) -> str:
+    """An interval, its bounds rounded outward."""
+    if low is None or high is None:
+        return "-"
+    return f"[{format_number(low, digits, toward='down')}, {format_number(high, digits, toward='up')}]"
+
+
+def prespecified_section(found: Sequence[Family], tests: Sequence[FamilyTest]) -> list[str]:
+    """The pre-specified families, their tests with raw and Holm-corrected p and family-wise intervals."""
+    if not tests:
+        return []
+    lines = ["## Pre-specified comparisons", "",
+             "The comparisons the plan fixes before any run, in families. Within a family the two-sided paired t "
+             "tests over the per-seed differences are corrected together by Holm's method, so that the chance of "
+             "any false finding in the family stays at most 5%; their verdicts, here and in the sections below, "
+             "follow the corrected p. Every other pair, and every other metric, is exploratory: its 95% interval "
+             "and verdict are not corrected.", ""]
+    for family in found:
+        mine = [t for t in tests if t.family == family.name]
+        untested = [f"{t.variant} − {t.baseline} {t.metric}" for t in mine if t.holm_p is None]
+        pairs = ", ".join(f"{variant} − {baseline}" for variant, baseline in family.pairs)
+        lines.append(f"- **{family.name}**: {family.what} ({pairs}), on "
+                     f"{' and '.join(header for name, _, header, *_ in METRICS if name in FAMILY_METRICS)}: "
+                     f"{len(mine) - len(untested)} tests" + (f"; no test for {', '.join(untested)}" * bool(untested))
+                     + ".")
+    lines += ["", "Family-wise interval: the paired t interval at 1 − 0.05/m for a family of m tests (Bonferroni): "
+              "the m intervals cover their true differences all at once with probability at least 95%. It is "
+              "wider than Holm's test needs, so it can reach past 0 beside a Holm p below 0.05. Interval bounds "
+              "are rounded outward.", "",
+              "| family | comparison | metric | mean | 95% interval | t test p | Holm p | family-wise interval | "
+              "verdict |", "|---|---|---|---|---|---|---|---|---|"]
+    for t in tests:
+        d = t.digits + 1
+        p, corrected = (("-", "-") if t.holm_p is None else (f"{t.diff.t_p:.3g}", f"{t.holm_p:.3g}"))
+        joint = "-" if t.joint is None else _span(*t.joint, d)
+        lines.append(f"| {t.family} | {t.variant} − {t.baseline} | {t.metric} | {format_number(t.diff.mean, d)} | "
+                     f"{_span(t.diff.low, t.diff.high, d)} | {p} | {corrected} | {joint} | {t.verdict} |")
+    return lines + [""]
+
+
+def exhausted_estimates(selection: Selection) -> tuple[list[RunResult], list[RunResult]]:
+    """The top-eigenvalue estimates that used every allowed power iteration: (stopped at the cap without
+    converging, met the tolerance only at the last allowed iteration). The cap is the iteration count of a capped
+    estimate (every run of a comparison has the same); with none capped it is not known, and none is counted."""
+    runs = [r for group in selection.runs.values() for r in group]
+    capped = [r for r in runs if last_logged(r.log_history, (CONVERGED_KEY,)) == 0]
+    caps = [n for r in capped if (n := last_logged(r.log_history, (ITERATIONS_KEY,))) is not None]
+    at_last = [r for r in runs if caps and last_logged(r.log_history, (CONVERGED_KEY,)) == 1
+               and last_logged(r.log_history, (ITERATIONS_KEY,)) == max(caps)]
+    return capped, at_last
+
+
+def differences_section(selection: Selection, baseline: str, skip: Sequence[str] = (),
+                        tests: Sequence[FamilyTest] | None = None) -> list[str]:
     """The paired-differences section against one baseline (lines of markdown); variants in ``skip`` (earlier
-    baselines, whose differences to this one were given there with the opposite sign) are left out."""
+    baselines, whose differences to this one were given there with the opposite sign) are left out. With
+    ``tests`` (the pre-specified ones), their verdicts follow the Holm-corrected p and every other difference is
+    marked exploratory."""
     if baseline not in selection.runs:
         return [f"## Paired differences against {baseline}", "",
                 f"No paired differences: {baseline} is not a variant of this comparison.", ""]
     if not selection.runs[baseline]:
-        return [f"## Paired differences against {baseline}", "",
-                f"No paired differences: no run of {baseline} finished without diverging.", ""]
+        why = (lost_words(selection.planned[baseline], "seed") if not any(r.usable for r in selection.planned[baseline])
+               else "kept no seed")
+        return [f"## Paired differences against {baseline}", "", f"No paired differences: {baseline} {why}.", ""]
     comparisons = compare_to(selection, baseline, skip)
     if not comparisons:
         return []
@@ -276,19 +477,35 @@ def differences_section(selection: Selection, baseline: str, skip: Sequence[str]
              "differences (n - 1 degrees of freedom). Sign test: exact two-sided binomial test on the signs of the "
              "differences (zeros left out). Detectable: the true difference a two-sided paired t test at 5% finds "
              "with 80% power, given the observed sd of the differences and the number of seeds (noncentral t). "
-             "No interval from one seed or from differences that are all equal.", "",
+             "No interval from one seed or from differences that are all equal. Interval bounds are rounded "
+             "outward." + (" Verdicts of the pre-specified tests follow their Holm-corrected p (Pre-specified "
+                           "comparisons); the others are exploratory, uncorrected." if tests is not None else ""), "",
              f"| variant − {baseline} | metric | per-seed differences | mean | 95% interval | sign test p | "
              "detectable (80% power) |", "|---|---|---|---|---|---|---|"]
+    planned = {(t.variant, t.baseline, t.metric): t for t in tests or ()}
+    rough = {(r.label, r.seed) for runs in exhausted_estimates(selection) for r in runs}
+    sharpness = next(header for name, _, header, *_ in METRICS if name == "sharpness")
     words = []
     for c in comparisons:
         for header, diff, better, digits in c.metrics:
             d = digits + 1
-            span = "-" if diff.low is None else f"[{format_number(diff.low, d)}, {format_number(diff.high, d)}]"
             each = ", ".join(format_number(x, d) for x in diff.differences)
             sign_p = "-" if diff.sign_p is None else f"{diff.sign_p:.3g}"
-            lines.append(f"| {c.variant} | {header} | {each} | {format_number(diff.mean, d)} | {span} | {sign_p} | "
-                         f"{format_number(diff.detectable, d, sign=False)} |")
-            words.append(f"- {c.variant} − {baseline}, " + diff.words(header, better, d))
+            detectable = format_number(diff.detectable, d, sign=False)
+            lines.append(f"| {c.variant} | {header} | {each} | {format_number(diff.mean, d)} | "
+                         f"{_span(diff.low, diff.high, d)} | {sign_p} | {detectable} |")
+            test = planned.get((c.variant, baseline, header))
+            name = header if test is not None or tests is None else f"{header} (exploratory)"
+            used_all = sum((label, seed) in rough for seed in c.seeds for label in (c.variant, baseline))
+            if header == sharpness and used_all:
+                said = (f"{name}: {used_all} of its {2 * len(c.seeds)} estimates used every allowed power "
+                        "iteration: too coarse to compare, no verdict.")
+            elif test is not None:
+                family = f"the {test.size} {test.family} test" + "s" * (test.size != 1)
+                said = diff.words(name, better, d, holm_p=test.holm_p, family=family)
+            else:
+                said = diff.words(name, better, d)
+            words.append(f"- {c.variant} − {baseline}, {said}")
     lines += ["", *words, ""]
     tests = [(c.variant, seed, test) for c in comparisons for seed, test in c.mcnemar]
     if tests:
@@ -310,8 +527,9 @@ def _grid_cell(runs: Sequence[RunResult], key: str) -> str:
     if all(not r.ok for r in runs):
         return "failed"
     values = [r.summary[key] for r in runs if r.usable and r.summary[key] is not None]
-    if not values:
-        return "diverged" if any(r.ok for r in runs) else "failed"
+    if not values:  # a run that failed is never called diverged
+        return " and ".join(dict.fromkeys("failed" if not r.ok else "diverged" if not r.usable else "no value"
+                                          for r in runs))
     text = f"{statistics.fmean(values):.4f}"
     return text if len(values) == len(runs) else f"{text} ({len(runs) - len(values)} of {len(runs)} lost)"
 
@@ -327,8 +545,35 @@ def rate_texts(rates: Sequence[float]) -> dict[float, str]:
     return {rate: repr(rate) for rate in distinct}
 
 
+def rate_scores(runs: Sequence[RunResult], rates: Sequence[float], key: str) -> dict[float, float]:
+    """The mean final ``key`` over a variant's grid ``runs`` at each rate where every run finished with a finite
+    value; a rate with a failed, diverged or non-finite run is left out: it is not safe at that rate."""
+    scores = {}
+    for lr in rates:
+        at_rate = [r for r in runs if r.lr == lr]
+        values = [r.summary.get(key) for r in at_rate if r.usable]
+        if at_rate and len(values) == len(at_rate) and all(v is not None and math.isfinite(v) for v in values):
+            scores[lr] = sum(values) / len(values)
+    return scores
+
+
+def _chosen_cell(plan: Any, runs: Sequence[RunResult], names: dict[float, str], key: str) -> str:
+    """The chosen rate, with the rates it tied with; or why none was chosen."""
+    chosen = plan.chosen_lr.get(runs[0].label) if runs else None
+    if chosen is None:
+        return f"none: {lost_words(runs, 'rate')}" if runs else "-"
+    scores = rate_scores(runs, plan.lr_grid, key)
+    ties = [names[lr] for lr in plan.lr_grid if lr != chosen and lr in scores and scores[lr] == scores.get(chosen)]
+    shown = names.get(chosen, repr(chosen))
+    if not ties:
+        return shown
+    every = "every rate ties" if len(ties) == len(plan.lr_grid) - 1 else f"tied with {', '.join(ties)}"
+    return f"{shown} ({every}: the smallest is chosen)"
+
+
 def grid_table(plan: Any, grid_results: Sequence[RunResult]) -> str:
-    """Final validation metric per variant and rate (the mean over grid seeds); the chosen rate in bold."""
+    """Final validation metric per variant and rate (the mean over grid seeds); the chosen rate in bold, with the
+    rates it tied with, or why a variant has none."""
     key = SUMMARY_OF[plan.select_metric]
     names = rate_texts(plan.lr_grid)
     lines = ["| variant | " + " | ".join(f"lr {names[lr]}" for lr in plan.lr_grid) + " | chosen |",
@@ -339,7 +584,7 @@ def grid_table(plan: Any, grid_results: Sequence[RunResult]) -> str:
         for lr in plan.lr_grid:
             text = _grid_cell([r for r in grid_results if r.label == variant.label and r.lr == lr], key)
             cells.append(f"**{text}**" if chosen == lr else text)
-        shown = "-" if chosen is None else names.get(chosen, repr(chosen))
+        shown = _chosen_cell(plan, [r for r in grid_results if r.label == variant.label], names, key)
         lines.append(f"| {variant.label} | " + " | ".join(cells) + f" | {shown} |")
     return "\n".join(lines)
 
@@ -378,6 +623,8 @@ def _replace_atomically(path: Path, write) -> None:
     try:
         write(tmp)
         os.replace(tmp, path)
+    except OSError as error:  # a write error names no file: name the one being replaced, not the temporary one
+        raise OSError(error.errno, error.strerror or str(error), str(path)) from error
     finally:
         tmp.unlink(missing_ok=True)
 
@@ -448,27 +695,54 @@ def _header(plan: Any, baselines: list[str], runs: Sequence[RunResult]) -> list[
                     f"held-out results on the `{plan.test_split}` split.", ""]
 
 
-def _results_section(results: Sequence[RunResult], selection: Selection) -> list[str]:
+def _seeds_words(label: str, seeds: Sequence[int], selection: Selection) -> str:
+    """A variant's kept seeds; for none, why: its runs failed or diverged, or its seeds were left out."""
+    if seeds:
+        return ", ".join(map(str, seeds))
+    planned = selection.planned.get(label, [])
+    return "none kept" if any(r.usable for r in planned) else lost_words(planned, "seed")
+
+
+def _results_section(results: Sequence[RunResult], selection: Selection,
+                     no_rate: dict[str, str] | None = None) -> list[str]:
+    """The results table and its notes; ``no_rate``: the variants the grid gave no rate, with what their grid
+    runs did (they ran no seeds)."""
     lines = ["## Results", "", results_table(results, list(selection.planned)), "",
              "Mean ± sample std over seeds. Held-out loss is the last evaluation on the held-out split (answer "
              "tokens only for chat data); accuracy is exact match of greedy answers on held-out problems; wall "
              "time is training time, summed over the segments of a resumed run; peak memory is the process "
-             "peak (RSS on CPU, CUDA allocations on GPU).", ""]
+             "peak (RSS on CPU, CUDA allocations on GPU). Wall time counts whatever else the machine ran at the "
+             "same time: it is what these runs cost, not a measurement of the optimizers' speed.", ""]
+    lines += [f"{label} ran no seeds: it {words} of the learning-rate grid, so it has no row here and no paired "
+              "differences." for label, words in (no_rate or {}).items()] + [""] * bool(no_rate)
     if selection.dropped:
         kept = sorted({s for seeds in selection.seeds.values() for s in seeds})
         lines += [f"Seed {', '.join(map(str, selection.dropped))} left out of every variant's numbers ("
                   + "; ".join(f"seed {s}: {why}" for s, why in selection.dropped.items())
                   + f"), so that all variants are compared on the same seeds ({', '.join(map(str, kept)) or 'none'}).",
                   ""]
-    if capped := [f"{r.label} seed {r.seed}" for runs in selection.runs.values() for r in runs
-                  if last_logged(r.log_history, (CONVERGED_KEY,)) == 0]:
+    if resumed := [f"{r.label} seed {r.seed}" for runs in selection.runs.values() for r in runs
+                   if r.evaluated_without_training]:
+        lines += [f"Evaluated from a finished checkpoint: {', '.join(resumed)}. Each was resumed after its training "
+                  "had ended, and that last process trained nothing (no `train_runtime` in its log): its wall time "
+                  "is the one its checkpoint recorded, its peak memory the larger of the checkpoint's record "
+                  "(training) and the resumed process's own peak, and its `peak_memory_mb/train` is the resumed "
+                  "process's, not a training peak.", ""]
+    capped, at_last = exhausted_estimates(selection)
+    if capped:
         estimates = sum(r.summary["sharpness"] is not None for runs in selection.runs.values() for r in runs)
+        cap = last_logged(capped[0].log_history, (ITERATIONS_KEY,))
+        more = "" if not at_last else (
+            f", and {len(at_last)} more met the tolerance only at that last allowed iteration ("
+            + ", ".join(f"{r.label} seed {r.seed}" for r in at_last) + f"; `{ITERATIONS_KEY}` {cap:g})")
         lines += [f"Top Hessian eigenvalue: {len(capped)} of {estimates} estimates stopped at the cap of power "
-                  f"iterations without converging ({', '.join(capped)}; `{CONVERGED_KEY}` 0 in their logs): read "
-                  "them, and the means and differences that include them, as rough.", ""]
+                  f"iterations without converging ({', '.join(f'{r.label} seed {r.seed}' for r in capped)}; "
+                  f"`{CONVERGED_KEY}` 0 in their logs){more}: every one of them used all the iterations allowed, "
+                  "so read them, and the means and differences that include them, as too coarse to compare the "
+                  "variants (raise `sharpness_max_iters`).", ""]
     if len({tuple(seeds) for seeds in selection.seeds.values()}) > 1:
         lines += ["Variants ran different seeds: " + "; ".join(
-            f"{label} {', '.join(map(str, seeds)) or 'none'}" for label, seeds in selection.seeds.items())
+            f"{label} {_seeds_words(label, seeds, selection)}" for label, seeds in selection.seeds.items())
             + ". Each paired difference uses the seeds both of its variants have.", ""]
     return lines
 
@@ -479,10 +753,18 @@ def blended_steps(log_history: Sequence[dict[str, Any]]) -> list[tuple[int, floa
     return [(step, r, shares[step]) for step, r in curve(log_history, BLEND_LOG_KEY) if r > 0 and step in shares]
 
 
-def _spread(values: Sequence[float], show: Callable[[float], str] = lambda v: format_number(v, 3, sign=False)) -> str:
-    """min to max, once if they print the same."""
-    low, high = show(min(values)), show(max(values))
-    return low if low == high else f"{low} to {high}"
+def _spread(values: Sequence[float], show: Callable[[float], str] | None = None) -> str:
+    """min to max, once if they print the same. Numbers without ``show`` print with 3 digits, the min rounded
+    down and the max up, so the printed range holds every value ("at most" the printed max is true); once, to
+    the nearest, when both ends round to the same."""
+    if show is not None:
+        low, high = show(min(values)), show(max(values))
+        return low if low == high else f"{low} to {high}"
+    low, high = (format_number(v, 3, sign=False) for v in (min(values), max(values)))
+    if low == high:
+        return low
+    return (f"{format_number(min(values), 3, sign=False, toward='down')} to "
+            f"{format_number(max(values), 3, sign=False, toward='up')}")
 
 
 def inverse_share_section(selection: Selection) -> list[str]:
@@ -504,7 +786,7 @@ def inverse_share_section(selection: Selection) -> list[str]:
             f"From `{INVERSE_SHARE_KEY}` and `{BLEND_LOG_KEY}` (r) in the logs: the inverse part's share of the "
             "step's norm (0: Adam's step alone; r: both parts in the proportion the blend weight says), at the "
             "first and the last logged step with r > 0, and share / r over all of those steps. Each cell: min to "
-            "max over the runs.", "",
+            "max over the runs, the min rounded down and the max up.", "",
             "| variant | runs | first step: r | first step: share | last blended step | its r | its share "
             "| share / r over the blend |",
             "|---|---|---|---|---|---|---|---|", *rows, ""]
@@ -578,10 +860,20 @@ def write_report(plan: Any, results: Sequence[RunResult], grid_results: Sequence
                   f"Final {plan.select_metric} per rate (mean over the grid runs of seed {grid_seeds}); the "
                   "chosen rate is bold. The test split is not read in this phase.", "", grid_table(plan, grid_results),
                   ""]
-    lines += _results_section(results, selection)
+    # A variant the grid gave no rate ran no seeds: the grid table shows why, the results say it once.
+    no_rate = {v.label: lost_words(runs, "rate") for v in plan.variants if plan.lr_grid and v.label not in
+               plan.chosen_lr and (runs := [r for r in grid_results if r.label == v.label])}
+    lines += _results_section(results, selection, no_rate)
     lines += inverse_share_section(selection)
+    found = families(plan.variants, baselines[0]) if baselines else []
+    tests = family_tests(selection, found)
+    lines += prespecified_section(found, tests)
     for k, name in enumerate(baselines):
-        lines += differences_section(selection, name, baselines[:k])
+        if name in no_rate:
+            lines += [f"## Paired differences against {name}", "",
+                      f"No paired differences: {name} {no_rate[name]} of the learning-rate grid and ran no seeds.", ""]
+            continue
+        lines += differences_section(selection, name, baselines[:k], tests)
     lines += _run_notes(results, grid_results, seconds)
     planned = []  # (key, file, caption, log_y, curves)
     for key, name, caption, log_y in PLOTS:
@@ -602,11 +894,12 @@ def write_report(plan: Any, results: Sequence[RunResult], grid_results: Sequence
             plot_curves(curves, key, f"{caption} (mean over seeds, band: min-max)", out / name, log_y=log_y)
         except OSError as error:
             failed.append((name, caption, error))
-            print(f"[report] could not write {out / name}: {error}", file=sys.stderr)
+            print(f"[report] could not write {out / name}: {error.strerror or error}", file=sys.stderr)
     if failed:  # best effort: if even this fails, the report written above stays as it is
         text = "\n".join(lines)
         for name, caption, error in failed:
-            text = text.replace(f"![{caption}]({name})", f"({caption}: {name} could not be written: {error})")
+            text = text.replace(f"![{caption}]({name})",
+                                f"({caption}: {name} could not be written: {error.strerror or error})")
         try:
             write_text_atomically(path, text.rstrip() + "\n")
         except OSError:

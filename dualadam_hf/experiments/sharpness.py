@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import sys
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -480,6 +481,13 @@ class _Steps:
 
         return step
 
+    def note(self, line: str) -> None:
+        """A line that is not a step (what the next steps cost): above the bar and to ``progress``."""
+        if not self.bar.disable:
+            self.bar.write(line, file=sys.stderr)
+        if self.progress is not None:
+            self.progress(line)
+
     def skip(self, steps: int) -> None:
         """A power iteration that converged early: its unused steps leave the total."""
         self.bar.total -= steps
@@ -508,6 +516,10 @@ def measure_sharpness(model: torch.nn.Module, batches: Sequence[Mapping[str, Any
         loss_fn = model_loss_fn(model, batches, max_tokens_per_part=s.max_graph_tokens)
         retain = loss_fn.tokens <= s.max_graph_tokens or len(loss_fn) == 1
         hvp = HessianVectorProduct(loss_fn, tensors, retain_graphs=retain)
+        if all(p.device.type == "cpu" for p in tensors):
+            # The bar shows nothing until the first product ends: say why the screen stays still so long.
+            steps.note(f"top eigenvalue: up to {s.max_iters} power iterations, one Hessian-vector product each; "
+                       "on CPU each can take a minute or more")
         try:
             t0 = time.perf_counter()
             power = hessian_power_iteration(hvp, max_iters=s.max_iters, tol=s.tol, seed=s.seed,

@@ -24,11 +24,13 @@ from safetensors import safe_open
 from transformers import HfArgumentParser
 
 from .arguments import RecipeError, find_recipe, load_experiment
-from .checkpoints import WEIGHT_FILES, checkpoint_folders, holds_weights, incomplete_reason
+from .checkpoints import WEIGHT_FILES, checkpoint_folders, holds_weights, incomplete_reason, read_json
 from .data import jsonl_batches, load_splits, read_rows
 from .models import adapter_config, is_classifier_config, load_model, load_tokenizer, resolve_model
 from .sharpness import DEFAULT_BATCH_SIZE, SharpnessSettings, is_causal_lm, measure_sharpness
+from .train import DONE_FILE
 from .trainers import build_trainer, eval_batches
+from .watch import DIVERGED_KEY, finite_checkpoint_words
 
 PROG = "dualadam-hf sharpness"
 RESULT_FILE = "sharpness.json"
@@ -97,10 +99,19 @@ def check_command(command: SharpnessCommand) -> tuple[torch.device, Path]:
 
 def resolve_model_folder(name_or_path: str | Path) -> Path:
     """The folder itself if it holds a model, else its one final-model subfolder, else its newest complete
-    checkpoint-N (cut-off saves are skipped). An alias names its local copy."""
+    checkpoint-N (cut-off saves are skipped). An alias names its local copy. The folder of a run marked diverged
+    (in its ``run_done.json``) is refused: its weights are not finite."""
     folder = Path(resolve_model(str(name_or_path)))  # a RecipeError if there is none
     if not folder.is_dir():
         raise SharpnessError(f"--model {str(name_or_path)!r} is not a local folder")
+    done = read_json(folder / DONE_FILE)
+    if isinstance(done, dict) and isinstance(mark := done.get(DIVERGED_KEY), dict):
+        # Its final weights, where an older run saved them, are not finite; its checkpoints are another model.
+        kept = any(incomplete_reason(checkpoint) is None for checkpoint in checkpoint_folders(folder))
+        raise SharpnessError(f"{folder} holds a run marked diverged at step {mark.get('step')} "
+                             f"({folder / DONE_FILE}): its weights are not finite, so it has no sharpness; "
+                             f"{finite_checkpoint_words(folder)}" + ("; pass that as --model to measure it" if kept
+                                                                     else ""))
     if holds_weights(folder):
         return folder
     checkpoints = checkpoint_folders(folder)  # newest first

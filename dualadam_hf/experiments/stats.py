@@ -9,6 +9,13 @@ seeds (a bootstrap) gives intervals several times too narrow, so there is none h
 The smallest difference the seeds could detect is stated too: the true mean difference that a two-sided paired
 t test at 5% finds with 80% power, if the differences had the observed standard deviation (from the noncentral
 t distribution, not the normal approximation).
+
+Several tests read together (a family) are each at 5% only after a correction: :func:`holm` adjusts their p-values
+so that the chance of any false finding in the family stays at most 5%; :meth:`PairedDifference.interval` at
+1 - 0.05/m gives intervals that cover all m true differences at once (Bonferroni).
+
+Interval bounds print rounded outward (:func:`format_number` with ``toward``): a printed interval contains the
+computed one, so "excludes 0" and "at most" read off the printed digits stay true.
 """
 
 from __future__ import annotations
@@ -17,11 +24,13 @@ import math
 import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass
+from decimal import ROUND_CEILING, ROUND_FLOOR, Decimal
 
 from scipy import optimize
 from scipy import stats as scipy_stats
 
 CONFIDENCE = 0.95
+ALPHA = 1 - CONFIDENCE  # the level of every test, after correction within its family
 POWER = 0.80
 # Differences whose spread is below this share of their size are equal up to floating-point rounding: a t interval
 # of width ~1e-17 around 1e-6 would "exclude 0" from noise alone.
@@ -76,8 +85,9 @@ def min_detectable_difference(sd: float, n: int, *, power: float = POWER, alpha:
 class PairedDifference:
     """Per-seed differences (variant minus baseline) and what they show.
 
-    ``low``/``high`` is the 95% paired-t interval; it and the detectable difference are None, with the reason in
-    ``no_interval``, for fewer than 2 seeds or differences without spread."""
+    ``low``/``high`` is the 95% paired-t interval and ``t_p`` the two-sided p of the paired t test; they and the
+    detectable difference are None, with the reason in ``no_interval``, for fewer than 2 seeds or differences
+    without spread."""
 
     differences: tuple[float, ...]
     mean: float
@@ -88,6 +98,7 @@ class PairedDifference:
     detectable: float | None
     no_interval: str = ""
     method: str = "paired t"
+    t_p: float | None = None
 
     @property
     def n(self) -> int:
@@ -97,15 +108,36 @@ class PairedDifference:
     def contains_zero(self) -> bool | None:
         return None if self.low is None else self.low <= 0.0 <= self.high
 
-    def words(self, metric: str, better: str, digits: int = 4) -> str:
-        """One sentence on what the differences show; ``better`` is "lower" or "higher"."""
+    def interval(self, confidence: float = CONFIDENCE) -> tuple[float, float] | None:
+        """The two-sided paired-t interval at ``confidence`` (e.g. 1 - 0.05/m for a Bonferroni family of m);
+        None where there is no interval."""
+        if not 0 < confidence < 1:
+            raise ValueError(f"confidence must be between 0 and 1, got {confidence}")
+        if self.low is None or self.sd is None:
+            return None
+        half = float(scipy_stats.t.ppf(0.5 + confidence / 2, self.n - 1)) * self.sd / math.sqrt(self.n)
+        return self.mean - half, self.mean + half
+
+    def words(self, metric: str, better: str, digits: int = 4, *, holm_p: float | None = None,
+              family: str = "") -> str:
+        """One sentence on what the differences show; ``better`` is "lower" or "higher".
+
+        With ``holm_p`` (the test's p after Holm's correction within ``family``, e.g. "the 6 primary tests") the
+        verdict follows that p, not the uncorrected interval."""
         if self.low is None:
             return f"{metric}: {self.no_interval}: no interval and no verdict."
-        if self.contains_zero:
-            return (f"{metric}: the interval contains 0: no difference shown (detectable with {self.n} seeds at 80% "
-                    f"power: ±{format_number(self.detectable, digits, sign=False)}).")
         improved = (self.mean < 0) == (better == "lower")
         sign = "" if self.sign_p is None else f"; sign test p = {self.sign_p:.3g}"
+        detectable = (f"detectable with {self.n} seeds at 80% power: "
+                      f"±{format_number(self.detectable, digits, sign=False)}")
+        if holm_p is not None:
+            corrected = f"{metric}: Holm p = {holm_p:.3g} over {family}"
+            if holm_p < ALPHA:
+                return f"{corrected}: the variant is {'better' if improved else 'worse'}{sign}."
+            uncorrected = "" if self.contains_zero else "; uncorrected, the 95% interval excludes 0"
+            return f"{corrected}: no difference shown after the correction ({detectable}{uncorrected})."
+        if self.contains_zero:
+            return f"{metric}: the interval contains 0: no difference shown ({detectable})."
         return f"{metric}: the interval excludes 0: the variant is {'better' if improved else 'worse'}{sign}."
 
 
@@ -121,9 +153,25 @@ def paired_difference(differences: Sequence[float]) -> PairedDifference:
     if sd <= _ROUNDING * max(abs(v) for v in values):
         reason = f"all {n} differences are equal ({mean:+.3g}), so their variance is 0"
         return PairedDifference(tuple(values), mean, sd, None, None, sign_p, None, reason)
-    half = float(scipy_stats.t.ppf(0.5 + CONFIDENCE / 2, n - 1)) * sd / math.sqrt(n)
+    standard_error = sd / math.sqrt(n)
+    half = float(scipy_stats.t.ppf(0.5 + CONFIDENCE / 2, n - 1)) * standard_error
+    t_p = float(2 * scipy_stats.t.sf(abs(mean) / standard_error, n - 1))
     return PairedDifference(tuple(values), mean, sd, mean - half, mean + half, sign_p,
-                            min_detectable_difference(sd, n))
+                            min_detectable_difference(sd, n), t_p=t_p)
+
+
+def holm(p_values: Sequence[float]) -> list[float]:
+    """Holm's step-down adjustment of a family's p-values, in their order: the k-th smallest p (k from 0) is
+    multiplied by m - k, never below the adjusted p before it, and capped at 1. An adjusted p below 5% keeps the
+    chance of any false finding in the family at most 5%."""
+    values = _finite(p_values, "holm") if len(p_values) else []
+    if bad := [p for p in values if not 0 <= p <= 1]:
+        raise ValueError(f"holm: p-values must lie between 0 and 1, got {bad}")
+    adjusted, running = [0.0] * len(values), 0.0
+    for rank, index in enumerate(sorted(range(len(values)), key=values.__getitem__)):
+        running = max(running, min(1.0, (len(values) - rank) * values[index]))
+        adjusted[index] = running
+    return adjusted
 
 
 @dataclass(frozen=True)
@@ -149,12 +197,28 @@ def mcnemar_exact(variant_rows: Sequence[int], baseline_rows: Sequence[int]) -> 
     return McNemar(variant_only, baseline_only, p)
 
 
-def format_number(value: float | None, digits: int, *, sign: bool = True) -> str:
+def _rounded(value: float, places: int, toward: str) -> float:
+    # Decided on the shortest decimal that reads back as ``value`` (repr): 0.1 stays 0.1 rounded up, where its
+    # exact binary value, a hair above, would go to 0.1001.
+    rounding = {"down": ROUND_FLOOR, "up": ROUND_CEILING}[toward]
+    return float(Decimal(repr(value)).quantize(Decimal(1).scaleb(-places), rounding=rounding))
+
+
+def format_number(value: float | None, digits: int, *, sign: bool = True, toward: str | None = None) -> str:
     """``value`` with ``digits`` decimals, or in scientific notation when those would show fewer than two
-    significant digits of a non-zero value (a difference of 1e-6 must not print as +0.0000)."""
+    significant digits of a non-zero value (a difference of 1e-6 must not print as +0.0000).
+
+    ``toward`` "down" or "up" rounds toward -inf or +inf instead of to the nearest: the lower bound of an interval
+    down and the upper bound up print an interval that contains the computed one."""
     if value is None:
         return "-"
+    if toward not in (None, "down", "up"):
+        raise ValueError(f"toward must be 'down', 'up' or None, got {toward!r}")
     plus = "+" if sign else ""
     if value != 0 and abs(value) < 10 ** (1 - digits):
+        if toward is not None:
+            value = _rounded(value, 2 - Decimal(repr(value)).adjusted(), toward)
         return f"{value:{plus}.2e}"
+    if toward is not None:
+        value = _rounded(value, digits, toward)
     return f"{value:{plus}.{digits}f}"

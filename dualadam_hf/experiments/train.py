@@ -3,26 +3,48 @@ loss, exact-match accuracy and, optionally, sharpness, all into the log history 
 
 The last thing a run writes is ``run_done.json`` (atomically), where ``compare`` reads results, so a run killed
 at any moment is finished or resumable. Resuming a finished run trains nothing: it redoes only the evaluation.
+A folder that holds a run is never trained into afresh unless ``overwrite_output_dir`` says so, and a resume
+that asks for other settings than its checkpoint holds is refused (:func:`.checkpoints.check_resume_settings`).
+A disk that fills up (or a folder that stops taking files) ends the run with a one-line RecipeError.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import math
 import os
+import re
 import resource
+import shutil
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
 from .arguments import Experiment, RecipeError
-from .checkpoints import TRAINER_STATE, WALL_TIME, folder_lock, read_json, resume_checkpoint, saved_wall_time
+from .checkpoints import (
+    OPTIMIZER_START_KEY,
+    TRAINER_STATE,
+    TRAINING_ARGS_FILE,
+    WALL_TIME,
+    WEIGHT_FILES,
+    check_resume_settings,
+    checkpoint_folders,
+    folder_lock,
+    optimizer_problem,
+    optimizer_start,
+    read_json,
+    resume_checkpoint,
+    resume_kind,
+    saved_wall_time,
+)
 from .data import load_splits
 from .models import resolve_model
 from .tasks import score_answers
 from .trainers import build_trainer, eval_batches
-from .watch import DIVERGED_KEY, SHARPNESS_PREFIX, blend_length_check, divergence_watch
+from .watch import DIVERGED_KEY, SHARPNESS_PREFIX, blend_length_check, divergence_watch, finite_checkpoint_words
 
 PEAK_MEMORY_KEY = "peak_memory_mb"
 ACCURACY_KEY = "eval_accuracy"
@@ -32,6 +54,15 @@ DONE_FILE = "run_done.json"
 ACCURACY_ROWS_FILE = "accuracy_rows.json"
 ACCURACY_ANSWERS_FILE = "accuracy_answers.json"  # the generated text of each scored problem, in row order
 RUN_LOCK_FILE = ".train.lock"
+# What a run leaves at the top of its folder besides its checkpoints: --overwrite_output_dir removes these (and
+# the checkpoints) before training, and nothing else (the folder may hold files of the user's, or of compare).
+RUN_FILES = (DONE_FILE, ACCURACY_ROWS_FILE, ACCURACY_ANSWERS_FILE, TRAINER_STATE, TRAINING_ARGS_FILE, *WEIGHT_FILES,
+             "config.json", "generation_config.json", "adapter_config.json",
+             "sharpness.json")  # sharpness_cli.RESULT_FILE (which imports this module): the old model's numbers
+_RUN_FOLDERS = re.compile(r"^(tmp-)?checkpoint-\d+$")
+_WEIGHT_SHARDS = re.compile(r"^(model|adapter_model|pytorch_model)-\d+-of-\d+\.(safetensors|bin)$")
+# The errors of a write that cannot go on: a full disk or quota, a read-only or failing file system.
+WRITE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO, errno.EFBIG})
 
 
 def peak_memory_mb() -> float:
@@ -94,10 +125,59 @@ def check_output_dir(folder: str | os.PathLike) -> None:
         raise RecipeError(f"output_dir {path} is not writable: cannot create files in {existing} ({error})") from None
 
 
+_AFTER_A_FAILED_WRITE = ("the run is not marked finished. Make room (or fix the folder), then run the same command "
+                         "with --resume_from_checkpoint last: it continues from the last complete checkpoint")
+
+
 def write_atomically(path: Path, data: Any) -> None:
+    """Write ``data`` as JSON into ``path`` whole or not at all: a failed write (a full disk) leaves ``path`` as
+    it was, removes its half-written temporary file, and is a one-line RecipeError."""
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(json.dumps(data, indent=1) + "\n", encoding="utf-8")
+        os.replace(tmp, path)
+    except OSError as error:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        raise RecipeError(f"cannot write {path}: {error.strerror or error}; {_AFTER_A_FAILED_WRITE}") from None
+
+
+def failed_write(error: BaseException, output_dir: str | os.PathLike) -> RecipeError | None:
+    """The one-line RecipeError for an error of a write that cannot go on (:data:`WRITE_ERRNOS`), else None.
+
+    torch.save and safetensors report a full disk in their own words, not as an OSError; those are told by the
+    operating system's text, which their messages carry."""
+    if isinstance(error, OSError) and error.errno in WRITE_ERRNOS:
+        where = f" ({error.filename})" if error.filename else ""
+        reason = f"{error.strerror or error}{where}"
+    elif isinstance(error, RuntimeError | OSError) and ("No space left on device" in str(error)
+                                                         or "file write failed" in str(error)):
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+    else:
+        return None
+    return RecipeError(f"cannot write the run's files in {output_dir}: {reason}; {_AFTER_A_FAILED_WRITE}")
+
+
+def existing_run(output_dir: str | os.PathLike) -> list[str]:
+    """The names that make ``output_dir`` hold a run: its checkpoint folders and ``run_done.json``."""
+    folder = Path(output_dir)
+    return [p.name for p in checkpoint_folders(folder)] + ([DONE_FILE] if (folder / DONE_FILE).exists() else [])
+
+
+def clear_earlier_run(output_dir: str | os.PathLike) -> list[str]:
+    """Remove what a run leaves in ``output_dir`` (its checkpoints and :data:`RUN_FILES`, weight shards included);
+    return the names removed. Nothing else there is touched, and a link is removed, never followed."""
+    folder, removed = Path(output_dir), []
+    for path in sorted(folder.iterdir()) if folder.is_dir() else ():
+        name = path.name
+        if _RUN_FOLDERS.match(name) and path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        elif name in RUN_FILES or _WEIGHT_SHARDS.match(name) or (_RUN_FOLDERS.match(name) and path.is_symlink()):
+            path.unlink()
+        else:
+            continue
+        removed.append(name)
+    return removed
 
 
 def _callbacks(clock: dict[str, Any], accuracy: Any) -> list[Any]:
@@ -116,7 +196,8 @@ def _callbacks(clock: dict[str, Any], accuracy: Any) -> list[Any]:
             folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
             if state.is_world_process_zero and folder.is_dir():
                 write_atomically(folder / WALL_TIME, {"train_seconds": _seconds(clock), "segments": clock["segments"],
-                                                      PEAK_MEMORY_KEY: peak_memory_mb()})
+                                                      PEAK_MEMORY_KEY: peak_memory_mb(),
+                                                      OPTIMIZER_START_KEY: clock["optimizer_start"]})
 
     class AccuracyCallback(TrainerCallback):
         def on_evaluate(self, args, state, control, model=None, **kwargs):
@@ -135,26 +216,71 @@ def run(experiment: Experiment, log=print) -> dict[str, float]:
 
     One trainer at a time per output folder: a second one (another process on the same folder) is refused with
     a RecipeError naming the first one's pid. A run whose loss becomes non-finite stops there, is finished and
-    marked diverged (:mod:`.watch`); it is not evaluated (its weights are not finite)."""
-    check_output_dir(experiment.training.output_dir)
+    marked diverged (:mod:`.watch`); it is not evaluated and its final weights are not saved (they are not
+    finite). A write that fails for want of room ends the run with a one-line RecipeError (:func:`failed_write`)."""
+    output_dir = experiment.training.output_dir
+    check_output_dir(output_dir)
     model_path = resolve_model(experiment.model.model_name_or_path)
     train_data, heldout = load_splits(experiment)
-    if int(os.environ.get("RANK", "0")) != 0:  # the processes of one launch share the folder; the first locks it
-        return _run(experiment, model_path, train_data, heldout, log)
-    with folder_lock(experiment.training.output_dir, RUN_LOCK_FILE, "trainer"):
-        return _run(experiment, model_path, train_data, heldout, log)
+    try:
+        if int(os.environ.get("RANK", "0")) != 0:  # the processes of one launch share the folder; the first locks it
+            return _run(experiment, model_path, train_data, heldout, log)
+        with folder_lock(output_dir, RUN_LOCK_FILE, "trainer"):
+            return _run(experiment, model_path, train_data, heldout, log)
+    except (OSError, RuntimeError) as error:
+        if (one_line := failed_write(error, output_dir)) is None:
+            raise
+        raise one_line from None
+
+
+def choose_checkpoint(experiment: Experiment, log) -> Path | None:
+    """The checkpoint this run continues (None: it starts from the model), after every refusal that keeps a run
+    from being replaced or mixed with other settings; with ``overwrite_output_dir``, the earlier run's files are
+    removed first (by the first process of a launch)."""
+    args, training = experiment.args, experiment.training
+    output, kind = Path(training.output_dir), resume_kind(training.resume_from_checkpoint)
+    if args.overwrite_output_dir:
+        if kind == "folder":
+            raise RecipeError(f"overwrite_output_dir starts {output} over, resume_from_checkpoint "
+                              f"{training.resume_from_checkpoint} continues a run: give one of them")
+        if int(os.environ.get("RANK", "0")) == 0 and (removed := clear_earlier_run(output)):
+            log(f"[train] overwrite_output_dir: removed the earlier run's files from {output}: {', '.join(removed)}")
+        return None
+    checkpoint = resume_checkpoint(training.resume_from_checkpoint, output,
+                                   allow_fresh_optimizer=args.resume_without_optimizer_state, log=log)
+    if checkpoint is not None:
+        check_resume_settings(checkpoint, training)
+        return checkpoint
+    start_over = "start over with --overwrite_output_dir true, or give another output_dir"
+    if kind is None and (found := existing_run(output)):
+        shown = ", ".join(found[:4]) + (", ..." if len(found) > 4 else "")
+        raise RecipeError(f"{output} already holds a run ({shown}): training would start over and replace it. "
+                          f"Continue it with --resume_from_checkpoint last, or {start_over}.")
+    if kind == "last" and (output / DONE_FILE).is_file():
+        done = read_json(output / DONE_FILE)
+        diverged = done.get(DIVERGED_KEY) if isinstance(done, dict) else None
+        if isinstance(diverged, dict):
+            raise RecipeError(f"{output} holds a run that diverged at step {diverged.get('step')} ({DONE_FILE}) and "
+                              f"has no finite checkpoint to resume from. To train again, {start_over}.")
+        raise RecipeError(f"{output} holds a finished run ({DONE_FILE}) but no checkpoint to resume from "
+                          f"(save_strategy: {getattr(training.save_strategy, 'value', training.save_strategy)})"
+                          f": training would start over and replace it. To train again, {start_over}.")
+    return None
+
+
+def _optimizer_start(checkpoint: Path | None, state: dict[str, Any]) -> int:
+    """The global step at which this segment's optimizer state began, recorded in every checkpoint it saves: a
+    fresh optimizer (resume_without_optimizer_state) starts its step counters at the checkpoint's step."""
+    if checkpoint is None:
+        return 0
+    if optimizer_problem(checkpoint) is not None:
+        return int(state.get("global_step", 0))
+    return optimizer_start(checkpoint)
 
 
 def _run(experiment: Experiment, model_path: str, train_data: Any, heldout: Any, log) -> dict[str, float]:
     args, training = experiment.args, experiment.training
-    checkpoint = resume_checkpoint(training.resume_from_checkpoint, training.output_dir,
-                                   allow_fresh_optimizer=args.resume_without_optimizer_state, log=log)
-    if checkpoint is None and str(training.resume_from_checkpoint).lower() in ("last", "true", "yes") \
-            and (Path(training.output_dir) / DONE_FILE).is_file():
-        raise RecipeError(f"{training.output_dir} holds a finished run ({DONE_FILE}) but no checkpoint to resume "
-                          f"from (save_strategy: {getattr(training.save_strategy, 'value', training.save_strategy)})"
-                          ": training would start over and replace it. Give another output_dir, or delete "
-                          f"{DONE_FILE} to train again.")
+    checkpoint = choose_checkpoint(experiment, log)
     # Whether the checkpoint already holds all the training the arguments ask for.
     state = (read_json(checkpoint / TRAINER_STATE) or {}) if checkpoint else {}
     planned = training.max_steps if training.max_steps > 0 else state.get("max_steps", math.inf)
@@ -166,7 +292,8 @@ def _run(experiment: Experiment, model_path: str, train_data: Any, heldout: Any,
     memory = MemoryPhases(earlier_peak)
     memory.mark("load")
     show_bars = not training.disable_tqdm and trainer.is_local_process_zero()
-    clock = {"offset": offset, "segments": segments + 1, "start": time.time(), "stopped": None}
+    clock = {"offset": offset, "segments": segments + 1, "start": time.time(), "stopped": None,
+             "optimizer_start": _optimizer_start(checkpoint, state)}
     accuracy, scored, answers = None, {}, {}
     if args.task == "sft" and args.accuracy_size:
         rows = heldout.select(range(min(args.accuracy_size, len(heldout))))
@@ -226,7 +353,11 @@ def _run(experiment: Experiment, model_path: str, train_data: Any, heldout: Any,
     if trainer.is_world_process_zero():
         log(f"[train] {memory.summary()}")
     trainer.log(final)
-    trainer.save_model()
+    if diverged is None:
+        trainer.save_model()
+    elif trainer.is_world_process_zero():  # a folder a user loads holds finite weights, or none
+        log(f"[train] the diverged weights are not saved to {training.output_dir}: "
+            f"{finite_checkpoint_words(training.output_dir)}")
     trainer.save_state()
     if trainer.is_world_process_zero():
         output = Path(training.output_dir)

@@ -33,10 +33,18 @@ def quiet_library_noise() -> None:
 
     Filters :data:`UPSTREAM_DEPRECATIONS`. On a machine without an accelerator it also tells DeepSpeed so
     (``DS_ACCELERATOR=cpu``, unless set): accelerate imports DeepSpeed, when installed, on every model save, and
-    DeepSpeed would otherwise warn in every process that it detected no accelerator and chose the CPU.
+    DeepSpeed would otherwise warn in every process that it detected no accelerator and chose the CPU. Where
+    torchao is installed, transformers imports it, which logs "Failed to load ... .so" on builds without its
+    CUDA extensions and a torch deprecation notice: those loggers keep their errors only.
     """
+    import logging
+
+    from ..lowbit import IMPORT_NOISE_LOGGERS
+
     for message in UPSTREAM_DEPRECATIONS:
         warnings.filterwarnings("ignore", message=message, category=FutureWarning)
+    for name in IMPORT_NOISE_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
     if "DS_ACCELERATOR" not in os.environ and not has_accelerator():
         os.environ["DS_ACCELERATOR"] = "cpu"
 

@@ -7,20 +7,22 @@ settings. A key the optimizer takes goes into its ``optim_args``; any other key 
 (:func:`entry_mapping`), so both forms give the same variant and the same label.
 
 The recipe's ``optim_args`` reach every DualAdam/InvAdam variant, each taking the keys it accepts (InvAdam has
-no blend keys; the variant's keys win); other optimizers get no ``optim_args``. Settings that compare sets for
-each run, or that must be equal across runs for the paired comparison to mean anything, are refused here,
-before any run.
+no blend keys; the variant's keys win); other optimizers get no ``optim_args``. A variant may change only what
+:data:`VARIANT_SETTINGS` lists: the optimizer, its schedule and what only affects speed. Anything else may
+change the data, the model or the measurement, and the paired differences would then compare runs that
+measured different things; it is refused here, before any run, as are the settings compare sets for each run.
 """
 
 from __future__ import annotations
 
+import difflib
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from ..integrations.optim_args import OPTIMIZER_NAMES, join_pairs, parse_optim_args, parse_pairs, valid_optim_args_keys
-from ..optimizer import BLEND_KEYS
+from ..optimizer import BLEND_KEYS, invadam_refusal
 from .arguments import RecipeError, check_optimizer_name, whole_number
 
 # name -> (optimizer, optim_args, label). The matched warmup is DualAdam without its inverse part:
@@ -35,14 +37,42 @@ DEFAULT_OPTIMS = "adamw_torch,dualadam"
 # Run settings compare gives each run itself (the learning rate from the grid, the split, the seed, ...).
 SET_BY_COMPARE = ("optim", "optim_args", "seed", "output_dir", "learning_rate", "dataset_test_split", "sharpness",
                   "resume_from_checkpoint")
-# Run settings that must be the same in every run: the paired differences compare runs of one seed on the same
-# model, data, held-out rows and measurements.
-EQUAL_ACROSS_RUNS = (
-    "model_name_or_path", "task", "num_labels", "dataset_name", "dataset_config", "dataset_train_split",
-    "dataset_validation_split", "dataset_format", "dataset_seed", "train_size", "train_pool_size", "eval_size",
-    "text_column", "label_column", "accuracy_size", "max_new_tokens", "sharpness_batches", "sharpness_batch_size",
-    "sharpness_max_iters", "sharpness_probes",
-)
+# The run settings a variant may change: the optimizer's, its schedule's, and those that only affect speed. Every
+# other setting may change the data, the model or the measurement, and must be the same in every run for the
+# paired differences to compare like with like (an allow-list: a setting TRL adds later is refused until known).
+VARIANT_SETTINGS = {
+    "optimizer": ("weight_decay", "adam_beta1", "adam_beta2", "adam_epsilon", "max_grad_norm"),
+    "schedule": ("lr_scheduler_type", "lr_scheduler_kwargs", "warmup_steps", "warmup_ratio"),
+    "speed": ("gradient_checkpointing", "gradient_checkpointing_kwargs", "torch_compile", "torch_compile_backend",
+              "torch_compile_mode", "dataloader_num_workers", "dataloader_pin_memory", "dataloader_persistent_workers",
+              "dataloader_prefetch_factor", "torch_empty_cache_steps", "save_steps", "save_total_limit",
+              "report_to", "disable_tqdm"),
+}
+ALLOWED_VARIANT_SETTINGS = frozenset(key for keys in VARIANT_SETTINGS.values() for key in keys)
+# Why a setting a variant cannot change matters, for the ones a user is likely to try; the rest get the general
+# reason of :func:`_refused_reason`.
+_WHAT_IT_CHANGES = {
+    "max_length": "cuts the training and held-out rows at another length",
+    "max_seq_length": "cuts the training and held-out rows at another length",
+    "per_device_eval_batch_size": "changes how the held-out loss is batched and averaged",
+    "eval_accumulation_steps": "changes how the held-out loss is gathered",
+    "chat_template_path": "changes the text the model trains and is scored on",
+    "completion_only_loss": "changes which tokens the loss counts",
+    "assistant_only_loss": "changes which tokens the loss counts",
+    "packing": "changes how rows are packed into sequences",
+    "max_steps": "changes how long the runs train",
+    "num_train_epochs": "changes how long the runs train",
+    "per_device_train_batch_size": "changes the batch every step is taken on",
+    "gradient_accumulation_steps": "changes the batch every step is taken on",
+    "logging_steps": "changes what the final train loss is averaged over",
+    "accuracy_size": "changes the held-out rows the accuracy is scored on",
+    "max_new_tokens": "changes how long the scored answers may be",
+    "eval_size": "changes the held-out rows",
+    "train_size": "changes the training rows",
+    "train_pool_size": "changes the pool the training rows are drawn from",
+    "dataset_name": "changes the data",
+    "model_name_or_path": "changes the model",
+}
 _ENTRY = re.compile(r"^\s*([A-Za-z0-9_.\-]+)\s*(?:\[(.*)\])?\s*$", re.S)
 _NOT_SETTINGS = ("optim", "label", "seeds")  # keys of a variant that are not settings of its runs
 
@@ -121,14 +151,29 @@ def _default_label(pairs: Mapping[str, str]) -> str:
     return f"{name}[{join_pairs(settings)}]"
 
 
+def _refused_reason(key: str) -> str:
+    """Why a variant may not change ``key``: what the setting changes."""
+    if key in _WHAT_IT_CHANGES:
+        return _WHAT_IT_CHANGES[key]
+    if key.startswith("sharpness"):
+        return "changes how the sharpness is measured"
+    return "is not an optimizer, schedule or speed setting, so it may change the data, the model or the measurement"
+
+
 def _refuse_fixed_settings(where: str, settings: Mapping[str, str]) -> None:
     if "optim_args" in settings:
         raise RecipeError(f"{where}: give optimizer settings as keys (e.g. blend_steps=10), not optim_args")
     if fixed := [key for key in settings if key in SET_BY_COMPARE]:
         raise RecipeError(f"{where}: {', '.join(fixed)} is set by compare for each run; a variant cannot change it")
-    if fixed := [key for key in settings if key in EQUAL_ACROSS_RUNS]:
-        raise RecipeError(f"{where}: {', '.join(fixed)} must be the same in every run (the runs of a seed are "
-                          "compared on the same model, data and held-out rows); set it for all runs instead")
+    for key in settings:
+        if key not in ALLOWED_VARIANT_SETTINGS:
+            close = difflib.get_close_matches(key, sorted(ALLOWED_VARIANT_SETTINGS), n=1, cutoff=0.85)
+            raise RecipeError(
+                f"{where}: {key} must be the same in every run: it {_refused_reason(key)}, so the runs of a seed "
+                "would not measure the same thing" + (f" (did you mean '{close[0]}'?)" if close else "")
+                + ". Set it for all runs instead; a variant may change only its optimizer's keys, "
+                + ", ".join(VARIANT_SETTINGS["optimizer"] + VARIANT_SETTINGS["schedule"])
+                + " and settings that only affect speed (docs/recipes.md, Variants)")
 
 
 def _recipe_optim_args(optim: str, recipe_optim_args: str | None) -> dict[str, str]:
@@ -157,7 +202,7 @@ def parse_variant(entry: str | Mapping[str, Any], recipe_optim_args: str | None 
     valid = valid_optim_args_keys(optim) if optim in OPTIMIZER_NAMES else ()
     given = {k: v for k, v in pairs.items() if k not in _NOT_SETTINGS}
     if optim == "invadam" and (blend := [k for k in given if k in BLEND_KEYS]):
-        raise RecipeError(f"{where}: invadam holds the blend weight at 1 and takes no {', '.join(blend)}")
+        raise RecipeError(f"{where}: {invadam_refusal(blend, 'invadam')}")
     own_args = {**preset_args, **{k: v for k, v in given.items() if k in valid}}
     optim_args = _recipe_optim_args(optim, recipe_optim_args)
     if set(own_args) & set(BLEND_KEYS):  # the variant's blend replaces the recipe's, however each is given

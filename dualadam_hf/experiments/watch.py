@@ -2,9 +2,10 @@
 
 A **diverged** run is one whose training loss (or gradient norm) became non-finite. Training stops at the end of
 that optimizer step: nothing a NaN model computes afterwards means anything, and the last checkpoint stays the
-last finite one (no checkpoint or evaluation is made at that step). The run is then finished: its log history
-and ``run_done.json`` carry ``{"diverged": {"step": N, "what": "loss"}}``, which the comparison report reads to
-keep the run out of means and intervals and to say so.
+last finite one (no checkpoint, evaluation or final model is saved at that step; a run that saved no checkpoint
+before keeps no weights at all). The run is then finished: its log history and ``run_done.json`` carry
+``{"diverged": {"step": N, "what": "loss"}}``, which the comparison report reads to keep the run out of means and
+intervals and to say so, and which ``dualadam-hf sharpness`` reads to refuse the run's folder.
 
 A blend that does not end inside the run (e.g. the default switch_rate 0.01, a 100-step blend, with
 ``max_steps 20``) is announced at train start and recorded as ``{"blend_unfinished": {...}}``: DualAdam never
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 # Keys of the log history and run_done.json: {"diverged": {"step": N, "what": "loss"}} when training stopped at a
@@ -43,6 +45,16 @@ def _on_any_process(flag: bool, device: Any) -> bool:
     return bool(value.item())
 
 
+def finite_checkpoint_words(output_dir: str | Path) -> str:
+    """What a diverged run in ``output_dir`` keeps, in words: its last complete checkpoint, or none."""
+    from .checkpoints import checkpoint_folders, incomplete_reason
+
+    complete = [folder for folder in checkpoint_folders(output_dir) if incomplete_reason(folder) is None]
+    if complete:
+        return f"its last checkpoint, {complete[0]}, is the last finite one"
+    return "it saved no checkpoint before diverging, so it keeps no finite weights"
+
+
 def divergence_watch(trainer: Any, log: Callable[[str], None]) -> Any:
     """A callback, added to ``trainer``, that stops training at the first non-finite training loss or gradient
     norm and records where; its ``mark`` is that record (None while the run is finite).
@@ -64,7 +76,7 @@ def divergence_watch(trainer: Any, log: Callable[[str], None]) -> Any:
             control.should_training_stop = True
             control.should_save = control.should_evaluate = False  # the last checkpoint stays a finite one
             log(f"[train] DIVERGED: the training {what} became non-finite at step {step}; training stops here and "
-                "the run is finished, marked diverged (its last checkpoint is the last finite one).")
+                f"the run is finished, marked diverged ({finite_checkpoint_words(trainer.args.output_dir)}).")
 
         def on_step_end(self, args, state, control, **kwargs):
             if self.mark is None and _on_any_process(self.first_bad is not None, args.device):
