@@ -112,3 +112,24 @@ def test_trl_sft_from_yaml_config(tiny_model_dir, tiny_chat_dataset_dir, tmp_pat
     check_dualadam_run(tmp_path / "out", output)
     adapter_config = json.loads((tmp_path / "out" / "adapter_config.json").read_text())
     assert set(adapter_config["target_modules"]) == {"q_proj", "k_proj", "v_proj", "o_proj"}
+
+
+@pytest.mark.slow
+def test_trl_sft_with_8bit_dualadam_state(tiny_chat_dataset_dir, tmp_path):
+    """`trl sft --optim dualadam_8bit`, full fine-tuning: the checkpoint's moments are torchao's 8-bit state where
+    a tensor is large enough (hidden size 64: the attention and MLP weights)."""
+    pytest.importorskip("torchao")
+    from dualadam_hf.experiments.tiny import build_tiny_llama
+    from dualadam_hf.lowbit import is_quantized, state_types
+
+    state_types()  # torchao's state classes: torch.load(weights_only=True) knows them once it is imported
+    model_dir = build_tiny_llama(tmp_path / "llama64", hidden_size=64)
+    steps = 4
+    run([*trl_command(), "--model_name_or_path", model_dir, "--dataset_name", tiny_chat_dataset_dir,
+         "--output_dir", str(tmp_path / "out"), "--learning_rate", "1e-3", "--optim", "dualadam_8bit",
+         "--optim_args", "blend_steps=2", "--max_steps", str(steps), "--per_device_train_batch_size", "8",
+         "--save_steps", str(steps), "--report_to", "none", "--use_cpu", "--disable_tqdm", "true"], cwd=tmp_path)
+    saved = torch.load(tmp_path / "out" / f"checkpoint-{steps}" / "optimizer.pt", weights_only=True)
+    assert {group["state_bits"] for group in saved["param_groups"]} == {8}
+    moments = [s["exp_avg"] for s in saved["state"].values()]
+    assert any(is_quantized(m) for m in moments) and all(float(s["step"]) == steps for s in saved["state"].values())
