@@ -120,14 +120,17 @@ def resolve_blend(switch_rate: float | None, blend_steps: int | None,
     return (DEFAULT_SWITCH_RATE if switch_rate is None else float(switch_rate)), None
 
 
-class _Plan:
-    """One group's operands for the parameters that have gradients, kept across steps.
+class _GroupOperands:
+    """The operands of one param group's step, kept across steps.
 
-    Built when that set of parameters first steps (and again after ``load_state_dict`` or when a parameter
-    or a state tensor moved): the lists of parameters and moments, and the step counters gathered into one
-    float32 vector on the parameters' device that each ``state["step"]`` views, so one ``add_`` counts a
-    step for all. The host knows the lowest and highest step without reading the device. A step checks
-    what the plan relies on in a few C-speed passes: parameter addresses and the state tensors' identity.
+    It covers the group's parameters that have gradients. It holds their parameters and moments, the
+    chosen update path, and one float32 vector of their step counters on the parameters' device. Each
+    ``state["step"]`` is a view into that vector, so one ``add_`` counts a step for all. It also holds the
+    lowest and highest step, so the host knows them without reading the device.
+
+    It is built at the first step of that set of parameters. Each step checks :meth:`still_holds` in a few
+    C-speed passes; it is rebuilt when that fails: after ``load_state_dict``, when a parameter or a state
+    tensor moved, or when the group's ``foreach`` or ``fused`` changed.
     """
 
     def __init__(self, opt: DualAdam, group: dict[str, Any], params: list[Tensor]):
@@ -155,7 +158,7 @@ class _Plan:
         self.scales = None
         if group["inverse_scale"] == AUTO:
             # The kernel reads the calibrated scales on the device (no host-to-device copy in a step).
-            self.scale_device = device if self.path == "fused" else torch.device("cpu")
+            self.scale_device = device if self.path == "triton" else torch.device("cpu")
             for state in self.states:
                 state["inverse_scale"] = state["inverse_scale"].to(self.scale_device)
             self.scales = [state["inverse_scale"] for state in self.states]
@@ -230,25 +233,28 @@ class DualAdam(Optimizer):
 
     Args:
         params: parameters or param groups, as for any torch optimizer.
-        lr: learning rate (a number or a tensor).
-        betas: Adam's moment coefficients (beta1, beta2).
-        eps: added to sqrt(v_hat).
-        weight_decay: decoupled weight decay, scaled by lr (AdamW style).
+        lr: learning rate, a number or a tensor (default 1e-3).
+        betas: Adam's moment coefficients (beta1, beta2) (default (0.9, 0.999)).
+        eps: added to sqrt(v_hat) (default 1e-8).
+        weight_decay: decoupled weight decay, scaled by lr, AdamW style (default 0).
         switch_rate: the paper's rate: the blend lasts about ``1 / switch_rate`` optimizer steps
-            (default 0.01). Give at most one of ``switch_rate``, ``blend_steps``, ``blend_fraction``.
-        blend_steps: ``N`` sets ``switch_rate = 1/N``: steps 1 to N-1 carry the inverse part, step N on is plain Adam.
-        blend_fraction: the blend's length as a fraction of the run, resolved by :meth:`set_total_steps`
-            (the Trainer integration calls it).
+            (default None: 0.01 when neither ``blend_steps`` nor ``blend_fraction`` is given). Give at most
+            one of ``switch_rate``, ``blend_steps``, ``blend_fraction``.
+        blend_steps: ``N`` sets ``switch_rate = 1/N``: steps 1 to N-1 carry the inverse part, step N on is
+            plain Adam (default None).
+        blend_fraction: the blend's length as a fraction of the run, resolved by :meth:`set_total_steps`,
+            which the Trainer integration calls (default None).
         inverse_scale: ``s``. 1 is the paper's rule; another number scales the inverse part; ``"auto"``
             calibrates one scale per tensor at its first update (the inverse part's norm matched to Adam's
             there, then kept); ``"norm"`` sets it at every step so that the inverse part's norm equals the
             Adam part's, holding the inverse part at strength r throughout; 0 leaves only the Adam part, a
-            linear warmup of Adam over the blend.
-        maximize: maximize the objective instead of minimizing it.
-        foreach: ``False`` takes the single-tensor path; otherwise multi-tensor ops where no fused path runs.
-        fused: ``True`` takes the device's single-pass path (Triton on CUDA, torch.compile on CPU). By default
-            CUDA parameters take the Triton kernel when Triton is installed.
-        state_dtype: ``"bfloat16"`` keeps bf16 moments; by default moments are fp32 for bf16/fp16
+            linear warmup of Adam over the blend (default 1).
+        maximize: maximize the objective instead of minimizing it (default False).
+        foreach: ``False`` takes the single-tensor path. ``True`` and the default, None, take multi-tensor
+            ops where no single-pass path runs.
+        fused: ``True`` takes the device's single-pass path (Triton on CUDA, torch.compile on CPU). The
+            default, None, lets CUDA parameters take the Triton kernel when Triton is installed.
+        state_dtype: ``"bfloat16"`` keeps bf16 moments. The default, None, keeps fp32 moments for bf16/fp16
             parameters and the parameters' dtype otherwise.
         bf16_stochastic_round: write bf16 parameters back from the fp32 update with stochastic rounding, so
             that on average updates below half a bf16 ulp of the weight are kept (round-to-nearest drops
@@ -257,7 +263,7 @@ class DualAdam(Optimizer):
         state_bits: 8 or 4 keeps the moments as torchao's block-wise quantized 8-bit or 4-bit state (about 2
             or 1 bytes per parameter instead of 8), updated by one compiled step per tensor; tensors under 4096
             elements stay fp32. Needs torchao (the ``lowbit`` extra) (see :mod:`dualadam_hf.lowbit`).
-            None (the default) keeps full-precision moments.
+            The default, None, keeps full-precision moments.
 
     Train with gradient clipping: the inverse part grows like g*|g|.
     """
@@ -396,13 +402,13 @@ class DualAdam(Optimizer):
         if group["inverse_scale"] == AUTO:
             state["inverse_scale"] = torch.tensor(0.0, dtype=torch.float32)  # 0: not calibrated yet
 
-    def _plan(self, group: dict[str, Any], params: list[Tensor]) -> _Plan:
+    def _plan(self, group: dict[str, Any], params: list[Tensor]) -> _GroupOperands:
         """The group's cached plan for these parameters, rebuilt when something it relies on moved."""
-        plans: dict[tuple, _Plan] = self.__dict__.setdefault("_plans", {})
+        plans: dict[tuple, _GroupOperands] = self.__dict__.setdefault("_plans", {})
         key = tuple(map(id, params))
         plan = plans.get(key)
         if plan is None or not plan.still_holds(self.state, group):
-            plan = plans[key] = _Plan(self, group, params)
+            plan = plans[key] = _GroupOperands(self, group, params)
             while len(plans) > _MAX_PLANS:
                 plans.pop(next(iter(plans)))
             self._log_path(plan.path, params[0].device.type, group)
@@ -415,7 +421,7 @@ class DualAdam(Optimizer):
             _logger.info("%s: %s update path on %s (foreach=%s, fused=%s)", type(self).__name__, path,
                          device_type, group.get("foreach"), group.get("fused"))
 
-    def _calibrate(self, plan: _Plan, grads: list[Tensor], hyper: Hyper) -> None:
+    def _calibrate(self, plan: _GroupOperands, grads: list[Tensor], hyper: Hyper) -> None:
         """``inverse_scale="auto"``: a tensor's scale is the norm-matching scale of ``"norm"``
         (:func:`~dualadam_hf.functional.held_norm_scales`), taken at its first update with a non-zero
         gradient (0 until then: LoRA's A gets exactly 0 at first, while B is 0) and kept."""
@@ -554,7 +560,7 @@ def damaged_state(saved: dict[str, Any]) -> str | None:
     one = isinstance(step, (int, float)) or (isinstance(step, Tensor) and step.numel() == 1)
     value = float(step) if one else math.nan
     if not (math.isfinite(value) and value >= 0 and value.is_integer()):
-        return f"step {step!r} is not a whole number >= 0"
+        return f"step {value if one else step!r} is not a whole number >= 0"
     m, v = lowbit.dense(saved["exp_avg"]), lowbit.dense(saved["exp_avg_sq"])
     for key, t in (("exp_avg", m), ("exp_avg_sq", v)):
         if not isinstance(t, Tensor):
@@ -580,8 +586,16 @@ def mismatched_state(saved: dict[str, Any], param: Tensor) -> str | None:
 
 
 class InvAdam(DualAdam):
-    """The inverse-Adam rule alone (u = s*mh*d): DualAdam with ``switch_rate=0``, the blend held at 1; it takes
-    DualAdam's arguments but the blend's. The paper reports that it may fail to converge: it is for research."""
+    """The inverse-Adam rule alone: u = s * mh * d at every step.
+
+    It is DualAdam with ``switch_rate=0``: the blend stays at 1 and never anneals to Adam. The paper reports
+    that this rule may fail to converge, so it is for research.
+
+    Args:
+        params, lr, betas, eps, weight_decay, **kwargs: DualAdam's arguments, with DualAdam's defaults (see
+            :class:`DualAdam`), except the blend arguments (``switch_rate``, ``blend_steps``, ``blend_fraction``),
+            which are refused with a TypeError.
+    """
 
     def __init__(self, params: ParamsT, lr: float | Tensor = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 0.0, **kwargs: Any) -> None:

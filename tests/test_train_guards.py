@@ -111,6 +111,33 @@ def test_a_checkpoint_whose_optimizer_settings_differ_is_refused(tiny_model_dir,
         "optimizer.pt param group 0 lr: checkpoint 0.001, asked 0.005"]
 
 
+@pytest.mark.parametrize("tamper, problem", [
+    ({"group": {"eps": -1e-3}}, "param group 0: Invalid eps: -0.001"),
+    ({"group": {"betas": (1.5, 0.999)}}, "param group 0: Invalid beta1: 1.5"),
+    ({"moment": float("nan")}, "is damaged (exp_avg holds non-finite values)"),
+    ({"step": 2.5}, "is damaged (step 2.5 is not a whole number >= 0)"),
+])
+def test_a_tampered_optimizer_state_is_refused_before_training(tiny_model_dir, tiny_chat_dataset_dir, tmp_path,
+                                                               tamper, problem):
+    """DualAdam.load_state_dict refuses these too, but inside the Trainer, as a traceback: the resume names the
+    file and the problem in one line first."""
+    experiment = tiny_experiment(tiny_model_dir, tiny_chat_dataset_dir, tmp_path, "--optim_args", "blend_steps=16")
+    checkpoint = real_checkpoint(experiment, tmp_path, 4)
+    assert resume_checkpoint("last", tmp_path) == checkpoint
+    saved = torch.load(checkpoint / "optimizer.pt", weights_only=True)
+    saved["param_groups"][0].update(tamper.get("group", {}))
+    first = saved["state"][0]
+    if "moment" in tamper:
+        first["exp_avg"][0] = tamper["moment"]
+    if "step" in tamper:
+        first["step"] = torch.tensor(tamper["step"])
+    torch.save(saved, checkpoint / "optimizer.pt")
+    with pytest.raises(RecipeError) as refused:
+        resume_checkpoint("last", tmp_path)
+    assert "\n" not in str(refused.value) and problem in str(refused.value), str(refused.value)
+    assert str(refused.value).startswith(f"cannot resume from {checkpoint}: {checkpoint / 'optimizer.pt'}: ")
+
+
 def test_a_blend_fraction_is_compared_as_the_blend_it_resolves_to(tiny_model_dir, tiny_chat_dataset_dir, tmp_path):
     experiment = tiny_experiment(tiny_model_dir, tiny_chat_dataset_dir, tmp_path, "--optim_args",
                                  "blend_fraction=0.5", "--max_steps", "8")

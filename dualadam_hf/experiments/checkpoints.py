@@ -26,6 +26,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ..integrations.optim_args import BOOLEAN_WORDS
 from .arguments import RecipeError
 
 if TYPE_CHECKING:
@@ -38,6 +39,9 @@ WALL_TIME = "wall_time.json"
 # The key of wall_time.json that holds the global step at which the optimizer state began: 0, or the step of a
 # resume that accepted a fresh optimizer (resume_without_optimizer_state), whose step counters start over there.
 OPTIMIZER_START_KEY = "optimizer_started_at_step"
+# Its other keys: the training seconds before the checkpoint, the processes (segments) they took and their peak
+# memory in MB (wall_time_record writes them, saved_wall_time reads them).
+_SECONDS_KEY, _SEGMENTS_KEY, _PEAK_MEMORY_KEY = "train_seconds", "segments", "peak_memory_mb"
 # The files a saved model or adapter keeps its weights in: one of them makes a folder hold a model.
 WEIGHT_FILES = ("model.safetensors", "adapter_model.safetensors", "pytorch_model.bin", "adapter_model.bin",
                 "model.safetensors.index.json", "pytorch_model.bin.index.json")
@@ -121,9 +125,11 @@ def optimizer_problem(folder: Path) -> str | None:
 def resume_kind(value: str | bool | None) -> str | None:
     """What ``resume_from_checkpoint`` asks: None (no resume), ``"last"`` (the newest complete checkpoint in
     output_dir) or ``"folder"`` (the checkpoint folder it names)."""
-    if value is None or value is False or str(value).lower() in ("false", "no", ""):
+    text = str(value)
+    word = None if text.isdigit() else BOOLEAN_WORDS.get(text.lower())  # digits name a folder (BOOLEAN_WORDS)
+    if value is None or value is False or text == "" or word is False:
         return None
-    return "last" if value is True or str(value).lower() in ("last", "true", "yes") else "folder"
+    return "last" if value is True or text.lower() == "last" or word else "folder"
 
 
 def resume_checkpoint(value: str | bool | None, output_dir: str | Path, *, allow_fresh_optimizer: bool = False,
@@ -154,6 +160,10 @@ def resume_checkpoint(value: str | bool | None, output_dir: str | Path, *, allow
         log(f"[train] resuming from {chosen} with a fresh optimizer: {fresh}")
     if (problem := step_problem(chosen, with_optimizer=fresh is None)) is not None:
         raise RecipeError(f"cannot resume from {chosen}: {problem}")
+    saved = saved_optimizer(chosen) if fresh is None else None
+    if saved is not None and (problem := dualadam_state_problem(saved)) is not None:
+        raise RecipeError(f"cannot resume from {chosen}: {chosen / OPTIMIZER_FILE}: {problem}; resume from an "
+                          "earlier checkpoint, or start over with --overwrite_output_dir true")
     return chosen
 
 
@@ -173,6 +183,7 @@ def saved_optimizer(folder: Path) -> dict[str, Any] | None:
     file = folder / OPTIMIZER_FILE
     if not file.is_file():
         return None
+    _know_quantized_state()
     try:
         saved = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
     except (RuntimeError, OSError, pickle.UnpicklingError, ValueError) as error:
@@ -182,6 +193,40 @@ def saved_optimizer(folder: Path) -> dict[str, Any] | None:
         raise RecipeError(f"{file} is not an optimizer state: expected the state and param_groups of "
                           "Optimizer.state_dict()")
     return saved
+
+
+def _know_quantized_state() -> None:
+    """Let ``weights_only`` loading read low-bit DualAdam state (``state_bits``): torchao registers its quantized
+    tensor classes as safe globals when they are imported. Without torchao there is no such state to read."""
+    try:
+        from ..lowbit import state_types
+
+        state_types()
+    except ImportError:
+        pass
+
+
+def dualadam_state_problem(saved: dict[str, Any]) -> str | None:
+    """What DualAdam's ``load_state_dict`` would refuse in a saved DualAdam/InvAdam state, found before the
+    Trainer starts (None for a sound one, or another optimizer's): a group setting the constructor refuses, or
+    a parameter's damaged state (a step that is not a whole number, non-finite moments, negative v)."""
+    from ..optimizer import check_group, damaged_state
+
+    groups = saved["param_groups"]
+    if not groups or not all(isinstance(g, dict) and "switch_rate" in g for g in groups):
+        return None
+    for index, group in enumerate(groups):
+        settings = {**group, "betas": tuple(group["betas"]) if isinstance(group.get("betas"), list) else
+                    group.get("betas")}
+        try:
+            check_group(settings)
+        except (ValueError, KeyError, ImportError) as error:
+            return f"param group {index}: {_first_line(error)}"
+    for pid, entry in saved["state"].items():
+        if isinstance(entry, dict) and {"step", "exp_avg", "exp_avg_sq"} <= set(entry):
+            if (problem := damaged_state(entry)) is not None:
+                return f"the state of parameter {pid} is damaged ({problem})"
+    return None
 
 
 def optimizer_steps(saved: dict[str, Any]) -> int | None:
@@ -393,6 +438,13 @@ def check_resume_settings(checkpoint: Path, training: Any) -> None:
                           "with --overwrite_output_dir true (or another output_dir).")
 
 
+def wall_time_record(seconds: float, segments: int, peak_memory_mb: float, optimizer_start: int) -> dict[str, Any]:
+    """The contents of a checkpoint's :data:`WALL_TIME` file, as :func:`saved_wall_time` and
+    :func:`optimizer_start` read them."""
+    return {_SECONDS_KEY: seconds, _SEGMENTS_KEY: segments, _PEAK_MEMORY_KEY: peak_memory_mb,
+            OPTIMIZER_START_KEY: optimizer_start}
+
+
 def saved_wall_time(checkpoint: Path | None) -> tuple[float, int, float]:
     """(training seconds before this checkpoint, segments, peak memory in MB, 0 if not recorded) as recorded
     by the run that saved it."""
@@ -400,7 +452,7 @@ def saved_wall_time(checkpoint: Path | None) -> tuple[float, int, float]:
         return 0.0, 0, 0.0
     data = read_json(checkpoint / WALL_TIME)
     try:
-        return float(data["train_seconds"]), int(data["segments"]), float(data.get("peak_memory_mb", 0.0))
+        return float(data[_SECONDS_KEY]), int(data[_SEGMENTS_KEY]), float(data.get(_PEAK_MEMORY_KEY, 0.0))
     except (ValueError, KeyError, TypeError):  # None (no file), or a file without these numbers
         return 0.0, 1, 0.0  # saved by a run that did not record it: one earlier segment of unknown length
 
