@@ -13,7 +13,7 @@ import os
 import sys
 import warnings
 
-OPT_OUT_VARIABLE = "DUALADAM_HF_NO_AUTOREGISTER"
+OPT_OUT_VARIABLE = "DUALADAM_HF_NO_AUTOREGISTER"  # the package imports it from here to name it in its errors
 _WATCHED_MODULES = frozenset({"transformers.training_args", "transformers.trainer"})
 
 

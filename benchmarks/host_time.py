@@ -52,7 +52,7 @@ def main() -> None:
 
     # The CUDA path on CPU tensors: the path the optimizer would choose on one CUDA device with Triton.
     fused_module._kernel = _NoKernel()
-    optimizer_module.choose_path = lambda params, foreach, fused: "fused"
+    optimizer_module.choose_path = lambda params, foreach, fused: "triton"
     torch._fused_adamw_ = _no_fused_adamw
 
     def params():

@@ -1,4 +1,4 @@
-"""The Triton kernel of the fused path; imported only when that path runs (see ``fused``)."""
+"""The Triton kernel of the Triton path; imported only when that path runs (see ``fused.triton_update``)."""
 
 import triton
 import triton.language as tl

@@ -9,7 +9,7 @@ For CPU training and DeepSpeed optimizer offload. One compilation serves the who
   (p, g, m, v; the last bucket padded with scratch tensors), and duck shaping is off during the call, so
   sizes equal on the first step are not assumed equal later.
 - Past the blend the dispatcher (``dualadam_hf.update``) hands the update to torch's fused AdamW kernel.
-- The routing and the flat aliases are cached across steps (:class:`_Plan`).
+- The routing and the flat aliases are cached across steps (:class:`_CompiledBuckets`).
 
 Cold compile: about 42 s on 2 idle cores, whatever the number of tensors; the inductor cache makes later
 processes start in seconds (docs/performance.md has the measurements behind these choices).
@@ -96,12 +96,13 @@ def _signature(*lists: Sequence[Tensor]) -> list[tuple]:
     return [(t.data_ptr(), t.shape, t.stride(), t.dtype) for ts in lists for t in ts]
 
 
-class _Plan:
-    """One call's routing: buckets of flat aliases of p, m, v with their padding, and the fallbacks.
+class _CompiledBuckets:
+    """How one call routes its tensors to the compiled graph.
 
-    Rebuilding it every step cost about 2 ms of a 40 ms step for 122 tensors (docs/performance.md). An
-    optimizer passes the same p, m, v every step, so the plan is kept in the optimizer's cache for these
-    tensors; a step checks their signature and flattens the gradients (new tensors every step, not kept:
+    It holds the buckets of flat aliases of p, m, v with their padding, and the indices left to the caller.
+    Building it takes about 2 ms of a 40 ms step for 122 tensors (docs/performance.md), and an optimizer
+    passes the same p, m, v every step, so it is kept in the optimizer's cache for these tensors. A step
+    checks their signature and flattens only the gradients, which are new tensors every step (not kept:
     set_to_none frees them).
     """
 
@@ -161,14 +162,15 @@ class _Plan:
                 fn(P, [_flat(g) for g in gs] + G_pad, M, V, rows.detach(), shared, hyper.maximize, stochastic)
 
 
-def _plan_for(tensors: StepTensors) -> _Plan:
-    """The plan kept in the optimizer's cache for these tensors (it dies with the optimizer's plan, which is
-    dropped when a parameter or a state tensor moves); rebuilt when the gradients' dtypes or layout change."""
+def _buckets_for(tensors: StepTensors) -> _CompiledBuckets:
+    """The buckets kept in the optimizer's cache for these tensors (they die with the optimizer's group
+    operands, which are dropped when a parameter or a state tensor moves); rebuilt when the gradients' dtypes
+    or layout change."""
     cache = tensors.counts.cache if tensors.counts is not None else None
     plan = None if cache is None else cache.get("compiled")
     if plan is not None and plan.matches(tensors):
         return plan
-    plan = _Plan(tensors)
+    plan = _CompiledBuckets(tensors)
     if cache is not None and plan.plain:
         cache["compiled"] = plan
     return plan
@@ -179,7 +181,7 @@ def compiled(tensors: StepTensors, hyper: Hyper) -> list[int]:
     module's notes), whose steps it did not count."""
     if not tensors.params:
         return []
-    plan = _plan_for(tensors)
+    plan = _buckets_for(tensors)
     if plan.empty:
         # Empty shards still count a step, as on the other paths.
         torch._foreach_add_([local(tensors.steps[i]) for i in plan.empty], 1.0)

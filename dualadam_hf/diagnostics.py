@@ -13,8 +13,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from .functional import local
-from .schedule import Hyper, blend_weight
+from .functional import NORM_BATCH, local
+from .schedule import Hyper, bias_corrections, blend_weight
 
 
 def update_norms(exp_avgs: Sequence[Tensor], exp_avg_sqs: Sequence[Tensor], steps: Sequence[Tensor],
@@ -36,7 +36,7 @@ def update_norms(exp_avgs: Sequence[Tensor], exp_avg_sqs: Sequence[Tensor], step
         if t < 1 or m.numel() == 0:
             continue
         r = float(blend_weight(t, hyper.switch_rate))
-        bc1, c = 1.0 - hyper.beta1**t, (1.0 - hyper.beta2**t) ** 0.5
+        bc1, c = bias_corrections(t, hyper)
         # (||mh/d|| per ||m/den||, ||mh*d|| per ||m*den|| times r*s, or None when the norm was held, r, eps*c)
         inverse = None if hyper.hold_norm else r * hyper.inverse_scale * scale / (bc1 * c)
         groups[(m.device, m.dtype)].append((m, v, c / bc1, inverse, r, hyper.eps * c))
@@ -61,15 +61,12 @@ def update_norms(exp_avgs: Sequence[Tensor], exp_avg_sqs: Sequence[Tensor], step
     return adam_sq, inverse_sq
 
 
-# Elements per batch of foreach calls: the temporaries (den and two products, fp32) stay at a few hundred MB
-# whatever the model's size, for a few more launches on large models.
-_BATCH = 1 << 25
 
 
 def _batches(items: list[tuple]) -> list[list[tuple]]:
     batches, size = [[]], 0
     for item in items:
-        if batches[-1] and size + item[0].numel() > _BATCH:
+        if batches[-1] and size + item[0].numel() > NORM_BATCH:
             batches.append([])
             size = 0
         batches[-1].append(item)

@@ -16,7 +16,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
-from .schedule import Hyper, blend_weight, fold
+from .schedule import Hyper, bias_corrections, blend_weight, fold
 
 LOW_PRECISION = (torch.float16, torch.bfloat16)
 # 0xFFFF0000 as an int32: keeps an fp32 bit pattern's sign, exponent and top 7 mantissa bits (a bf16).
@@ -27,6 +27,10 @@ _BF16_HIGH_BITS = -(1 << 16)
 # trip to DRAM per operand. On a GPU each foreach call is a kernel launch and the caches are no help, so
 # there one call per op per dtype group covers every tensor (as torch's multi-tensor Adam does).
 FOREACH_BLOCK = 1 << 18
+# Elements per batch of the norm passes off the CPU (held_norm_scales here, the inverse share in diagnostics):
+# few launches, while their fp32 temporaries (den and two products, 12 B per element: 384 MB) stay bounded
+# whatever the model's size.
+NORM_BATCH = 1 << 25
 
 
 class StepCounts(NamedTuple):
@@ -122,9 +126,9 @@ def held_norm_scales(tensors: StepTensors, hyper: Hyper, block: int | None = Non
     scale is then the whole tensor's (replicated elements count on both sides alike)."""
     n = len(tensors.params)
     steps = [t + 1.0 for t in _host_steps(tensors, counted=False)]
-    c = [(1.0 - hyper.beta2**t) ** 0.5 for t in steps]
+    c = [bias_corrections(t, hyper)[1] for t in steps]
     on_cpu = local(tensors.params[0]).device.type == "cpu"
-    limit = block or (FOREACH_BLOCK if on_cpu else 1 << 25)  # off the CPU: few launches, bounded temporaries
+    limit = block or (FOREACH_BLOCK if on_cpu else NORM_BATCH)
     parts, batch, size = [], [], 0
     for i in range(n):
         batch.append(i)

@@ -1,4 +1,5 @@
-"""The fused CUDA path: one single-pass Triton kernel over many tensors (imported lazily: no Triton needed).
+"""The Triton path (``fused=True`` on CUDA, and the default there): one single-pass Triton kernel over many
+tensors (imported lazily: no Triton needed).
 
 Each program updates ``BLOCK`` elements of one tensor, reading p, g, m, v and writing p, m, v once (28 B per
 fp32 element); a device table of pointers lets one launch cover every tensor of a dtype combination. The
@@ -26,7 +27,7 @@ from torch import Tensor
 from .functional import StepTensors, coefficients, count_step, local
 from .schedule import Hyper
 
-__all__ = ["BLOCK", "fused", "fused_supported", "triton_available"]
+__all__ = ["BLOCK", "triton_available", "triton_supported", "triton_update"]
 
 # Elements per program. A sweep on an H200 (benchmarks/fused_block_sweep.py, fp32, 238M elements) reached
 # 62% of copy bandwidth with 2048 and 8 warps against 43% with 4096.
@@ -34,7 +35,6 @@ BLOCK = 2048
 NUM_WARPS = 8
 PARAM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 STATE_DTYPES = (torch.float32, torch.bfloat16)
-_ROWS = 7  # table rows: p, g, m, v pointers, numel, first program, coefficient row
 
 _kernel = None
 
@@ -45,7 +45,7 @@ def triton_available() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
-def fused_supported(params: list[Tensor]) -> bool:
+def triton_supported(params: list[Tensor]) -> bool:
     """Whether the automatic choice may use the kernel for these parameters."""
     return triton_available() and all(p.is_cuda and p.dtype in PARAM_DTYPES for p in params)
 
@@ -134,16 +134,16 @@ class _Layout:
 def _layout(tensors: StepTensors) -> _Layout:
     """The cached layout; the optimizer drops its cache whenever a p, m or v moved or was replaced."""
     cache: dict[str, Any] | None = tensors.counts.cache if tensors.counts is not None else None
-    layout = None if cache is None else cache.get("fused")
+    layout = None if cache is None else cache.get("triton-layout")
     if layout is None:
         layout = _Layout(tensors)
         if cache is not None:
-            cache["fused"] = layout
+            cache["triton-layout"] = layout
     return layout
 
 
-def fused(tensors: StepTensors, hyper: Hyper) -> list[int]:
-    """The fused update of every tensor the kernel takes; returns the indices of those it left (non-contiguous
+def triton_update(tensors: StepTensors, hyper: Hyper) -> list[int]:
+    """The Triton update of every tensor the kernel takes; returns the indices of those it left (non-contiguous
     or other dtypes), whose steps it did not count. Steps (and ``scales``) must be on the parameters'
     device. On CPU tensors it runs only under ``TRITON_INTERPRET=1`` (the tests)."""
     if not tensors.params:

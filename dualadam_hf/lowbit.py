@@ -125,7 +125,8 @@ def _new_moment(p: Tensor, bits: int, signed: bool, fallback: torch.dtype) -> Te
 
 def init_state(p: Tensor, state: dict[str, Any], group: dict[str, Any], fallback: torch.dtype) -> None:
     """A parameter's state at its first step: quantized moments where the tensor is large enough (else
-    ``fallback``, fp32 for low-precision parameters), the step counter, and the scale of ``inverse_scale="auto"``."""
+    ``fallback``, fp32 for low-precision parameters) and the step counter. The optimizer adds the scale of
+    ``inverse_scale="auto"``, as for any state."""
     bits = group["state_bits"]
     if p.is_complex():
         raise ValueError(f"state_bits={bits} quantizes real moments; complex parameters are not supported (train "
@@ -138,8 +139,6 @@ def init_state(p: Tensor, state: dict[str, Any], group: dict[str, Any], fallback
     state["step"] = torch.tensor(0.0, dtype=torch.float32)
     state["exp_avg"] = _new_moment(p, bits, True, fallback)
     state["exp_avg_sq"] = _new_moment(p, bits, False, fallback)
-    if group["inverse_scale"] == "auto":
-        state["inverse_scale"] = torch.tensor(0.0, dtype=torch.float32)  # 0: not calibrated yet
 
 
 def _write_param(p: Tensor, value: Tensor, stochastic: bool) -> None:

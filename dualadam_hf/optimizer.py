@@ -393,12 +393,12 @@ class DualAdam(Optimizer):
     def _init_state(self, p: Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:
         if group.get("state_bits") is not None:
             lowbit.init_state(p, state, group, self._moment_dtype(group, p))
-            return
-        # zeros_like keeps the DTensor placement under FSDP2 and the device under offload.
-        dtype = p.dtype if p.is_complex() else self._moment_dtype(group, p)
-        state["step"] = torch.tensor(0.0, dtype=torch.float32)
-        state["exp_avg"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
-        state["exp_avg_sq"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
+        else:
+            # zeros_like keeps the DTensor placement under FSDP2 and the device under offload.
+            dtype = p.dtype if p.is_complex() else self._moment_dtype(group, p)
+            state["step"] = torch.tensor(0.0, dtype=torch.float32)
+            state["exp_avg"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
         if group["inverse_scale"] == AUTO:
             state["inverse_scale"] = torch.tensor(0.0, dtype=torch.float32)  # 0: not calibrated yet
 
@@ -591,10 +591,16 @@ class InvAdam(DualAdam):
     It is DualAdam with ``switch_rate=0``: the blend stays at 1 and never anneals to Adam. The paper reports
     that this rule may fail to converge, so it is for research.
 
-    Args:
-        params, lr, betas, eps, weight_decay, **kwargs: DualAdam's arguments, with DualAdam's defaults (see
-            :class:`DualAdam`), except the blend arguments (``switch_rate``, ``blend_steps``, ``blend_fraction``),
-            which are refused with a TypeError.
+    Args (each as for :class:`DualAdam`):
+        params: parameters or param groups.
+        lr: learning rate (default 1e-3).
+        betas: (beta1, beta2) (default (0.9, 0.999)).
+        eps: added to sqrt(v_hat) (default 1e-8).
+        weight_decay: decoupled weight decay (default 0).
+        inverse_scale, maximize, foreach, fused, state_dtype, bf16_stochastic_round, state_bits: keyword
+            arguments with DualAdam's defaults (1.0, False, None, None, None, False, None).
+
+    The blend arguments (``switch_rate``, ``blend_steps``, ``blend_fraction``) are refused with a TypeError.
     """
 
     def __init__(self, params: ParamsT, lr: float | Tensor = 1e-3, betas: tuple[float, float] = (0.9, 0.999),

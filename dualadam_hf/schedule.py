@@ -86,6 +86,12 @@ def blend_weight(step: Any, switch_rate: float) -> Any:
     return (1.0 - step * switch_rate) * (step <= last_blend_step(switch_rate)) + 0.0
 
 
+def bias_corrections(step: Any, hyper: Hyper) -> tuple[Any, Any]:
+    """(bc1, c) at ``step``: bc1 = 1 - b1**t divides m into mh, and c = sqrt(1 - b2**t) turns
+    den = sqrt(v) + eps*c into the update's d = den/c. ``step`` may be a number or a tensor."""
+    return 1.0 - hyper.beta1**step, (1.0 - hyper.beta2**step) ** 0.5
+
+
 def fold(step: Any, hyper: Hyper, scale: Any = 1.0) -> tuple[Any, Any, Any, Any]:
     """The coefficients of the update in the form the fast paths compute it:
 
@@ -98,7 +104,7 @@ def fold(step: Any, hyper: Hyper, scale: Any = 1.0) -> tuple[Any, Any, Any, Any]
     may be tensors (one entry per parameter tensor); ``step`` must already count the coming update.
     Returns (adam, inverse, eps_c, decay).
     """
-    bc1, c = 1.0 - hyper.beta1**step, (1.0 - hyper.beta2**step) ** 0.5
+    bc1, c = bias_corrections(step, hyper)
     r, lr = blend_weight(step, hyper.switch_rate), hyper.lr
     return (lr * (1.0 - r) * c / bc1, lr * r * (hyper.inverse_scale * scale) / (bc1 * c), hyper.eps * c,
             1.0 - lr * hyper.weight_decay)

@@ -3,12 +3,13 @@ chooses between its single-tensor, foreach and fused implementations.
 
 - ``single``: :func:`~dualadam_hf.functional.single_tensor`, one tensor at a time (``foreach=False``).
 - ``foreach``: :func:`~dualadam_hf.functional.foreach`, multi-tensor ops (the default off CUDA).
-- ``fused``: :func:`~dualadam_hf.fused.fused`, the Triton kernel (the default on one CUDA device with Triton).
+- ``triton``: :func:`~dualadam_hf.fused.triton_update`, the Triton kernel (``fused=True`` on CUDA; the default on one
+  CUDA device with Triton).
 - ``compiled``: :func:`~dualadam_hf.compiled.compiled`, torch.compile on CPU (``fused=True`` on CPU).
 
 Around the chosen path: past the blend the update is AdamW's, so every tensor torch's fused AdamW kernel
 takes goes to it (all paths but ``single``; not bf16 parameters with ``bf16_stochastic_round``, as that kernel
-rounds to nearest); what the fused and compiled paths leave (non-contiguous, other dtypes) goes to foreach;
+rounds to nearest); what the triton and compiled paths leave (non-contiguous, other dtypes) goes to foreach;
 and with ``inverse_scale="norm"`` the per-tensor scales are found first.
 """
 
@@ -23,10 +24,10 @@ from torch import Tensor
 from . import functional
 from .compiled import compiled
 from .functional import StepCounts, StepTensors, held_norm_scales, local, takes_adamw_fused
-from .fused import fused, fused_supported
+from .fused import triton_supported, triton_update
 from .schedule import Hyper, last_blend_step
 
-PATHS = ("single", "foreach", "fused", "compiled")
+PATHS = ("single", "foreach", "triton", "compiled")
 
 
 def choose_path(params: Sequence[Tensor], foreach: bool | None, fused_flag: bool | None) -> str:
@@ -36,11 +37,11 @@ def choose_path(params: Sequence[Tensor], foreach: bool | None, fused_flag: bool
     if fused_flag:
         if len(devices) > 1 or device.type not in ("cuda", "cpu"):
             raise RuntimeError(f"fused=True needs all parameters of a group on one CUDA or CPU device, got {devices}")
-        return "fused" if device.type == "cuda" else "compiled"
+        return "triton" if device.type == "cuda" else "compiled"
     if foreach is False:
         return "single"
     if foreach is None and fused_flag is None and len(devices) == 1 and device.type == "cuda":
-        return "fused" if fused_supported(list(params)) else "foreach"
+        return "triton" if triton_supported(list(params)) else "foreach"
     return "foreach"
 
 
@@ -71,8 +72,8 @@ def update(tensors: StepTensors, hyper: Hyper, path: str) -> None:
             return
         taken = set(adam)
         tensors = _part(tensors, [i for i in range(len(tensors.params)) if i not in taken], "blend")
-    if path == "fused" or path == "compiled":
-        rest = fused(tensors, hyper) if path == "fused" else compiled(tensors, hyper)
+    if path == "triton" or path == "compiled":
+        rest = triton_update(tensors, hyper) if path == "triton" else compiled(tensors, hyper)
         if not rest:
             return
         tensors = _part(tensors, rest, path + "-rest")

@@ -16,9 +16,12 @@ from dualadam_hf.experiments.checkpoints import (
     holds_weights,
     incomplete_reason,
     load_trainer_state,
+    optimizer_start,
     read_json,
     resume_checkpoint,
+    resume_kind,
     saved_wall_time,
+    wall_time_record,
 )
 from tests.test_resume import fake_checkpoint
 
@@ -83,3 +86,20 @@ def test_wall_time_a_checkpoint_cannot_tell_counts_as_one_earlier_segment(tmp_pa
     path = fake_checkpoint(tmp_path, 3)
     (path / "wall_time.json").write_text(content)
     assert saved_wall_time(path) == (0.0, 1, 0.0)
+
+
+def test_the_wall_time_a_run_writes_is_the_one_a_resume_reads(tmp_path):
+    path = fake_checkpoint(tmp_path, 3)
+    (path / "wall_time.json").write_text(json.dumps(wall_time_record(4.5, 2, 123.0, 7)))
+    assert saved_wall_time(path) == (4.5, 2, 123.0)
+    assert optimizer_start(path) == 7
+
+
+@pytest.mark.parametrize("value, kind", [
+    (None, None), (False, None), ("", None), ("false", None), ("No", None),
+    (True, "last"), ("true", "last"), ("YES", "last"), ("last", "last"),
+    # Digits are no boolean here: like any other text that is no word, they name a checkpoint folder.
+    ("1", "folder"), ("0", "folder"), ("out/checkpoint-5", "folder"),
+])
+def test_resume_from_checkpoint_reads_words_and_folder_names(value, kind):
+    assert resume_kind(value) == kind

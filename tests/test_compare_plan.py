@@ -117,7 +117,7 @@ def test_the_command_line_gets_the_same_checks(recipe, tmp_path, capsys, flag, v
 def test_compare_block_values_are_typed_as_on_the_command_line(recipe, tmp_path):
     plan = plan_of(recipe("compare:\n  sharpness: \"false\"\n  lr_grid: 0.001\n  seeds: \"3\"\n  grid_seeds: 2\n"
                           "  grid_seed: 7\n  baseline: dualadam\n"), tmp_path / "out")
-    assert plan.sharpness is False  # the text "false" used to switch sharpness on
+    assert plan.sharpness is False  # "false" is a non-empty string: taken as truthy it would switch sharpness on
     assert plan.lr_grid == [0.001] and plan.seeds == [0, 1, 2] and plan.grid_seeds == [7, 8]
     assert plan.baselines == ["adamw_torch", "dualadam"]
     # The command line wins over the recipe.
@@ -452,7 +452,7 @@ def test_an_edited_data_file_is_refused_instead_of_mixing_old_and_new_runs(recip
 
 
 def write_key_without_data(plan, spec) -> None:
-    """A finished run whose key records no data, as keys were written before the data entered them."""
+    """A finished run whose key records no data files, so nothing in it tells which data the run read."""
     spec.output_dir.mkdir(parents=True)
     key = run_key(plan, train_command(plan, spec, None), None)
     key.pop("data", None)

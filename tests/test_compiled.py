@@ -110,7 +110,7 @@ def test_new_sizes_do_not_recompile():
 
 @pytest.mark.compile
 def test_cached_plan_follows_storage_changes_and_dies_with_the_optimizer():
-    # The flat aliases of p, m, v are cached across steps (compiled._Plan). A
+    # The flat aliases of p, m, v are cached across steps (compiled._CompiledBuckets). A
     # `p.data = ...` swap keeps p but moves its storage: a stale alias would go
     # on updating the old storage. Checked against the eager foreach path.
     gen = torch.Generator().manual_seed(1)
@@ -126,7 +126,7 @@ def test_cached_plan_follows_storage_changes_and_dies_with_the_optimizer():
             old = params[0].data
             old_values = old.clone()
             params[0].data = old.clone()
-            # Same values, column-major: no longer taken by the graph (the eager fallback).
+            # Same values, column-major: the graph does not take it (the eager fallback does).
             for ps in (params, twins):
                 ps[2].data = ps[2].data.t().contiguous().t()
         opt.step()

@@ -19,7 +19,7 @@ pytest.importorskip("triton", reason="triton is not installed")
 
 from dualadam_hf import fused  # noqa: E402
 from dualadam_hf.functional import StepCounts, StepTensors  # noqa: E402
-from dualadam_hf.fused import fused as fused_update  # noqa: E402
+from dualadam_hf.fused import triton_update  # noqa: E402
 from dualadam_hf.schedule import Hyper  # noqa: E402
 from dualadam_hf.update import update  # noqa: E402
 from tests.reference import ReferenceDualAdam, max_rel_err  # noqa: E402
@@ -76,9 +76,9 @@ def _run(*, p_dtype=torch.float32, s_dtype=torch.float32, maximize=False, switch
         grads = [g.to(p_dtype) for g in grads]
         tensors = StepTensors(params, grads, ms, vs, steps_t, scales)
         if noncontig or hold:  # the dispatcher: the foreach path takes what the kernel leaves; held norms
-            update(tensors.subset(live), hyper, "fused")
+            update(tensors.subset(live), hyper, "triton")
         else:
-            assert fused_update(tensors.subset(live), hyper) == []
+            assert triton_update(tensors.subset(live), hyper) == []
         ref.step([g if i in live else None for i, g in enumerate(grads)])
     return params, ref, steps_t
 
@@ -138,14 +138,14 @@ def test_launch_tables_are_built_once_while_tensors_stay_put(monkeypatch):
         for x in g:
             x.copy_(torch.randn(x.shape))
         lr.fill_(1e-2 / (k + 1))
-        fused_update(StepTensors(p, g, m, v, list(vector), None, counts._replace(lowest=k, highest=k)),
+        triton_update(StepTensors(p, g, m, v, list(vector), None, counts._replace(lowest=k, highest=k)),
                      Hyper(lr=lr, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0, switch_rate=0.5))
         if k == 0:
             copied.clear()
     assert built == [1] and copied == []
     assert vector.tolist() == [3.0, 3.0]
     g[0] = torch.randn(70)  # a gradient that moved: only its row of the table is rewritten
-    fused_update(StepTensors(p, g, m, v, list(vector), None, counts), Hyper(
+    triton_update(StepTensors(p, g, m, v, list(vector), None, counts), Hyper(
         lr=lr, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0, switch_rate=0.5))
     assert built == [1] and copied == [1]
     assert real_point_at is fused._Group.point_at

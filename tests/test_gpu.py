@@ -118,7 +118,7 @@ def test_default_path_on_cuda_is_the_kernel_and_is_logged_once(caplog):
             p.grad = torch.randn_like(p)
             opt.step()
     lines = [r.getMessage() for r in caplog.records if "update path" in r.getMessage()]
-    assert lines == ["DualAdam: fused update path on cuda (foreach=None, fused=None)"]
+    assert lines == ["DualAdam: triton update path on cuda (foreach=None, fused=None)"]
 
 
 def _kernel_variants() -> int:

@@ -95,7 +95,7 @@ class Trainer(_TrainerBase):
     def build_optimizer_spec(self):
         return "AdamW", {"lr": self.args.learning_rate}
 """
-# The names are no longer a str Enum, but TrainingArguments still validates in __post_init__.
+# A layout whose names are a plain Enum (not a str Enum), while TrainingArguments still validates in __post_init__.
 MOVED_ENUM_TRAINING_ARGS = KNOWN_TRAINING_ARGS.replace("class OptimizerNames(str, enum.Enum):",
                                                        "class OptimizerNames(enum.Enum):")
 

@@ -86,12 +86,18 @@ def test_compiled_update_matches_the_reference(bits):
     assert max(update_error) < 1e-4 and moment_error[0] < MOMENT_ERROR[bits] and moment_error[1] < 1e-6
 
 
-def test_invadam_takes_state_bits(eager_step):
+def stepped_once(make, grad=torch.randn_like):
+    """The parameters of make_params() and an optimizer made by ``make`` over them, after one step."""
     params = make_params()
-    opt = InvAdam(params, lr=1e-3, state_bits=8)
+    opt = make(params)
     for p in params:
-        p.grad = torch.ones_like(p)
+        p.grad = grad(p)
     opt.step()
+    return params, opt
+
+
+def test_invadam_takes_state_bits(eager_step):
+    params, opt = stepped_once(lambda ps: InvAdam(ps, lr=1e-3, state_bits=8), torch.ones_like)
     assert is_quantized(opt.state[params[0]]["exp_avg"]) and opt.blend_weight() == 1.0
 
 
@@ -184,11 +190,7 @@ def test_a_bf16_parameters_quantized_moments_survive_torchs_cast_at_load(eager_s
 
 
 def test_a_damaged_quantized_state_is_refused(eager_step):
-    params = make_params()
-    opt = DualAdam(params, lr=1e-2, state_bits=8)
-    for p in params:
-        p.grad = torch.randn_like(p)
-    opt.step()
+    params, opt = stepped_once(lambda ps: DualAdam(ps, lr=1e-2, state_bits=8))
     state = opt.state_dict()
     state["state"][0]["exp_avg"].scale[0] = float("nan")
     with pytest.raises(ValueError, match="the state of parameter 0 is damaged .exp_avg holds non-finite values"):

@@ -540,7 +540,8 @@ def test_fused_with_parameters_on_several_devices_is_refused_by_name():
 
 
 def test_a_state_saved_before_later_group_keys_existed_loads_with_their_defaults():
-    # Checkpoints written before blend_fraction, inverse_scale and state_dtype were group keys.
+    # A saved state whose groups lack blend_fraction, inverse_scale and state_dtype: each takes its default, so
+    # the checkpoint resumes.
     params = make_params()
     opt = DualAdam(params, lr=1e-2, switch_rate=0.1)
     for grads in grad_stream(params, 3):
@@ -564,3 +565,36 @@ def test_a_state_saved_before_later_group_keys_existed_loads_with_their_defaults
         opt.step()
         twin.step()
     assert all(torch.equal(p, q) for p, q in zip(params, twin_params))
+
+
+def test_docstring_lists_every_argument_with_its_default():
+    import inspect
+    import re
+
+    args = inspect.getdoc(DualAdam).split("Args:\n", 1)[1]
+    entries = dict(re.findall(r"^    (\w+): (.*?)(?=^    \S|\n\n|\Z)", args, flags=re.M | re.S))
+    for name, param in inspect.signature(DualAdam.__init__).parameters.items():
+        if name == "self":
+            continue
+        assert name in entries, f"{name} is not in the Args section"
+        if param.default is not inspect.Parameter.empty:
+            assert "default" in entries[name], f"{name} does not say its default"
+
+
+def test_invadam_docstring_lists_its_arguments_with_their_defaults():
+    import inspect
+
+    from dualadam_hf.optimizer import BLEND_KEYS, InvAdam
+
+    args = inspect.getdoc(InvAdam).split("Args (each as for :class:`DualAdam`):\n", 1)[1]
+    written = {"lr": "1e-3", "betas": "(0.9, 0.999)", "eps": "1e-8", "weight_decay": "0"}
+    for name, text in written.items():
+        assert inspect.signature(InvAdam.__init__).parameters[name].default == eval(text), name
+        entry = args.split(f"\n    {name}: ", 1)[1].split("\n", 1)[0]
+        assert f"(default {text})" in entry, name
+    keywords = [name for name, p in inspect.signature(DualAdam.__init__).parameters.items()
+                if p.kind is inspect.Parameter.KEYWORD_ONLY and name not in BLEND_KEYS]
+    line = args.split("\n    inverse_scale", 1)[1].split("\n\n", 1)[0]
+    assert ", ".join(keywords[1:]) in line  # every keyword argument DualAdam has but the blend's
+    defaults = [inspect.signature(DualAdam.__init__).parameters[name].default for name in keywords]
+    assert f"({', '.join(map(str, defaults))})" in " ".join(line.split())

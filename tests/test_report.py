@@ -414,8 +414,8 @@ def test_grid_rates_equal_to_6_digits_keep_their_own_files_and_columns(tmp_path)
     _, loaded = load_raw(raw)
     assert sorted((r.label, r.lr, r.summary["heldout_loss"]) for r in loaded) == sorted(
         (r.label, r.lr, r.summary["heldout_loss"]) for r in grid)
-    # A raw folder from before rates were named in full: the old name (rate:g) of a run is still read, and a run
-    # saved under both its old and its current name is read once, from the current file.
+    # Files are read by content: a run under a shortened rate (rate:g) is read, and a run saved under both that
+    # name and raw_file_name's is read once, from the latter.
     (raw / "grid-dualadam-seed1000-lr0.000123457.json").write_text(
         (raw / "grid-dualadam-seed1000-lr0.00012345678.json").read_text())
     old_name = raw / "grid-adamw_torch-seed1000-lr0.000123457.json"

@@ -4,7 +4,7 @@ parameters, keeps updates that round-to-nearest drops, and changes nothing when 
 The statistical checks compare a mean of N independent roundings with the fp32 value: each rounding is one of
 the two bf16 neighbours, an ulp apart, so its standard deviation is at most ulp/2 and the mean's at most
 ulp / (2 sqrt(N)); the bounds are 5 of those (a false failure about once in 1.7 million runs).
-The fused (Triton) path runs on CPU in the Triton interpreter, as in tests/test_fused.py.
+The Triton path runs on CPU in the Triton interpreter, as in tests/test_fused.py.
 """
 
 from __future__ import annotations
@@ -104,9 +104,9 @@ GRADS = (1.0, -1.0, 1.0)
 OPTIMIZER_PATHS = {"single": {"foreach": False}, "foreach": {"foreach": True}, "compiled": {"fused": True}}
 
 
-@pytest.fixture(params=["single", "foreach", pytest.param("compiled", marks=pytest.mark.compile), "fused"])
+@pytest.fixture(params=["single", "foreach", pytest.param("compiled", marks=pytest.mark.compile), "triton"])
 def path(request) -> str:
-    if request.param == "fused":
+    if request.param == "triton":
         request.getfixturevalue("interpreted_kernel")
     return request.param
 
@@ -121,13 +121,13 @@ def _start(dtype: torch.dtype, n: int) -> tuple[torch.Tensor, torch.Tensor]:
 def _run(path: str, *, dtype: torch.dtype, steps: int, lr: float, flag: bool, n: int = N, **kw) -> torch.Tensor:
     """The parameters after ``steps`` updates on ``path``, no weight decay; ``kw`` goes to DualAdam."""
     p, g = _start(dtype, n)
-    if path == "fused":  # the optimizer picks this path on CUDA only: the dispatcher, as the optimizer calls it
+    if path == "triton":  # the optimizer picks this path on CUDA only: the dispatcher, as the optimizer calls it
         m, v = torch.zeros_like(p, dtype=torch.float32), torch.zeros_like(p, dtype=torch.float32)
         step, cache = torch.tensor(0.0), {}
         hyper = Hyper(lr=lr, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0, switch_rate=0.01,
                       bf16_stochastic_round=flag)
         for k in range(steps):
-            update(StepTensors([p], [g], [m], [v], [step], None, StepCounts(None, k, k, cache)), hyper, "fused")
+            update(StepTensors([p], [g], [m], [v], [step], None, StepCounts(None, k, k, cache)), hyper, "triton")
         return p
     param = torch.nn.Parameter(p)
     opt = DualAdam([param], lr=lr, bf16_stochastic_round=flag, **OPTIMIZER_PATHS[path], **kw)
@@ -197,9 +197,9 @@ def test_fused_kernel_draws_new_noise_every_step(interpreted_kernel):
     results = []
     for _ in range(2):
         p.copy_(p0), m.zero_(), v.zero_(), step.zero_()
-        update(StepTensors([p], [g], [m], [v], [step], None, StepCounts(None, 0, 0, cache)), hyper, "fused")
+        update(StepTensors([p], [g], [m], [v], [step], None, StepCounts(None, 0, 0, cache)), hyper, "triton")
         results.append(p.clone())
-    assert cache["fused"].seeds is not None
+    assert cache["triton-layout"].seeds is not None
     assert not torch.equal(*results)
 
 
@@ -264,7 +264,7 @@ def test_compiled_kernel_on_cuda(monkeypatch):
         for _ in range(steps):
             param.grad = torch.ones_like(param)
             opt.step()
-        assert next(iter(opt._plans.values())).path == "fused"
+        assert next(iter(opt._plans.values())).path == "triton"
         after[dtype, flag] = param.detach().double().cpu()
     assert bool((after[torch.bfloat16, False] == 1.0).all())
     moved = 1.0 - after[torch.float32, False][0].item()

@@ -323,6 +323,18 @@ def test_resume_refusals_end_to_end(tiny_model_dir, tiny_chat_dataset_dir, tmp_p
     assert "global_step is 1000, but the folder checkpoint-2 was saved at step 2" in error_line(
         capsys.readouterr().err)
     state_file.write_text(state)
+    # A moment of another shape (a state saved for another model): the optimizer refuses it as the Trainer loads
+    # it, and the command says so in one line.
+    optimizer_file = out / "checkpoint-2" / "optimizer.pt"
+    kept = optimizer_file.read_bytes()
+    saved = torch.load(optimizer_file, weights_only=True)
+    first = next(iter(saved["state"].values()))
+    first["exp_avg"] = first["exp_avg"].reshape(-1)[:1].clone()
+    torch.save(saved, optimizer_file)
+    assert main(argv + resume) == 2
+    assert "load_state_dict: the state of parameter 0 does not fit it (exp_avg has shape (1,)" in error_line(
+        capsys.readouterr().err)
+    optimizer_file.write_bytes(kept)
     # The same settings resume, mid-schedule (the group's lr has moved; its initial lr is what is compared).
     assert main(argv + resume) == 0
     history = json.loads((out / DONE_FILE).read_text())["log_history"]

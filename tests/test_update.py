@@ -1,7 +1,7 @@
 """The dispatcher and the cached plan: which code updates which tensors, and what a step does on the host.
 
 GPU costs are proven here without a GPU: launches are counted on the meta device (a foreach call off the
-CPU is a kernel launch), and the fused path's host work is run on CPU tensors with the kernel stubbed.
+CPU is a kernel launch), and the triton path's host work is run on CPU tensors with the kernel stubbed.
 """
 
 from __future__ import annotations
@@ -76,7 +76,7 @@ def test_foreach_still_works_in_l2_sized_blocks_on_cpu(monkeypatch):
     assert len(calls) == 16  # 2 x 8 blocks of 1024 elements
 
 
-# --- the fused path's host work: built once, a few launches per dtype group -----------------------------
+# --- the triton path's host work: built once, a few launches per dtype group ----------------------------
 
 
 class _StubKernel:
@@ -96,7 +96,7 @@ class _StubKernel:
 def stubbed_fused(monkeypatch):
     kernel = _StubKernel()
     monkeypatch.setattr(fused_module, "_kernel", kernel)
-    monkeypatch.setattr(optimizer_module, "choose_path", lambda params, foreach, fused: "fused")
+    monkeypatch.setattr(optimizer_module, "choose_path", lambda params, foreach, fused: "triton")
     return kernel
 
 

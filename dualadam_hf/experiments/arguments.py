@@ -23,6 +23,7 @@ from typing import Any
 
 import yaml
 
+from ..integrations.optim_args import boolean_word
 from .sharpness import SharpnessSettings
 
 TASKS = ("sft", "classification")
@@ -53,14 +54,14 @@ def whole_number(value: Any, what: str, minimum: int | None = None) -> int:
 def true_or_false(value: Any, what: str) -> bool:
     """A YAML or command-line value as a boolean, else a RecipeError naming ``what``.
 
-    Booleans pass, and so do the words true/false, yes/no and 1/0 as text. The text ``"false"`` is therefore
+    Booleans pass, and so do the words of :data:`~dualadam_hf.integrations.optim_args.BOOLEAN_WORDS` (true/false,
+    yes/no, 1/0), as text or as the numbers 1 and 0. The text ``"false"`` is therefore
     False, where Python alone would call it true, as it calls any non-empty string.
     """
     if isinstance(value, bool):
         return value
-    words = {"true": True, "yes": True, "1": True, "false": False, "no": False, "0": False}
-    if isinstance(value, (str, int)) and str(value).strip().lower() in words:
-        return words[str(value).strip().lower()]
+    if isinstance(value, (str, int)) and (word := boolean_word(str(value))) is not None:
+        return word
     raise RecipeError(f"{what} must be true or false, got {value!r}")
 
 

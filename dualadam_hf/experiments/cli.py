@@ -20,6 +20,8 @@ from .._version import __version__
 DEFAULT_RECIPE = "recipes/smollm2_chainsum_lora.yaml"
 # The experiments extra's packages the commands import (its gguf and reasoning-gym serve the default job only).
 HARNESS_MODULES = ("trl", "datasets", "peft", "yaml", "matplotlib", "scipy")
+# The start of the optimizer's refusals of a saved state (DualAdam.load_state_dict, InvAdam.load_state_dict).
+LOAD_STATE_REFUSALS = ("DualAdam.load_state_dict:", "InvAdam.load_state_dict:")
 EXTRA_INSTALL = 'pip install ".[experiments]" in a checkout of dualadam-hf'
 GETTING_STARTED = f"""\
 train, compare and sharpness need the experiments extra: {EXTRA_INSTALL}.
@@ -104,9 +106,9 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         parser.print_help()
         return 0
-    from .trainers import quiet_library_noise
+    from .trainers import quiet_upstream_logs
 
-    quiet_library_noise()  # the commands' own logs: only lines a user can act on
+    quiet_upstream_logs()  # the commands' own logs: only lines a user can act on
     if args.command == "sharpness":
         from . import sharpness_cli
 
@@ -126,8 +128,8 @@ def main(argv: list[str] | None = None) -> int:
         from ..integrations.log_keys import LOG_PREFIX
         from .arguments import load_experiment
         from .compare import smoke_overrides
+        from .sharpness import SHARPNESS_PREFIX
         from .train import run
-        from .watch import SHARPNESS_PREFIX
 
         recipe = find_recipe(args.config)
         experiment = load_experiment(recipe, (smoke_overrides() if args.smoke else []) + extra)
@@ -138,6 +140,13 @@ def main(argv: list[str] | None = None) -> int:
             f"{k}={v:.4g}" for k, v in numbers.items() if not k.startswith((SHARPNESS_PREFIX, LOG_PREFIX))))
         return 0
     except RecipeError as error:
+        print(f"dualadam-hf {args.command}: error: {error}", file=sys.stderr)
+        return 2
+    except ValueError as error:
+        # The optimizer refuses a state that does not fit the model (a moment of another shape) when the
+        # Trainer loads it, deep inside transformers: its message is the whole story.
+        if not str(error).startswith(LOAD_STATE_REFUSALS):
+            raise
         print(f"dualadam-hf {args.command}: error: {error}", file=sys.stderr)
         return 2
 

@@ -27,14 +27,18 @@ from .checkpoints import folder_lock, read_json
 from .data import load_splits, local_data_files
 from .models import resolve_model
 from .report import SUMMARY_OF, RunResult, rate_scores, raw_file_name, write_report
-from .train import DONE_FILE, check_output_dir
+from .train import ACCURACY_KEY, DONE_FILE, EVAL_LOSS_KEY, check_output_dir
 from .variants import DEFAULT_OPTIMS, SET_BY_COMPARE, Variant, parse_variants
 from .watch import DIVERGED_KEY
 
 COMMAND_FILE = "compare_command.json"  # a run folder's reuse key; also marks the folder as made by compare
 LOCK_FILE = ".compare.lock"
-SELECT_METRICS = {"eval_loss": "lower", "eval_accuracy": "higher"}
+SELECT_METRICS = {EVAL_LOSS_KEY: "lower", ACCURACY_KEY: "higher"}
 COMPARE_KEYS = ("optims", "seeds", "lr_grid", "grid_seeds", "select_metric", "grid_seed", "sharpness", "baseline")
+# The learning-rate grid's first seed (unless the recipe sets grid_seed) is the recipe's seed plus this: the reported
+# runs take the recipe's seed and the ones after it, so the grid chooses the rate on runs of its own, not on the
+# runs it is then judged by (a comparison would need this many seeds for the two to meet).
+GRID_SEED_OFFSET = 1000
 # Overrides of --smoke: a few steps on a few rows, to check a recipe end to end in CI.
 SMOKE_OVERRIDES = {
     "max_steps": "2", "train_size": "16", "eval_size": "4", "accuracy_size": "2", "max_new_tokens": "8",
@@ -177,14 +181,14 @@ def make_plan(config: str | Path, *, optims: str | None = None, seeds: Any = Non
                                                "select_metric": select_metric, "baseline": baseline,
                                                "grid_seeds": grid_seeds}, config)
     variants = parse_variants(settings.get("optims", DEFAULT_OPTIMS), base.training.optim_args)
-    metric = settings.get("select_metric", "eval_loss")
-    if metric == "eval_accuracy" and not base.args.accuracy_size:
-        raise RecipeError("select_metric eval_accuracy needs accuracy_size > 0")
+    metric = settings.get("select_metric", EVAL_LOSS_KEY)
+    if metric == ACCURACY_KEY and not base.args.accuracy_size:
+        raise RecipeError(f"select_metric {ACCURACY_KEY} needs accuracy_size > 0")
     labels = [v.label for v in variants]
     if missing := [b for b in settings.get("baseline", []) if b not in labels]:
         raise RecipeError(f"baseline {missing[0]!r} is not a variant of this comparison; variants: "
                           f"{', '.join(labels)}")
-    base_seed, grid_seed = base.training.seed, settings.get("grid_seed", base.training.seed + 1000)
+    base_seed, grid_seed = base.training.seed, settings.get("grid_seed", base.training.seed + GRID_SEED_OFFSET)
     plan = Plan(
         config=config, variants=variants, seeds=[base_seed + k for k in range(settings.get("seeds", 1))],
         lr_grid=settings.get("lr_grid", []), grid_seeds=[grid_seed + k for k in range(settings.get("grid_seeds", 1))],
@@ -251,7 +255,7 @@ def train_command(plan: Plan, spec: RunSpec, launcher: str | None) -> list[str]:
     lr = [] if spec.lr is None else ["--learning_rate", repr(spec.lr)]
     # A grid run only needs the final value of the metric it is chosen on.
     only_final = ["--eval_strategy", "no"] if grid else []
-    if grid and plan.select_metric == "eval_loss":
+    if grid and plan.select_metric == EVAL_LOSS_KEY:
         only_final += ["--accuracy_size", "0", "--accuracy_during_training", "false"]
     return prefix + [
         "dualadam_hf", "train", "--config", str(plan.config), *plan.overrides, *spec.variant.overrides(), *lr,
@@ -335,8 +339,8 @@ PATHS_LEFT_OUT = {"--config": "<recipe>", "--output_dir": "<run folder>"}
 
 
 def _without_paths(command: list[str]) -> list[str]:
-    """The train command with the recipe's path and the run folder replaced by placeholders (keys written
-    before these were left out hold absolute paths: they compare equal after this too)."""
+    """The train command with the recipe's path and the run folder replaced by placeholders. Both sides of a
+    comparison go through it, so a saved key that holds these paths in full matches a key with placeholders."""
     return [PATHS_LEFT_OUT.get(command[i - 1], word) if i else word for i, word in enumerate(command)]
 
 
@@ -449,7 +453,7 @@ def _execute(plan: Plan, specs: list[RunSpec], launcher: str | None, rerun: bool
         done = None if rerun else read_json(spec.output_dir / DONE_FILE)
         if done is None:
             if rerun and spec.output_dir.exists():
-                # else `--resume_from_checkpoint last` would pick up the old run
+                # else `--resume_from_checkpoint last` would continue the run being replaced
                 remove_run_folder(spec.output_dir, plan.output_dir / "runs")
             spec.output_dir.mkdir(parents=True, exist_ok=True)
             (spec.output_dir / COMMAND_FILE).write_text(json.dumps(key) + "\n")

@@ -23,6 +23,7 @@ from typing import Any
 
 from ..integrations.log_keys import BLEND_LOG_KEY
 from ..integrations.log_keys import INVERSE_SHARE_LOG_KEY as INVERSE_SHARE_KEY
+from .sharpness import SHARPNESS_PREFIX
 from .stats import (
     ALPHA,
     McNemar,
@@ -33,15 +34,25 @@ from .stats import (
     mean_std,
     paired_difference,
 )
-from .watch import BLEND_UNFINISHED_KEY, DIVERGED_KEY, SHARPNESS_PREFIX
+from .train import (
+    ACCURACY_KEY,
+    DONE_ANSWERS_KEY,
+    DONE_LOG_KEY,
+    DONE_ROWS_KEY,
+    EVAL_LOSS_KEY,
+    PEAK_MEMORY_KEY,
+    SEGMENTS_KEY,
+    WALL_TIME_KEY,
+)
+from .watch import BLEND_UNFINISHED_KEY, DIVERGED_KEY
 
 # (summary key, log-history keys (first found wins), column header, digits, better)
 METRICS: tuple[tuple[str, tuple[str, ...], str, int, str], ...] = (
-    ("heldout_loss", ("eval_loss",), "held-out loss", 4, "lower"),
-    ("heldout_accuracy", ("eval_accuracy",), "held-out accuracy", 3, "higher"),
+    ("heldout_loss", (EVAL_LOSS_KEY,), "held-out loss", 4, "lower"),
+    ("heldout_accuracy", (ACCURACY_KEY,), "held-out accuracy", 3, "higher"),
     ("final_train_loss", ("loss",), "final train loss", 4, "lower"),
-    ("wall_time_s", ("train_wall_time_s", "train_runtime"), "train wall time (s)", 1, "lower"),
-    ("peak_memory_mb", ("peak_memory_mb",), "peak memory (MB)", 0, "lower"),
+    ("wall_time_s", (WALL_TIME_KEY, "train_runtime"), "train wall time (s)", 1, "lower"),
+    ("peak_memory_mb", (PEAK_MEMORY_KEY,), "peak memory (MB)", 0, "lower"),
     ("sharpness", (f"{SHARPNESS_PREFIX}top_eigenvalue",), "top Hessian eigenvalue", 4, "lower"),
 )
 CONVERGED_KEY = f"{SHARPNESS_PREFIX}eigenvalue_converged"  # 0: the eigenvalue estimate stopped at the cap
@@ -50,13 +61,13 @@ ITERATIONS_KEY = f"{SHARPNESS_PREFIX}eigenvalue_iterations"
 FAMILY_METRICS = ("heldout_loss", "heldout_accuracy")
 # Costs, not outcomes: shared cores make wall time noisy, so they get no paired differences.
 RESOURCE_METRICS = ("wall_time_s", "peak_memory_mb")
-SUMMARY_OF = {"eval_loss": "heldout_loss", "eval_accuracy": "heldout_accuracy"}  # select_metric -> summary key
+SUMMARY_OF = {EVAL_LOSS_KEY: "heldout_loss", ACCURACY_KEY: "heldout_accuracy"}  # select_metric -> summary key
 # Log-history keys whose non-finite value means the run diverged (transformers logs a NaN loss as 0, but not
 # the gradient norm or the held-out loss).
-_WATCHED = ("loss", "grad_norm", "eval_loss", "train_loss")
+_WATCHED = ("loss", "grad_norm", EVAL_LOSS_KEY, "train_loss")
 # (log-history key, file, caption, log y axis)
-PLOTS = (("loss", "train_loss.png", "Train loss", False), ("eval_loss", "eval_loss.png", "Held-out loss", False),
-         ("eval_accuracy", "eval_accuracy.png", "Held-out accuracy", False),
+PLOTS = (("loss", "train_loss.png", "Train loss", False), (EVAL_LOSS_KEY, "eval_loss.png", "Held-out loss", False),
+         (ACCURACY_KEY, "eval_accuracy.png", "Held-out accuracy", False),
          (INVERSE_SHARE_KEY, "inverse_share.png", "Inverse share of the update", True))
 
 
@@ -115,21 +126,21 @@ class RunResult:
     def from_done(cls, label: str, seed: int, done: dict[str, Any], *, phase: str = "final",
                   lr: float | None = None) -> RunResult:
         """A finished run from the contents of its ``run_done.json``."""
-        return cls(label, seed, list(done.get("log_history") or []), phase=phase, lr=lr,
-                   accuracy_rows=done.get("accuracy_rows"), accuracy_answers=done.get("accuracy_answers"),
+        return cls(label, seed, list(done.get(DONE_LOG_KEY) or []), phase=phase, lr=lr,
+                   accuracy_rows=done.get(DONE_ROWS_KEY), accuracy_answers=done.get(DONE_ANSWERS_KEY),
                    diverged=done.get(DIVERGED_KEY),
                    blend_unfinished=done.get(BLEND_UNFINISHED_KEY))
 
     @property
     def segments(self) -> int:
-        return int(last_logged(self.log_history, ("train_segments",)) or 1)
+        return int(last_logged(self.log_history, (SEGMENTS_KEY,)) or 1)
 
     @property
     def evaluated_without_training(self) -> bool:
         """Its last process resumed from a checkpoint that had finished training and trained nothing: train's
         wall time is logged, the Trainer's ``train_runtime`` (logged whenever it trains) is not."""
         keys = {key for entry in self.log_history for key in entry}
-        return "train_wall_time_s" in keys and "train_runtime" not in keys
+        return WALL_TIME_KEY in keys and "train_runtime" not in keys
 
     @property
     def divergence(self) -> str | None:
@@ -203,11 +214,6 @@ def select(results: Sequence[RunResult], order: Sequence[str] = ()) -> Selection
             if group}
     planned = {label: group for label, group in planned.items() if group}
     return Selection(runs, planned, dict(sorted(dropped.items())))
-
-
-def group(results: Sequence[RunResult]) -> dict[str, list[RunResult]]:
-    """The runs that enter the numbers, by variant (see :func:`select`)."""
-    return select(results).runs
 
 
 def format_cell(values: Sequence[float | None], digits: int, runs: int | None = None) -> str:
@@ -821,9 +827,9 @@ def _save_raw(raw: Path, runs: Sequence[RunResult]) -> None:
 def load_raw(folder: str | os.PathLike) -> tuple[list[RunResult], list[RunResult]]:
     """(final runs, grid runs) from a report's raw/*.json files, e.g. to rewrite a report without training.
 
-    Files are read by their content, whatever their name. A folder written before rates were named in full
-    (``-lr{rate:g}``) may hold a run under that old name next to the same run (phase, variant, seed and rate)
-    under its current name: the current file wins, and the run is read once."""
+    Files are read by their content, whatever their name, so a folder may hold one run (phase, variant, seed
+    and rate) in two files, e.g. under a shortened rate (``-lr{rate:g}``) and under :func:`raw_file_name`'s
+    name: the file with that name wins, and the run is read once."""
     runs: dict[tuple[str, str, int, float | None], RunResult] = {}
     for file in sorted(Path(folder).glob("*.json")):
         try:

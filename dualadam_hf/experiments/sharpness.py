@@ -24,6 +24,9 @@ LossFn = Callable[[], Tensor]
 IGNORE_INDEX = -100  # tokens with this label are ignored by Hugging Face losses
 PARAM_CHOICES = ("trainable", "all", "lora")
 DEFAULT_BATCH_SIZE = 2  # rows per batch when neither the settings nor a run's eval batch size say
+# The log-key prefix of the numbers train measures here after training, e.g. "sharpness/top_eigenvalue" and
+# "sharpness/eigenvalue_converged" (0 when the power iteration stopped at its cap): the report reads both.
+SHARPNESS_PREFIX = "sharpness/"
 
 
 def _check(name: str, value: Any, integer: bool, prefix: str = "") -> None:
@@ -95,6 +98,14 @@ def _random_vector(params: Sequence[Tensor], gen: torch.Generator, kind: str) ->
             v = torch.randint(0, 2, p.shape, generator=gen).to(torch.float32).mul_(2).sub_(1)
         out.append(v.to(device=p.device, dtype=p.dtype))
     return out
+
+
+# Offsets of the seeds of the trace probes and of the epsilon-sharpness directions from the measurement's seed:
+# each measure draws from a stream of its own, so no probe repeats the power iteration's start vector (drawn
+# from the seed itself). A million apart, so the streams of the nearby seeds of a comparison's runs (seed,
+# seed + 1, ...) do not meet either.
+TRACE_SEED_OFFSET = 1_000_003
+EPSILON_SEED_OFFSET = 2_000_003
 
 
 def _generator(seed: int) -> torch.Generator:
@@ -252,7 +263,7 @@ def hessian_trace_estimate(loss_fn: LossFn | HessianVectorProduct, params: Seque
     """
     _check("probes", probes, True)
     hvp = _hvp(loss_fn, params)
-    gen = _generator(seed + 1_000_003)  # not the power iteration's start vector
+    gen = _generator(seed + TRACE_SEED_OFFSET)
     samples = []
     for k in range(1, probes + 1):
         z = _random_vector(hvp.params, gen, "rademacher")
@@ -305,7 +316,7 @@ def epsilon_sharpness(loss_fn: LossFn, params: Sequence[Tensor], *, rho: float =
     _check("rho", rho, False)
     _check("rho_random", rho_random, False)
     _check("seeds", seeds, True)
-    gen = _generator(seed + 2_000_003)
+    gen = _generator(seed + EPSILON_SEED_OFFSET)
     backup = [p.detach().clone() for p in params]
     param_norm = _norm(backup)
     if param_norm == 0.0:

@@ -198,9 +198,3 @@ def score_answers(model: Any, tokenizer: Any, rows: Any, *, max_new_tokens: int 
     answers = generate_answers(model, tokenizer, [r["prompt"] for r in rows], max_new_tokens=max_new_tokens,
                                batch_size=batch_size, show_bar=show_bar)
     return [is_correct(text, str(row["answer"])) for text, row in zip(answers, rows, strict=True)], answers
-
-
-def exact_match(model: Any, tokenizer: Any, rows: Any, *, max_new_tokens: int = 128,
-                batch_size: int = 8) -> list[bool]:
-    """Per row, whether the greedy answer to its ``prompt`` matches its ``answer``."""
-    return score_answers(model, tokenizer, rows, max_new_tokens=max_new_tokens, batch_size=batch_size)[0]

@@ -20,12 +20,12 @@ import resource
 import shutil
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from .arguments import Experiment, RecipeError
 from .checkpoints import (
-    OPTIMIZER_START_KEY,
     TRAINER_STATE,
     TRAINING_ARGS_FILE,
     WALL_TIME,
@@ -39,18 +39,24 @@ from .checkpoints import (
     resume_checkpoint,
     resume_kind,
     saved_wall_time,
+    wall_time_record,
 )
 from .data import load_splits
 from .models import resolve_model
+from .sharpness import SHARPNESS_PREFIX
 from .tasks import score_answers
 from .trainers import build_trainer, eval_batches
-from .watch import DIVERGED_KEY, SHARPNESS_PREFIX, blend_length_check, divergence_watch, finite_checkpoint_words
+from .watch import DIVERGED_KEY, blend_length_check, divergence_watch, finite_checkpoint_words
 
 PEAK_MEMORY_KEY = "peak_memory_mb"
 ACCURACY_KEY = "eval_accuracy"
+EVAL_LOSS_KEY = "eval_loss"  # the Trainer's: the held-out loss of each evaluation
 WALL_TIME_KEY = "train_wall_time_s"
 SEGMENTS_KEY = "train_segments"
 DONE_FILE = "run_done.json"
+# The keys of DONE_FILE besides DIVERGED_KEY, which the report reads back: the log history, and the last
+# evaluation's exact-match result and generated text per scored problem.
+DONE_LOG_KEY, DONE_ROWS_KEY, DONE_ANSWERS_KEY = "log_history", "accuracy_rows", "accuracy_answers"
 ACCURACY_ROWS_FILE = "accuracy_rows.json"
 ACCURACY_ANSWERS_FILE = "accuracy_answers.json"  # the generated text of each scored problem, in row order
 RUN_LOCK_FILE = ".train.lock"
@@ -195,9 +201,8 @@ def _callbacks(clock: dict[str, Any], accuracy: Any) -> list[Any]:
         def on_save(self, args, state, control, **kwargs):
             folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
             if state.is_world_process_zero and folder.is_dir():
-                write_atomically(folder / WALL_TIME, {"train_seconds": _seconds(clock), "segments": clock["segments"],
-                                                      PEAK_MEMORY_KEY: peak_memory_mb(),
-                                                      OPTIMIZER_START_KEY: clock["optimizer_start"]})
+                write_atomically(folder / WALL_TIME, wall_time_record(_seconds(clock), clock["segments"],
+                                                                      peak_memory_mb(), clock["optimizer_start"]))
 
     class AccuracyCallback(TrainerCallback):
         def on_evaluate(self, args, state, control, model=None, **kwargs):
@@ -279,12 +284,11 @@ def _optimizer_start(checkpoint: Path | None, state: dict[str, Any]) -> int:
 
 
 def _run(experiment: Experiment, model_path: str, train_data: Any, heldout: Any, log) -> dict[str, float]:
+    """Train (or take a finished checkpoint as it is), evaluate, measure, save; return the logged numbers."""
     args, training = experiment.args, experiment.training
     checkpoint = choose_checkpoint(experiment, log)
-    # Whether the checkpoint already holds all the training the arguments ask for.
     state = (read_json(checkpoint / TRAINER_STATE) or {}) if checkpoint else {}
-    planned = training.max_steps if training.max_steps > 0 else state.get("max_steps", math.inf)
-    finished = checkpoint is not None and state.get("global_step", 0) >= planned
+    finished = _holds_all_training(checkpoint, state, training.max_steps)
     adapter = str(checkpoint) if finished and experiment.model.use_peft else None
     base = str(checkpoint) if finished and adapter is None else model_path
     trainer, tokenizer = build_trainer(experiment, base, train_data, heldout, adapter=adapter)
@@ -294,79 +298,127 @@ def _run(experiment: Experiment, model_path: str, train_data: Any, heldout: Any,
     show_bars = not training.disable_tqdm and trainer.is_local_process_zero()
     clock = {"offset": offset, "segments": segments + 1, "start": time.time(), "stopped": None,
              "optimizer_start": _optimizer_start(checkpoint, state)}
-    accuracy, scored, answers = None, {}, {}
-    if args.task == "sft" and args.accuracy_size:
-        rows = heldout.select(range(min(args.accuracy_size, len(heldout))))
-
-        def accuracy(model: Any, step: int) -> list[bool]:  # scored once per step
-            if step not in scored:
-                scored[step], answers[step] = score_answers(
-                    model, tokenizer, rows, max_new_tokens=args.max_new_tokens, batch_size=args.generation_batch_size,
-                    show_bar=show_bars)
-            return scored[step]
+    accuracy, answers = _accuracy_scorer(experiment, heldout, tokenizer, show_bars)
     for callback in _callbacks(clock, accuracy if args.accuracy_during_training else None):
         trainer.add_callback(callback)
     watch = divergence_watch(trainer, log)
     blend_length_check(trainer, log)
     if finished:
-        from transformers import TrainerState
-
-        # Training again would take one more step past the end (the Trainer's resume does that); the
-        # checkpoint's weights and log are the finished run: only what follows training is redone.
-        trainer.state = TrainerState.load_from_json(str(checkpoint / TRAINER_STATE))
-        clock["stopped"], clock["segments"] = offset, max(segments, 1)
-        log(f"[train] {checkpoint} finished training at step {trainer.state.global_step}: evaluating it, "
-            "training nothing")
+        _take_finished_run(trainer, checkpoint, clock, log)
     else:
         trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     memory.mark("train")
     final: dict[str, float] = {WALL_TIME_KEY: _seconds(clock), SEGMENTS_KEY: float(clock["segments"])}
     step = trainer.state.global_step
     diverged = watch.mark or next((e[DIVERGED_KEY] for e in trainer.state.log_history if DIVERGED_KEY in e), None)
+    correct = None
     if diverged is not None:
         log("[train] a diverged run is not evaluated: its weights are not finite")
-    elif not any("eval_loss" in e and e.get("step") == step for e in trainer.state.log_history):
-        trainer.evaluate()  # with accuracy_during_training this also scores the accuracy at this step
-        memory.mark("evaluate")
-    rows = None if accuracy is None or diverged is not None else [int(r) for r in accuracy(trainer.model, step)]
-    if rows is not None:
-        memory.mark("accuracy")
-    if rows is not None and not (args.accuracy_during_training and any(
-            ACCURACY_KEY in e and e.get("step") == step for e in trainer.state.log_history)):
-        final[ACCURACY_KEY] = sum(rows) / len(rows)
-    if args.sharpness and diverged is None:
-        from .sharpness import measure_sharpness
-
-        settings = args.sharpness_settings(seed=training.seed)
-        numbers = measure_sharpness(trainer.model, eval_batches(trainer, settings.batches, settings.batch_size),
-                                    settings, show_bar=show_bars)
-        memory.mark("sharpness")
-        if not numbers["eigenvalue_converged"]:
-            change = numbers["eigenvalue_relative_change"]
-            log(f"[train] sharpness: the top eigenvalue {numbers['top_eigenvalue']:.6g} stopped at the cap of "
-                f"{settings.max_iters} power iterations (last relative change {change:.2g}, tolerance {settings.tol:g})"
-                ": sharpness/eigenvalue_converged is 0; raise sharpness_max_iters for a converged estimate")
-        # Non-finite numbers (e.g. the standard error of a single probe) are left out: JSON has no NaN.
-        final.update({f"{SHARPNESS_PREFIX}{k}": float(v) for k, v in numbers.items() if math.isfinite(v)})
+    else:
+        correct = _evaluate(trainer, accuracy, args.accuracy_during_training, memory, final)
+        if args.sharpness:
+            final.update(_sharpness_entries(trainer, args.sharpness_settings(seed=training.seed), show_bars, log))
+            memory.mark("sharpness")
     # The whole run's peak, training and everything after it (a resumed run: the largest of its segments').
     final.update(memory.numbers())
     if trainer.is_world_process_zero():
         log(f"[train] {memory.summary()}")
     trainer.log(final)
-    if diverged is None:
-        trainer.save_model()
-    elif trainer.is_world_process_zero():  # a folder a user loads holds finite weights, or none
-        log(f"[train] the diverged weights are not saved to {training.output_dir}: "
-            f"{finite_checkpoint_words(training.output_dir)}")
-    trainer.save_state()
-    if trainer.is_world_process_zero():
-        output = Path(training.output_dir)
-        generated = answers.get(step) if rows is not None else None
-        if rows is not None:
-            write_atomically(output / ACCURACY_ROWS_FILE, rows)
-            write_atomically(output / ACCURACY_ANSWERS_FILE, generated)
-        write_atomically(output / DONE_FILE, {"log_history": trainer.state.log_history, "accuracy_rows": rows,
-                                              "accuracy_answers": generated, DIVERGED_KEY: diverged,
-                                              "peak_memory_phase": memory.peak_phase})
+    generated = answers.get(step) if correct is not None else None
+    _save_run(trainer, training.output_dir, diverged, correct, generated, memory.peak_phase, log)
     numbers = {k: v for e in trainer.state.log_history for k, v in e.items() if isinstance(v, (int, float))}
     return numbers | ({} if diverged is None else {"diverged_at_step": float(diverged["step"])})
+
+
+def _holds_all_training(checkpoint: Path | None, state: dict[str, Any], max_steps: int) -> bool:
+    """Whether the checkpoint (``state``: its trainer state) already holds all the training the arguments ask
+    for: ``max_steps`` when set, else the run length the checkpoint recorded."""
+    planned = max_steps if max_steps > 0 else state.get("max_steps", math.inf)
+    return checkpoint is not None and state.get("global_step", 0) >= planned
+
+
+def _accuracy_scorer(experiment: Experiment, heldout: Any, tokenizer: Any,
+                     show_bars: bool) -> tuple[Callable[[Any, int], list[bool]] | None, dict[int, Any]]:
+    """(scorer, answers): exact match on the first ``accuracy_size`` held-out problems (chat tasks only; None
+    otherwise), scored once per step, and the generated text of each scored step, filled in as it scores."""
+    args = experiment.args
+    answers: dict[int, Any] = {}
+    if args.task != "sft" or not args.accuracy_size:
+        return None, answers
+    problems = heldout.select(range(min(args.accuracy_size, len(heldout))))
+    scored: dict[int, list[bool]] = {}
+
+    def accuracy(model: Any, step: int) -> list[bool]:
+        if step not in scored:
+            scored[step], answers[step] = score_answers(
+                model, tokenizer, problems, max_new_tokens=args.max_new_tokens, batch_size=args.generation_batch_size,
+                show_bar=show_bars)
+        return scored[step]
+
+    return accuracy, answers
+
+
+def _take_finished_run(trainer: Any, checkpoint: Path, clock: dict[str, Any], log) -> None:
+    """Take a checkpoint that holds all the training as the trained run. Training again would take one more
+    step past the end (the Trainer's resume does that); the checkpoint's weights and log are the finished run,
+    so only what follows training is redone, and the wall clock stays at the checkpoint's."""
+    from transformers import TrainerState
+
+    trainer.state = TrainerState.load_from_json(str(checkpoint / TRAINER_STATE))
+    clock["stopped"], clock["segments"] = clock["offset"], max(clock["segments"] - 1, 1)
+    log(f"[train] {checkpoint} finished training at step {trainer.state.global_step}: evaluating it, "
+        "training nothing")
+
+
+def _evaluate(trainer: Any, accuracy: Callable[[Any, int], list[bool]] | None, accuracy_during_training: bool,
+              memory: MemoryPhases, final: dict[str, float]) -> list[int] | None:
+    """The held-out loss (unless the log has it for the last step) and exact match at the last step. Adds the
+    accuracy to ``final`` unless the evaluation callback logged it for that step; returns each problem's score
+    (1 right, 0 wrong), or None without an accuracy scorer."""
+    step = trainer.state.global_step
+    if not any(EVAL_LOSS_KEY in e and e.get("step") == step for e in trainer.state.log_history):
+        trainer.evaluate()  # with accuracy_during_training this also scores the accuracy at this step
+        memory.mark("evaluate")
+    if accuracy is None:
+        return None
+    correct = [int(r) for r in accuracy(trainer.model, step)]
+    memory.mark("accuracy")
+    if not (accuracy_during_training and any(ACCURACY_KEY in e and e.get("step") == step
+                                             for e in trainer.state.log_history)):
+        final[ACCURACY_KEY] = sum(correct) / len(correct)
+    return correct
+
+
+def _sharpness_entries(trainer: Any, settings: Any, show_bars: bool, log) -> dict[str, float]:
+    """The trained model's sharpness as log entries (keys under :data:`.sharpness.SHARPNESS_PREFIX`).
+    Non-finite numbers (e.g. the standard error of a single probe) are left out: JSON has no NaN."""
+    from .sharpness import measure_sharpness
+
+    numbers = measure_sharpness(trainer.model, eval_batches(trainer, settings.batches, settings.batch_size),
+                                settings, show_bar=show_bars)
+    if not numbers["eigenvalue_converged"]:
+        change = numbers["eigenvalue_relative_change"]
+        log(f"[train] sharpness: the top eigenvalue {numbers['top_eigenvalue']:.6g} stopped at the cap of "
+            f"{settings.max_iters} power iterations (last relative change {change:.2g}, tolerance {settings.tol:g})"
+            ": sharpness/eigenvalue_converged is 0; raise sharpness_max_iters for a converged estimate")
+    return {f"{SHARPNESS_PREFIX}{k}": float(v) for k, v in numbers.items() if math.isfinite(v)}
+
+
+def _save_run(trainer: Any, output_dir: str, diverged: dict[str, Any] | None, correct: list[int] | None,
+              generated: Any, peak_phase: str, log) -> None:
+    """Save the final weights (only finite ones: a folder a user loads holds finite weights, or none) and the
+    trainer state; then, from the first process, the accuracy files and, last, :data:`DONE_FILE`, whose
+    presence marks the run finished."""
+    if diverged is None:
+        trainer.save_model()
+    elif trainer.is_world_process_zero():
+        log(f"[train] the diverged weights are not saved to {output_dir}: {finite_checkpoint_words(output_dir)}")
+    trainer.save_state()
+    if trainer.is_world_process_zero():
+        output = Path(output_dir)
+        if correct is not None:
+            write_atomically(output / ACCURACY_ROWS_FILE, correct)
+            write_atomically(output / ACCURACY_ANSWERS_FILE, generated)
+        write_atomically(output / DONE_FILE, {DONE_LOG_KEY: trainer.state.log_history, DONE_ROWS_KEY: correct,
+                                              DONE_ANSWERS_KEY: generated, DIVERGED_KEY: diverged,
+                                              "peak_memory_phase": peak_phase})

@@ -17,6 +17,9 @@ from .models import load_model, load_tokenizer
 # transformers 5 renamed `activation_checkpointing`) whatever the recipe says, and TRL and PEFT call
 # `is_gradient_checkpointing`.
 UPSTREAM_DEPRECATIONS = (r"`gradient_checkpointing` is deprecated", r"`is_gradient_checkpointing` is deprecated")
+# Tokens per classification example at most: the encoders these tasks fine-tune (BERT and its kin) have 512
+# positions, and a tokenizer without a limit of its own reports a huge model_max_length.
+CLASSIFICATION_MAX_TOKENS = 512
 
 
 def has_accelerator() -> bool:
@@ -27,15 +30,15 @@ def has_accelerator() -> bool:
     return bool(accelerator.is_available()) if accelerator is not None else torch.cuda.is_available()
 
 
-def quiet_library_noise() -> None:
+def quiet_upstream_logs() -> None:
     """Keep the log of the ``dualadam-hf`` commands to lines a user can act on (called by the commands only,
     never on import, so a script that imports the package keeps every warning).
 
-    Filters :data:`UPSTREAM_DEPRECATIONS`. On a machine without an accelerator it also tells DeepSpeed so
-    (``DS_ACCELERATOR=cpu``, unless set): accelerate imports DeepSpeed, when installed, on every model save, and
-    DeepSpeed would otherwise warn in every process that it detected no accelerator and chose the CPU. Where
-    torchao is installed, transformers imports it, which logs "Failed to load ... .so" on builds without its
-    CUDA extensions and a torch deprecation notice: those loggers keep their errors only.
+    Filters the warnings of :data:`UPSTREAM_DEPRECATIONS`. On a machine without an accelerator it also tells
+    DeepSpeed so (``DS_ACCELERATOR=cpu``, unless set): accelerate imports DeepSpeed, when installed, on every
+    model save, and DeepSpeed would otherwise warn in every process that it detected no accelerator and chose
+    the CPU. Where torchao is installed, transformers imports it, which logs "Failed to load ... .so" on builds
+    without its CUDA extensions and a torch deprecation notice: those loggers keep their errors only.
     """
     import logging
 
@@ -89,7 +92,7 @@ def build_trainer(experiment: Experiment, model_path: str, train_data: Any, held
         model.config.pad_token_id = tokenizer.pad_token_id
     if peft_config is not None:
         model = get_peft_model(model, peft_config)
-    max_length = min(getattr(tokenizer, "model_max_length", 512), 512)
+    max_length = min(getattr(tokenizer, "model_max_length", CLASSIFICATION_MAX_TOKENS), CLASSIFICATION_MAX_TOKENS)
 
     def encode(batch: dict[str, list]) -> dict[str, Any]:
         return {**tokenizer(batch[args.text_column], truncation=True, max_length=max_length),

@@ -21,8 +21,16 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..integrations.optim_args import OPTIMIZER_NAMES, join_pairs, parse_optim_args, parse_pairs, valid_optim_args_keys
-from ..optimizer import BLEND_KEYS, invadam_refusal
+from ..integrations.optim_args import (
+    DUALADAM_NAME,
+    INVADAM_NAME,
+    OPTIMIZER_NAMES,
+    join_pairs,
+    parse_optim_args,
+    parse_pairs,
+    valid_optim_args_keys,
+)
+from ..optimizer import AUTO, BLEND_KEYS, invadam_refusal
 from .arguments import RecipeError, check_optimizer_name, whole_number
 
 # name -> (optimizer, optim_args, label). The matched warmup is DualAdam without its inverse part:
@@ -30,10 +38,10 @@ from .arguments import RecipeError, check_optimizer_name, whole_number
 # (the same switch rate) and then follows the recipe's schedule. A gain of DualAdam over it is the
 # inverse term's.
 PRESETS: dict[str, tuple[str, dict[str, str], str]] = {
-    "matched_warmup": ("dualadam", {"inverse_scale": "0"}, "matched-warmup"),
-    "dualadam_scaled": ("dualadam", {"inverse_scale": "auto"}, "dualadam-scaled"),
+    "matched_warmup": (DUALADAM_NAME, {"inverse_scale": "0"}, "matched-warmup"),
+    "dualadam_scaled": (DUALADAM_NAME, {"inverse_scale": AUTO}, "dualadam-scaled"),
 }
-DEFAULT_OPTIMS = "adamw_torch,dualadam"
+DEFAULT_OPTIMS = f"adamw_torch,{DUALADAM_NAME}"
 # Run settings compare gives each run itself (the learning rate from the grid, the split, the seed, ...).
 SET_BY_COMPARE = ("optim", "optim_args", "seed", "output_dir", "learning_rate", "dataset_test_split", "sharpness",
                   "resume_from_checkpoint")
@@ -181,7 +189,7 @@ def _recipe_optim_args(optim: str, recipe_optim_args: str | None) -> dict[str, s
     if optim not in OPTIMIZER_NAMES or not recipe_optim_args:
         return {}
     try:
-        parse_optim_args(recipe_optim_args, "dualadam")
+        parse_optim_args(recipe_optim_args, DUALADAM_NAME)
         pairs = parse_pairs(recipe_optim_args, "optim_args")
     except ValueError as error:
         raise RecipeError(f"the recipe's optim_args: {error}") from None
@@ -201,8 +209,8 @@ def parse_variant(entry: str | Mapping[str, Any], recipe_optim_args: str | None 
         optim, preset_args = name, {}
     valid = valid_optim_args_keys(optim) if optim in OPTIMIZER_NAMES else ()
     given = {k: v for k, v in pairs.items() if k not in _NOT_SETTINGS}
-    if optim == "invadam" and (blend := [k for k in given if k in BLEND_KEYS]):
-        raise RecipeError(f"{where}: {invadam_refusal(blend, 'invadam')}")
+    if optim == INVADAM_NAME and (blend := [k for k in given if k in BLEND_KEYS]):
+        raise RecipeError(f"{where}: {invadam_refusal(blend, INVADAM_NAME)}")
     own_args = {**preset_args, **{k: v for k, v in given.items() if k in valid}}
     optim_args = _recipe_optim_args(optim, recipe_optim_args)
     if set(own_args) & set(BLEND_KEYS):  # the variant's blend replaces the recipe's, however each is given

@@ -23,9 +23,6 @@ from typing import Any
 # non-finite number, {"blend_unfinished": {...}} when the blend outlasts the run. The report reads both.
 DIVERGED_KEY = "diverged"
 BLEND_UNFINISHED_KEY = "blend_unfinished"
-# The sharpness numbers train logs after training, e.g. "sharpness/top_eigenvalue" and
-# "sharpness/eigenvalue_converged" (0 when the power iteration stopped at its cap): the report reads both.
-SHARPNESS_PREFIX = "sharpness/"
 
 
 def _finite(value: Any) -> bool:

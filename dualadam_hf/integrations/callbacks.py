@@ -9,7 +9,7 @@ from typing import Any
 from transformers import TrainerCallback
 from transformers.trainer_callback import DefaultFlowCallback
 
-from ..optimizer import DualAdam
+from ..optimizer import AUTO, DualAdam
 from .log_keys import BLEND_LOG_KEY, EFFECTIVE_LR_LOG_KEY, INVERSE_SHARE_LOG_KEY
 from .optim_args import OPTIMIZER_NAMES, optimizer_name
 from .unwrap import find_dualadam
@@ -63,7 +63,7 @@ class DualAdamCallback(TrainerCallback):
                 "like g*|g|: on raw, large gradients it can diverge where AdamW converges. Keep max_grad_norm "
                 "(the Trainer's default is 1.0) unless you know your gradients are small.", UserWarning, stacklevel=2,
             )
-        if any(g.get("inverse_scale") == "auto" for g in found.param_groups) and "deepspeed" in _wrapper_chain(
+        if any(g.get("inverse_scale") == AUTO for g in found.param_groups) and "deepspeed" in _wrapper_chain(
                 optimizer).lower():
             warnings.warn(
                 'inverse_scale="auto" under DeepSpeed ZeRO is calibrated per flat partition of each rank, not per '

@@ -23,10 +23,23 @@ OPTIMIZER_CLASSES: dict[str, type[DualAdam]] = {DUALADAM_NAME: DualAdam, INVADAM
 _TRAINING_ARGUMENT_KEYS = ("lr", "betas", "eps", "weight_decay")
 
 
+# The words a boolean setting may be written as, in any case: in optim_args, recipes and on the command line
+# (arguments.true_or_false). Two readers take fewer on purpose: resume_from_checkpoint reads the digits as the
+# name of a checkpoint folder, like any other text that is no word, and a dataset generator setting
+# (tasks.parse_config) keeps "yes"/"no" as text, which a setting may be. The startup hook
+# (_dualadam_hf_autoregister) reads its opt-out variable without importing the package, so it keeps its own words.
+BOOLEAN_WORDS = {"true": True, "yes": True, "1": True, "false": False, "no": False, "0": False}
+
+
+def boolean_word(raw: str) -> bool | None:
+    """The boolean that ``raw`` names (:data:`BOOLEAN_WORDS`, any case, spaces around ignored); None for other text."""
+    return BOOLEAN_WORDS.get(raw.strip().lower())
+
+
 def _parse_bool(raw: str) -> bool:
-    if raw.lower() not in ("true", "1", "yes", "false", "0", "no"):
+    if (value := boolean_word(raw)) is None:
         raise ValueError("expected true or false")
-    return raw.lower() in ("true", "1", "yes")
+    return value
 
 
 def _parse_whole_number(raw: str) -> int:

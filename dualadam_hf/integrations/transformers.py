@@ -29,9 +29,13 @@ from collections.abc import Mapping
 from types import ModuleType
 from typing import Any
 
+# The startup hook owns the name of its opt-out variable: it must run without importing this package (and with it
+# torch), so the package reads the name from the hook. An installed package finds the hook imported already (by
+# its .pth, at startup), so this import runs nothing.
+from _dualadam_hf_autoregister import OPT_OUT_VARIABLE
+
 from .optim_args import OPTIMIZER_NAMES, check_training_args, optim_args_text, optimizer_name
 
-OPT_OUT_VARIABLE = "DUALADAM_HF_NO_AUTOREGISTER"
 _PATCHED_MARK = "_dualadam_hf_patched"
 _HANDLER_TABLE = "_OPTIMIZER_HANDLERS"
 EXPLICIT_PATH = (
@@ -257,7 +261,3 @@ def register() -> None:
         _layout_errors.pop(module.__name__, None)
 
 
-def is_registered() -> bool:
-    """Whether transformers already knows `--optim dualadam` in this process (never imports transformers)."""
-    names = getattr(sys.modules.get("transformers.training_args"), "OptimizerNames", None)
-    return names is not None and "dualadam" in getattr(names, "_value2member_map_", {}) and not _layout_errors
