@@ -378,6 +378,24 @@ def test_a_signal_to_compare_reaches_the_child_and_is_waited_for(tmp_path, signu
     assert stop.value.signum == signum and marker.read_text() == "yes"
 
 
+def test_a_child_stops_for_sigint_even_when_compare_started_with_it_ignored(tmp_path):
+    """`compare ... &` in a script (or under nohup) starts with SIGINT ignored; its children must not inherit
+    that, or the SIGINT compare passes on would leave them training."""
+    marker = tmp_path / "child_stopped"
+    child = ("import time\ntry:\n    time.sleep(60)\nexcept KeyboardInterrupt:\n"
+             f"    open({str(marker)!r}, 'w').write('yes')\n    raise SystemExit(3)\n")
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    timer = threading.Timer(1.5, os.kill, (os.getpid(), signal.SIGINT))
+    try:
+        timer.start()
+        with pytest.raises(Interrupted) as stop:
+            run_child([sys.executable, "-c", child])
+    finally:
+        timer.cancel()
+        signal.signal(signal.SIGINT, previous)
+    assert stop.value.signum == signal.SIGINT and marker.read_text() == "yes"
+
+
 @pytest.mark.parametrize("launcher, match", [
     ("no-such-launcher-xyz launch", "no program 'no-such-launcher-xyz' on PATH"),
     ("accelerate launch 'unclosed", "not a valid command line"),

@@ -297,6 +297,9 @@ def _die_with_parent(parent: int) -> Callable[[], None]:
     SIGKILL, so that a launcher (accelerate, torchrun) stops its own workers too."""
 
     def arrange() -> None:
+        # A shell starts a background job (`compare ... &`, nohup) with SIGINT ignored, and a Python child would
+        # inherit that and never stop for the SIGINT compare passes on: the child starts with the default.
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
         if not sys.platform.startswith("linux"):
             return
         import ctypes
