@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -18,14 +18,17 @@ from .schedule import Hyper, bias_corrections, blend_weight
 
 
 def update_norms(exp_avgs: Sequence[Tensor], exp_avg_sqs: Sequence[Tensor], steps: Sequence[Tensor],
-                 hyper: Hyper, scales: Sequence[Tensor] | None = None) -> tuple[float, float]:
+                 hyper: Hyper, scales: Sequence[Tensor] | None = None,
+                 one_tensor: Callable[[Tensor, Tensor, float], Tensor] | None = None) -> tuple[float, float]:
     """Squared norms of the Adam part (1-r)*mh/d and the inverse part r*s*mh*d of the latest update, over
     this process's elements (local shards), from the moments and steps it left behind.
 
     One pass of foreach ops per (device, dtype) group and two reads of the host (the steps, the norms): with
     den = sqrt(v) + eps*c and c = sqrt(1 - b2**t), mh/d = (c/bc1) * m/den and mh*d = m*den / (bc1*c), so per
     tensor the two norms are those of m/den and m*den times scalars. With ``hyper.hold_norm`` the inverse
-    direction had the Adam direction's norm by construction, so no second norm is needed."""
+    direction had the Adam direction's norm by construction, so no second norm is needed. ``one_tensor(m, v,
+    eps*c)`` computes one tensor's [||m/den||, ||m*den||] instead of the foreach batches, for moments those
+    cannot read (low-bit state: quantized)."""
     if not steps:
         return 0.0, 0.0
     step_values = _numbers(steps)
@@ -43,7 +46,9 @@ def update_norms(exp_avgs: Sequence[Tensor], exp_avg_sqs: Sequence[Tensor], step
     adam_sq = inverse_sq = 0.0
     for items in groups.values():
         norms: list[Tensor] = []
-        for batch in _batches(items):
+        if one_tensor is not None:
+            norms.append(torch.stack([one_tensor(x[0], x[1], x[5]) for x in items], 1))
+        for batch in _batches(items) if one_tensor is None else ():
             m, v, b = [x[0] for x in batch], [x[1] for x in batch], [x[3] for x in batch]
             if m[0].dtype != torch.float32:
                 m, v = [x.float() for x in m], [x.float() for x in v]

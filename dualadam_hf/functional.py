@@ -10,13 +10,17 @@ from __future__ import annotations
 
 import dataclasses
 from collections import defaultdict
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
 
 from .schedule import Hyper, bias_corrections, blend_weight, fold
+
+# One tensor's [||m/den||, ||m*den||] of the moments the coming update will leave, from (m, v, the fp32 gradient,
+# eps*c, hyper): how a path whose moments foreach ops cannot read (low-bit state) takes part in the held norm.
+OneTensorNorms = Callable[[Tensor, Tensor, Tensor, float, Hyper], Tensor]
 
 LOW_PRECISION = (torch.float16, torch.bfloat16)
 # 0xFFFF0000 as an int32: keeps an fp32 bit pattern's sign, exponent and top 7 mantissa bits (a bf16).
@@ -114,7 +118,8 @@ def scales_of(tensors: StepTensors) -> list[float]:
     return [float(s) for s in tensors.scales]
 
 
-def held_norm_scales(tensors: StepTensors, hyper: Hyper, block: int | None = None) -> list[Tensor]:
+def held_norm_scales(tensors: StepTensors, hyper: Hyper, block: int | None = None,
+                     one_tensor: OneTensorNorms | None = None) -> list[Tensor]:
     """Per tensor, the scale that puts the coming update's inverse direction at its Adam direction's norm
     (``inverse_scale="norm"``): ||mh/d|| / ||mh*d|| from the moments this step will leave, so the update is
     (1-r)*a + r*b with |a| = |b|. 0 where the inverse direction is 0 (then so is Adam's).
@@ -123,7 +128,8 @@ def held_norm_scales(tensors: StepTensors, hyper: Hyper, block: int | None = Non
     the update (steps not yet counted), in fp32, over batches of whole tensors of about ``block`` elements (the
     temporaries stay small), with one read of the host at the end. Every tensor takes part, empty shards
     included, so that for DTensor parameters (FSDP2) the squared norms can be summed over the mesh first: the
-    scale is then the whole tensor's (replicated elements count on both sides alike)."""
+    scale is then the whole tensor's (replicated elements count on both sides alike). ``one_tensor`` computes
+    a tensor's pair of norms where the batch cannot read the moments (low-bit state: quantized)."""
     n = len(tensors.params)
     steps = [t + 1.0 for t in _host_steps(tensors, counted=False)]
     c = [bias_corrections(t, hyper)[1] for t in steps]
@@ -134,7 +140,7 @@ def held_norm_scales(tensors: StepTensors, hyper: Hyper, block: int | None = Non
         batch.append(i)
         size += local(tensors.params[i]).numel()
         if size >= limit or i == n - 1:
-            parts.append(_held_norm_squares(tensors, hyper, batch, [hyper.eps * c[k] for k in batch]))
+            parts.append(_held_norm_squares(tensors, hyper, batch, [hyper.eps * c[k] for k in batch], one_tensor))
             batch, size = [], 0
     squares = torch.cat(parts, 1)
     group = shard_group(tensors.params)
@@ -145,11 +151,16 @@ def held_norm_scales(tensors: StepTensors, hyper: Hyper, block: int | None = Non
             for a, b, ck in zip(adam, inverse, c)]
 
 
-def _held_norm_squares(tensors: StepTensors, hyper: Hyper, batch: list[int], eps_c: list[float]) -> Tensor:
+def _held_norm_squares(tensors: StepTensors, hyper: Hyper, batch: list[int], eps_c: list[float],
+                       one_tensor: OneTensorNorms | None) -> Tensor:
     """[2, len(batch)] squared norms of m/den and m*den with the moments the coming update will leave."""
     g = [grad_like_param(tensors.params[i], tensors.grads[i]).float() for i in batch]
     if hyper.maximize:
         g = torch._foreach_neg(g)
+    if one_tensor is not None:
+        pairs = [one_tensor(tensors.exp_avgs[i], tensors.exp_avg_sqs[i], gi, e, hyper)
+                 for i, gi, e in zip(batch, g, eps_c)]
+        return torch.stack(pairs, 1).double().square()
     m = torch._foreach_lerp([local(tensors.exp_avgs[i]).float() for i in batch], g, 1.0 - hyper.beta1)
     v = torch._foreach_mul([local(tensors.exp_avg_sqs[i]).float() for i in batch], hyper.beta2)
     torch._foreach_addcmul_(v, g, g, 1.0 - hyper.beta2)

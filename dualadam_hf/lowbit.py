@@ -52,7 +52,7 @@ IMPORT_NOISE_LOGGERS = ("torchao", "torch.utils._pytree")
 
 _state_types: dict[int, type] | None = None
 _quantized: tuple[type, ...] = ()  # the same classes, for isinstance inside the compiled step
-_compiled_step: Callable[..., None] | None = None
+_compiled_fns: dict[Callable[..., Any], Callable[..., Any]] = {}  # each per-tensor function, compiled once
 
 
 @contextlib.contextmanager
@@ -165,34 +165,71 @@ def _single_step(p: Tensor, g: Tensor, m: Tensor, v: Tensor, coef: Tensor, decay
     _write_param(p, p_new, stochastic)
 
 
-def _compiled() -> Callable[..., None]:
-    global _compiled_step
+def _moment_norms(m: Tensor, v: Tensor, eps_c: Tensor) -> Tensor:
+    """[||m/den||, ||m*den||] of one tensor's moments in fp32, den = sqrt(v) + eps*c: what the inverse share and
+    the held norm read. Compiled for quantized moments, so that dequantizing fuses into the reduction instead of
+    holding the tensor's moments in fp32 (a whole model's at once would take the memory the state saves)."""
+    m, v = _dense_fp32(m), _dense_fp32(v)
+    den = v.sqrt() + eps_c
+    return torch.stack([torch.linalg.vector_norm(m / den), torch.linalg.vector_norm(m * den)])
+
+
+def _coming_moment_norms(m: Tensor, v: Tensor, g: Tensor, eps_c: Tensor, beta1: float, beta2: float) -> Tensor:
+    """:func:`_moment_norms` of the moments the coming update will leave, from the fp32 gradient ``g``."""
+    return _moment_norms(_dense_fp32(m).lerp(g, 1.0 - beta1), _dense_fp32(v) * beta2 + (1.0 - beta2) * g * g, eps_c)
+
+
+def _compiled(fn: Callable[..., Any]) -> Callable[..., Any]:
     import torch._dynamo.utils  # noqa: F401 (step() takes disable_cache_limit from it; importing torchao loads it too)
 
-    if _compiled_step is None:
+    if fn not in _compiled_fns:
         # Static shapes, as torchao's step: one graph per shape and kind of state, a fixed set for a model.
-        _compiled_step = torch.compile(_single_step, fullgraph=True, dynamic=False)
-    return _compiled_step
+        _compiled_fns[fn] = torch.compile(fn, fullgraph=True, dynamic=False)
+    return _compiled_fns[fn]
+
+
+@contextlib.contextmanager
+def _compiling() -> Iterator[None]:
+    # One graph per shape: a model has a fixed set of them, so the recompile limit would only cut a run short.
+    with torch._dynamo.utils.disable_cache_limit(), warnings.catch_warnings():
+        # torch asks tensor subclasses for a cache key it could use across processes; torchao's have none.
+        warnings.filterwarnings("ignore", message=".*_stable_hash_for_caching.*")
+        yield
+
+
+def moment_norms(m: Tensor, v: Tensor, eps_c: float) -> Tensor:
+    """[||m/den||, ||m*den||] of one tensor's stored moments (quantized or not), without their fp32 copies."""
+    fn = _compiled(_moment_norms) if isinstance(m, _quantized) else _moment_norms
+    with _compiling():
+        return fn(m, v, torch.tensor(eps_c, dtype=torch.float32, device=m.device))
+
+
+def coming_moment_norms(m: Tensor, v: Tensor, g: Tensor, eps_c: float, hyper: Hyper) -> Tensor:
+    """[||m/den||, ||m*den||] of the moments the coming update will leave (``g``: the fp32 gradient, negated
+    for ``maximize``), from one tensor's stored moments, without their fp32 copies."""
+    fn = _compiled(_coming_moment_norms) if isinstance(m, _quantized) else _coming_moment_norms
+    with _compiling():
+        return fn(m, v, g, torch.tensor(eps_c, dtype=torch.float32, device=m.device), hyper.beta1, hyper.beta2)
 
 
 def _scales(params: Sequence[Tensor], grads: Sequence[Tensor], states: list[dict[str, Any]],
             hyper: Hyper) -> list[Tensor] | None:
     """Per-tensor factors on ``hyper.inverse_scale`` for this step: found from the dequantized moments for
     ``"norm"`` (while the blend may be on) and at the first update with a gradient for ``"auto"``."""
-    def dense_tensors(indices: Sequence[int]) -> StepTensors:
+    def step_tensors(indices: Sequence[int]) -> StepTensors:
         return StepTensors([params[k] for k in indices], [grads[k] for k in indices],
-                           [dense(states[k]["exp_avg"]) for k in indices],
-                           [dense(states[k]["exp_avg_sq"]) for k in indices], [states[k]["step"] for k in indices])
+                           [states[k]["exp_avg"] for k in indices],
+                           [states[k]["exp_avg_sq"] for k in indices], [states[k]["step"] for k in indices])
 
     if hyper.hold_norm:
         if min(float(s["step"]) for s in states) + 1 > last_blend_step(hyper.switch_rate):
             return None  # past the blend the scale multiplies 0
-        return held_norm_scales(dense_tensors(range(len(params))), hyper)
+        return held_norm_scales(step_tensors(range(len(params))), hyper, one_tensor=coming_moment_norms)
     if "inverse_scale" not in states[0]:
         return None
     waiting = [k for k, s in enumerate(states) if float(s["inverse_scale"]) == 0.0]
     if waiting:
-        for k, scale in zip(waiting, held_norm_scales(dense_tensors(waiting), hyper)):
+        for k, scale in zip(waiting, held_norm_scales(step_tensors(waiting), hyper, one_tensor=coming_moment_norms)):
             if float(scale) > 0.0:
                 states[k]["inverse_scale"] = scale.to("cpu", torch.float32)
     return [s["inverse_scale"] for s in states]
@@ -214,11 +251,8 @@ def step(opt: torch.optim.Optimizer, group: dict[str, Any], params: list[Tensor]
         state = states[k]
         state["step"] += 1
         by_device[p.device].append(k)
-    compiled = _compiled()
-    # One graph per shape: a model has a fixed set of them, so the recompile limit would only cut a run short.
-    with torch._dynamo.utils.disable_cache_limit(), warnings.catch_warnings():
-        # torch asks tensor subclasses for a cache key it could use across processes; torchao's have none.
-        warnings.filterwarnings("ignore", message=".*_stable_hash_for_caching.*")
+    compiled = _compiled(_single_step)
+    with _compiling():
         for device, indices in by_device.items():
             coef, decay = coefficients([states[k]["step"] for k in indices],
                                        None if scales is None else [scales[k] for k in indices], hyper, device)

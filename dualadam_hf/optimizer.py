@@ -378,9 +378,9 @@ class DualAdam(Optimizer):
 
     def _update_norms(self, states: list[dict[str, Any]], group: dict[str, Any]) -> tuple[float, float]:
         scales = [s["inverse_scale"] for s in states] if "inverse_scale" in states[0] else None
-        return diagnostics.update_norms([_real(lowbit.dense(s["exp_avg"])) for s in states],
-                                        [_real(lowbit.dense(s["exp_avg_sq"])) for s in states],
-                                        [s["step"] for s in states], self.hyper(group), scales)
+        one_tensor = lowbit.moment_norms if group.get("state_bits") is not None else None
+        return diagnostics.update_norms([_real(s["exp_avg"]) for s in states], [_real(s["exp_avg_sq"]) for s in states],
+                                        [s["step"] for s in states], self.hyper(group), scales, one_tensor)
 
     @staticmethod
     def _moment_dtype(group: dict[str, Any], p: Tensor) -> torch.dtype:

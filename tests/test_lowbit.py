@@ -26,8 +26,8 @@ MOMENT_ERROR = {8: 0.02, 4: 0.25}  # largest error of a quantized moment, relati
 
 @pytest.fixture
 def eager_step(monkeypatch):
-    """The low-bit step uncompiled: the same per-tensor function, without tens of seconds of compiling."""
-    monkeypatch.setattr(lowbit, "_compiled_step", lowbit._single_step)
+    """The low-bit step uncompiled: the same per-tensor functions, without tens of seconds of compiling."""
+    monkeypatch.setattr(lowbit, "_compiled", lambda fn: fn)
 
 
 def make_params(seed=0):
@@ -374,3 +374,59 @@ def test_deepspeed_is_refused_at_train_begin(tmp_path):
         DualAdamCallback().on_train_begin(args, TrainerState(max_steps=4), TrainerControl(), optimizer=wrapped)
     plain = DeepSpeedZeroOptimizer(DualAdam([torch.zeros(1)]))
     DualAdamCallback().on_train_begin(args, TrainerState(max_steps=4), TrainerControl(), optimizer=plain)
+
+
+def test_inverse_share_reads_the_quantized_moments_as_their_values(eager_step):
+    from dualadam_hf import diagnostics
+
+    params, opt = stepped_once(lambda ps: DualAdam(ps, lr=1e-3, blend_steps=4, state_bits=8))
+    states = [opt.state[p] for p in params]
+    adam_sq, inverse_sq = diagnostics.update_norms([dense(s["exp_avg"]) for s in states],
+                                                   [dense(s["exp_avg_sq"]) for s in states],
+                                                   [s["step"] for s in states], opt.hyper(opt.param_groups[0]))
+    assert opt.inverse_share() == pytest.approx(diagnostics.inverse_share(adam_sq, inverse_sq), rel=1e-5)
+    assert 0.0 < opt.inverse_share() < 1.0
+
+
+# Two quantized 16M-element tensors, each with its own optimizer (one holding the inverse part at Adam's norm),
+# once their graphs are compiled: how far the peak resident memory rises while each steps, and while the first
+# reads the inverse share (as the Trainer callback does at each logging step).
+_PEAK_SCRIPT = """
+import json, torch
+from dualadam_hf import DualAdam
+
+def rise_mb(action):
+    with open("/proc/self/clear_refs", "w") as refs:
+        refs.write("5")  # the peak starts again from the memory in use now
+    def peak():
+        with open("/proc/self/status") as status:
+            return int(next(line for line in status if line.startswith("VmHWM:")).split()[1]) / 1024
+    before = peak()
+    action()
+    return peak() - before
+
+torch.manual_seed(0)
+opts = {}
+for name, scale in (("held", "norm"), ("plain", 1.0)):
+    param = torch.nn.Parameter(torch.randn(4096, 4096))
+    param.grad = torch.randn_like(param)
+    opts[name] = DualAdam([param], lr=1e-3, blend_steps=8, state_bits=8, inverse_scale=scale)
+    opts[name].step()
+    opts[name].inverse_share()  # every graph compiled
+rises = {name: rise_mb(opt.step) for name, opt in opts.items()}
+rises["share"] = rise_mb(opts["held"].inverse_share)
+print(json.dumps(rises))
+"""
+
+
+@pytest.mark.compile
+def test_reading_quantized_moments_never_holds_them_in_fp32():
+    """The inverse share and the held norm read quantized moments without an fp32 copy: for one of these
+    tensors that copy would be 128 MB (m and v) and its temporaries more."""
+    import json
+    import subprocess
+
+    done = subprocess.run([sys.executable, "-c", _PEAK_SCRIPT], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    rises = json.loads(done.stdout.strip().splitlines()[-1])
+    assert rises["share"] < 16 and rises["held"] - rises["plain"] < 16, rises
