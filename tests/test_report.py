@@ -19,6 +19,8 @@ ROOT = Path(__file__).resolve().parents[1]
 STUDY = ROOT / "docs" / "study"  # the published study (v2): report.md, raw/
 STUDY_RAW = STUDY / "v1" / "raw"  # the first study's raw logs
 RECIPE_V2 = ROOT / "recipes" / "smollm2_chainsum_study_v2.yaml"
+LOWBIT = STUDY / "lowbit"  # the low-bit study: report.md, raw/
+RECIPE_LOWBIT = ROOT / "recipes" / "smollm2_chainsum_lowbit_full.yaml"
 
 
 def parse_table(markdown: str) -> dict[str, dict[str, tuple[float, float | None]]]:
@@ -545,6 +547,38 @@ def test_the_published_study_is_what_its_raw_logs_give(tmp_path):
     # The run resumed after training, and the estimates that used every allowed power iteration.
     assert "Evaluated from a finished checkpoint: dualadam-paper-rate seed 5. " in text
     assert "25 of 46 estimates stopped at the cap" in text and "and 8 more met the tolerance only at that" in text
+
+
+def test_the_published_lowbit_study_is_what_its_raw_logs_give(tmp_path):
+    """docs/study/lowbit/report.md is rewritten from its raw logs and the recipe's plan, and the figures
+    docs/study/lowbit.md cites come out of it."""
+    from dualadam_hf.experiments.compare import make_plan
+
+    results, grid = load_raw(LOWBIT / "raw")
+    assert not grid and len(results) == 25 and all(r.ok for r in results)
+    plan = make_plan(RECIPE_LOWBIT, output_dir=tmp_path)
+    text = write_report(plan, results, baselines=plan.baselines).read_text()
+    assert without_timing(text) == without_timing((LOWBIT / "report.md").read_text())
+    planned = prespecified_rows(text)
+    assert {key for key, row in planned.items() if row[0] == "low-bit"} == {
+        (f"{low} − {twin}", metric) for low, twin in (("dualadam_8bit", "dualadam"), ("dualadam_4bit", "dualadam"),
+                                                      ("adamw_torch_8bit", "adamw_torch"))
+        for metric in ("held-out loss", "held-out accuracy")}
+    assert all(row[-1] == "no difference shown" for row in planned.values())
+    twin = differences_rows(text, "dualadam")
+    assert twin[("dualadam_8bit", "held-out accuracy")][1:3] == ["-0.0032", "[-0.0106, +0.0042]"]
+    assert twin[("dualadam_8bit", "held-out loss")][1:3] == ["+0.00442", "[-0.00392, +0.01275]"]
+    assert twin[("dualadam_4bit", "held-out accuracy")][1:3] == ["+0.0240", "[-0.0161, +0.0641]"]
+    assert twin[("dualadam_4bit", "held-out loss")][1:3] == ["-0.06259", "[-0.13049, +0.00530]"]
+    assert [twin[(v, m)][-1] for v in ("dualadam_8bit", "dualadam_4bit") for m in ("held-out loss", "held-out accuracy")
+            ] == ["0.01129", "0.0100", "0.09197", "0.0542"]
+    adamw = differences_rows(text)[("adamw_torch_8bit", "held-out accuracy")]
+    assert adamw[1:3] == ["-8.00e-04", "[-0.0050, +0.0034]"] and adamw[-1] == "0.0056"
+    assert planned[("dualadam − adamw_torch", "held-out accuracy")][3:] == [
+        "0.0446", "0.0892", "[-0.0655, +0.0063]", "no difference shown"]
+    peaks = {variant: row["peak memory (MB)"][0] for variant, row in parse_table(text).items()}
+    assert peaks == {"adamw_torch": 3536, "dualadam": 3552, "dualadam_8bit": 2856, "dualadam_4bit": 2982,
+                     "adamw_torch_8bit": 3236}
 
 
 def outcome_history(rng: random.Random, loss: float, accuracy: float, **extra: float) -> list[dict]:
