@@ -45,18 +45,10 @@ def update_norms(exp_avgs: Sequence[Tensor], exp_avg_sqs: Sequence[Tensor], step
         groups[(m.device, m.dtype)].append((m, v, c / bc1, inverse, r, hyper.eps * c))
     adam_sq = inverse_sq = 0.0
     for items in groups.values():
-        norms: list[Tensor] = []
         if one_tensor is not None:
-            norms.append(torch.stack([one_tensor(x[0], x[1], x[5]) for x in items], 1))
-        for batch in _batches(items) if one_tensor is None else ():
-            m, v, b = [x[0] for x in batch], [x[1] for x in batch], [x[3] for x in batch]
-            if m[0].dtype != torch.float32:
-                m, v = [x.float() for x in m], [x.float() for x in v]
-            den = torch._foreach_sqrt(v)
-            torch._foreach_add_(den, [x[5] for x in batch])
-            adam = torch.stack(torch._foreach_norm(torch._foreach_div(m, den)))
-            inverse = torch.stack(torch._foreach_norm(torch._foreach_mul(m, den))) if any(b) else adam * 0
-            norms.append(torch.stack([adam, inverse]))
+            norms = [torch.stack([one_tensor(x[0], x[1], x[5]) for x in items], 1)]
+        else:
+            norms = [_batch_norms(batch) for batch in _batches(items)]
         values = torch.cat(norms, 1).double().tolist()
         for k, (_, _, a, b, r, _) in enumerate(items):
             direction = a * values[0][k]  # ||mh/d||
@@ -66,6 +58,18 @@ def update_norms(exp_avgs: Sequence[Tensor], exp_avg_sqs: Sequence[Tensor], step
     return adam_sq, inverse_sq
 
 
+
+
+def _batch_norms(batch: list[tuple]) -> Tensor:
+    """[2, len(batch)]: ||m/den|| and ||m*den|| of each tensor (the second 0 where no inverse part is needed)."""
+    m, v, b = [x[0] for x in batch], [x[1] for x in batch], [x[3] for x in batch]
+    if m[0].dtype != torch.float32:
+        m, v = [x.float() for x in m], [x.float() for x in v]
+    den = torch._foreach_sqrt(v)
+    torch._foreach_add_(den, [x[5] for x in batch])
+    adam = torch.stack(torch._foreach_norm(torch._foreach_div(m, den)))
+    inverse = torch.stack(torch._foreach_norm(torch._foreach_mul(m, den))) if any(b) else adam * 0
+    return torch.stack([adam, inverse])
 
 
 def _batches(items: list[tuple]) -> list[list[tuple]]:

@@ -174,14 +174,12 @@ def _moment_norms(m: Tensor, v: Tensor, eps_c: Tensor) -> Tensor:
     return torch.stack([torch.linalg.vector_norm(m / den), torch.linalg.vector_norm(m * den)])
 
 
-def _coming_moment_norms(m: Tensor, v: Tensor, g: Tensor, eps_c: Tensor, beta1: float, beta2: float) -> Tensor:
+def _coming_moment_norms(m: Tensor, v: Tensor, g: Tensor, beta1: float, beta2: float, eps_c: Tensor) -> Tensor:
     """:func:`_moment_norms` of the moments the coming update will leave, from the fp32 gradient ``g``."""
     return _moment_norms(_dense_fp32(m).lerp(g, 1.0 - beta1), _dense_fp32(v) * beta2 + (1.0 - beta2) * g * g, eps_c)
 
 
 def _compiled(fn: Callable[..., Any]) -> Callable[..., Any]:
-    import torch._dynamo.utils  # noqa: F401 (step() takes disable_cache_limit from it; importing torchao loads it too)
-
     if fn not in _compiled_fns:
         # Static shapes, as torchao's step: one graph per shape and kind of state, a fixed set for a model.
         _compiled_fns[fn] = torch.compile(fn, fullgraph=True, dynamic=False)
@@ -190,6 +188,8 @@ def _compiled(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 @contextlib.contextmanager
 def _compiling() -> Iterator[None]:
+    import torch._dynamo.utils  # noqa: F401 (disable_cache_limit lives there; importing torchao loads it too)
+
     # One graph per shape: a model has a fixed set of them, so the recompile limit would only cut a run short.
     with torch._dynamo.utils.disable_cache_limit(), warnings.catch_warnings():
         # torch asks tensor subclasses for a cache key it could use across processes; torchao's have none.
@@ -197,19 +197,23 @@ def _compiling() -> Iterator[None]:
         yield
 
 
+def _norms_of_stored(fn: Callable[..., Tensor], m: Tensor, v: Tensor, *rest: Any, eps_c: float) -> Tensor:
+    # Compiled where the moments are quantized, eager for the fp32 moments of small tensors; eps*c goes in as a
+    # tensor, since a number would be baked into the graph and recompiled at every step.
+    eps = torch.tensor(eps_c, dtype=torch.float32, device=m.device)
+    with _compiling():
+        return (_compiled(fn) if isinstance(m, _quantized) else fn)(m, v, *rest, eps)
+
+
 def moment_norms(m: Tensor, v: Tensor, eps_c: float) -> Tensor:
     """[||m/den||, ||m*den||] of one tensor's stored moments (quantized or not), without their fp32 copies."""
-    fn = _compiled(_moment_norms) if isinstance(m, _quantized) else _moment_norms
-    with _compiling():
-        return fn(m, v, torch.tensor(eps_c, dtype=torch.float32, device=m.device))
+    return _norms_of_stored(_moment_norms, m, v, eps_c=eps_c)
 
 
 def coming_moment_norms(m: Tensor, v: Tensor, g: Tensor, eps_c: float, hyper: Hyper) -> Tensor:
     """[||m/den||, ||m*den||] of the moments the coming update will leave (``g``: the fp32 gradient, negated
     for ``maximize``), from one tensor's stored moments, without their fp32 copies."""
-    fn = _compiled(_coming_moment_norms) if isinstance(m, _quantized) else _coming_moment_norms
-    with _compiling():
-        return fn(m, v, g, torch.tensor(eps_c, dtype=torch.float32, device=m.device), hyper.beta1, hyper.beta2)
+    return _norms_of_stored(_coming_moment_norms, m, v, g, hyper.beta1, hyper.beta2, eps_c=eps_c)
 
 
 def _scales(params: Sequence[Tensor], grads: Sequence[Tensor], states: list[dict[str, Any]],
