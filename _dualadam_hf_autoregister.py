@@ -13,7 +13,9 @@ import os
 import sys
 import warnings
 
-OPT_OUT_VARIABLE = "DUALADAM_HF_NO_AUTOREGISTER"  # the package imports it from here to name it in its errors
+# The one place that names the opt-out variable. The package reads it from this module where the hook has run
+# (to name it in its errors) but never imports this module: the hook imports the package, not the reverse.
+OPT_OUT_VARIABLE = "DUALADAM_HF_NO_AUTOREGISTER"
 _WATCHED_MODULES = frozenset({"transformers.training_args", "transformers.trainer"})
 
 

@@ -1,20 +1,33 @@
 """dualadam-hf: the DualAdam optimizer for Hugging Face fine-tuning."""
 
 from ._version import __version__
-from .integrations.optim_args import optimizer_cls_and_kwargs
-from .integrations.transformers import register
-from .optimizer import DualAdam, InvAdam
-from .schedule import blend_weight
 
 __all__ = ["DualAdam", "DualAdamCallback", "InvAdam", "__version__", "blend_weight", "optimizer_cls_and_kwargs",
            "register"]
 
+# Each public name is imported from its module on first use. `import dualadam_hf` then costs no torch (seconds
+# on a busy CPU): the `dualadam-hf` command answers --help without it and sets OMP_WAIT_POLICY before torch
+# loads, and DualAdamCallback, a transformers.TrainerCallback, does not pull in transformers.
+_HOMES = {
+    "DualAdam": ".optimizer",
+    "InvAdam": ".optimizer",
+    "blend_weight": ".schedule",
+    "optimizer_cls_and_kwargs": ".integrations.optim_args",
+    "register": ".integrations.transformers",
+    "DualAdamCallback": ".integrations.callbacks",
+}
+
 
 def __getattr__(name: str):
-    # DualAdamCallback subclasses transformers.TrainerCallback: import it on first use so that
-    # `import dualadam_hf` does not import transformers.
-    if name == "DualAdamCallback":
-        from .integrations.callbacks import DualAdamCallback
+    home = _HOMES.get(name)
+    if home is None:
+        raise AttributeError(f"module 'dualadam_hf' has no attribute {name!r}")
+    import importlib
 
-        return DualAdamCallback
-    raise AttributeError(f"module 'dualadam_hf' has no attribute {name!r}")
+    value = getattr(importlib.import_module(home, __name__), name)
+    globals()[name] = value  # found directly from now on
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -4,14 +4,13 @@ import pytest
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from peft.optimizers import create_loraplus_optimizer
-from transformers import AutoModelForCausalLM, AutoTokenizer, DataCollatorForLanguageModeling, Trainer
+from transformers import AutoModelForCausalLM
 
 from dualadam_hf import DualAdam, DualAdamCallback, blend_weight, optimizer_cls_and_kwargs
-from dualadam_hf.experiments.tiny import tiny_lm_dataset
 from dualadam_hf.integrations.callbacks import BLEND_LOG_KEY
 from dualadam_hf.integrations.unwrap import find_dualadam
 
-from .test_integration_trainer import make_args, training_logs
+from .helpers import lora_trainer, make_args, training_logs
 
 
 def lora_model(model_dir):
@@ -19,14 +18,6 @@ def lora_model(model_dir):
     base = AutoModelForCausalLM.from_pretrained(model_dir)
     config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], task_type="CAUSAL_LM")
     return get_peft_model(base, config)
-
-
-def lora_trainer(model_dir, model, args, **kwargs):
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    return Trainer(
-        model=model, args=args, train_dataset=tiny_lm_dataset(tokenizer, 64),
-        data_collator=DataCollatorForLanguageModeling(tokenizer, mlm=False), **kwargs,
-    )
 
 
 def test_lora_adapters_only_reach_the_optimizer_train_save_and_load(tiny_model_dir, tmp_path):

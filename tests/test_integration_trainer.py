@@ -8,7 +8,6 @@ from transformers import (
     DataCollatorForLanguageModeling,
     Trainer,
     TrainerCallback,
-    TrainingArguments,
 )
 from transformers.trainer_callback import DefaultFlowCallback
 
@@ -16,30 +15,7 @@ from dualadam_hf import DualAdam, DualAdamCallback, InvAdam, blend_weight, optim
 from dualadam_hf.experiments.tiny import tiny_lm_dataset
 from dualadam_hf.integrations.callbacks import BLEND_LOG_KEY
 from dualadam_hf.integrations.unwrap import find_dualadam
-
-
-def make_args(output_dir, **overrides) -> TrainingArguments:
-    settings = dict(
-        output_dir=str(output_dir), max_steps=8, per_device_train_batch_size=8, learning_rate=1e-2,
-        logging_steps=1, report_to="none", save_strategy="no", optim="dualadam", optim_args="blend_steps=4",
-        seed=0, disable_tqdm=True, use_cpu=True,
-    )
-    settings.update(overrides)
-    return TrainingArguments(**settings)
-
-
-def make_trainer(model_dir, args, **trainer_kwargs) -> Trainer:
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_pretrained(model_dir)
-    return Trainer(
-        model=model, args=args, train_dataset=tiny_lm_dataset(tokenizer, 64),
-        data_collator=DataCollatorForLanguageModeling(tokenizer, mlm=False), **trainer_kwargs,
-    )
-
-
-def training_logs(trainer):
-    return [entry for entry in trainer.state.log_history if "loss" in entry]
+from tests.helpers import make_args, make_trainer, training_logs
 
 
 class LogRecorder(TrainerCallback):

@@ -13,7 +13,6 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -21,44 +20,9 @@ import torch
 
 from dualadam_hf.experiments import RecipeError
 from dualadam_hf.experiments.checkpoints import OPTIMIZER_START_KEY, resume_checkpoint, saved_wall_time
+from tests.helpers import RecordedArguments, fake_checkpoint
 
 DEFAULT_RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "smollm2_math_lora.yaml"
-
-
-@dataclass
-class RecordedArguments:
-    """Stands in for the TrainingArguments the Trainer pickles into training_args.bin."""
-
-    fp16: bool = False
-    learning_rate: float = 1e-3
-
-
-def fake_checkpoint(folder: Path, step: int, *, state: bool = True, optimizer: str | None = "ok",
-                    global_step: object = None, optimizer_steps: int | None = None,
-                    arguments: RecordedArguments | None = None) -> Path:
-    """A checkpoint folder as the Trainer writes it (weights, optimizer, then trainer_state.json last).
-
-    ``global_step`` is what trainer_state.json says (default: ``step``); ``optimizer_steps`` the step counters
-    of two parameters' optimizer state (the larger of them; default: no state)."""
-    path = folder / f"checkpoint-{step}"
-    path.mkdir(parents=True)
-    (path / "adapter_model.safetensors").write_bytes(b"weights")
-    if arguments is not None:
-        torch.save(arguments, path / "training_args.bin")
-    if optimizer == "ok":
-        counters = {} if optimizer_steps is None else {
-            0: {"step": torch.tensor(float(optimizer_steps))}, 1: {"step": torch.tensor(optimizer_steps - 1.0)}}
-        torch.save({"state": counters, "param_groups": [{"lr": 1e-3, "params": [0, 1]}]}, path / "optimizer.pt")
-    elif optimizer == "empty":
-        (path / "optimizer.pt").write_bytes(b"")
-    elif optimizer == "truncated":
-        torch.save({"state": {0: torch.zeros(1000)}, "param_groups": []}, path / "optimizer.pt")
-        data = (path / "optimizer.pt").read_bytes()
-        (path / "optimizer.pt").write_bytes(data[: len(data) // 2])
-    if state:
-        recorded = step if global_step is None else global_step
-        (path / "trainer_state.json").write_text(json.dumps({"global_step": recorded, "max_steps": 10}))
-    return path
 
 
 def test_last_takes_the_newest_complete_checkpoint_and_says_which_it_skipped(tmp_path):

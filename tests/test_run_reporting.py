@@ -15,7 +15,7 @@ from dualadam_hf.experiments import train
 from dualadam_hf.experiments.train import ACCURACY_ANSWERS_FILE, ACCURACY_ROWS_FILE, DONE_FILE, MemoryPhases
 from dualadam_hf.integrations.callbacks import BLEND_LOG_KEY, EFFECTIVE_LR_LOG_KEY
 
-from .test_integration_trainer import make_args, make_trainer, training_logs
+from .helpers import make_args, make_trainer, training_logs
 
 RECIPE = str(Path(__file__).resolve().parents[1] / "recipes" / "smollm2_math_lora.yaml")
 

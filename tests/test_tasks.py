@@ -146,6 +146,7 @@ def test_sft_trainer_masks_prompt_tokens(tiny_model_dir, tmp_path):
         report_to="none",
         use_cpu=True,
         save_strategy="no",
+        activation_checkpointing=False,  # named, or TRL's default sets its deprecated alias and transformers warns
     )
     trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer)
     for index, row in enumerate(trainer.train_dataset):
@@ -238,7 +239,8 @@ def test_sft_masks_prompt_with_smollm2_template(smollm2_dir, tmp_path):
     tokenizer = AutoTokenizer.from_pretrained(smollm2_dir)
     model = AutoModelForCausalLM.from_pretrained(smollm2_dir)
     dataset = math_dataset("train", 2)
-    args = SFTConfig(output_dir=str(tmp_path), max_length=1024, report_to="none", use_cpu=True)
+    args = SFTConfig(output_dir=str(tmp_path), max_length=1024, report_to="none", use_cpu=True,
+                     activation_checkpointing=False)  # named: TRL's default would set the deprecated alias
     trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer)
     row = trainer.train_dataset[0]
     learned = tokenizer.decode([t for t, label in zip(row["input_ids"], row["labels"], strict=True) if label != -100])

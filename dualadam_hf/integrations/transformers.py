@@ -15,7 +15,7 @@ attribute (docs/usage.md lists the same):
 
 Each patch checks the layout it relies on before it changes anything. The hook never warns and never raises:
 a process that does not ask for DualAdam must not notice the package, even with warnings turned into errors. A
-layout that moved is remembered instead, and raised as one TransformersLayoutError where `dualadam` or `invadam`
+layout that moved is remembered instead, and raised as one TransformersLayoutError where one of these names
 is asked for (TrainingArguments.__post_init__, Trainer.__init__) or by an explicit `register()`.
 """
 
@@ -29,13 +29,12 @@ from collections.abc import Mapping
 from types import ModuleType
 from typing import Any
 
-# The startup hook owns the name of its opt-out variable: it must run without importing this package (and with it
-# torch), so the package reads the name from the hook. An installed package finds the hook imported already (by
-# its .pth, at startup), so this import runs nothing.
-from _dualadam_hf_autoregister import OPT_OUT_VARIABLE
-
 from .optim_args import OPTIMIZER_NAMES, check_training_args, optim_args_text, optimizer_name
 
+# The startup hook, run from its .pth at interpreter start. It owns the name of its opt-out variable and imports
+# this module to patch; this module never imports it back, and reads the name from the hook only where the hook
+# has run (else there is nothing to turn off).
+HOOK_MODULE = "_dualadam_hf_autoregister"
 _PATCHED_MARK = "_dualadam_hf_patched"
 _HANDLER_TABLE = "_OPTIMIZER_HANDLERS"
 EXPLICIT_PATH = (
@@ -59,16 +58,22 @@ def _transformers_version() -> str:
         return "unknown"
 
 
+def _hook_opt_out() -> str:
+    """How to turn the running startup hook off, or "" where it has not run."""
+    variable = getattr(sys.modules.get(HOOK_MODULE), "OPT_OUT_VARIABLE", None)
+    return f" (and set {variable}=1 to turn the startup hook off)" if isinstance(variable, str) else ""
+
+
 def _layout_error(what: str) -> TransformersLayoutError:
     return TransformersLayoutError(
-        f"dualadam-hf cannot provide --optim dualadam/invadam with transformers {_transformers_version()}: {what}. "
-        f"Install a transformers release it works with (docs/frameworks.md), or {EXPLICIT_PATH} "
-        f"(and set {OPT_OUT_VARIABLE}=1 to turn the startup hook off)."
+        f"dualadam-hf cannot provide --optim {'/'.join(OPTIMIZER_NAMES)} with transformers "
+        f"{_transformers_version()}: {what}. Install a transformers release it works with (docs/frameworks.md), or "
+        f"{EXPLICIT_PATH}{_hook_opt_out()}."
     )
 
 
 def _raise_if_unavailable(training_args: Any) -> None:
-    """Raise the remembered layout error if these arguments ask for DualAdam/InvAdam and a patch failed."""
+    """Raise the remembered layout error if these arguments ask for one of DualAdam's names and a patch failed."""
     name = optimizer_name(training_args)
     if name in OPTIMIZER_NAMES and _layout_errors:
         raise next(iter(_layout_errors.values()))
@@ -134,8 +139,9 @@ def _wrap_post_init(training_arguments: type) -> None:
 
 
 def patch_training_args(module: ModuleType) -> None:
-    """Add dualadam/invadam to OptimizerNames (argparse choices, validation of `optim`) and check the DualAdam
-    settings in TrainingArguments.__post_init__, so that a bad value fails while arguments are parsed.
+    """Add the names of OPTIMIZER_NAMES (dualadam, invadam, dualadam_8bit, dualadam_4bit) to OptimizerNames
+    (argparse choices, validation of `optim`) and check the DualAdam settings in TrainingArguments.__post_init__,
+    so that a bad value fails while arguments are parsed.
 
     Where TrainingArguments is as expected but the enum moved, __post_init__ is still wrapped, so that asking
     for `dualadam` gives the layout error instead of transformers' "not a valid OptimizerNames".
@@ -250,9 +256,10 @@ def on_module_loaded(module: ModuleType) -> None:
 
 
 def register() -> None:
-    """Register `--optim dualadam`/`invadam` with transformers now; needed only where the startup hook is off
-    (DUALADAM_HF_NO_AUTOREGISTER=1) or cannot run. Call it before building any argument parser or TrainingArguments;
-    calling it again is harmless. Raises TransformersLayoutError if the installed transformers has moved."""
+    """Register `--optim dualadam` and the other names of OPTIMIZER_NAMES with transformers now; needed only where
+    the startup hook is turned off (by its opt-out variable, docs/usage.md) or cannot run. Call it before building
+    any argument parser or TrainingArguments; calling it again is harmless. Raises TransformersLayoutError if the
+    installed transformers has moved."""
     import transformers.trainer
     import transformers.training_args
 

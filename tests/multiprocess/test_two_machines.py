@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.helpers import end_group, start_in_own_group
 from tests.multiprocess.test_engines import (
     ENGINES,
     LAUNCH_TIMEOUT_S,
@@ -56,14 +57,14 @@ def launch_on_two_machines(name: str, model_dir: str, work: Path, out: Path, ext
         cmd += script_args(model_dir, out, PER_RANK_BATCH) + engine.script_flags + extra
         log = out.parent / f"{out.name}.machine{rank}.log"
         logs.append(log)
-        procs.append(subprocess.Popen(cmd, cwd=REPO, env=base_env(), stdout=log.open("w"),
-                                      stderr=subprocess.STDOUT))
+        with log.open("w") as out_file:  # the child holds its own copy
+            procs.append(start_in_own_group(cmd, cwd=REPO, env=base_env(), stdout=out_file,
+                                            stderr=subprocess.STDOUT))
     try:
         codes = [proc.wait(timeout=LAUNCH_TIMEOUT_S) for proc in procs]
     finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.kill()
+        for proc in procs:  # each launcher with its ranks, also after a timeout or a Ctrl-C
+            end_group(proc)
     if any(codes):
         tails = "\n".join(f"--- machine {r} (exit {c}):\n{log.read_text()[-3000:]}"
                           for r, (c, log) in enumerate(zip(codes, logs)))
