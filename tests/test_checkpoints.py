@@ -23,7 +23,7 @@ from dualadam_hf.experiments.checkpoints import (
     saved_wall_time,
     wall_time_record,
 )
-from tests.test_resume import fake_checkpoint
+from tests.helpers import fake_checkpoint
 
 
 def test_the_newest_checkpoint_is_the_one_the_trainer_would_pick(tmp_path):

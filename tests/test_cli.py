@@ -39,11 +39,32 @@ def test_console_entry_point_runs_as_a_module():
         (["train", "--config", DEFAULT_RECIPE, "--lora_alfa", "4"], "'lora_alfa' (did you mean 'lora_alpha'?)"),
         (["compare", "--config", DEFAULT_RECIPE, "--optims", "adamw_torch,foo"], "unknown optimizer 'foo'"),
         (["compare", "--config", DEFAULT_RECIPE, "--seeds", "0"], "--seeds must be >= 1"),
+        # These ended in a traceback once the model had loaded, or trained (a negative weight decay).
+        (["train", "--config", DEFAULT_RECIPE, "--gradient_accumulation_steps", "0"],
+         "gradient_accumulation_steps must be >= 1, got 0"),
+        (["train", "--config", DEFAULT_RECIPE, "--per_device_train_batch_size", "0"],
+         "per_device_train_batch_size must be >= 1, got 0"),
+        (["train", "--config", DEFAULT_RECIPE, "--optim", "adamw_torch", "--weight_decay", "-1"],
+         "--optim adamw_torch: Invalid weight_decay value: -1.0"),
     ],
 )
 def test_bad_input_exits_with_code_2_and_a_message(argv, message, capsys):
     assert main(argv) == 2
-    assert message in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert len([line for line in err.splitlines() if "error:" in line]) == 1
+
+
+@pytest.mark.parametrize("byte, name", [(b"\x00", "0x00"), (b"\x07", "0x07")])
+def test_a_recipe_holding_a_control_character_is_refused_in_one_line(tmp_path, capsys, byte, name):
+    """PyYAML's reader refused it with a ReaderError traceback."""
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_bytes(b"model_name_or_path: smollm2-135m-instruct\ndataset_name: x" + byte + b"\n")
+    for command in ("train", "compare"):
+        assert main([command, "--config", str(recipe)]) == 2
+        err = capsys.readouterr().err
+        assert f"error: recipe {recipe}: line 2 holds the control character {name}, which YAML does not allow" in err
+        assert "Traceback" not in err
 
 
 def test_compare_says_what_it_loads_before_its_slow_start(capsys):

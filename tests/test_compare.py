@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import signal
+import sys
 from pathlib import Path
 
 import pytest
@@ -13,9 +15,45 @@ from dualadam_hf.experiments.cli import main
 from dualadam_hf.experiments.compare import RunSpec, choose_rates, make_plan, train_command
 from dualadam_hf.experiments.report import RunResult
 from dualadam_hf.experiments.variants import parse_variant, parse_variants, split_entries
-from tests.test_report import parse_table
+from tests.helpers import parse_table
 
 DEFAULT_RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "smollm2_math_lora.yaml"
+
+
+@pytest.fixture(autouse=True)
+def ctrl_c_stops_pytest(monkeypatch):
+    """compare, run in this process, takes a Ctrl-C itself: it passes SIGINT on to the run that trains and
+    returns 130 (raises Interrupted where a test calls its parts), which a test reports as one failure while
+    pytest goes on to the next. Raised again as the KeyboardInterrupt it was, it stops pytest."""
+    run_child, run_compare = compare_module.run_child, compare_module.run_compare
+
+    def run_child_or_stop(command: list[str]) -> int:
+        try:
+            return run_child(command)
+        except compare_module.Interrupted as stop:
+            if stop.signum == signal.SIGINT:
+                raise KeyboardInterrupt from stop
+            raise
+
+    def run_compare_or_stop(*args, **kwargs) -> int:
+        code = run_compare(*args, **kwargs)
+        if code == 128 + signal.SIGINT:
+            raise KeyboardInterrupt
+        return code
+
+    monkeypatch.setattr(compare_module, "run_child", run_child_or_stop)
+    monkeypatch.setattr(compare_module, "run_compare", run_compare_or_stop)
+
+
+def test_ctrl_c_while_a_run_trains_stops_pytest(tiny_model_dir, tmp_path, monkeypatch):
+    # In place of training, the run sends the Ctrl-C itself: SIGINT to this process, which compare passes back.
+    ctrl_c = "import os, signal, time; time.sleep(0.5); os.kill(os.getppid(), signal.SIGINT); time.sleep(60)"
+    run_child = compare_module.run_child  # as the fixture leaves it
+    monkeypatch.setattr(compare_module, "run_child", lambda command: run_child([sys.executable, "-c", ctrl_c]))
+    argv = ["compare", "--config", str(DEFAULT_RECIPE), "--smoke", "--optims", "adamw_torch", "--output_dir",
+            str(tmp_path / "c"), "--model_name_or_path", tiny_model_dir, "--no-sharpness"]
+    with pytest.raises(KeyboardInterrupt):
+        main(argv)
 
 
 class FakePlan:
@@ -188,6 +226,11 @@ def test_interrupted_comparison_resumes_without_training_finished_runs_again(tin
     assert capsys.readouterr().out.count(": done in ") == 4
     table = parse_table((out / "report.md").read_text())
     assert set(table) == {"adamw_torch", "dual2"}
+    # Every raw log carries its run's manifest: the model's and the data's identity, the code, the times.
+    for raw in sorted((out / "raw").glob("*.json")):
+        manifest = json.loads(raw.read_text())["log_history"][-1]["run_manifest"]
+        assert manifest["inputs"]["model"]["model weights"] and manifest["inputs"]["data"]["generator version"]
+        assert manifest["segments"][-1]["ended"] and manifest["segments"][-1]["dualadam_hf"]["version"]
     # A kill during the post-training evaluation leaves the run trained but without its record.
     (out / "runs" / "dual2-seed1" / "run_done.json").unlink()
     assert main(argv) == 0

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -575,3 +576,108 @@ def test_a_full_disk_while_writing_the_report_is_one_line_and_keeps_the_old_repo
     assert f"could not write {out / 'report.md'}: No space left on device" in err
     assert "Traceback" not in err
     assert (out / "report.md").read_text() == "the previous report\n"
+
+
+# --- the model, its tokenizer and chat template are part of what a run measured ------------------------------
+
+
+def plan_on_model(path: Path, out: Path, model: Path, **settings):
+    overrides = [*compare_module.smoke_overrides(), "--accuracy_size", "0", "--model_name_or_path", str(model)]
+    return make_plan(path, output_dir=out, overrides=overrides, smoke=True, **settings)
+
+
+@pytest.mark.parametrize("file, what", [("model.safetensors", "model weights"), ("tokenizer.json", "tokenizer"),
+                                        ("chat_template.jinja", "chat template")])
+def test_a_model_file_changed_at_the_same_path_is_refused_instead_of_mixing_two_models(recipe, tmp_path, tiny_model_dir,
+                                                                                      file, what):
+    """It was reused ("already finished, reusing its log"), and the report mixed the runs of two models."""
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model)
+    out = tmp_path / "out"
+    plan = plan_on_model(recipe(), out, model, optims="adamw_torch")
+    fake_finished_run(plan, final_specs(plan)[0])
+    said = []
+    assert compare_module._execute(plan, final_specs(plan), None, False, said.append)[0].ok  # unchanged: reused
+    with (model / file).open("ab") as changed:
+        changed.write(b"\n")
+    more = plan_on_model(recipe(), out, model, optims="adamw_torch", seeds="2")
+    with pytest.raises(RecipeError, match=rf"adamw_torch-seed0 holds a run made from other inputs: {what} "
+                                          r"\(sha256 [0-9a-f]{8}\.\. -> [0-9a-f]{8}\.\.\) \(reusing it would mix "
+                                          r"results of different inputs\); give another --output_dir, or --rerun"):
+        compare_module._execute(more, final_specs(more), None, False, said.append)
+
+
+def test_a_run_recorded_without_a_manifest_is_not_reused(recipe, tmp_path):
+    plan = plan_of(recipe(), tmp_path / "out", optims="adamw_torch")
+    spec = final_specs(plan)[0]
+    fake_finished_run(plan, spec)
+    key = json.loads((spec.output_dir / COMMAND_FILE).read_text())
+    del key["inputs"]  # as an earlier version wrote it
+    (spec.output_dir / COMMAND_FILE).write_text(json.dumps(key))
+    with pytest.raises(RecipeError, match=r"holds a run recorded without a manifest of its inputs \(by an earlier "
+                                          r"version of dualadam-hf\), so whether its model, tokenizer or settings "
+                                          r"changed since it ran cannot be told; give another --output_dir, or --rerun "
+                                          r"to replace it"):
+        compare_module._execute(plan, [spec], None, False, print)
+
+
+def test_a_compare_output_dir_that_is_the_data_folder_is_refused_before_any_run(recipe, tmp_path):
+    data = chat_folder(tmp_path / "data")
+    with pytest.raises(RecipeError, match=rf"^output_dir {data} is the data folder {data}: "):
+        plan_of(recipe(data=data), data)
+    assert sorted(p.name for p in data.iterdir()) == ["train.jsonl"]
+
+
+# --- labels are folder names; optimizer settings are checked when the plan is made ------------------------
+
+
+@pytest.mark.parametrize("label, words", [
+    ("..", "would name the folder itself or the one above it"),
+    (".", "would name the folder itself or the one above it"),
+    ("grid/../..", "holds the path separator '/'"),
+    ("a\\b", "holds the path separator '\\\\'"),
+    ("two\nlines", "holds the control character 0x000a"),
+    ("bell\x07", "holds the control character 0x0007"),
+])
+def test_a_label_that_is_not_one_folder_name_is_refused(label, words):
+    """A label `..` put the grid's runs outside runs/grid/; one with a newline was taken."""
+    with pytest.raises(RecipeError, match=rf"^variant label {re.escape(repr(label))} {re.escape(words)}"):
+        parse_variants([{"optim": "adamw_torch", "label": label}])
+    with pytest.raises(RecipeError, match=re.escape(words)):  # the command line's form gets the same check
+        parse_variants(f"adamw_torch[label={label}]")
+
+
+@pytest.mark.parametrize("entry, words", [
+    ("adamw_torch[adam_beta1=1.5]", "Invalid beta parameter at index 0: 1.5"),
+    ("adamw_torch[adam_beta2=1]", "Invalid beta parameter at index 1: 1.0"),
+    ("adamw_torch[weight_decay=-1]", "Invalid weight_decay value: -1.0"),
+    ("adamw_torch[adam_epsilon=-0.1]", "Invalid epsilon value: -0.1"),
+])
+def test_a_variant_its_optimizer_would_refuse_is_refused_when_the_plan_is_made(recipe, tmp_path, entry, words):
+    """The first failed only when its run started, after the runs before it; the weight decay was not checked at
+    all (the Trainer passes it in param groups) and trained."""
+    with pytest.raises(RecipeError, match=rf"^variant {re.escape(repr(entry))}: recipe .*: --optim adamw_torch: "
+                                          rf"{re.escape(words)}$"):
+        plan_of(recipe(), tmp_path / "out", optims=f"dualadam,{entry}")
+    assert not (tmp_path / "out").exists()
+
+
+def test_ctrl_c_while_the_report_is_written_ends_in_one_line(recipe, tmp_path, monkeypatch, capsys):
+    def write_report(plan, *args, **kwargs):
+        os.kill(os.getpid(), signal.SIGINT)  # a Ctrl-C in the terminal, while report.md is written
+        return plan.output_dir / "report.md"
+
+    monkeypatch.setattr(compare_module, "_execute", lambda *args: [])
+    monkeypatch.setattr(compare_module, "write_report", write_report)
+    stray = []
+    previous = signal.signal(signal.SIGINT, lambda *args: stray.append(args))  # one compare did not take: no stop
+    try:
+        code = main(["compare", "--config", str(recipe()), "--output_dir", str(tmp_path / "out"), "--optims",
+                     "adamw_torch", "--smoke", "--accuracy_size", "0"])
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    err = capsys.readouterr().err
+    assert (code, stray) == (128 + signal.SIGINT, []) and "Traceback" not in err
+    assert [line for line in err.splitlines() if line.startswith("[compare]")] == [
+        "[compare] interrupted by SIGINT outside a run. Rerun the same command to continue where it stopped: finished "
+        "runs are reused, and a report being replaced keeps its previous content."]

@@ -76,6 +76,11 @@ def test_cli_writes_the_printed_numbers_for_a_saved_model(tiny_model_dir, tmp_pa
                                   "batch_size": 2}
     assert (record["dtype"], record["device"]) == ("float32", "cpu")
     assert record["results"]["probes"] == 2.0 and record["results"]["eigenvalue_iterations"] <= 3
+    # Its manifest: the measured model by content, the batches, the settings, and where it came from.
+    manifest = record["run_manifest"]
+    assert set(manifest["inputs"]["model"]) == {"model weights", "model config", "tokenizer", "chat template"}
+    assert manifest["inputs"]["data"] == {"random batches": {"seed": record["settings"]["seed"], "max_length": 8}}
+    assert manifest["segments"][0]["ended"] and manifest["segments"][0]["libraries"]["torch"]
     assert record["results"]["num_tokens"] == 2 * 8
     # Every weight of a full model is trainable.
     from transformers import AutoModelForCausalLM
@@ -414,7 +419,7 @@ def test_resolve_model_folder_says_what_it_skipped(tmp_path):
 
 def test_the_folder_of_a_diverged_run_is_refused_in_one_line(tmp_path, capsys, never_measured):
     """Its weights are not finite: measured, they would end in a FloatingPointError traceback."""
-    from tests.test_resume import fake_checkpoint
+    from tests.helpers import fake_checkpoint
 
     run = tmp_path / "run"
     run.mkdir()

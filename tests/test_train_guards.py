@@ -5,16 +5,19 @@ so, a diverged run keeps no non-finite weights where a user loads them, and a fu
 from __future__ import annotations
 
 import errno
+import io
 import json
+import re
 import shutil
 from pathlib import Path
 
 import pytest
 import torch
 
-from dualadam_hf.experiments import RecipeError
+from dualadam_hf.experiments import RecipeError, identity
 from dualadam_hf.experiments import train as train_module
 from dualadam_hf.experiments.checkpoints import (
+    check_resume_inputs,
     check_resume_settings,
     resume_checkpoint,
     saved_training_arguments,
@@ -24,8 +27,7 @@ from dualadam_hf.experiments.cli import main
 from dualadam_hf.experiments.train import DONE_FILE, clear_earlier_run, failed_write, run, write_atomically
 from dualadam_hf.experiments.watch import finite_checkpoint_words
 
-from .test_resume import fake_checkpoint
-from .test_train_watch import tiny_argv, tiny_experiment
+from .helpers import fake_checkpoint, tiny_argv, tiny_experiment
 
 # --- a resume asks for the settings its checkpoint holds ----------------------------------------------------
 
@@ -114,7 +116,6 @@ def test_a_checkpoint_whose_optimizer_settings_differ_is_refused(tiny_model_dir,
 @pytest.mark.parametrize("tamper, problem", [
     ({"group": {"eps": -1e-3}}, "param group 0: Invalid eps: -0.001"),
     ({"group": {"betas": (1.5, 0.999)}}, "param group 0: Invalid beta1: 1.5"),
-    ({"moment": float("nan")}, "is damaged (exp_avg holds non-finite values)"),
     ({"step": 2.5}, "is damaged (step 2.5 is not a whole number >= 0)"),
 ])
 def test_a_tampered_optimizer_state_is_refused_before_training(tiny_model_dir, tiny_chat_dataset_dir, tmp_path,
@@ -127,8 +128,6 @@ def test_a_tampered_optimizer_state_is_refused_before_training(tiny_model_dir, t
     saved = torch.load(checkpoint / "optimizer.pt", weights_only=True)
     saved["param_groups"][0].update(tamper.get("group", {}))
     first = saved["state"][0]
-    if "moment" in tamper:
-        first["exp_avg"][0] = tamper["moment"]
     if "step" in tamper:
         first["step"] = torch.tensor(tamper["step"])
     torch.save(saved, checkpoint / "optimizer.pt")
@@ -136,6 +135,28 @@ def test_a_tampered_optimizer_state_is_refused_before_training(tiny_model_dir, t
         resume_checkpoint("last", tmp_path)
     assert "\n" not in str(refused.value) and problem in str(refused.value), str(refused.value)
     assert str(refused.value).startswith(f"cannot resume from {checkpoint}: {checkpoint / 'optimizer.pt'}: ")
+
+
+def test_the_checks_before_training_read_the_optimizer_state_once_and_no_moment(tiny_model_dir, tiny_chat_dataset_dir,
+                                                                               tmp_path, monkeypatch):
+    """For a 7B full fine-tune the moments are 56 GB that the Trainer reads again: the checks before it read the
+    pickled part of optimizer.pt once (groups, step counters) and leave the moments to load_state_dict, which
+    refuses a damaged one (as the slow end-to-end test shows)."""
+    import dualadam_hf.optimizer as optimizer_module
+    from dualadam_hf.experiments import checkpoints
+
+    experiment = tiny_experiment(tiny_model_dir, tiny_chat_dataset_dir, tmp_path, "--optim_args", "blend_steps=16")
+    checkpoint = real_checkpoint(experiment, tmp_path, 4)
+    saved = torch.load(checkpoint / "optimizer.pt", weights_only=True)
+    saved["state"][0]["exp_avg"][0] = float("nan")
+    torch.save(saved, checkpoint / "optimizer.pt")
+    loads, load = [], torch.load
+    monkeypatch.setattr(torch, "load", lambda *args, **kwargs: loads.append(args[0]) or load(*args, **kwargs))
+    monkeypatch.setattr(optimizer_module, "damaged_state", lambda state: pytest.fail("a moment was read"))
+    checkpoints.forget_saved_optimizer()
+    assert resume_checkpoint("last", tmp_path) == checkpoint
+    check_resume_settings(checkpoint, experiment.training)
+    assert loads == [checkpoint / "optimizer.pt"]
 
 
 def test_a_blend_fraction_is_compared_as_the_blend_it_resolves_to(tiny_model_dir, tiny_chat_dataset_dir, tmp_path):
@@ -168,6 +189,88 @@ def test_the_recorded_arguments_are_read_without_running_the_pickle(tmp_path):
     assert not marker.exists()
     (checkpoint / "training_args.bin").write_bytes(b"not a zip")
     assert saved_training_arguments(checkpoint) is None
+
+
+# --- a resume continues the run's own inputs: its model, data and settings ------------------------------------
+
+
+@pytest.fixture(scope="module")
+def other_weights(tmp_path_factory) -> str:
+    """A tiny Llama with the session one's architecture, config and tokenizer, and other weights."""
+    from dualadam_hf.experiments.tiny import build_tiny_llama
+
+    return build_tiny_llama(tmp_path_factory.mktemp("other_weights"), seed=1)
+
+
+def checkpoint_of(experiment, model_dir: str, out: Path, step: int = 2) -> Path:
+    """A checkpoint of ``experiment`` in ``out`` with the manifest train writes into each checkpoint."""
+    checkpoint = fake_checkpoint(out, step)
+    record = identity.manifest(train_module.run_inputs(experiment, model_dir), {})
+    (checkpoint / identity.MANIFEST_FILE).write_text(json.dumps(record))
+    return checkpoint
+
+
+@pytest.mark.parametrize("change, named", [
+    ("model", "model weights (sha256 "),
+    ("data", "data files (sha256 "),
+    (("--dataset_seed", "3"), "dataset_seed (0 -> 3)"),
+    (("--train_size", "8"), "train_size (16 -> 8)"),
+    (("--max_length", "64"), "max_length (256 -> 64)"),
+    (("--max_grad_norm", "0.5"), "max_grad_norm (1.0 -> 0.5)"),
+], ids=["model", "data", "dataset_seed", "train_size", "max_length", "max_grad_norm"])
+def test_a_resume_with_other_inputs_is_refused_naming_each(tiny_model_dir, tiny_chat_dataset_dir, other_weights,
+                                                           tmp_path, change, named):
+    """Each alone, these were taken as they came and the run finished with exit 0, one model's or one data's
+    training continued with another's."""
+    from dualadam_hf.experiments.tiny import write_tiny_chat_jsonl
+
+    out = tmp_path / "run"
+    checkpoint = checkpoint_of(tiny_experiment(tiny_model_dir, tiny_chat_dataset_dir, out), tiny_model_dir, out)
+    model, data, extra = tiny_model_dir, tiny_chat_dataset_dir, change if isinstance(change, tuple) else ()
+    if change == "model":
+        model = other_weights
+    elif change == "data":
+        data = str(Path(write_tiny_chat_jsonl(tmp_path / "other_data" / "train.jsonl", n=64, seed=1)).parent)
+    with pytest.raises(RecipeError) as refused:
+        run(tiny_experiment(model, data, out, "--resume_from_checkpoint", "last", *extra))
+    message = str(refused.value)
+    assert message.startswith(f"cannot resume from {checkpoint}: the run was started with other inputs: {named}")
+    assert "\n" not in message and message.endswith("or start over with --overwrite_output_dir true, or give another "
+                                                    "output_dir")
+    assert message.count(" -> ") == 1  # nothing else differs
+    same = train_module.run_inputs(tiny_experiment(tiny_model_dir, tiny_chat_dataset_dir, out), tiny_model_dir)
+    check_resume_inputs(checkpoint, same)
+
+
+def test_a_checkpoint_without_a_manifest_is_not_resumed(tiny_model_dir, tiny_chat_dataset_dir, tmp_path):
+    out = tmp_path / "run"
+    checkpoint = fake_checkpoint(out, 2)
+    with pytest.raises(RecipeError, match=rf"^cannot resume from {checkpoint}: it holds no run_manifest.json "
+                                          r"\(saved by an earlier version of dualadam-hf, or by another program\), so "
+                                          r"whether .* cannot be told; start over with --overwrite_output_dir true"):
+        run(tiny_experiment(tiny_model_dir, tiny_chat_dataset_dir, out, "--resume_from_checkpoint", "last"))
+
+
+def test_an_optimizer_that_refuses_the_checkpoints_state_ends_the_run_in_one_line(tmp_path):
+    """However the optimizer words its refusal (DualAdam's, torch's "loaded state dict contains a parameter group
+    that doesn't match", a stricter check's), a resume it refuses ends in one line naming the checkpoint."""
+
+    class Trainer:
+        def train(self, resume_from_checkpoint=None):
+            self._load_optimizer_and_scheduler(resume_from_checkpoint)
+
+        def _load_optimizer_and_scheduler(self, checkpoint):
+            raise ValueError("loaded state dict contains a parameter group that doesn't match the size of "
+                             "optimizer's group\n(details)")
+
+    checkpoint = tmp_path / "checkpoint-4"
+    with pytest.raises(RecipeError) as refused:
+        train_module._train(Trainer(), checkpoint)
+    assert str(refused.value) == (f"cannot resume from {checkpoint}: its optimizer state does not load: loaded state "
+                                  "dict contains a parameter group that doesn't match the size of optimizer's group; "
+                                  "resume from an earlier checkpoint, or start over with --overwrite_output_dir true")
+    with pytest.raises(ValueError, match="details"):  # without a checkpoint it is no resume's problem
+        train_module._train(Trainer(), None)
 
 
 # --- a folder that holds a run is not trained into afresh ------------------------------------------------------
@@ -218,6 +321,49 @@ def test_overwrite_removes_the_earlier_runs_files_and_nothing_else(tmp_path):
     assert {"checkpoint-2", "checkpoint-4", "checkpoint-8", "tmp-checkpoint-6", DONE_FILE} <= set(removed)
     assert (elsewhere / "checkpoint-8" / "trainer_state.json").is_file()  # a link is removed, not followed
     assert clear_earlier_run(tmp_path / "missing") == []
+
+
+# --- what a run writes never lands on what it reads ---------------------------------------------------------
+
+
+def test_an_output_dir_that_is_the_model_folder_is_refused_before_anything_loads(tiny_model_dir, tiny_chat_dataset_dir,
+                                                                                 tmp_path, monkeypatch):
+    """It trained there and overwrote the model's model.safetensors; with overwrite_output_dir it would first have
+    deleted the model's config and weights."""
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model)
+    before = {p.name: p.read_bytes() for p in model.iterdir()}
+    monkeypatch.setattr(train_module, "load_splits", lambda *args: pytest.fail("the data was loaded"))
+    for extra in ((), ("--overwrite_output_dir", "true")):
+        with pytest.raises(RecipeError, match=rf"^output_dir {model} is the model folder {model}: "
+                                              r".*overwrite_output_dir would delete them\); give another output_dir$"):
+            run(tiny_experiment(str(model), tiny_chat_dataset_dir, model, *extra))
+    assert {p.name: p.read_bytes() for p in model.iterdir()} == before
+
+
+def test_an_output_dir_in_or_around_an_input_or_another_run_is_refused(tmp_path):
+    model, data, other = tmp_path / "models" / "tiny", tmp_path / "data", tmp_path / "runs" / "a"
+    model.mkdir(parents=True)
+    data.mkdir()
+    fake_checkpoint(other, 2)
+    inputs = {"the model folder": model, "the data folder": data}
+    for out, words in ((model / "finetuned", f"lies inside the model folder {model}"),
+                       (tmp_path / "models", f"contains the model folder {model}"),
+                       (data, f"is the data folder {data}"),
+                       (other / "more", f"lies inside the folder of another run, {other} (it holds checkpoint-2)"),
+                       (other / "checkpoint-2", "lies inside the folder of another run"),
+                       (tmp_path / "runs", f"contains the folder of another run, {other}")):
+        with pytest.raises(RecipeError, match=rf"^output_dir {out} {re.escape(words)}"):
+            train_module.check_output_apart(out, inputs)
+    train_module.check_output_apart(tmp_path / "fresh", inputs)
+    train_module.check_output_apart(other, inputs)  # the run's own folder: resumed, or refused as holding a run
+    # A data file: an output folder beside it writes nothing over it; one that holds it may.
+    data_file = tmp_path / "project" / "data.jsonl"
+    data_file.parent.mkdir()
+    data_file.write_text("{}\n")
+    train_module.check_output_apart(data_file.parent / "outputs" / "run", {"the data file": data_file})
+    with pytest.raises(RecipeError, match=rf"^output_dir {data_file.parent} contains the data file {data_file}: "):
+        train_module.check_output_apart(data_file.parent, {"the data file": data_file})
 
 
 # --- a diverged run ---------------------------------------------------------------------------------------------
@@ -284,6 +430,20 @@ def test_write_errors_from_deep_inside_become_one_line(tmp_path):
     assert failed_write(RuntimeError("shapes differ"), tmp_path) is None
 
 
+def test_torchs_own_words_for_a_full_disk_become_one_line(tmp_path):
+    """A full disk while the optimizer state was saved ended in a traceback: torch's stream writer words it
+    "basic_ios::clear", or "unexpected pos" (what /dev/full, a device that is always full, gives here)."""
+    words = ["basic_ios::clear: iostream error"]
+    if Path("/dev/full").exists():
+        with pytest.raises(RuntimeError) as full:
+            torch.save({"exp_avg": torch.zeros(100_000)}, "/dev/full")
+        words.append(str(full.value).strip().splitlines()[0])
+    for text in words:
+        message = str(failed_write(RuntimeError(text), tmp_path))
+        assert message.startswith(f"cannot write the run's files in {tmp_path}: {text}, ") and "\n" not in message
+        assert "bytes free on its disk;" in message and "--resume_from_checkpoint last" in message
+
+
 # --- end to end -----------------------------------------------------------------------------------------------
 
 
@@ -334,6 +494,12 @@ def test_resume_refusals_end_to_end(tiny_model_dir, tiny_chat_dataset_dir, tmp_p
     assert main(argv + resume) == 2
     assert "load_state_dict: the state of parameter 0 does not fit it (exp_avg has shape (1,)" in error_line(
         capsys.readouterr().err)
+    # A damaged moment: the checks before the Trainer read no moment, the optimizer refuses it as it loads it.
+    saved = torch.load(io.BytesIO(kept), weights_only=True)
+    next(iter(saved["state"].values()))["exp_avg"].view(-1)[0] = float("nan")
+    torch.save(saved, optimizer_file)
+    assert main(argv + resume) == 2
+    assert "is damaged (exp_avg holds non-finite values)" in error_line(capsys.readouterr().err)
     optimizer_file.write_bytes(kept)
     # The same settings resume, mid-schedule (the group's lr has moved; its initial lr is what is compared).
     assert main(argv + resume) == 0
@@ -401,3 +567,34 @@ def test_a_full_disk_ends_the_run_in_one_line_and_it_resumes(tiny_model_dir, tin
     monkeypatch.undo()
     assert main(argv + ["--resume_from_checkpoint", "last"]) == 0  # room again: the run finishes
     assert json.loads((out / DONE_FILE).read_text())["log_history"]
+
+
+def test_a_run_carries_its_manifest_and_resumes_only_from_its_own_inputs(tiny_model_dir, tiny_chat_dataset_dir,
+                                                                          tmp_path, capsys):
+    import hashlib
+
+    out = tmp_path / "run"
+    argv = ["train", *tiny_argv(tiny_model_dir, tiny_chat_dataset_dir, out, "--max_steps", "2", "--save_steps", "2")]
+    assert main(argv) == 0
+    done = json.loads((out / DONE_FILE).read_text())
+    record = done[identity.MANIFEST_KEY]
+    saved = json.loads((out / "checkpoint-2" / identity.MANIFEST_FILE).read_text())
+    assert record["inputs"] == saved["inputs"] == json.loads((out / identity.MANIFEST_FILE).read_text())["inputs"]
+    weights = hashlib.sha256((Path(tiny_model_dir) / "model.safetensors").read_bytes()).hexdigest()
+    assert record["inputs"]["model"]["model weights"] == {"model.safetensors": weights}
+    assert set(record["inputs"]["model"]) == {"model weights", "model config", "tokenizer", "chat template"}
+    assert list(record["inputs"]["data"]["data files"]) == [str(Path(tiny_chat_dataset_dir) / "train.jsonl")]
+    assert record["inputs"]["settings"]["train_size"] == 16 and record["inputs"]["settings"]["processes"] == 1
+    segment = record["segments"][-1]
+    assert segment["started"] <= segment["ended"] and saved["segments"][-1]["ended"] is None
+    assert segment["libraries"]["transformers"] and segment["dualadam_hf"]["version"]
+    assert record["where"]["model"] == str(Path(tiny_model_dir).resolve())
+    # The log history ends with it, so a comparison's raw logs, made of the history, carry it too.
+    assert done["log_history"][-1] == {identity.MANIFEST_KEY: record, "step": 2}
+    capsys.readouterr()
+    assert main(argv + ["--resume_from_checkpoint", "last", "--train_size", "8"]) == 2
+    assert "the run was started with other inputs: train_size (16 -> 8)" in error_line(capsys.readouterr().err)
+    # Resumed as it ran: only the evaluation is redone, and the manifest records both processes.
+    assert main(argv + ["--resume_from_checkpoint", "last"]) == 0
+    again = json.loads((out / DONE_FILE).read_text())[identity.MANIFEST_KEY]
+    assert again["inputs"] == record["inputs"] and len(again["segments"]) == 2

@@ -24,16 +24,13 @@ from typing import Any
 import yaml
 
 from ..integrations.optim_args import boolean_word
+from .recipe_file import RecipeError, check_recipe_file
 from .sharpness import SharpnessSettings
 
 TASKS = ("sft", "classification")
 DATASET_FORMATS = ("auto", "gsm8k")
 COMPARE_KEY = "compare"
 _SHARPNESS = SharpnessSettings()
-
-
-class RecipeError(ValueError):
-    """A recipe or an override is wrong; the message says what and how to fix it."""
 
 
 def whole_number(value: Any, what: str, minimum: int | None = None) -> int:
@@ -137,8 +134,6 @@ class Experiment:
 def read_yaml(path: str | os.PathLike) -> dict[str, Any]:
     """The recipe's mapping; a missing file, bad YAML, a non-mapping, and what :func:`.recipe_file.check_recipe_file`
     refuses (not UTF-8, a key named twice, an empty file) are a RecipeError."""
-    from .recipe_file import check_recipe_file  # it imports RecipeError from here
-
     path = Path(path)
     if not path.is_file():
         raise RecipeError(f"recipe not found: {path} (give --config recipes/<name>.yaml)")
@@ -250,6 +245,13 @@ def load_experiment(path: str | os.PathLike, overrides: list[str] | None = None)
     if (optim := _value_of("optim", data, overrides)) is not None:
         check_optimizer_name(str(optim))
     defaults = {k: _as_argument_text(k, v, hints.get(k, Any), where) for k, v in data.items()}
+    # TRL's SFTConfig defaults the deprecated name `gradient_checkpointing` (to True), so transformers warned
+    # in every parse of a recipe that names neither: TRL's default, given under the current name, is the same
+    # run without the warning. A recipe or override that uses the old name keeps its own warning.
+    legacy = next((f.default for f in dataclasses.fields(TrainerConfig) if f.name == "gradient_checkpointing"), None)
+    if "activation_checkpointing" in hints and isinstance(legacy, bool) and all(
+            _value_of(key, data, overrides) is None for key in ("activation_checkpointing", "gradient_checkpointing")):
+        defaults["activation_checkpointing"] = _as_argument_text("activation_checkpointing", legacy, bool, where)
     # allow_abbrev=False: `--max_step` must be an error with a suggestion, not taken as `--max_steps`.
     parser = TrlParser(classes, exit_on_error=False, allow_abbrev=False)
     if unknown := _keys_of(parser.set_defaults_with_config(**defaults)):
@@ -279,9 +281,50 @@ def check_experiment(experiment: Experiment) -> None:
                           f"num_train_epochs), got {training.max_steps}")
     if training.max_steps == -1 and not training.num_train_epochs > 0:
         raise RecipeError(f"{where}: with max_steps -1, num_train_epochs must be > 0")
+    # Zero would end in a division by zero or an empty batch deep inside the Trainer, after the model loaded.
+    for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
+                 "max_length"):
+        value = getattr(training, name, None)
+        if value is not None and value < 1:
+            raise RecipeError(f"{where}: {name} must be >= 1, got {value}")
+    check_optimizer_settings(training, where)
     if experiment.args.task == "classification" and experiment.model.use_peft \
             and experiment.model.lora_task_type != "SEQ_CLS":
         raise RecipeError(f"{where}: task classification with LoRA needs lora_task_type: SEQ_CLS")
+
+
+def check_optimizer_settings(training: Any, where: str) -> None:
+    """A RecipeError, before any model loads, for optimizer settings the optimizer would refuse when training
+    starts: the optimizer the Trainer would build is built on a stand-in parameter, with the run's weight
+    decay (the Trainer passes it in param groups, which torch's constructors do not check: torch's AdamW would
+    train with ``weight_decay: -1``). DualAdam's own settings are checked when the arguments are parsed; an
+    optimizer that cannot be built without the model or a missing package is left to the Trainer."""
+    import inspect
+    import warnings
+
+    import torch
+    from transformers import Trainer
+
+    from ..integrations.transformers import register
+
+    register()  # the Trainer builds DualAdam and InvAdam for their names
+    try:
+        optimizer_cls, kwargs = Trainer.get_optimizer_cls_and_kwargs(training)
+        takes_decay = "weight_decay" in inspect.signature(optimizer_cls).parameters
+    except Exception:  # noqa: BLE001 - an optimizer this check cannot build: the Trainer reports its own problem
+        return
+    if takes_decay:
+        kwargs = {**kwargs, "weight_decay": training.weight_decay}
+    try:
+        with warnings.catch_warnings():  # the real construction at train start warns, once
+            warnings.simplefilter("ignore")
+            optimizer_cls([torch.zeros(1, requires_grad=True)], **kwargs)
+    except ValueError as error:
+        reason = (str(error).strip().splitlines() or ["invalid settings"])[0]
+        optim = getattr(training.optim, "value", training.optim)
+        raise RecipeError(f"{where}: --optim {optim}: {reason}") from None
+    except Exception:  # noqa: BLE001 - e.g. a fused or 8-bit optimizer that needs an accelerator
+        return
 
 
 def recipe_folders() -> list[Path]:

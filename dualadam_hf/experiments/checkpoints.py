@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..integrations.optim_args import BOOLEAN_WORDS
+from . import identity
 from .arguments import RecipeError
 
 if TYPE_CHECKING:
@@ -173,16 +174,26 @@ def checkpoint_number(folder: Path) -> int | None:
     return int(match.group(1)) if match else None
 
 
+# The optimizer state last read, by its file's (path, size, times, inode): the checks of one resume read it once.
+_SAVED_OPTIMIZER: dict[tuple[str, int, int, int, int], dict[str, Any]] = {}
+
+
 def saved_optimizer(folder: Path) -> dict[str, Any] | None:
     """The checkpoint's ``optimizer.pt`` (None without one: DeepSpeed and FSDP save theirs elsewhere).
 
-    Memory-mapped: only the small pickled part is read, not the moment tensors of a large model. A file torch
+    Memory-mapped: only the small pickled part (groups, which states exist, the tensors' shapes) is read; the
+    moments' values stay on disk unless something reads them, and the checks before the Trainer starts read
+    only the step counters. Read once while the file stays the same, however many checks ask. A file torch
     cannot read as an optimizer state is a RecipeError (the Trainer would fail on it when it resumes)."""
     import torch
 
     file = folder / OPTIMIZER_FILE
     if not file.is_file():
         return None
+    stat = file.stat()
+    key = (str(file.resolve()), stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns, stat.st_ino)
+    if key in _SAVED_OPTIMIZER:
+        return _SAVED_OPTIMIZER[key]
     _know_quantized_state()
     try:
         saved = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
@@ -192,7 +203,15 @@ def saved_optimizer(folder: Path) -> dict[str, Any] | None:
             or not isinstance(saved.get("state"), dict):
         raise RecipeError(f"{file} is not an optimizer state: expected the state and param_groups of "
                           "Optimizer.state_dict()")
+    _SAVED_OPTIMIZER.clear()  # one at a time: a memory map of a large file is not kept for nothing
+    _SAVED_OPTIMIZER[key] = saved
     return saved
+
+
+def forget_saved_optimizer() -> None:
+    """Let go of the optimizer state :func:`saved_optimizer` keeps (and its memory map), once the checks that
+    read it are done."""
+    _SAVED_OPTIMIZER.clear()
 
 
 def _know_quantized_state() -> None:
@@ -207,10 +226,12 @@ def _know_quantized_state() -> None:
 
 
 def dualadam_state_problem(saved: dict[str, Any]) -> str | None:
-    """What DualAdam's ``load_state_dict`` would refuse in a saved DualAdam/InvAdam state, found before the
-    Trainer starts (None for a sound one, or another optimizer's): a group setting the constructor refuses, or
-    a parameter's damaged state (a step that is not a whole number, non-finite moments, negative v)."""
-    from ..optimizer import check_group, damaged_state
+    """What DualAdam's ``load_state_dict`` would refuse in a saved DualAdam/InvAdam state and can be told from
+    its pickled part, found before the Trainer starts (None for a sound one, or another optimizer's): a group
+    setting the constructor refuses, or a step counter that is not a whole number >= 0. The moments' values are
+    not read here (for a large model, gigabytes the Trainer reads again): ``load_state_dict`` checks them, and
+    the run says what it refuses in one line."""
+    from ..optimizer import check_group
 
     groups = saved["param_groups"]
     if not groups or not all(isinstance(g, dict) and "switch_rate" in g for g in groups):
@@ -223,9 +244,18 @@ def dualadam_state_problem(saved: dict[str, Any]) -> str | None:
         except (ValueError, KeyError, ImportError) as error:
             return f"param group {index}: {_first_line(error)}"
     for pid, entry in saved["state"].items():
-        if isinstance(entry, dict) and {"step", "exp_avg", "exp_avg_sq"} <= set(entry):
-            if (problem := damaged_state(entry)) is not None:
-                return f"the state of parameter {pid} is damaged ({problem})"
+        if isinstance(entry, dict) and "step" in entry and (problem := _step_damage(entry["step"])) is not None:
+            return f"the state of parameter {pid} is damaged ({problem})"
+    return None
+
+
+def _step_damage(step: Any) -> str | None:
+    """Why a saved step counter is not one (None when it is): a whole number >= 0, as a number or one-element
+    tensor (the words of :func:`..optimizer.damaged_state`)."""
+    one = isinstance(step, (int, float)) or (hasattr(step, "numel") and step.numel() == 1)
+    value = float(step) if one else math.nan
+    if not (math.isfinite(value) and value >= 0 and value.is_integer()):
+        return f"step {value if one else step!r} is not a whole number >= 0"
     return None
 
 
@@ -426,6 +456,21 @@ def setting_changes(checkpoint: Path, training: Any) -> list[str]:
                 changes.append(f"{OPTIMIZER_FILE} param group {index} {key}: checkpoint {saved!r}, asked {asked!r}")
                 named.add(argument)
     return changes
+
+
+def check_resume_inputs(checkpoint: Path, inputs: dict[str, Any]) -> None:
+    """A RecipeError unless the checkpoint's manifest records the inputs this command asks for (``inputs``, as
+    :func:`.identity.run_inputs` gives them), naming each difference; also when it records none (saved by an
+    earlier version, or by another program): whether the model, the data or a setting changed cannot be told."""
+    start_over = "start over with --overwrite_output_dir true, or give another output_dir"
+    saved = identity.read_manifest(checkpoint)
+    if saved is None:
+        raise RecipeError(f"cannot resume from {checkpoint}: it holds no {identity.MANIFEST_FILE} (saved by an earlier "
+                          "version of dualadam-hf, or by another program), so whether this command's model, data "
+                          f"and settings are the run's cannot be told; {start_over}")
+    if changes := identity.differences(saved["inputs"], inputs):
+        raise RecipeError(f"cannot resume from {checkpoint}: the run was started with other inputs: "
+                          f"{', '.join(changes)}; ask for the run's inputs to continue it, or {start_over}")
 
 
 def check_resume_settings(checkpoint: Path, training: Any) -> None:

@@ -7,6 +7,7 @@ read back only from its ``run_done.json``: rerunning reuses finished runs and re
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -17,17 +18,18 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from . import identity
 from .arguments import COMPARE_KEY, RecipeError, load_experiment, read_yaml, true_or_false, whole_number
 from .checkpoints import folder_lock, read_json
 from .data import load_splits, local_data_files
 from .models import resolve_model
 from .report import SUMMARY_OF, RunResult, rate_scores, raw_file_name, write_report
-from .train import ACCURACY_KEY, DONE_FILE, EVAL_LOSS_KEY, check_output_dir
+from .train import ACCURACY_KEY, DONE_FILE, EVAL_LOSS_KEY, check_output_apart, check_output_dir, input_folders
 from .variants import DEFAULT_OPTIMS, SET_BY_COMPARE, Variant, parse_variants
 from .watch import DIVERGED_KEY
 
@@ -56,8 +58,9 @@ class Plan:
     """What a comparison runs: variants, seeds, the learning-rate grid and where results go.
 
     ``seeds`` are the seeds of a variant without a ``seeds`` count of its own (:meth:`seeds_of`);
-    ``grid_seeds`` those of every grid point. ``recipe_digest`` is part of each run's reuse key, and so is the
-    content of the local data files ``data_files`` names per held-out split (with the splits carved from train)."""
+    ``grid_seeds`` those of every grid point. ``recipe_digest`` is part of each run's reuse key, and so are the
+    content of the local data files ``data_files`` names per held-out split (with the splits carved from train)
+    and the run's inputs (its manifest's: the model at ``model_path``, the data, the resolved settings)."""
 
     config: Path
     variants: list[Variant]
@@ -74,6 +77,7 @@ class Plan:
     recipe_digest: str
     chosen_lr: dict[str, float] = field(default_factory=dict)
     data_files: dict[str, tuple[dict[str, Path], list[str]]] = field(default_factory=dict)
+    model_path: str = ""  # the local folder (or hub id) the recipe's model resolves to
 
     @property
     def grid_seed(self) -> int:
@@ -206,8 +210,13 @@ def make_plan(config: str | Path, *, optims: str | None = None, seeds: Any = Non
     check_run_names(plan)
     # Every variant's run must parse, and the model and data must be there, before the first run starts.
     for variant in variants:
-        load_experiment(config, [*overrides, *variant.overrides()])
-    resolve_model(base.model.model_name_or_path)
+        try:
+            load_experiment(config, [*overrides, *variant.overrides()])
+        except RecipeError as error:
+            raise RecipeError(f"variant {variant.label!r}: {error}") from None
+    plan.model_path = resolve_model(base.model.model_name_or_path)
+    # The report and the runs go where nothing the runs read lies (the runs' own folders are checked by each).
+    check_output_apart(plan.output_dir, input_folders(base, plan.model_path), runs_below=False)
     load_splits(base)
     plan.data_files[plan.test_split] = local_data_files(base)
     if plan.lr_grid:
@@ -281,11 +290,33 @@ def check_launcher(launcher: str | None) -> None:
 
 
 class Interrupted(Exception):
-    """compare received SIGINT/SIGTERM/SIGHUP; the running child was stopped and waited for."""
+    """compare received SIGINT/SIGTERM/SIGHUP: while a run trained (``during_run``: the child was stopped and
+    waited for), or outside one (planning, between runs, writing the report)."""
 
-    def __init__(self, signum: int) -> None:
+    def __init__(self, signum: int, during_run: bool = True) -> None:
         super().__init__(signal.Signals(signum).name)
-        self.signum = signum
+        self.signum, self.during_run = signum, during_run
+
+
+def _interrupted_outside_a_run(signum: int, _frame: Any) -> None:
+    raise Interrupted(signum, during_run=False)
+
+
+@contextlib.contextmanager
+def signals_end_in_one_line() -> Iterator[None]:
+    """While compare runs, a SIGINT/SIGTERM/SIGHUP outside a run raises :class:`Interrupted` (which compare
+    reports in one line) rather than a KeyboardInterrupt's traceback or a silent death; :func:`run_child` passes
+    those that come while a run trains on to it. Only the main thread may set handlers: elsewhere, as it was."""
+    try:
+        previous = {s: signal.signal(s, _interrupted_outside_a_run) for s in FORWARDED_SIGNALS}
+    except ValueError:  # not the main thread
+        yield
+        return
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
 
 
 FORWARDED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
@@ -347,20 +378,10 @@ def _without_paths(command: list[str]) -> list[str]:
     return [PATHS_LEFT_OUT.get(command[i - 1], word) if i else word for i, word in enumerate(command)]
 
 
-_DIGESTS: dict[tuple[str, int, int, int], dict[str, Any]] = {}  # (file, size, mtime, ctime) -> size and sha256
-
-
 def file_digest(path: Path) -> dict[str, Any]:
-    """A file's size and sha256, read once per process while its size and change times stay the same."""
-    stat = path.stat()
-    where = (str(path.resolve()), stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns)
-    if where not in _DIGESTS:
-        digest = hashlib.sha256()
-        with path.open("rb") as file:
-            for block in iter(lambda: file.read(1 << 20), b""):
-                digest.update(block)
-        _DIGESTS[where] = {"bytes": stat.st_size, "sha256": digest.hexdigest()}
-    return _DIGESTS[where]
+    """A file's size and sha256, hashed once while its size, times and inode stay the same
+    (:func:`.identity.file_sha256`, whose cache outlives the process)."""
+    return {"bytes": path.stat().st_size, "sha256": identity.file_sha256([path])[path]}
 
 
 def data_key(plan: Plan, split: str) -> dict[str, Any] | None:
@@ -377,14 +398,26 @@ def data_key(plan: Plan, split: str) -> dict[str, Any] | None:
 
 def run_key(plan: Plan, command: list[str], launcher: str | None) -> dict[str, Any]:
     """What a run's result depends on: its train command (overrides, variant settings, learning rate, seed,
-    split), the recipe's content, the content of the local data files it reads and the launcher (e.g. the number
-    of processes)."""
+    split), the recipe's content, the content of the local data files it reads, the launcher (e.g. the number
+    of processes) and the inputs its manifest will record (:func:`run_inputs`)."""
     key = {"command": _without_paths(command[command.index("train"):]), "recipe_sha256": plan.recipe_digest,
-           "launcher": launcher}
+           "launcher": launcher, "inputs": run_inputs(plan, command)}
     last = len(command) - 1 - command[::-1].index("--dataset_test_split")  # the split compare gives the run
     if (data := data_key(plan, command[last + 1])) is not None:
         key["data"] = data
     return key
+
+
+def run_inputs(plan: Plan, command: list[str]) -> dict[str, Any]:
+    """The inputs of the run ``command`` starts, as its manifest will record them (the model's files by content,
+    the data, every resolved setting; the launcher stands for the number of processes): the command's
+    arguments parsed as the run will parse them."""
+    experiment = load_experiment(plan.config, command[command.index("--config") + 2:])
+    try:
+        return identity.run_inputs(experiment, plan.model_path)
+    except OSError as error:
+        raise RecipeError(f"cannot read {error.filename or 'an input file'} to identify the runs' inputs: "
+                          f"{error.strerror or error}") from None
 
 
 def _data_problem(saved: Any, wanted: Any) -> str | None:
@@ -425,6 +458,12 @@ def _key_problem(folder: Path, key: dict[str, Any]) -> str | None:
                 "comparison's (reusing it would mix results of different settings)")
     if problem := _data_problem(saved.get("data"), key.get("data")):
         return f"{folder} holds a run that {problem}"
+    if not isinstance(saved.get("inputs"), dict):
+        return (f"{folder} holds a run recorded without a manifest of its inputs (by an earlier version of "
+                "dualadam-hf), so whether its model, tokenizer or settings changed since it ran cannot be told")
+    if changes := identity.differences(saved["inputs"], key["inputs"]):
+        return (f"{folder} holds a run made from other inputs: {', '.join(changes)} (reusing it would mix results "
+                "of different inputs)")
     return None
 
 
@@ -533,15 +572,23 @@ def run_compare(config: str, *, optims: str | None, seeds: Any, lr_grid: str | N
                 rerun: bool, baseline: str | None = None, grid_seeds: Any = None) -> int:
     """The `compare` subcommand: exit 0 when every run finished, 1 if some failed, 128+n on signal n."""
     check_launcher(launcher)
-    plan = make_plan(config, optims=optims, seeds=seeds, lr_grid=lr_grid, select_metric=select_metric,
-                     output_dir=output_dir, overrides=(smoke_overrides() if smoke else []) + overrides,
-                     sharpness=sharpness, smoke=smoke, baseline=baseline, grid_seeds=grid_seeds)
+    try:
+        with signals_end_in_one_line():
+            plan = make_plan(config, optims=optims, seeds=seeds, lr_grid=lr_grid, select_metric=select_metric,
+                             output_dir=output_dir, overrides=(smoke_overrides() if smoke else []) + overrides,
+                             sharpness=sharpness, smoke=smoke, baseline=baseline, grid_seeds=grid_seeds)
+            return _compare_and_say(plan, launcher, rerun)
+    except Interrupted as stop:
+        where = "; the running child was stopped" if stop.during_run else " outside a run"
+        print(f"[compare] interrupted by {stop}{where}. Rerun the same command to continue where it stopped: "
+              "finished runs are reused, and a report being replaced keeps its previous content.", file=sys.stderr)
+        return 128 + stop.signum
+
+
+def _compare_and_say(plan: Plan, launcher: str | None, rerun: bool) -> int:
+    """Run the plan; say where the report is, or in one line which file could not be written."""
     try:
         report, results = compare(plan, launcher=launcher, rerun=rerun)
-    except Interrupted as stop:
-        print(f"[compare] interrupted by {stop}; the running child was stopped. Rerun the same command to "
-              "continue where it stopped.", file=sys.stderr)
-        return 128 + stop.signum
     except OSError as error:  # e.g. a full disk: the file and the reason, not a traceback
         print(f"[compare] error: could not write {error.filename or 'a file'}: {error.strerror or error}. A file "
               "being replaced keeps its previous content; finished runs are kept, and rerunning the same command "

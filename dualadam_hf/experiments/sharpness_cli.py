@@ -23,6 +23,7 @@ import torch
 from safetensors import safe_open
 from transformers import HfArgumentParser
 
+from . import identity
 from .arguments import RecipeError, find_recipe, load_experiment
 from .checkpoints import WEIGHT_FILES, checkpoint_folders, holds_weights, incomplete_reason, read_json
 from .data import jsonl_batches, load_splits, read_rows
@@ -225,8 +226,30 @@ def recipe_batches(experiment: Any, model: Any, source: ModelSource, settings: S
         return eval_batches(trainer, settings.batches, batch_size), batch_size
 
 
+def sharpness_manifest(source: ModelSource, command: SharpnessCommand, settings: SharpnessSettings,
+                       experiment: Any, segment: dict[str, Any]) -> dict[str, Any]:
+    """The measurement's manifest (:mod:`.identity`): the measured model's files by content (an adapter's base
+    model too), the batches' data (the recipe's data and settings, the --data file's content, or random tokens)
+    and the settings; and where it came from, ``segment`` ended now."""
+    if experiment is not None:
+        data = {**identity.data_identity(experiment), "recipe settings": identity.determining_settings(experiment)}
+    elif command.data is not None:
+        file = Path(command.data).expanduser()
+        data = {"data files": {command.data: identity.file_sha256([file])[file]}}
+    else:
+        data = {"random batches": {"seed": settings.seed, "max_length": command.max_length or DEFAULT_MAX_LENGTH}}
+    inputs = {"model": identity.model_identity(str(source.folder), source.folder), "data": data,
+              "settings": {**identity.plain(settings), "dtype": command.dtype, "device": command.device,
+                           "max_length": command.max_length}}
+    where = {"model": str(source.folder.resolve()), "config": command.config, "data": command.data}
+    return identity.ended({"manifest_version": identity.MANIFEST_VERSION, "inputs": inputs, "where": where,
+                           "segments": [segment]})
+
+
 def measure(settings: SharpnessSettings, command: SharpnessCommand) -> tuple[dict[str, Any], Path]:
-    """Check the inputs, load, measure; return the record and where it is to be written."""
+    """Check the inputs, load, measure; return the record, its manifest included, and where it is to be
+    written."""
+    segment = identity.new_segment()
     folder = resolve_model_folder(command.model)
     device, out = check_command(command)
     source = model_source(folder, command)
@@ -258,7 +281,8 @@ def measure(settings: SharpnessSettings, command: SharpnessCommand) -> tuple[dic
     results = measure_sharpness(model, batches, settings, progress=progress)
     return {"model": str(folder), "params": settings.params, "data": data,
             "settings": asdict(replace(settings, batch_size=batch_size)), "dtype": command.dtype, "device": str(device),
-            "results": {k: float(v) if math.isfinite(v) else None for k, v in results.items()}}, out  # JSON: no NaN
+            "results": {k: float(v) if math.isfinite(v) else None for k, v in results.items()},  # JSON: no NaN
+            identity.MANIFEST_KEY: sharpness_manifest(source, command, settings, experiment, segment)}, out
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -24,15 +24,18 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from . import identity
 from .arguments import Experiment, RecipeError
 from .checkpoints import (
     TRAINER_STATE,
     TRAINING_ARGS_FILE,
     WALL_TIME,
     WEIGHT_FILES,
+    check_resume_inputs,
     check_resume_settings,
     checkpoint_folders,
     folder_lock,
+    forget_saved_optimizer,
     optimizer_problem,
     optimizer_start,
     read_json,
@@ -41,7 +44,7 @@ from .checkpoints import (
     saved_wall_time,
     wall_time_record,
 )
-from .data import load_splits
+from .data import ALIASES, load_splits
 from .models import resolve_model
 from .sharpness import SHARPNESS_PREFIX
 from .tasks import score_answers
@@ -63,12 +66,19 @@ RUN_LOCK_FILE = ".train.lock"
 # What a run leaves at the top of its folder besides its checkpoints: --overwrite_output_dir removes these (and
 # the checkpoints) before training, and nothing else (the folder may hold files of the user's, or of compare).
 RUN_FILES = (DONE_FILE, ACCURACY_ROWS_FILE, ACCURACY_ANSWERS_FILE, TRAINER_STATE, TRAINING_ARGS_FILE, *WEIGHT_FILES,
-             "config.json", "generation_config.json", "adapter_config.json",
+             "config.json", "generation_config.json", "adapter_config.json", identity.MANIFEST_FILE,
              "sharpness.json")  # sharpness_cli.RESULT_FILE (which imports this module): the old model's numbers
 _RUN_FOLDERS = re.compile(r"^(tmp-)?checkpoint-\d+$")
 _WEIGHT_SHARDS = re.compile(r"^(model|adapter_model|pytorch_model)-\d+-of-\d+\.(safetensors|bin)$")
 # The errors of a write that cannot go on: a full disk or quota, a read-only or failing file system.
 WRITE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO, errno.EFBIG})
+# How torch.save and safetensors word a write that failed (a full disk among them) in their RuntimeErrors: the
+# operating system's text, or torch's stream writer failing (its C++ iostream, or a position it did not reach).
+TORCH_WRITE_FAILURES = ("No space left on device", "file write failed", "basic_ios::clear", "iostream error",
+                        "PytorchStreamWriter", "inline_container.cc")
+# How deep below an output folder other runs are looked for (a comparison's grid runs lie 4 levels down), and
+# how many folders are looked at at most.
+_RUN_SEARCH_DEPTH, _RUN_SEARCH_FOLDERS = 4, 2000
 
 
 def peak_memory_mb() -> float:
@@ -151,17 +161,95 @@ def write_atomically(path: Path, data: Any) -> None:
 def failed_write(error: BaseException, output_dir: str | os.PathLike) -> RecipeError | None:
     """The one-line RecipeError for an error of a write that cannot go on (:data:`WRITE_ERRNOS`), else None.
 
-    torch.save and safetensors report a full disk in their own words, not as an OSError; those are told by the
-    operating system's text, which their messages carry."""
+    torch.save and safetensors report a full disk in their own words, not as an OSError; those are told by
+    :data:`TORCH_WRITE_FAILURES`, and the free space left is said with them."""
     if isinstance(error, OSError) and error.errno in WRITE_ERRNOS:
         where = f" ({error.filename})" if error.filename else ""
         reason = f"{error.strerror or error}{where}"
-    elif isinstance(error, RuntimeError | OSError) and ("No space left on device" in str(error)
-                                                         or "file write failed" in str(error)):
-        reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+    elif isinstance(error, RuntimeError | OSError) and any(words in str(error) for words in TORCH_WRITE_FAILURES):
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[0] + _free_space(output_dir)
     else:
         return None
     return RecipeError(f"cannot write the run's files in {output_dir}: {reason}; {_AFTER_A_FAILED_WRITE}")
+
+
+def _free_space(folder: str | os.PathLike) -> str:
+    """", N bytes free on its disk" for the folder (or the nearest one above it that exists), or ""."""
+    path = Path(folder).absolute()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    try:
+        return f", {shutil.disk_usage(path).free:,} bytes free on its disk"
+    except OSError:
+        return ""
+
+
+def input_folders(experiment: Experiment, model_path: str) -> dict[str, Path]:
+    """The local places a run reads from, by what they are: the model's folder, and the data's folder or file.
+    A data file stands for itself: an output folder beside it (``data.jsonl`` and ``outputs/`` in one project
+    folder) writes nothing over it, one that holds it may."""
+    folders = {}
+    if Path(model_path).is_dir():
+        folders["the model folder"] = Path(model_path)
+    name = ALIASES.get(str(experiment.script.dataset_name), str(experiment.script.dataset_name))
+    data = Path(name).expanduser()
+    if data.is_dir():
+        folders["the data folder"] = data
+    elif data.is_file():
+        folders["the data file"] = data
+    return folders
+
+
+def check_output_apart(output_dir: str | os.PathLike, inputs: dict[str, Path], *, runs_above: bool = True,
+                       runs_below: bool = True) -> None:
+    """Refuse, before anything loads, an output folder that is, lies inside or contains a folder the run reads
+    (``inputs``, by what each is), or lies inside (``runs_above``) or contains (``runs_below``) another run's
+    folder: saving the model, or starting over with overwrite_output_dir, would overwrite or delete what it
+    reads, or mix two runs in one folder."""
+    out = Path(output_dir).resolve()
+    fix = "give another output_dir"
+    for what, folder in inputs.items():
+        folder = folder.resolve()
+        relation = ("is" if out == folder else "lies inside" if out.is_relative_to(folder)
+                    else "contains" if folder.is_relative_to(out) else None)
+        if relation is not None:
+            raise RecipeError(f"output_dir {out} {relation} {what} {folder}: a run's model and files would be written "
+                              f"among the files it reads (and overwrite_output_dir would delete them); {fix}")
+    for above in out.parents if runs_above else ():
+        if found := _run_files(above):
+            raise RecipeError(f"output_dir {out} lies inside the folder of another run, {above} (it holds "
+                              f"{', '.join(found[:3])}): two runs would mix in one folder; {fix}")
+    if runs_below and (inner := _run_below(out)) is not None:
+        raise RecipeError(f"output_dir {out} contains the folder of another run, {inner}: overwrite_output_dir "
+                          f"would not remove it and a reader would mix the two; {fix}")
+
+
+def _run_below(folder: Path) -> Path | None:
+    """A folder below ``folder`` (its own checkpoints aside) that holds a run, looked for a few levels down."""
+    waiting, seen = [(child, 1) for child in _subfolders(folder) if not _RUN_FOLDERS.match(child.name)], 0
+    while waiting and seen < _RUN_SEARCH_FOLDERS:
+        here, depth = waiting.pop()
+        seen += 1
+        if _run_files(here):
+            return here
+        if depth < _RUN_SEARCH_DEPTH:
+            waiting += [(child, depth + 1) for child in _subfolders(here)]
+    return None
+
+
+def _run_files(folder: Path) -> list[str]:
+    """:func:`existing_run` of a folder that may not be readable (then: none)."""
+    try:
+        return existing_run(folder)
+    except OSError:
+        return []
+
+
+def _subfolders(folder: Path) -> list[Path]:
+    try:
+        return [p for p in folder.iterdir() if p.is_dir() and not p.is_symlink()]
+    except OSError:
+        return []
 
 
 def existing_run(output_dir: str | os.PathLike) -> list[str]:
@@ -186,9 +274,9 @@ def clear_earlier_run(output_dir: str | os.PathLike) -> list[str]:
     return removed
 
 
-def _callbacks(clock: dict[str, Any], accuracy: Any) -> list[Any]:
-    """The wall clock (training seconds across resumed segments, written into every checkpoint) and, when
-    ``accuracy`` is given, exact match at every evaluation."""
+def _callbacks(clock: dict[str, Any], accuracy: Any, record: dict[str, Any]) -> list[Any]:
+    """The wall clock (training seconds across resumed segments) and the run's manifest ``record``, both
+    written into every checkpoint, and, when ``accuracy`` is given, exact match at every evaluation."""
     from transformers import TrainerCallback
 
     class WallClockCallback(TrainerCallback):
@@ -203,6 +291,7 @@ def _callbacks(clock: dict[str, Any], accuracy: Any) -> list[Any]:
             if state.is_world_process_zero and folder.is_dir():
                 write_atomically(folder / WALL_TIME, wall_time_record(_seconds(clock), clock["segments"],
                                                                       peak_memory_mb(), clock["optimizer_start"]))
+                write_atomically(folder / identity.MANIFEST_FILE, record)
 
     class AccuracyCallback(TrainerCallback):
         def on_evaluate(self, args, state, control, model=None, **kwargs):
@@ -226,22 +315,44 @@ def run(experiment: Experiment, log=print) -> dict[str, float]:
     output_dir = experiment.training.output_dir
     check_output_dir(output_dir)
     model_path = resolve_model(experiment.model.model_name_or_path)
+    check_output_apart(output_dir, input_folders(experiment, model_path))
     train_data, heldout = load_splits(experiment)
+    inputs = run_inputs(experiment, model_path)
     try:
         if int(os.environ.get("RANK", "0")) != 0:  # the processes of one launch share the folder; the first locks it
-            return _run(experiment, model_path, train_data, heldout, log)
+            return _run(experiment, model_path, inputs, train_data, heldout, log)
         with folder_lock(output_dir, RUN_LOCK_FILE, "trainer"):
-            return _run(experiment, model_path, train_data, heldout, log)
+            return _run(experiment, model_path, inputs, train_data, heldout, log)
     except (OSError, RuntimeError) as error:
         if (one_line := failed_write(error, output_dir)) is None:
             raise
         raise one_line from None
 
 
-def choose_checkpoint(experiment: Experiment, log) -> Path | None:
+def run_inputs(experiment: Experiment, model_path: str) -> dict[str, Any]:
+    """The determining part of this run's manifest (:func:`.identity.run_inputs`), the processes of its launch
+    included; a file that cannot be read to identify it is a one-line RecipeError."""
+    try:
+        return identity.run_inputs(experiment, model_path, processes=int(os.environ.get("WORLD_SIZE", "1")))
+    except OSError as error:
+        raise RecipeError(f"cannot read {error.filename or 'an input file'} to identify the run's inputs: "
+                          f"{error.strerror or error}") from None
+
+
+def _where(experiment: Experiment, model_path: str) -> dict[str, Any]:
+    """Where the run read its inputs from and writes its files: provenance, not compared (a moved checkout or
+    another cache folder holds the same inputs)."""
+    local = lambda path: str(Path(path).expanduser().resolve()) if Path(path).expanduser().exists() else str(path)
+    return {"recipe": local(experiment.path), "model_name_or_path": experiment.model.model_name_or_path,
+            "model": local(model_path), "dataset_name": local(experiment.script.dataset_name),
+            "output_dir": local(experiment.training.output_dir)}
+
+
+def choose_checkpoint(experiment: Experiment, log, inputs: dict[str, Any]) -> Path | None:
     """The checkpoint this run continues (None: it starts from the model), after every refusal that keeps a run
-    from being replaced or mixed with other settings; with ``overwrite_output_dir``, the earlier run's files are
-    removed first (by the first process of a launch)."""
+    from being replaced or mixed with other settings or inputs (``inputs``: this command's, as
+    :func:`run_inputs` gives them); with ``overwrite_output_dir``, the earlier run's files are removed first (by
+    the first process of a launch)."""
     args, training = experiment.args, experiment.training
     output, kind = Path(training.output_dir), resume_kind(training.resume_from_checkpoint)
     if args.overwrite_output_dir:
@@ -255,6 +366,7 @@ def choose_checkpoint(experiment: Experiment, log) -> Path | None:
                                    allow_fresh_optimizer=args.resume_without_optimizer_state, log=log)
     if checkpoint is not None:
         check_resume_settings(checkpoint, training)
+        check_resume_inputs(checkpoint, inputs)
         return checkpoint
     start_over = "start over with --overwrite_output_dir true, or give another output_dir"
     if kind is None and (found := existing_run(output)):
@@ -283,10 +395,17 @@ def _optimizer_start(checkpoint: Path | None, state: dict[str, Any]) -> int:
     return optimizer_start(checkpoint)
 
 
-def _run(experiment: Experiment, model_path: str, train_data: Any, heldout: Any, log) -> dict[str, float]:
+def _run(experiment: Experiment, model_path: str, inputs: dict[str, Any], train_data: Any, heldout: Any,
+         log) -> dict[str, float]:
     """Train (or take a finished checkpoint as it is), evaluate, measure, save; return the logged numbers."""
     args, training = experiment.args, experiment.training
-    checkpoint = choose_checkpoint(experiment, log)
+    checkpoint = choose_checkpoint(experiment, log, inputs)
+    forget_saved_optimizer()
+    record = identity.manifest(inputs, _where(experiment, model_path),
+                               identity.read_manifest(checkpoint) if checkpoint else None)
+    if int(os.environ.get("RANK", "0")) == 0:
+        Path(training.output_dir).mkdir(parents=True, exist_ok=True)
+        write_atomically(Path(training.output_dir) / identity.MANIFEST_FILE, record)
     state = (read_json(checkpoint / TRAINER_STATE) or {}) if checkpoint else {}
     finished = _holds_all_training(checkpoint, state, training.max_steps)
     adapter = str(checkpoint) if finished and experiment.model.use_peft else None
@@ -299,14 +418,14 @@ def _run(experiment: Experiment, model_path: str, train_data: Any, heldout: Any,
     clock = {"offset": offset, "segments": segments + 1, "start": time.time(), "stopped": None,
              "optimizer_start": _optimizer_start(checkpoint, state)}
     accuracy, answers = _accuracy_scorer(experiment, heldout, tokenizer, show_bars)
-    for callback in _callbacks(clock, accuracy if args.accuracy_during_training else None):
+    for callback in _callbacks(clock, accuracy if args.accuracy_during_training else None, record):
         trainer.add_callback(callback)
     watch = divergence_watch(trainer, log)
     blend_length_check(trainer, log)
     if finished:
         _take_finished_run(trainer, checkpoint, clock, log)
     else:
-        trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+        _train(trainer, checkpoint)
     memory.mark("train")
     final: dict[str, float] = {WALL_TIME_KEY: _seconds(clock), SEGMENTS_KEY: float(clock["segments"])}
     step = trainer.state.global_step
@@ -325,9 +444,32 @@ def _run(experiment: Experiment, model_path: str, train_data: Any, heldout: Any,
         log(f"[train] {memory.summary()}")
     trainer.log(final)
     generated = answers.get(step) if correct is not None else None
-    _save_run(trainer, training.output_dir, diverged, correct, generated, memory.peak_phase, log)
+    _save_run(trainer, training.output_dir, diverged, correct, generated, memory.peak_phase, record, log)
     numbers = {k: v for e in trainer.state.log_history for k, v in e.items() if isinstance(v, (int, float))}
     return numbers | ({} if diverged is None else {"diverged_at_step": float(diverged["step"])})
+
+
+def _train(trainer: Any, checkpoint: Path | None) -> None:
+    """Train, from ``checkpoint`` if given. An optimizer that refuses the checkpoint's state (its
+    ``load_state_dict`` raises ValueError, e.g. a moment of another shape, or damaged) ends the run in one line
+    naming the checkpoint, whatever the optimizer's words."""
+    try:
+        trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    except ValueError as error:
+        if checkpoint is None or not _raised_loading_the_optimizer(error):
+            raise
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise RecipeError(f"cannot resume from {checkpoint}: its optimizer state does not load: {reason}; resume from "
+                          "an earlier checkpoint, or start over with --overwrite_output_dir true") from None
+
+
+def _raised_loading_the_optimizer(error: BaseException) -> bool:
+    """Whether ``error`` was raised while the Trainer loaded a checkpoint's optimizer state."""
+    import traceback
+
+    # The Trainer's method that loads optimizer.pt and hands it to the optimizer's load_state_dict.
+    return any(frame.f_code.co_name == "_load_optimizer_and_scheduler"
+               for frame, _ in traceback.walk_tb(error.__traceback__))
 
 
 def _holds_all_training(checkpoint: Path | None, state: dict[str, Any], max_steps: int) -> bool:
@@ -405,10 +547,13 @@ def _sharpness_entries(trainer: Any, settings: Any, show_bars: bool, log) -> dic
 
 
 def _save_run(trainer: Any, output_dir: str, diverged: dict[str, Any] | None, correct: list[int] | None,
-              generated: Any, peak_phase: str, log) -> None:
+              generated: Any, peak_phase: str, record: dict[str, Any], log) -> None:
     """Save the final weights (only finite ones: a folder a user loads holds finite weights, or none) and the
-    trainer state; then, from the first process, the accuracy files and, last, :data:`DONE_FILE`, whose
-    presence marks the run finished."""
+    trainer state; then, from the first process, the accuracy files, the manifest and, last, :data:`DONE_FILE`,
+    whose presence marks the run finished. The manifest, its last segment ended, also closes the log history,
+    so every log made of it (a comparison's raw logs) carries it."""
+    record = identity.ended(record)
+    trainer.state.log_history.append({identity.MANIFEST_KEY: record, "step": trainer.state.global_step})
     if diverged is None:
         trainer.save_model()
     elif trainer.is_world_process_zero():
@@ -419,6 +564,7 @@ def _save_run(trainer: Any, output_dir: str, diverged: dict[str, Any] | None, co
         if correct is not None:
             write_atomically(output / ACCURACY_ROWS_FILE, correct)
             write_atomically(output / ACCURACY_ANSWERS_FILE, generated)
+        write_atomically(output / identity.MANIFEST_FILE, record)
         write_atomically(output / DONE_FILE, {DONE_LOG_KEY: trainer.state.log_history, DONE_ROWS_KEY: correct,
                                               DONE_ANSWERS_KEY: generated, DIVERGED_KEY: diverged,
-                                              "peak_memory_phase": peak_phase})
+                                              "peak_memory_phase": peak_phase, identity.MANIFEST_KEY: record})

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import difflib
 import re
+import unicodedata
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -159,6 +160,22 @@ def _default_label(pairs: Mapping[str, str]) -> str:
     return f"{name}[{join_pairs(settings)}]"
 
 
+def check_label(label: str) -> None:
+    """A label names a variant's folders and raw logs: one path-safe name. A RecipeError for one that is empty,
+    ``.`` or ``..`` (a folder of that name would be this folder or the one above it), holds a path separator,
+    or a control or line-breaking character (a newline would split the report's lines and the log's)."""
+    where = f"variant label {label!r}"
+    if not label.strip():
+        raise RecipeError(f"{where} is empty; give the variant a name (label=...)")
+    if label.strip() in (".", ".."):
+        raise RecipeError(f"{where} would name the folder itself or the one above it; give another label=")
+    if separators := sorted({c for c in label if c in "/\\"}):
+        raise RecipeError(f"{where} holds the path separator {separators[0]!r}; a label names one folder: give "
+                          "another label=")
+    if bad := next((c for c in label if unicodedata.category(c) in ("Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp")), None):
+        raise RecipeError(f"{where} holds the control character {ord(bad):#06x}; give a label of printable text")
+
+
 def _refused_reason(key: str) -> str:
     """Why a variant may not change ``key``: what the setting changes."""
     if key in _WHAT_IT_CHANGES:
@@ -200,6 +217,7 @@ def parse_variant(entry: str | Mapping[str, Any], recipe_optim_args: str | None 
     """A variant from ``NAME[key=value,...]`` or the same as a mapping with an ``optim`` key."""
     pairs = entry_mapping(entry)
     name, label = pairs["optim"], pairs.get("label") or _default_label(pairs)
+    check_label(label)
     where = f"variant {label!r}"
     seeds = None if "seeds" not in pairs else whole_number(pairs["seeds"], f"{where}: seeds", minimum=1)
     if name in PRESETS:
