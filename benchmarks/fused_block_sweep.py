@@ -74,7 +74,7 @@ def main() -> None:
             if block // (32 * warps) < 4:
                 continue
             fused.BLOCK, fused.NUM_WARPS = block, warps
-            dual.__dict__.pop("_plans", None)  # the launch tables (kept in the plans) depend on BLOCK
+            dual.__dict__.pop("_operand_sets", None)  # the launch tables (kept in the plans) depend on BLOCK
             dual.step()
             ratios, times = [], []
             for _ in range(3):

@@ -26,8 +26,8 @@ import torch
 import torch.fx.experimental._config as shape_config
 from torch import Tensor
 
-from .functional import StepTensors, coefficients, grad_like_param, local, prepare, stochastic_round_to_bf16
-from .schedule import Hyper
+from .functional import StepTensors, coefficients, grad_like_param, local, prepare, write_param
+from .schedule import Hyper, folded_update
 
 __all__ = ["BUCKET", "compiled"]
 
@@ -43,17 +43,19 @@ _scratch: dict[tuple, tuple[Tensor, ...]] = {}
 
 
 def _update(ps, gs, ms, vs, coef, shared, maximize: bool, stochastic: bool = False):
-    """The folded update on BUCKET flat quads, one fused loop each (see schedule.fold). ``stochastic``: the
-    parameters (bf16) are written with :func:`~dualadam_hf.functional.stochastic_round_to_bf16`."""
-    decay, w1, b2, w2 = shared.unbind()
+    """:func:`~dualadam_hf.schedule.folded_update` on BUCKET flat quads, written back in place, one fused loop
+    each. ``shared`` holds (decay, beta1, beta2) as tensors, so that no setting is baked into the graph.
+    ``stochastic``: the parameters (bf16) are written with stochastic rounding (see
+    :func:`~dualadam_hf.functional.write_param`)."""
+    decay, beta1, beta2 = shared.unbind()
     for k, (p, g, m, v) in enumerate(zip(ps, gs, ms, vs, strict=True)):
         adam, inverse, eps_c = coef[k].unbind()
         gf = -g.float() if maximize else g.float()
-        m.copy_(m + w1 * (gf - m))
-        v.copy_(v * b2 + w2 * gf * gf)
-        den = v.sqrt() + eps_c
-        new = p.float() * decay - adam * (m / den) - inverse * (m * den)
-        p.copy_(stochastic_round_to_bf16(new) if stochastic else new)
+        new, m_new, v_new = folded_update(p.float(), gf, m.float(), v.float(), beta1, beta2, adam, inverse, eps_c,
+                                          decay)
+        m.copy_(m_new)
+        v.copy_(v_new)
+        write_param(p, new, stochastic)
 
 
 def _get_compiled():
@@ -117,7 +119,7 @@ class _CompiledBuckets:
                 groups[(p.dtype, g.dtype, m.dtype, p.device)].append((i, p, m, v))
             else:
                 self.rest.append(i)
-        # DTensor shards are new objects every step: such a plan is rebuilt each step.
+        # DTensor shards are new objects every step: such buckets are rebuilt each step.
         self.plain = all(p is tensors.params[i] and m is tensors.exp_avgs[i] and v is tensors.exp_avg_sqs[i]
                          for i, p, _, m, v in prepared)
         self.plain = self.plain and all(local(s) is s for s in tensors.steps)
@@ -153,8 +155,8 @@ class _CompiledBuckets:
             torch._foreach_add_(steps, 1.0)
             scales = None if tensors.scales is None else [tensors.scales[i] for i in indices]
             coef, decay = coefficients(steps, scales, hyper, device, len(chunks) * BUCKET)
-            shared = torch.stack([decay, *torch.tensor([1 - hyper.beta1, hyper.beta2, 1 - hyper.beta2],
-                                                       dtype=torch.float64, device=device)]).float()
+            shared = torch.stack([decay, *torch.tensor([hyper.beta1, hyper.beta2], dtype=torch.float64,
+                                                       device=device)]).float()
             for (idx, P, G_pad, M, V), rows in zip(chunks, coef.view(-1, BUCKET, 3).unbind(0), strict=True):
                 gs = (tensors.grads[i] for i in idx) if self.plain else (
                     grad_like_param(tensors.params[i], tensors.grads[i]) for i in idx)
@@ -167,13 +169,13 @@ def _buckets_for(tensors: StepTensors) -> _CompiledBuckets:
     operands, which are dropped when a parameter or a state tensor moves); rebuilt when the gradients' dtypes
     or layout change."""
     cache = tensors.counts.cache if tensors.counts is not None else None
-    plan = None if cache is None else cache.get("compiled")
-    if plan is not None and plan.matches(tensors):
-        return plan
-    plan = _CompiledBuckets(tensors)
-    if cache is not None and plan.plain:
-        cache["compiled"] = plan
-    return plan
+    routing = None if cache is None else cache.get("compiled")
+    if routing is not None and routing.matches(tensors):
+        return routing
+    routing = _CompiledBuckets(tensors)
+    if cache is not None and routing.plain:
+        cache["compiled"] = routing
+    return routing
 
 
 def compiled(tensors: StepTensors, hyper: Hyper) -> list[int]:
@@ -181,17 +183,17 @@ def compiled(tensors: StepTensors, hyper: Hyper) -> list[int]:
     module's notes), whose steps it did not count."""
     if not tensors.params:
         return []
-    plan = _buckets_for(tensors)
-    if plan.empty:
+    routing = _buckets_for(tensors)
+    if routing.empty:
         # Empty shards still count a step, as on the other paths.
-        torch._foreach_add_([local(tensors.steps[i]) for i in plan.empty], 1.0)
-    if plan.buckets:
+        torch._foreach_add_([local(tensors.steps[i]) for i in routing.empty], 1.0)
+    if routing.buckets:
         # Duck shaping would guard sizes that are equal on the first step as equal
         # forever. Set directly: config.patch() costs ~0.1 ms per call.
         duck = shape_config.use_duck_shape
         shape_config.use_duck_shape = False
         try:
-            plan.run(tensors, hyper)
+            routing.run(tensors, hyper)
         finally:
             shape_config.use_duck_shape = duck
-    return plan.rest
+    return routing.rest

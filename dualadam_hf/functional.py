@@ -45,7 +45,7 @@ class StepCounts(NamedTuple):
     part of the tensors: their steps are then counted one by one).
     ``lowest``/``highest`` are the smallest and largest step before the coming update. ``cache`` is where
     the update paths keep what they derive from tensors that stay put (launch tables, dtype groups); it
-    lives as long as the optimizer's plan for these tensors.
+    lives as long as the optimizer's cached operands for these tensors.
     """
 
     vector: Tensor | None
@@ -201,10 +201,12 @@ def stochastic_round_to_bf16(x: Tensor) -> Tensor:
     return ((bits + noise) & _BF16_HIGH_BITS).view(torch.float32).to(torch.bfloat16)
 
 
-def write_param(p: Tensor, work: Tensor, hyper: Hyper) -> None:
-    """Store the fp32 result ``work`` into the parameter ``p``: stochastically rounded for bf16 parameters
-    with ``hyper.bf16_stochastic_round``, else by ``copy_`` (round to nearest)."""
-    if hyper.bf16_stochastic_round and p.dtype == torch.bfloat16:
+def write_param(p: Tensor, work: Tensor, stochastic_round: bool) -> None:
+    """Store the fp32 result ``work`` into the parameter ``p``: the one place every path decides how. bf16
+    parameters with ``stochastic_round`` (``bf16_stochastic_round``) are rounded up or down at random
+    (unbiased); others by ``copy_`` (round to nearest). Plain torch ops, so it also runs inside
+    ``torch.compile`` (there ``p.dtype`` is static)."""
+    if stochastic_round and p.dtype == torch.bfloat16:
         p.copy_(stochastic_round_to_bf16(work))
     else:
         p.copy_(work)
@@ -236,7 +238,7 @@ def single_tensor(tensors: StepTensors, hyper: Hyper) -> None:
             u.mul_(1.0 - r).add_(mh * d, alpha=r * hyper.inverse_scale * scales[i])
         work.add_(u, alpha=-lr)
         if work is not p:
-            write_param(p, work, hyper)
+            write_param(p, work, hyper.bf16_stochastic_round)
         if m is not m_in:
             m_in.copy_(m)
             v_in.copy_(v)
@@ -333,7 +335,7 @@ def foreach(tensors: StepTensors, hyper: Hyper, block: int | None = None) -> Non
             _foreach_update(work, g_work, m_work, v_work, coefs, hyper, decay)
             if work is not p and hyper.bf16_stochastic_round and p_dtype == torch.bfloat16:
                 for p_k, w_k in zip(p, work):  # bit operations have no foreach form
-                    p_k.copy_(stochastic_round_to_bf16(w_k))
+                    write_param(p_k, w_k, True)
             elif work is not p:
                 torch._foreach_copy_(p, work)
             if m_work is not m:

@@ -25,25 +25,31 @@ begin, each with the reason (:func:`init_state`, ``DualAdamCallback``).
 from __future__ import annotations
 
 import contextlib
-import dataclasses
+import importlib.metadata
+import itertools
 import logging
+import numbers
 import sys
 import warnings
 from collections import defaultdict
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from .functional import StepTensors, coefficients, held_norm_scales, local, stochastic_round_to_bf16
-from .schedule import Hyper, folded_update, last_blend_step
+from .functional import StepTensors, coefficients, local, write_param
+from .schedule import Hyper, folded_update
 
 STATE_BITS = (8, 4)
-# Elements per block scale, as torchao's AdamW8bit/AdamW4bit (the 4-bit map is coarser: smaller blocks).
-BLOCK_SIZE = {8: 256, 4: 128}
+# Elements per block scale by default: transformers' adamw_torch_8bit / adamw_torch_4bit build torchao's AdamW8bit /
+# AdamW4bit with blocks of 256 for both (torchao's own AdamW4bit defaults to 128), so the same --optim_args give
+# the same state. A group's ``block_size`` sets another.
+DEFAULT_BLOCK_SIZE = 256
 # Smaller tensors keep fp32 moments: their block scales and per-tensor map would outweigh the saving.
 MIN_QUANTIZED = 4096
+# The oldest torchao whose quantized state classes (zeros, dequantize, copy_, safe globals) this module was tested on.
+MIN_TORCHAO = "0.18"
 INSTALL_HINT = 'pip install torchao (or pip install ".[lowbit]" in a dualadam-hf checkout)'
 _MODULES = {8: ("torchao.optim.subclass_8bit", "OptimState8bit"), 4: ("torchao.optim.subclass_4bit", "OptimState4bit")}
 # What importing torchao logs on builds without its CUDA extensions, and torch's notice about a registration
@@ -70,6 +76,24 @@ def _quiet_import() -> Iterator[None]:
             logger.setLevel(level)
 
 
+def _release(text: str) -> tuple[int, ...]:
+    """The leading numbers of a version ("0.18.0+cpu" -> (0, 18, 0)), enough to order torchao's releases."""
+    numbers_ = []
+    for part in text.split("+")[0].split("."):
+        digits = "".join(itertools.takewhile(str.isdigit, part))
+        if not digits:
+            break
+        numbers_.append(int(digits))
+    return tuple(numbers_)
+
+
+def _torchao_version() -> tuple[int, ...] | None:
+    try:
+        return _release(importlib.metadata.version("torchao"))
+    except importlib.metadata.PackageNotFoundError:  # importable but not installed as a distribution (a checkout)
+        return None
+
+
 def state_types() -> dict[int, type]:
     """{8: OptimState8bit, 4: OptimState4bit} from torchao, imported quietly on first use; an ImportError that
     says how to install it where torchao is missing."""
@@ -80,8 +104,11 @@ def state_types() -> dict[int, type]:
                 found = {bits: getattr(__import__(module, fromlist=[name]), name)
                          for bits, (module, name) in _MODULES.items()}
         except ImportError as error:
-            raise ImportError(f"state_bits needs torchao >= 0.18 for its quantized optimizer state: {INSTALL_HINT} "
-                              f"({error})") from None
+            raise ImportError(f"state_bits needs torchao >= {MIN_TORCHAO} for its quantized optimizer state: "
+                              f"{INSTALL_HINT} ({error})") from None
+        if (version := _torchao_version()) is not None and version < _release(MIN_TORCHAO):
+            raise ImportError(f"state_bits needs torchao >= {MIN_TORCHAO} for its quantized optimizer state, found "
+                              f"{'.'.join(map(str, version))}: pip install -U torchao")
         _state_types, _quantized = found, tuple(found.values())
     return _state_types
 
@@ -93,14 +120,33 @@ def check_group(group: dict[str, Any], state_dtype: str | None) -> None:
     bits = group.get("state_bits")
     if bits is None:
         return
-    if isinstance(bits, bool) or bits not in STATE_BITS:
+    # A whole number, not one that equals it: 8.0 is a slip (a bool too, as True == 1).
+    if not isinstance(bits, numbers.Integral) or isinstance(bits, bool) or bits not in STATE_BITS:
         raise ValueError(f"Invalid state_bits: {bits!r} (must be None, 8 or 4)")
     if state_dtype not in (None, "float32"):
         raise ValueError(f"state_bits={bits} quantizes the moments; it cannot be combined with "
                          f"state_dtype={group['state_dtype']!r} (drop one of them)")
     if group.get("fused"):
         raise ValueError(f"state_bits={bits} takes its own compiled step; it cannot be combined with fused=True")
+    size = group.get("block_size")
+    # 4-bit codes are packed in pairs: a block must hold whole bytes.
+    if size is not None and (not isinstance(size, numbers.Integral) or isinstance(size, bool) or size < 2
+                             or size % 2):
+        raise ValueError(f"Invalid block_size: {size!r} (must be an even whole number >= 2, or None for "
+                         f"{DEFAULT_BLOCK_SIZE})")
     state_types()
+
+
+def check_block_size(group: dict[str, Any]) -> None:
+    """A ``block_size`` without ``state_bits`` has nothing to size: refused rather than ignored."""
+    if group.get("block_size") is not None and group.get("state_bits") is None:
+        raise ValueError(f"block_size={group['block_size']!r} sizes the blocks of quantized moments: it needs "
+                         "state_bits=8 or 4")
+
+
+def block_size(group: dict[str, Any]) -> int:
+    """Elements per block scale of a ``state_bits`` group."""
+    return group.get("block_size") or DEFAULT_BLOCK_SIZE
 
 
 def is_quantized(t: Any) -> bool:
@@ -115,17 +161,43 @@ def dense(t: Tensor) -> Tensor:
     return t.dequantize() if is_quantized(t) else t
 
 
-def _new_moment(p: Tensor, bits: int, signed: bool, fallback: torch.dtype) -> Tensor:
-    block = BLOCK_SIZE[bits]
-    if p.numel() >= MIN_QUANTIZED and p.numel() % block == 0:
+def quantizes(p: Tensor, group: dict[str, Any]) -> bool:
+    """Whether the group keeps this parameter's moments quantized (else in full precision)."""
+    return (group.get("state_bits") is not None and p.numel() >= MIN_QUANTIZED
+            and p.numel() % block_size(group) == 0)
+
+
+def moment_problem(moment: Any, p: Tensor, group: dict[str, Any]) -> str | None:
+    """Why a saved moment cannot stand for parameter ``p``'s in a group with ``state_bits=bits`` (None: it can):
+    another kind of state than this optimizer keeps for it (fp32 against 8-bit or 4-bit, another block size), or
+    quantized parts that do not fit together (codes, block scales, map), which would fail at the step."""
+    kind = lambda quantized, n: f"{n}-bit moments" if quantized else "full-precision moments"
+    bits, wanted = group.get("state_bits"), quantizes(p, group)
+    if not is_quantized(moment):
+        return None if not wanted else f"it holds {kind(False, 0)} where this optimizer keeps {kind(True, bits)}"
+    saved_bits = next(b for b, cls in state_types().items() if isinstance(moment, cls))
+    if not wanted or saved_bits != bits:
+        return f"it holds {kind(True, saved_bits)} where this optimizer keeps {kind(wanted, bits)}"
+    if moment.block_size != block_size(group):
+        return f"its blocks hold {moment.block_size} elements, this optimizer's {block_size(group)}"
+    numel = p.numel()
+    parts = {"codes": numel * bits // 8, "block scales": numel // block_size(group), "map": 2**bits}
+    found = {"codes": moment.codes.numel(), "block scales": moment.scale.numel(), "map": moment.qmap.numel()}
+    wrong = [f"{found[k]} {k} for {n}" for k, n in parts.items() if found[k] != n]
+    return f"its quantized parts do not fit ({', '.join(wrong)})" if wrong else None
+
+
+def _new_moment(p: Tensor, group: dict[str, Any], signed: bool, fallback: torch.dtype) -> Tensor:
+    bits, block = group["state_bits"], block_size(group)
+    if quantizes(p, group):
         # The appearance dtype is the parameter's, as torchao's: torch's load_state_dict casts state to it.
         return state_types()[bits].zeros(p.shape, signed, block, p.device, dtype=p.dtype)
     return torch.zeros_like(p, dtype=fallback)
 
 
-def init_state(p: Tensor, state: dict[str, Any], group: dict[str, Any], fallback: torch.dtype) -> None:
-    """A parameter's state at its first step: quantized moments where the tensor is large enough (else
-    ``fallback``, fp32 for low-precision parameters) and the step counter. The optimizer adds the scale of
+def init_moments(p: Tensor, state: dict[str, Any], group: dict[str, Any], fallback: torch.dtype) -> None:
+    """A parameter's moments at its first step: quantized where the tensor is large enough, else ``fallback``
+    (fp32 for low-precision parameters). The optimizer adds the step counter and the scale of
     ``inverse_scale="auto"``, as for any state."""
     bits = group["state_bits"]
     if p.is_complex():
@@ -136,15 +208,8 @@ def init_state(p: Tensor, state: dict[str, Any], group: dict[str, Any], fallback
                          "of a checkpoint gathers the quantized moments into collective tensors that "
                          "torch.load(weights_only=True) refuses, so the run could not resume. Use DDP, or --optim "
                          "dualadam under FSDP2.")
-    state["step"] = torch.tensor(0.0, dtype=torch.float32)
-    state["exp_avg"] = _new_moment(p, bits, True, fallback)
-    state["exp_avg_sq"] = _new_moment(p, bits, False, fallback)
-
-
-def _write_param(p: Tensor, value: Tensor, stochastic: bool) -> None:
-    # The one place the step writes a parameter: bf16 parameters with bf16_stochastic_round are rounded up or
-    # down at random (unbiased), others to nearest.
-    p.copy_(stochastic_round_to_bf16(value) if stochastic else value)
+    state["exp_avg"] = _new_moment(p, group, True, fallback)
+    state["exp_avg_sq"] = _new_moment(p, group, False, fallback)
 
 
 def _dense_fp32(t: Tensor) -> Tensor:
@@ -152,8 +217,10 @@ def _dense_fp32(t: Tensor) -> Tensor:
 
 
 def _single_step(p: Tensor, g: Tensor, m: Tensor, v: Tensor, coef: Tensor, decay: Tensor, beta1: float,
-                 beta2: float, maximize: bool, stochastic: bool) -> None:
-    """One tensor's update, compiled: dequantize, :func:`~dualadam_hf.schedule.folded_update`, quantize."""
+                 beta2: float, maximize: bool, stochastic_round: bool) -> Tensor:
+    """One tensor's update, compiled: dequantize, :func:`~dualadam_hf.schedule.folded_update`, quantize. Returns
+    [||m/den||, ||m*den||] of the fp32 moments the update used (before they are quantized again): the
+    diagnostics of the step taken, which the stored codes can no longer tell exactly."""
     gf = g.float()
     if maximize:
         gf = -gf
@@ -162,16 +229,20 @@ def _single_step(p: Tensor, g: Tensor, m: Tensor, v: Tensor, coef: Tensor, decay
                                         eps_c, decay)
     m.copy_(m_new)  # quantized state: block scales and codes of the new values
     v.copy_(v_new)
-    _write_param(p, p_new, stochastic)
+    write_param(p, p_new, stochastic_round)
+    return _fp32_norms(m_new, v_new, eps_c)
+
+
+def _fp32_norms(m: Tensor, v: Tensor, eps_c: Tensor) -> Tensor:
+    den = v.sqrt() + eps_c
+    return torch.stack([torch.linalg.vector_norm(m / den), torch.linalg.vector_norm(m * den)])
 
 
 def _moment_norms(m: Tensor, v: Tensor, eps_c: Tensor) -> Tensor:
     """[||m/den||, ||m*den||] of one tensor's moments in fp32, den = sqrt(v) + eps*c: what the inverse share and
     the held norm read. Compiled for quantized moments, so that dequantizing fuses into the reduction instead of
     holding the tensor's moments in fp32 (a whole model's at once would take the memory the state saves)."""
-    m, v = _dense_fp32(m), _dense_fp32(v)
-    den = v.sqrt() + eps_c
-    return torch.stack([torch.linalg.vector_norm(m / den), torch.linalg.vector_norm(m * den)])
+    return _fp32_norms(_dense_fp32(m), _dense_fp32(v), eps_c)
 
 
 def _coming_moment_norms(m: Tensor, v: Tensor, g: Tensor, beta1: float, beta2: float, eps_c: Tensor) -> Tensor:
@@ -179,7 +250,7 @@ def _coming_moment_norms(m: Tensor, v: Tensor, g: Tensor, beta1: float, beta2: f
     return _moment_norms(_dense_fp32(m).lerp(g, 1.0 - beta1), _dense_fp32(v) * beta2 + (1.0 - beta2) * g * g, eps_c)
 
 
-def _compiled(fn: Callable[..., Any]) -> Callable[..., Any]:
+def _compile_once(fn: Callable[..., Any]) -> Callable[..., Any]:
     if fn not in _compiled_fns:
         # Static shapes, as torchao's step: one graph per shape and kind of state, a fixed set for a model.
         _compiled_fns[fn] = torch.compile(fn, fullgraph=True, dynamic=False)
@@ -194,6 +265,9 @@ def _compiling() -> Iterator[None]:
     with torch._dynamo.utils.disable_cache_limit(), warnings.catch_warnings():
         # torch asks tensor subclasses for a cache key it could use across processes; torchao's have none.
         warnings.filterwarnings("ignore", message=".*_stable_hash_for_caching.*")
+        # Building the first graph imports torch.utils.mkldnn, which warns that torch.jit.script_method is
+        # deprecated: torch's own doing, and under -W error (PYTHONWARNINGS=error) it would end the run.
+        warnings.filterwarnings("ignore", message=".*torch.jit.script_method.*", category=DeprecationWarning)
         yield
 
 
@@ -202,7 +276,7 @@ def _norms_of_stored(fn: Callable[..., Tensor], m: Tensor, v: Tensor, *rest: Any
     # tensor, since a number would be baked into the graph and recompiled at every step.
     eps = torch.tensor(eps_c, dtype=torch.float32, device=m.device)
     with _compiling():
-        return (_compiled(fn) if isinstance(m, _quantized) else fn)(m, v, *rest, eps)
+        return (_compile_once(fn) if isinstance(m, _quantized) else fn)(m, v, *rest, eps)
 
 
 def moment_norms(m: Tensor, v: Tensor, eps_c: float) -> Tensor:
@@ -216,59 +290,27 @@ def coming_moment_norms(m: Tensor, v: Tensor, g: Tensor, eps_c: float, hyper: Hy
     return _norms_of_stored(_coming_moment_norms, m, v, g, hyper.beta1, hyper.beta2, eps_c=eps_c)
 
 
-def _scales(params: Sequence[Tensor], grads: Sequence[Tensor], states: list[dict[str, Any]],
-            hyper: Hyper) -> list[Tensor] | None:
-    """Per-tensor factors on ``hyper.inverse_scale`` for this step: found from the dequantized moments for
-    ``"norm"`` (while the blend may be on) and at the first update with a gradient for ``"auto"``."""
-    def step_tensors(indices: Sequence[int]) -> StepTensors:
-        return StepTensors([params[k] for k in indices], [grads[k] for k in indices],
-                           [states[k]["exp_avg"] for k in indices],
-                           [states[k]["exp_avg_sq"] for k in indices], [states[k]["step"] for k in indices])
-
-    if hyper.hold_norm:
-        if min(float(s["step"]) for s in states) + 1 > last_blend_step(hyper.switch_rate):
-            return None  # past the blend the scale multiplies 0
-        return held_norm_scales(step_tensors(range(len(params))), hyper, one_tensor=coming_moment_norms)
-    if "inverse_scale" not in states[0]:
-        return None
-    waiting = [k for k, s in enumerate(states) if float(s["inverse_scale"]) == 0.0]
-    if waiting:
-        for k, scale in zip(waiting, held_norm_scales(step_tensors(waiting), hyper, one_tensor=coming_moment_norms)):
-            if float(scale) > 0.0:
-                states[k]["inverse_scale"] = scale.to("cpu", torch.float32)
-    return [s["inverse_scale"] for s in states]
-
-
-def step(opt: torch.optim.Optimizer, group: dict[str, Any], params: list[Tensor], grads: list[Tensor],
-         hyper: Hyper) -> None:
-    """One update of a ``state_bits`` group's parameters that have gradients; states are created here on the
-    first step (through the optimizer's ``_init_state``)."""
-    states = [opt.state[p] for p in params]
-    for p, state in zip(params, states):
-        if len(state) == 0:
-            opt._init_state(p, state, group)
-    scales = _scales(params, grads, states, hyper)
-    if hyper.hold_norm:
-        hyper = dataclasses.replace(hyper, inverse_scale=1.0, hold_norm=False)
+def update(tensors: StepTensors, hyper: Hyper) -> list[Tensor]:
+    """One update of a ``state_bits`` group's tensors, their steps already counted: one compiled step per tensor
+    with quantized moments, the same step uncompiled for the fp32 moments of small tensors (a graph per small
+    shape would cost more compile time than it saves). Returns each tensor's [||m/den||, ||m*den||] of the
+    moments the update used (a zero pair for an empty tensor), for :func:`~dualadam_hf.diagnostics.update_norms`."""
     by_device: dict[torch.device, list[int]] = defaultdict(list)
-    for k, p in enumerate(params):
-        state = states[k]
-        state["step"] += 1
+    for k, p in enumerate(tensors.params):
         by_device[p.device].append(k)
-    compiled = _compiled(_single_step)
+    norms: list[Tensor] = [torch.zeros(2)] * len(tensors.params)
+    compiled = _compile_once(_single_step)
     with _compiling():
         for device, indices in by_device.items():
-            coef, decay = coefficients([states[k]["step"] for k in indices],
-                                       None if scales is None else [scales[k] for k in indices], hyper, device)
+            scales = None if tensors.scales is None else [tensors.scales[k] for k in indices]
+            coef, decay = coefficients([tensors.steps[k] for k in indices], scales, hyper, device)
             decay = decay.float()
             for k, row in zip(indices, coef.unbind(0)):
-                p, m, v = params[k], states[k]["exp_avg"], states[k]["exp_avg_sq"]
+                p, m = tensors.params[k], tensors.exp_avgs[k]
                 if p.numel() == 0:
                     continue  # nothing to update; its step still counts
-                # Moments kept in fp32 (small tensors) take the same step uncompiled: a graph per small shape
-                # would cost more compile time than it saves.
                 fn = compiled if isinstance(m, _quantized) else _single_step
                 # p.detach(): the step writes the parameter's data, never through autograd.
-                stochastic = hyper.bf16_stochastic_round and p.dtype == torch.bfloat16
-                fn(p.detach(), grads[k], m, v, row.detach(), decay, hyper.beta1, hyper.beta2, hyper.maximize,
-                   stochastic)
+                norms[k] = fn(p.detach(), tensors.grads[k], m, tensors.exp_avg_sqs[k], row.detach(), decay,
+                              hyper.beta1, hyper.beta2, hyper.maximize, hyper.bf16_stochastic_round)
+    return norms

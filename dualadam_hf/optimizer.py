@@ -24,20 +24,36 @@ from torch.optim import Optimizer
 from . import diagnostics, lowbit
 from .functional import LOW_PRECISION, StepCounts, StepTensors, held_norm_scales, local
 from .schedule import Hyper, blend_weight, switch_rate_from_fraction, switch_rate_from_steps
-from .update import choose_path, update
+from .update import choose_path, coming_norms, update
 
 DEFAULT_SWITCH_RATE = 0.01
 BLEND_KEYS = ("switch_rate", "blend_steps", "blend_fraction")
 AUTO = "auto"
 NORM = "norm"
 INVERSE_SCALE_NAMES = (AUTO, NORM)
-_MAX_PLANS = 1024  # cached plans per optimizer: one per pattern of missing gradients (ZeRO-3: per sub-group)
+# Cached operand sets per optimizer: one per pattern of missing gradients (ZeRO-3: per sub-group).
+_MAX_OPERAND_SETS = 1024
 
 _logger = logging.getLogger(__name__)
 
 ParamsT = Iterable[Tensor] | Iterable[dict[str, Any]]
 
-_STATE_DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16"}
+FLOAT32_MAX = float(torch.finfo(torch.float32).max)
+# Every state has these; a saved state without them is another optimizer's.
+STATE_KEYS = ("step", "exp_avg", "exp_avg_sq")
+# The settings a state was made under and only means under: a load refuses a state saved under others (torch's
+# optimizers would adopt the saved ones silently, and a resumed run would train with settings nobody chose).
+BINDING_SETTINGS = ("betas", "eps", "weight_decay", "maximize", "inverse_scale", "state_dtype", "state_bits",
+                    "block_size", "bf16_stochastic_round")
+# A group key of saved states only: how many of the group's parameters had state, so that a state deleted from
+# the checkpoint (its parameter would restart bias correction and the blend) is seen at load.
+STATEFUL_KEY = "params_with_state"
+# A tensor's own factor on the group's inverse_scale, found by inverse_scale="auto" at its first update and kept in
+# its state. (Checkpoints written before it had its own name keep it under "inverse_scale": read as this.)
+CALIBRATED_SCALE = "calibrated_scale"
+_OLD_CALIBRATED_SCALE = "inverse_scale"
+
+_STATE_DTYPE_ALIASES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16"}
 
 
 def _is_number(value: Any) -> bool:
@@ -74,10 +90,16 @@ def check_group(group: dict[str, Any]) -> None:
         raise ValueError(f"betas must be two numbers (beta1, beta2), got {betas!r}")
     rate, fraction, scale = group["switch_rate"], group.get("blend_fraction"), group["inverse_scale"]
     # Each test runs only on a number (and() stops first), so a string or None is named, not compared.
-    checks = [("learning rate", group["lr"], _is_number(lr) and 0.0 <= lr < math.inf, "a number >= 0")]
+    # The update runs in float32: a rate float32 cannot hold would only fail (as inf) at the first step.
+    held = f"a number >= 0 that float32 holds (at most {FLOAT32_MAX:.4g})"
+    checks = [("learning rate", group["lr"], _is_number(lr) and 0.0 <= lr <= FLOAT32_MAX, held)]
     checks += [(f"beta{i + 1}", beta, 0.0 <= beta < 1.0, "in [0, 1)") for i, beta in enumerate(betas)]
-    checks += [(name, group[name], _is_number(group[name]) and 0.0 <= group[name] < math.inf, "a number >= 0")
+    checks += [(name, group[name], _is_number(group[name]) and 0.0 <= group[name] <= FLOAT32_MAX, held)
                for name in ("eps", "weight_decay")]
+    # The decoupled decay multiplies each parameter by 1 - lr*weight_decay: past 1 it flips their signs.
+    decay_ok = not (_is_number(lr) and _is_number(group["weight_decay"])) or lr * group["weight_decay"] <= 1.0
+    checks += [("weight_decay", group["weight_decay"], decay_ok, "at most 1/lr (each step multiplies the parameters "
+                "by 1 - lr*weight_decay)")]
     checks += [("switch_rate", rate, rate is None or (_is_number(rate) and 0.0 <= rate <= 1.0), "in [0, 1]"),
                ("blend_fraction", fraction, fraction is None or (_is_number(fraction) and 0.0 < fraction <= 1.0),
                 "in (0, 1]"),
@@ -87,20 +109,25 @@ def check_group(group: dict[str, Any]) -> None:
         if not ok:
             hint = ", not a bool" if isinstance(value, bool) else ""
             raise ValueError(f"Invalid {name}: {value!r} (must be {rule}{hint})")
+    # Flags are booleans: "no" or 0.0 in a flag's place is a slip (and "no" is true).
+    for flag, default, may_be_none in (("maximize", False, False), ("bf16_stochastic_round", False, False),
+                                       ("skip_nonfinite", True, False), ("foreach", None, True), ("fused", None, True)):
+        value = group.get(flag, default)
+        if not (isinstance(value, bool) or (may_be_none and value is None)):
+            raise ValueError(f"Invalid {flag}: {value!r} (must be {'None, ' if may_be_none else ''}True or False)")
     if group.get("foreach") and group.get("fused"):
         raise ValueError("foreach and fused cannot both be True")
-    if not isinstance(group.get("bf16_stochastic_round", False), bool):
-        raise ValueError(f"Invalid bf16_stochastic_round: {group['bf16_stochastic_round']!r} (must be True or False)")
+    lowbit.check_block_size(group)
     lowbit.check_group(group, resolve_state_dtype(group.get("state_dtype")))
 
 
 def resolve_state_dtype(state_dtype: torch.dtype | str | None) -> str | None:
     """None, "float32" or "bfloat16" (kept as a string so checkpoints hold no torch objects)."""
     name = None if state_dtype is None else str(state_dtype).removeprefix("torch.")
-    if name is not None and name not in _STATE_DTYPES:
+    if name is not None and name not in _STATE_DTYPE_ALIASES:
         raise ValueError(f"Invalid state_dtype: {state_dtype!r} (must be None, float32 or bfloat16; None keeps fp32 "
                          "moments for bf16/fp16 params and the param dtype otherwise)")
-    return None if name is None else _STATE_DTYPES[name]
+    return None if name is None else _STATE_DTYPE_ALIASES[name]
 
 
 def resolve_blend(switch_rate: float | None, blend_steps: int | None,
@@ -153,28 +180,28 @@ class _GroupOperands:
         self.steps = [state["step"] for state in self.states]
         self.flat_state = [t for state in self.states for t in _PLAN_KEYS(state)]
         self.addresses = [local(p).data_ptr() for p in params]
-        self.flags = (group.get("foreach"), group.get("fused"))
+        self.flags = (group.get("foreach"), group.get("fused"), group.get("state_bits"))
         self.path = choose_path(params, *self.flags)
         self.scales = None
         if group["inverse_scale"] == AUTO:
             # The kernel reads the calibrated scales on the device (no host-to-device copy in a step).
             self.scale_device = device if self.path == "triton" else torch.device("cpu")
             for state in self.states:
-                state["inverse_scale"] = state["inverse_scale"].to(self.scale_device)
-            self.scales = [state["inverse_scale"] for state in self.states]
+                state[CALIBRATED_SCALE] = state[CALIBRATED_SCALE].to(self.scale_device)
+            self.scales = [state[CALIBRATED_SCALE] for state in self.states]
         self.uncalibrated = [k for k, scale in enumerate(self.scales or []) if float(scale) == 0.0]
         self.counts = StepCounts(vector, int(min(values)), int(max(values)), {})
         self.version = vector._version
 
     def still_holds(self, state: dict[Tensor, dict[str, Any]], group: dict[str, Any]) -> bool:
-        """Whether nothing the plan relies on has moved (checked every step, in C-speed passes): the
+        """Whether nothing these operands rely on has moved (checked every step, in C-speed passes): the
         parameters' addresses (``p.data = ...`` moves one), the state dicts and their tensors (a reset or
         a replaced moment), and the group's path flags."""
         return ([local(p).data_ptr() for p in self.params] == self.addresses
                 and all(map(operator.is_, map(state.__getitem__, self.params), self.states))
                 and all(map(operator.is_, itertools.chain.from_iterable(map(_PLAN_KEYS, self.states)),
                             self.flat_state))
-                and (group.get("foreach"), group.get("fused")) == self.flags)
+                and (group.get("foreach"), group.get("fused"), group.get("state_bits")) == self.flags)
 
     def tensors(self, grads: list[Tensor]) -> StepTensors:
         """This step's operands; the host's step range moves with the count. A write into the steps from
@@ -264,6 +291,12 @@ class DualAdam(Optimizer):
             or 1 bytes per parameter instead of 8), updated by one compiled step per tensor; tensors under 4096
             elements stay fp32. Needs torchao (the ``lowbit`` extra) (see :mod:`dualadam_hf.lowbit`).
             The default, None, keeps full-precision moments.
+        block_size: elements per block scale of quantized moments (``state_bits``); the default, None, is 256, as
+            transformers' ``adamw_torch_8bit`` / ``adamw_torch_4bit`` (``--optim_args block_size=...``).
+        skip_nonfinite: a tensor whose gradient holds NaN or inf skips its step, its parameter, moments and step
+            counter kept as they were (such an element would poison the moments for good), counted in
+            ``nonfinite_skips`` and warned about once. Costs one norm of each gradient per step (one more read
+            of the gradients) and one read of the host; False applies every step as it comes (default True).
 
     Train with gradient clipping: the inverse part grows like g*|g|.
     """
@@ -286,6 +319,8 @@ class DualAdam(Optimizer):
         state_dtype: torch.dtype | str | None = None,
         bf16_stochastic_round: bool = False,
         state_bits: int | None = None,
+        block_size: int | None = None,
+        skip_nonfinite: bool = True,
     ) -> None:
         switch_rate, blend_fraction = resolve_blend(switch_rate, blend_steps, blend_fraction)
         if switch_rate == 0.0 and not isinstance(self, InvAdam):
@@ -294,9 +329,11 @@ class DualAdam(Optimizer):
             lr=lr, betas=tuple(betas) if isinstance(betas, list) else betas, eps=eps, weight_decay=weight_decay,
             switch_rate=switch_rate, blend_fraction=blend_fraction, inverse_scale=inverse_scale,
             maximize=maximize, foreach=foreach, fused=fused, state_dtype=resolve_state_dtype(state_dtype),
-            bf16_stochastic_round=bf16_stochastic_round, state_bits=state_bits,
+            bf16_stochastic_round=bf16_stochastic_round, state_bits=state_bits, block_size=block_size,
+            skip_nonfinite=skip_nonfinite,
         )
         super().__init__(params, defaults)
+        self.nonfinite_skips = 0  # tensor steps skipped for a non-finite gradient (see skip_nonfinite)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a group, checking its hyperparameters as the constructor checks the defaults. The blend may be
@@ -377,10 +414,47 @@ class DualAdam(Optimizer):
         return diagnostics.inverse_share(sum(a for a, _ in norms), sum(b for _, b in norms))
 
     def _update_norms(self, states: list[dict[str, Any]], group: dict[str, Any]) -> tuple[float, float]:
-        scales = [s["inverse_scale"] for s in states] if "inverse_scale" in states[0] else None
-        one_tensor = lowbit.moment_norms if group.get("state_bits") is not None else None
+        scales = [s[CALIBRATED_SCALE] for s in states] if CALIBRATED_SCALE in states[0] else None
+        one_tensor = self._stepped_norms if group.get("state_bits") is not None else None
         return diagnostics.update_norms([_real(s["exp_avg"]) for s in states], [_real(s["exp_avg_sq"]) for s in states],
                                         [s["step"] for s in states], self.hyper(group), scales, one_tensor)
+
+    def _finite_only(self, group: dict[str, Any], params: list[Tensor],
+                     grads: list[Tensor]) -> tuple[list[Tensor], list[Tensor]]:
+        """The parameters whose gradients are finite, with their gradients. A non-finite gradient element would
+        leave NaN or inf in the moments for good (with low-bit state, in a whole block's), so that tensor's step
+        is skipped: its parameter, moments and step counter stay as they were. Each skip is counted
+        (``nonfinite_skips``); the first is told as a warning that names the parameter.
+
+        One L1 norm per tensor (a single foreach call, one read of the host per device): NaN and inf show in it,
+        and it overflows only for gradients whose squares would overflow the second moment anyway."""
+        finite = _finite_tensors(grads)
+        if all(finite):
+            return params, grads
+        index = {id(p): k for k, p in enumerate(group["params"])}
+        skipped = [p for p, ok in zip(params, finite) if not ok]
+        self.nonfinite_skips = getattr(self, "nonfinite_skips", 0) + len(skipped)
+        if not getattr(self, "_warned_nonfinite", False):
+            self._warned_nonfinite = True
+            first = skipped[0]
+            where = f"param group {self.param_groups.index(group)}, parameter {index[id(first)]}"
+            warnings.warn(f"{type(self).__name__}: the gradient of {where} (shape {tuple(first.shape)}) holds NaN or "
+                          f"inf; the step of {len(skipped)} tensor(s) was skipped, their parameters and moments kept. "
+                          "Later skips are counted in optimizer.nonfinite_skips (the Trainer logs it); pass "
+                          "skip_nonfinite=False to apply such steps.", RuntimeWarning, stacklevel=2)
+        kept = [k for k, ok in enumerate(finite) if ok]
+        return [params[k] for k in kept], [grads[k] for k in kept]
+
+    def _taken_norms(self) -> dict[int, Tensor]:
+        """[||m/den||, ||m*den||] of the fp32 moments each low-bit tensor's latest update used, by the id of its
+        stored first moment: the quantized moments left behind are those values requantized, so norms read
+        from them would describe other moments than the step taken (for tensors whose moments round towards
+        0, by a factor of ten or more). Not saved: after a load, the stored moments are read until a step."""
+        return self.__dict__.setdefault("_taken", {})
+
+    def _stepped_norms(self, m: Tensor, v: Tensor, eps_c: float) -> Tensor:
+        taken = self._taken_norms().get(id(m))
+        return taken if taken is not None else lowbit.moment_norms(m, v, eps_c)
 
     @staticmethod
     def _moment_dtype(group: dict[str, Any], p: Tensor) -> torch.dtype:
@@ -391,28 +465,29 @@ class DualAdam(Optimizer):
         return torch.float32 if p.dtype in LOW_PRECISION else p.dtype
 
     def _init_state(self, p: Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:
+        # The step counter is every state's, in one place; the moments are the group's kind of state.
+        state["step"] = torch.tensor(0.0, dtype=torch.float32)
         if group.get("state_bits") is not None:
-            lowbit.init_state(p, state, group, self._moment_dtype(group, p))
+            lowbit.init_moments(p, state, group, self._moment_dtype(group, p))
         else:
             # zeros_like keeps the DTensor placement under FSDP2 and the device under offload.
             dtype = p.dtype if p.is_complex() else self._moment_dtype(group, p)
-            state["step"] = torch.tensor(0.0, dtype=torch.float32)
             state["exp_avg"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
             state["exp_avg_sq"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
         if group["inverse_scale"] == AUTO:
-            state["inverse_scale"] = torch.tensor(0.0, dtype=torch.float32)  # 0: not calibrated yet
+            state[CALIBRATED_SCALE] = torch.tensor(0.0, dtype=torch.float32)  # 0: not calibrated yet
 
-    def _plan(self, group: dict[str, Any], params: list[Tensor]) -> _GroupOperands:
-        """The group's cached plan for these parameters, rebuilt when something it relies on moved."""
-        plans: dict[tuple, _GroupOperands] = self.__dict__.setdefault("_plans", {})
+    def _operands(self, group: dict[str, Any], params: list[Tensor]) -> _GroupOperands:
+        """The group's cached operands for these parameters, rebuilt when something they rely on moved."""
+        operand_sets: dict[tuple, _GroupOperands] = self.__dict__.setdefault("_operand_sets", {})
         key = tuple(map(id, params))
-        plan = plans.get(key)
-        if plan is None or not plan.still_holds(self.state, group):
-            plan = plans[key] = _GroupOperands(self, group, params)
-            while len(plans) > _MAX_PLANS:
-                plans.pop(next(iter(plans)))
-            self._log_path(plan.path, params[0].device.type, group)
-        return plan
+        operands = operand_sets.get(key)
+        if operands is None or not operands.still_holds(self.state, group):
+            operands = operand_sets[key] = _GroupOperands(self, group, params)
+            while len(operand_sets) > _MAX_OPERAND_SETS:
+                operand_sets.pop(next(iter(operand_sets)))
+            self._log_path(operands.path, params[0].device.type, group)
+        return operands
 
     def _log_path(self, path: str, device_type: str, group: dict[str, Any]) -> None:
         logged = self.__dict__.setdefault("_logged_paths", set())
@@ -421,41 +496,44 @@ class DualAdam(Optimizer):
             _logger.info("%s: %s update path on %s (foreach=%s, fused=%s)", type(self).__name__, path,
                          device_type, group.get("foreach"), group.get("fused"))
 
-    def _calibrate(self, plan: _GroupOperands, grads: list[Tensor], hyper: Hyper) -> None:
+    def _calibrate(self, operands: _GroupOperands, grads: list[Tensor], hyper: Hyper) -> None:
         """``inverse_scale="auto"``: a tensor's scale is the norm-matching scale of ``"norm"``
         (:func:`~dualadam_hf.functional.held_norm_scales`), taken at its first update with a non-zero
         gradient (0 until then: LoRA's A gets exactly 0 at first, while B is 0) and kept."""
-        waiting = list(plan.uncalibrated)
-        part = StepTensors([plan.real_params[k] for k in waiting], [_real(grads[k]) for k in waiting],
-                           [plan.exp_avgs[k] for k in waiting], [plan.exp_avg_sqs[k] for k in waiting],
-                           [plan.steps[k] for k in waiting])
-        for k, scale in zip(waiting, held_norm_scales(part, hyper)):
+        waiting = list(operands.uncalibrated)
+        part = StepTensors([operands.real_params[k] for k in waiting], [_real(grads[k]) for k in waiting],
+                           [operands.exp_avgs[k] for k in waiting], [operands.exp_avg_sqs[k] for k in waiting],
+                           [operands.steps[k] for k in waiting])
+        for k, scale in zip(waiting, held_norm_scales(part, hyper, one_tensor=coming_norms(operands.path))):
             if float(scale) > 0.0:
-                plan.states[k]["inverse_scale"] = plan.scales[k] = scale.to(plan.scale_device)
-                plan.uncalibrated.remove(k)
+                operands.states[k][CALIBRATED_SCALE] = operands.scales[k] = scale.to(operands.scale_device)
+                operands.uncalibrated.remove(k)
+
+    def state_dict(self) -> dict[str, Any]:
+        """torch's state dict; each saved group also records how many of its parameters have state."""
+        saved = super().state_dict()
+        for group in saved["param_groups"]:
+            group[STATEFUL_KEY] = sum(1 for pid in group["params"] if saved["state"].get(pid))
+        return saved
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load a DualAdam/InvAdam state; another optimizer's state, a damaged one, group settings the
-        constructor would refuse or moments that do not fit their parameters are refused with what is wrong,
-        before anything is loaded."""
-        name = type(self).__name__
-        lacking = sorted({k for g in state_dict.get("param_groups", []) for k in ("betas", "eps", "switch_rate")
-                          if k not in g})
-        missing = [(pid, saved) for pid, saved in state_dict.get("state", {}).items()
-                   if saved and not {"step", "exp_avg", "exp_avg_sq"} <= set(saved)]
-        if lacking or missing:
-            what = f"its param groups lack {', '.join(lacking)}" if lacking else (
-                f"the state of parameter {missing[0][0]} has only {', '.join(missing[0][1])}")
-            raise ValueError(f"{name}.load_state_dict: this state was saved by another optimizer ({what}); "
-                             f"load it into that optimizer, or start {name} from a fresh state")
-        for pid, saved in state_dict.get("state", {}).items():
-            problem = damaged_state(saved) if saved else None
-            if problem:
-                raise ValueError(f"{name}.load_state_dict: the state of parameter {pid} is damaged ({problem}); "
-                                 "resume from an earlier checkpoint, or start from a fresh state")
-        inverse_only = self._check_loaded_groups(state_dict.get("param_groups", []))
-        self._check_loaded_moments(state_dict)
-        if numbered := [pid for pid, saved in state_dict.get("state", {}).items()
+        """Load a DualAdam/InvAdam state, refusing with what is wrong, before anything is loaded, what this
+        optimizer cannot honour: another optimizer's state; other param groups; group settings that differ from
+        this optimizer's (torch would adopt the saved ones: a resumed run would take settings nobody chose, or
+        keep another kind of state than asked for); a learning rate above its schedule's initial one; damaged
+        moments or ones of another kind or shape than this optimizer keeps; a parameter's state missing from a
+        state that recorded it."""
+        problem = self._load_problem(state_dict)
+        if problem:
+            raise ValueError(f"{type(self).__name__}.load_state_dict: {problem}")
+        if renamed := [pid for pid, saved in state_dict["state"].items() if _OLD_CALIBRATED_SCALE in saved]:
+            state = dict(state_dict["state"])
+            for pid in renamed:
+                one = dict(state[pid])
+                one[CALIBRATED_SCALE] = one.pop(_OLD_CALIBRATED_SCALE)
+                state[pid] = one
+            state_dict = {**state_dict, "state": state}
+        if numbered := [pid for pid, saved in state_dict["state"].items()
                         if saved and not isinstance(saved["step"], Tensor)]:
             # A step saved as a number (as torch's own optimizers accept) becomes the float32 0-d counter the
             # update paths count on; torch would keep it as it is. The caller's dict is left as given.
@@ -463,14 +541,13 @@ class DualAdam(Optimizer):
             for pid in numbered:
                 state[pid] = {**state[pid], "step": torch.tensor(float(state[pid]["step"]), dtype=torch.float32)}
             state_dict = {**state_dict, "state": state}
-        self.__dict__.pop("_plans", None)
+        self.__dict__.pop("_operand_sets", None)
+        self.__dict__.pop("_taken", None)
         super().load_state_dict(state_dict)
         for group in self.param_groups:
+            group.pop(STATEFUL_KEY, None)
             for key, value in self.defaults.items():
                 group.setdefault(key, value)  # keys added after the checkpoint was written
-        for index in inverse_only:
-            _warn_inverse_only(f"{name}.load_state_dict: param group {index} of this state has switch_rate=0, which",
-                               stacklevel=2)
         # torch casts floating state to the param's dtype and device; a resume is exact only with the saved
         # moments in their own dtype (fp32 for low-precision params unless state_dtype says otherwise) and the
         # calibrated scale in float32 on the host, as they were created.
@@ -479,52 +556,78 @@ class DualAdam(Optimizer):
             saved = state_dict["state"].get(pid)
             if saved is None:
                 continue
-            if "inverse_scale" in saved:
-                self.state[p]["inverse_scale"] = saved["inverse_scale"].to(device="cpu", dtype=torch.float32)
+            if CALIBRATED_SCALE in saved:
+                self.state[p][CALIBRATED_SCALE] = saved[CALIBRATED_SCALE].to(device="cpu", dtype=torch.float32)
             dtype = p.dtype if p.is_complex() else self._moment_dtype(group, p)
             for key in ("exp_avg", "exp_avg_sq"):
                 # Quantized moments (state_bits) keep their codes: torch's cast changed only their appearance.
                 if self.state[p][key].dtype != dtype and not lowbit.is_quantized(self.state[p][key]):
                     self.state[p][key] = saved[key].to(device=p.device, dtype=dtype)
 
-    def _check_loaded_groups(self, saved_groups: list[dict[str, Any]]) -> list[int]:
-        """Check each saved group's settings as the constructor checks its own (a group's settings replace
-        the live group's at load); return the groups whose switch_rate 0 would turn a blending DualAdam group
-        into InvAdam, to be warned about once the state is in."""
-        name, inverse_only = type(self).__name__, []
-        for index, saved in enumerate(saved_groups):
-            group = {**self.defaults, **{key: value for key, value in saved.items() if key != "params"}}
-            if isinstance(group["betas"], list):
-                group["betas"] = tuple(group["betas"])
-            try:
-                check_group(group)
-            except ValueError as error:
-                raise ValueError(f"{name}.load_state_dict: param group {index} of this state: {error}") from None
-            if isinstance(self, InvAdam):
-                blend = [f"{key}={group[key]!r}" for key, own in (("switch_rate", 0.0), ("blend_fraction", None))
-                         if group[key] != own]
-                if blend:
-                    raise ValueError(f"{name}.load_state_dict: param group {index} of this state: "
-                                     f"{invadam_refusal(blend)}; load a DualAdam state into DualAdam")
-            elif group["switch_rate"] == 0.0 and (index >= len(self.param_groups)
-                                                  or self.param_groups[index]["switch_rate"] != 0.0):
-                inverse_only.append(index)
-        return inverse_only
+    def _load_problem(self, state_dict: dict[str, Any]) -> str | None:
+        """What keeps ``state_dict`` from being loaded into this optimizer as it stands, or None."""
+        name = type(self).__name__
+        if not isinstance(state_dict, dict) or not {"state", "param_groups"} <= set(state_dict):
+            return "this is not an optimizer state (it lacks state or param_groups)"
+        saved_groups, states = state_dict["param_groups"], state_dict["state"]
+        lacking = sorted({k for g in saved_groups for k in ("betas", "eps", "switch_rate") if k not in g})
+        missing = [(pid, saved) for pid, saved in states.items() if saved and not set(STATE_KEYS) <= set(saved)]
+        if lacking or missing:
+            what = f"its param groups lack {', '.join(lacking)}" if lacking else (
+                f"the state of parameter {missing[0][0]} has only {', '.join(missing[0][1])}")
+            return (f"this state was saved by another optimizer ({what}); load it into that optimizer, or start "
+                    f"{name} from a fresh state")
+        if len(saved_groups) != len(self.param_groups):
+            return (f"this state has {len(saved_groups)} param group(s), this optimizer {len(self.param_groups)}; "
+                    "load the state saved for this model and these groups")
+        for index, (saved, group) in enumerate(zip(saved_groups, self.param_groups)):
+            if len(saved["params"]) != len(group["params"]):
+                return (f"param group {index} of this state has {len(saved['params'])} parameters, this optimizer's "
+                        f"{len(group['params'])}; load the state saved for this model and these groups")
+        for index, (saved, group) in enumerate(zip(saved_groups, self.param_groups)):
+            if problem := self._group_problem(saved, group):
+                return f"param group {index} of this state: {problem}"
+            for pid, p in zip(saved["params"], group["params"]):
+                if (one := states.get(pid)) and (problem := _parameter_state_problem(one, p, group)):
+                    return (f"the state of parameter {pid} {problem}; resume from the checkpoint this optimizer "
+                            "saved, or start from a fresh state")
+            recorded, present = saved.get(STATEFUL_KEY), sum(1 for pid in saved["params"] if states.get(pid))
+            if recorded is not None and recorded != present:
+                return (f"param group {index} recorded state for {recorded} parameters, but {present} are in this "
+                        "state: a parameter's state is missing (it would restart its bias correction and blend "
+                        "unseen); resume from a complete checkpoint")
+        return None
 
-    def _check_loaded_moments(self, state_dict: dict[str, Any]) -> None:
-        """Refuse moments that do not fit their parameters, naming them, before torch takes them in (a wrong
-        shape would load and fail at the first step)."""
-        saved_groups, states = state_dict.get("param_groups", []), state_dict.get("state", {})
-        if len(saved_groups) != len(self.param_groups) or any(
-                len(saved.get("params", ())) != len(group["params"])
-                for saved, group in zip(saved_groups, self.param_groups)):
-            return  # torch refuses a state whose groups do not match, in its own words
-        for saved_group, group in zip(saved_groups, self.param_groups):
-            for pid, p in zip(saved_group["params"], group["params"]):
-                problem = mismatched_state(states[pid], p) if states.get(pid) else None
-                if problem:
-                    raise ValueError(f"{type(self).__name__}.load_state_dict: the state of parameter {pid} does not "
-                                     f"fit it ({problem}); load the state saved for this model")
+    def _group_problem(self, saved: dict[str, Any], group: dict[str, Any]) -> str | None:
+        """Why a saved group's settings cannot replace ``group``'s (None when they can): ones the constructor would
+        refuse, ones that differ from this optimizer's, a learning rate off its schedule."""
+        merged = {**self.defaults, **{key: value for key, value in saved.items() if key != "params"}}
+        if isinstance(merged["betas"], list):
+            merged["betas"] = tuple(merged["betas"])
+        try:
+            check_group(merged)
+        except ValueError as error:
+            return str(error)
+        differ = [f"{key} {_shown(merged[key])} saved, {_shown(group[key])} here" for key in BINDING_SETTINGS
+                  if not _same(merged[key], group[key])]
+        blend = "blend_fraction" if merged.get("blend_fraction") is not None or group.get(
+            "blend_fraction") is not None else "switch_rate"
+        if not _same(merged.get(blend), group.get(blend)) and not (blend == "switch_rate" and group[blend] is None):
+            differ.append(f"{blend} {_shown(merged.get(blend))} saved, {_shown(group.get(blend))} here")
+        if "initial_lr" in merged and "initial_lr" in group and not _same(merged["initial_lr"], group["initial_lr"]):
+            differ.append(f"learning rate {_shown(merged['initial_lr'])} saved, {_shown(group['initial_lr'])} here")
+        if differ:
+            kind = " (a change of state kind is not converted: resume with the optimizer that saved it)" if any(
+                part.startswith(("state_bits", "state_dtype")) for part in differ) else ""
+            return (f"it was saved with other settings than this optimizer's: {'; '.join(differ)}{kind}; construct "
+                    "the optimizer with the saved settings to resume it, or start from a fresh state")
+        lr, initial = _value(merged["lr"]), merged.get("initial_lr")
+        # Schedules start from initial_lr and go down from it (warmup, decay); only the cyclic ones, which mark
+        # their groups with max_lr, rise above it.
+        if initial is not None and "max_lr" not in merged and lr > _value(initial) * (1 + 1e-6):
+            return (f"its learning rate {lr:.6g} is above its schedule's initial {_value(initial):.6g}: the state was "
+                    "changed after it was saved; resume from the checkpoint as it was saved")
+        return None
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:
@@ -541,16 +644,74 @@ class DualAdam(Optimizer):
             if any(g.is_sparse for g in grads):
                 raise RuntimeError(f"{type(self).__name__} does not support sparse gradients; use dense gradients "
                                    "(e.g. nn.Embedding(sparse=False)) or torch.optim.SparseAdam.")
-            if group.get("state_bits") is not None:
-                lowbit.step(self, group, params, grads, self.hyper(group))
-                continue
-            plan = self._plan(group, params)
+            if group.get("skip_nonfinite", True):
+                params, grads = self._finite_only(group, params, grads)
+                if not params:
+                    continue
+            operands = self._operands(group, params)
             hyper = self.hyper(group)
-            if plan.uncalibrated:
-                self._calibrate(plan, grads, hyper)
-            update(plan.tensors(grads), hyper, plan.path)
-            plan.settle()
+            if operands.uncalibrated:
+                self._calibrate(operands, grads, hyper)
+            taken = update(operands.tensors(grads), hyper, operands.path)
+            operands.settle()
+            if taken is not None:
+                self._taken_norms().update(zip(map(id, operands.exp_avgs), taken))
         return loss
+
+
+def _finite_tensors(grads: list[Tensor]) -> list[bool]:
+    """Per gradient, whether all its elements are finite (see ``DualAdam._finite_only``)."""
+    by_device: dict[torch.device, list[int]] = {}
+    for k, g in enumerate(grads):
+        by_device.setdefault(g.device, []).append(k)
+    finite = [True] * len(grads)
+    for device, indices in by_device.items():
+        if device.type == "meta":
+            continue  # no values to read (shape-only tensors)
+        norms = torch._foreach_norm([_real(local(grads[k])) for k in indices], 1)
+        for k, ok in zip(indices, torch.isfinite(torch.stack(norms)).tolist()):
+            finite[k] = ok
+    return finite
+
+
+def _value(x: Any) -> float:
+    return float(x.item()) if isinstance(x, Tensor) else float(x)
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Equal settings: numbers (or one-element tensors) by value, sequences element by element."""
+    if isinstance(a, (tuple, list)) and isinstance(b, (tuple, list)):
+        return len(a) == len(b) and all(map(_same, a, b))
+    if isinstance(a, (numbers.Real, Tensor)) and isinstance(b, (numbers.Real, Tensor)) and not (
+            isinstance(a, bool) or isinstance(b, bool)):
+        return _value(a) == _value(b)
+    return type(a) is type(b) and a == b
+
+
+def _shown(x: Any) -> str:
+    return f"{_value(x):g}" if isinstance(x, Tensor) else repr(x)
+
+
+def _parameter_state_problem(saved: dict[str, Any], p: Tensor, group: dict[str, Any]) -> str | None:
+    """What keeps one parameter's saved state from loading, worded to follow "the state of parameter N"."""
+    # In this order: the damage check reads the moments, which must first be tensors of the right kind.
+    if problem := mismatched_state(saved, p):
+        return f"does not fit it ({problem})"
+    if problem := _kind_problem(saved, p, group):
+        return f"is of another kind ({problem})"
+    if problem := damaged_state(saved):
+        return f"is damaged ({problem})"
+    return None
+
+
+def _kind_problem(saved: dict[str, Any], p: Tensor, group: dict[str, Any]) -> str | None:
+    """Whether each saved moment is the kind of state this group keeps for ``p`` (quantized or not, how)."""
+    if group.get("state_bits") is None and not any(map(lowbit.is_quantized, (saved["exp_avg"], saved["exp_avg_sq"]))):
+        return None
+    for key in ("exp_avg", "exp_avg_sq"):
+        if problem := lowbit.moment_problem(saved[key], p, group):
+            return f"{key}: {problem}"
+    return None
 
 
 def damaged_state(saved: dict[str, Any]) -> str | None:
@@ -578,6 +739,8 @@ def mismatched_state(saved: dict[str, Any], param: Tensor) -> str | None:
     keeps the parameter's shape but may store its values in another dtype: it is compared by shape alone."""
     for key in ("exp_avg", "exp_avg_sq"):
         moment = saved[key]
+        if not isinstance(moment, Tensor):
+            return f"{key} is a {type(moment).__name__}, not a tensor"
         if moment.shape != param.shape:
             return f"{key} has shape {tuple(moment.shape)}, its parameter {tuple(param.shape)}"
         if type(moment) in (Tensor, torch.nn.Parameter) and not (moment.is_floating_point() or moment.is_complex()):
@@ -597,8 +760,9 @@ class InvAdam(DualAdam):
         betas: (beta1, beta2) (default (0.9, 0.999)).
         eps: added to sqrt(v_hat) (default 1e-8).
         weight_decay: decoupled weight decay (default 0).
-        inverse_scale, maximize, foreach, fused, state_dtype, bf16_stochastic_round, state_bits: keyword
-            arguments with DualAdam's defaults (1.0, False, None, None, None, False, None).
+        inverse_scale, maximize, foreach, fused, state_dtype, bf16_stochastic_round, state_bits, block_size,
+            skip_nonfinite: keyword arguments with DualAdam's defaults (1.0, False, None, None, None, False, None,
+            None, True).
 
     The blend arguments (``switch_rate``, ``blend_steps``, ``blend_fraction``) are refused with a TypeError.
     """

@@ -124,9 +124,11 @@ def folded_update(p: Any, g: Any, m: Any, v: Any, beta1: float, beta2: float, ad
 def switch_rate_from_steps(blend_steps: int) -> float:
     """The switch rate 1/N of ``blend_steps = N`` (a positive integer): steps 1 .. N-1 carry the inverse part
     (r = 1 - t/N, down to 1/N) and from step N on the update is plain Adam."""
+    # At most 2**53 steps: beyond, 1/N is no longer a rate whose steps float arithmetic can count (and an int
+    # past float's range would not convert at all).
     if isinstance(blend_steps, bool) or not isinstance(blend_steps, (int, float)) or not (
-            math.isfinite(blend_steps) and blend_steps >= 1 and float(blend_steps).is_integer()):
-        raise ValueError(f"blend_steps must be a positive whole number of optimizer steps, got {blend_steps!r} "
+            1 <= blend_steps <= 2**53 and float(blend_steps).is_integer()):
+        raise ValueError(f"blend_steps must be a whole number of optimizer steps from 1 to 2**53, got {blend_steps!r} "
                          "(for the inverse rule throughout use InvAdam, i.e. switch_rate=0)")
     return 1.0 / int(blend_steps)
 

@@ -6,6 +6,8 @@ chooses between its single-tensor, foreach and fused implementations.
 - ``triton``: :func:`~dualadam_hf.fused.triton_update`, the Triton kernel (``fused=True`` on CUDA; the default on one
   CUDA device with Triton).
 - ``compiled``: :func:`~dualadam_hf.compiled.compiled`, torch.compile on CPU (``fused=True`` on CPU).
+- ``lowbit``: :func:`~dualadam_hf.lowbit.update`, one compiled step per tensor over quantized moments (any group
+  with ``state_bits``, whatever ``foreach`` says).
 
 Around the chosen path: past the blend the update is AdamW's, so every tensor torch's fused AdamW kernel
 takes goes to it (all paths but ``single``; not bf16 parameters with ``bf16_stochastic_round``, as that kernel
@@ -21,17 +23,21 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from . import functional
+from . import functional, lowbit
 from .compiled import compiled
-from .functional import StepCounts, StepTensors, held_norm_scales, local, takes_adamw_fused
+from .functional import OneTensorNorms, StepCounts, StepTensors, held_norm_scales, local, takes_adamw_fused
 from .fused import triton_supported, triton_update
 from .schedule import Hyper, last_blend_step
 
-PATHS = ("single", "foreach", "triton", "compiled")
+PATHS = ("single", "foreach", "triton", "compiled", "lowbit")
 
 
-def choose_path(params: Sequence[Tensor], foreach: bool | None, fused_flag: bool | None) -> str:
-    """The path for one group's parameters (a non-empty list) from the optimizer's ``foreach``/``fused``."""
+def choose_path(params: Sequence[Tensor], foreach: bool | None, fused_flag: bool | None,
+                state_bits: int | None = None) -> str:
+    """The path for one group's parameters (a non-empty list) from the optimizer's ``foreach``/``fused`` and
+    ``state_bits`` (quantized moments have a path of their own)."""
+    if state_bits is not None:
+        return "lowbit"
     devices = {p.device for p in params}
     device = next(iter(devices))
     if fused_flag:
@@ -45,19 +51,30 @@ def choose_path(params: Sequence[Tensor], foreach: bool | None, fused_flag: bool
     return "foreach"
 
 
-def update(tensors: StepTensors, hyper: Hyper, path: str) -> None:
-    """Apply one DualAdam update to ``tensors`` with the named path (see the module's notes)."""
+def coming_norms(path: str) -> OneTensorNorms | None:
+    """How the held norm reads one tensor's coming moments on ``path``: None where foreach ops read them
+    (:func:`~dualadam_hf.functional.held_norm_scales`' batches), one tensor at a time where they are quantized."""
+    return lowbit.coming_moment_norms if path == "lowbit" else None
+
+
+def update(tensors: StepTensors, hyper: Hyper, path: str) -> list[Tensor] | None:
+    """Apply one DualAdam update to ``tensors`` with the named path (see the module's notes). The ``lowbit``
+    path returns each tensor's [||m/den||, ||m*den||] of the moments the update used (its stored moments are
+    requantized, so they can no longer tell); the others return None, as their stored moments are those."""
     if not tensors.params:
-        return
+        return None
     if path not in PATHS:
         raise ValueError(f"unknown update path {path!r}; one of {', '.join(PATHS)}")
     if hyper.hold_norm:
         if _blend_may_be_on(tensors, hyper):
-            tensors = tensors._replace(scales=held_norm_scales(tensors, hyper))
+            tensors = tensors._replace(scales=held_norm_scales(tensors, hyper, one_tensor=coming_norms(path)))
         hyper = dataclasses.replace(hyper, inverse_scale=1.0, hold_norm=False)
+    if path == "lowbit":
+        functional.count_step(tensors)
+        return lowbit.update(tensors, hyper)
     if path == "single":
         functional.single_tensor(tensors, hyper)
-        return
+        return None
     adam = _adam_phase(tensors, hyper)
     if adam and hyper.bf16_stochastic_round:
         # torch's fused AdamW rounds bf16 results to nearest: those parameters stay on the chosen path, which
@@ -69,15 +86,16 @@ def update(tensors: StepTensors, hyper: Hyper, path: str) -> None:
         functional.count_step(part)
         functional.adamw_fused(part, hyper)
         if whole:
-            return
+            return None
         taken = set(adam)
         tensors = _part(tensors, [i for i in range(len(tensors.params)) if i not in taken], "blend")
     if path == "triton" or path == "compiled":
         rest = triton_update(tensors, hyper) if path == "triton" else compiled(tensors, hyper)
         if not rest:
-            return
+            return None
         tensors = _part(tensors, rest, path + "-rest")
     functional.foreach(tensors, hyper)
+    return None
 
 
 def _part(tensors: StepTensors, indices: list[int], name: str) -> StepTensors:

@@ -140,7 +140,7 @@ def test_cached_plan_follows_storage_changes_and_dies_with_the_optimizer():
         p.grad = None
     assert grad() is None
     # The plan (and its aliases of the moments) goes with the optimizer state.
-    plan = weakref.ref(next(iter(opt._plans.values())).counts.cache["compiled"])
+    plan = weakref.ref(next(iter(opt._operand_sets.values())).counts.cache["compiled"])
     del opt
     gc.collect()
     assert plan() is None

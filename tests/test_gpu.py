@@ -243,4 +243,4 @@ def test_tensor_over_2_31_elements():
 def test_fused_calibrated_inverse_scale_matches_reference():
     params, ref, opt = _run(inverse_scale="auto")
     assert max_rel_err(params, ref.p) < 1e-5
-    assert all(opt.state[p]["inverse_scale"].device.type == "cuda" for p in opt.state)
+    assert all(opt.state[p]["calibrated_scale"].device.type == "cuda" for p in opt.state)

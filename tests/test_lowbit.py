@@ -27,7 +27,7 @@ MOMENT_ERROR = {8: 0.02, 4: 0.25}  # largest error of a quantized moment, relati
 @pytest.fixture
 def eager_step(monkeypatch):
     """The low-bit step uncompiled: the same per-tensor functions, without tens of seconds of compiling."""
-    monkeypatch.setattr(lowbit, "_compiled", lambda fn: fn)
+    monkeypatch.setattr(lowbit, "_compile_once", lambda fn: fn)
 
 
 def make_params(seed=0):
@@ -143,9 +143,10 @@ def test_state_bytes_per_parameter_match_torchaos_adamw(eager_step):
         opt.step()
         return opt, sum(p.numel() for p in net.parameters())
 
+    # transformers' adamw_torch_8bit / adamw_torch_4bit: torchao's classes with blocks of 256 for both.
     for bits, adamw in ((8, AdamW8bit), (4, AdamW4bit)):
         ours, n = stepped(lambda params, bits=bits: DualAdam(params, lr=1e-3, state_bits=bits))
-        theirs, _ = stepped(lambda params, adamw=adamw: adamw(params, lr=1e-3))
+        theirs, _ = stepped(lambda params, adamw=adamw: adamw(params, lr=1e-3, block_size=256))
         ratio = state_bytes(ours) / state_bytes(theirs)
         assert 1 / 1.01 <= ratio <= 1.01, (bits, state_bytes(ours) / n, state_bytes(theirs) / n)
         assert state_bytes(ours) / n < {8: 2.5, 4: 1.5}[bits]  # against 8 bytes per parameter in fp32
@@ -313,7 +314,7 @@ def llama64_dir(tmp_path_factory):
 def test_trainer_optim_dualadam_8bit_resumes_bit_identical(llama64_dir, tmp_path):
     from dualadam_hf.integrations.unwrap import find_dualadam
 
-    from .test_integration_trainer import make_args, make_trainer, training_logs
+    from .helpers import make_args, make_trainer, training_logs
 
     settings = dict(optim="dualadam_8bit", max_steps=6, save_strategy="steps", save_steps=3,
                     optim_args="blend_steps=4")
@@ -339,8 +340,7 @@ def test_trainer_lora_with_dualadam_4bit(eager_step, llama64_dir, tmp_path):
 
     from dualadam_hf.integrations.unwrap import find_dualadam
 
-    from .test_integration_peft import lora_trainer
-    from .test_integration_trainer import make_args, training_logs
+    from .helpers import lora_trainer, make_args, training_logs
 
     torch.manual_seed(0)
     base = AutoModelForCausalLM.from_pretrained(llama64_dir)
@@ -359,33 +359,80 @@ def test_trainer_lora_with_dualadam_4bit(eager_step, llama64_dir, tmp_path):
     assert changed and all("lora_" in n for n in changed)
 
 
-def test_deepspeed_is_refused_at_train_begin(tmp_path):
-    from transformers import TrainerControl, TrainerState, TrainingArguments
+@pytest.mark.parametrize(("variable", "engine"), [("ACCELERATE_USE_DEEPSPEED", "DeepSpeed"),
+                                                   ("ACCELERATE_USE_FSDP", "FSDP")])
+def test_sharded_engines_are_refused_where_the_arguments_are_built(tmp_path, monkeypatch, variable, engine):
+    """`accelerate launch` with a DeepSpeed or FSDP config says so in the environment before the script starts:
+    the refusal comes from TrainingArguments, before any model loads (not at train begin, minutes later)."""
+    from transformers import TrainingArguments
 
-    from dualadam_hf.integrations.callbacks import DualAdamCallback
-
-    class DeepSpeedZeroOptimizer:  # what the Trainer holds under ZeRO: a wrapper around DualAdam
-        def __init__(self, optimizer):
-            self.optimizer = optimizer
-
-    args = TrainingArguments(str(tmp_path), optim="dualadam_8bit", report_to="none", use_cpu=True)
-    wrapped = DeepSpeedZeroOptimizer(DualAdam([torch.zeros(1)], state_bits=8))
-    with pytest.raises(ValueError, match="state_bits .* does not run under DeepSpeed: ZeRO hands DualAdam one flat"):
-        DualAdamCallback().on_train_begin(args, TrainerState(max_steps=4), TrainerControl(), optimizer=wrapped)
-    plain = DeepSpeedZeroOptimizer(DualAdam([torch.zeros(1)]))
-    DualAdamCallback().on_train_begin(args, TrainerState(max_steps=4), TrainerControl(), optimizer=plain)
+    monkeypatch.setenv(variable, "true")
+    with pytest.raises(ValueError, match=f"--optim dualadam_4bit keeps 4-bit optimizer state, which does not run "
+                                         f"under {engine}: .* Use DDP for low-bit state, or --optim dualadam"):
+        TrainingArguments(str(tmp_path), optim="dualadam_4bit", report_to="none", use_cpu=True)
+    TrainingArguments(str(tmp_path), optim="dualadam", report_to="none", use_cpu=True)  # fp32 state runs there
+    monkeypatch.delenv(variable)
+    TrainingArguments(str(tmp_path), optim="dualadam_4bit", report_to="none", use_cpu=True)
 
 
-def test_inverse_share_reads_the_quantized_moments_as_their_values(eager_step):
+def test_block_size_is_transformers_default_and_set_by_optim_args(eager_step):
+    params, opt = stepped_once(lambda ps: DualAdam(ps, state_bits=4))
+    assert opt.state[params[0]]["exp_avg"].block_size == 256  # as adamw_torch_4bit builds AdamW4bit
+    kwargs = optimizer_cls_and_kwargs(Args("dualadam_4bit", "block_size=128,bf16_stochastic_round=true"))[1]
+    assert kwargs["block_size"] == 128 and kwargs["bf16_stochastic_round"] is True
+    params, opt = stepped_once(lambda ps: DualAdam(ps, **kwargs))
+    assert opt.state[params[0]]["exp_avg"].block_size == 128
+    with pytest.raises(ValueError, match="Unknown --optim_args key 'block_size' for --optim dualadam"):
+        optimizer_cls_and_kwargs(Args("dualadam", "block_size=128"))
+    with pytest.raises(ValueError, match="block_size=128 sizes the blocks of quantized moments: it needs state_bits"):
+        DualAdam([torch.zeros(1)], block_size=128)
+    with pytest.raises(ValueError, match="Invalid block_size: 3"):
+        DualAdam([torch.zeros(1)], state_bits=8, block_size=3)
+
+
+def test_an_old_torchao_is_named(monkeypatch):
+    monkeypatch.setattr(lowbit, "_state_types", None)
+    monkeypatch.setattr(lowbit, "_torchao_version", lambda: (0, 17, 1))
+    with pytest.raises(ImportError, match=r"state_bits needs torchao >= 0.18 .* found 0.17.1: pip install -U torchao"):
+        DualAdam([torch.zeros(1)], state_bits=8)
+
+
+def test_missing_torchao_is_one_line_where_the_arguments_are_built(monkeypatch, tmp_path):
+    from transformers import TrainingArguments
+
+    monkeypatch.setattr(lowbit, "_state_types", None)
+    for module in ("torchao", "torchao.optim", "torchao.optim.subclass_8bit", "torchao.optim.subclass_4bit"):
+        monkeypatch.setitem(sys.modules, module, None)
+    with pytest.raises(ValueError, match="--optim dualadam_8bit: state_bits needs torchao >= 0.18"):
+        TrainingArguments(str(tmp_path), optim="dualadam_8bit", report_to="none", use_cpu=True)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("scale", [1.0, "norm"])
+def test_inverse_share_describes_the_step_taken_not_the_requantized_moments(eager_step, bits, scale):
+    """At the first step every kind of state starts from zero moments, so the update, and the inverse share
+    that describes it, are the fp32 state's to fp32 rounding; read from the requantized moments instead, the
+    share came out 300 times lower at 8 bits."""
+    shares = {}
+    for kind in (None, bits):
+        params, opt = stepped_once(lambda ps, kind=kind: DualAdam(ps, lr=1e-3, blend_steps=4, inverse_scale=scale,
+                                                                  state_bits=kind))
+        shares[kind] = opt.inverse_share()
+    assert 0.0 < shares[None] < 1.0
+    assert shares[bits] == pytest.approx(shares[None], rel=1e-5)
+
+
+def test_after_a_load_the_inverse_share_reads_the_stored_moments(eager_step):
     from dualadam_hf import diagnostics
 
     params, opt = stepped_once(lambda ps: DualAdam(ps, lr=1e-3, blend_steps=4, state_bits=8))
-    states = [opt.state[p] for p in params]
+    fresh = DualAdam(params, lr=1e-3, blend_steps=4, state_bits=8)
+    fresh.load_state_dict(opt.state_dict())
+    states = [fresh.state[p] for p in params]
     adam_sq, inverse_sq = diagnostics.update_norms([dense(s["exp_avg"]) for s in states],
                                                    [dense(s["exp_avg_sq"]) for s in states],
-                                                   [s["step"] for s in states], opt.hyper(opt.param_groups[0]))
-    assert opt.inverse_share() == pytest.approx(diagnostics.inverse_share(adam_sq, inverse_sq), rel=1e-5)
-    assert 0.0 < opt.inverse_share() < 1.0
+                                                   [s["step"] for s in states], fresh.hyper(fresh.param_groups[0]))
+    assert fresh.inverse_share() == pytest.approx(diagnostics.inverse_share(adam_sq, inverse_sq), rel=1e-5)
 
 
 # Two quantized 16M-element tensors, each with its own optimizer (one holding the inverse part at Adam's norm),
@@ -424,9 +471,13 @@ def test_reading_quantized_moments_never_holds_them_in_fp32():
     """The inverse share and the held norm read quantized moments without an fp32 copy: for one of these
     tensors that copy would be 128 MB (m and v) and its temporaries more."""
     import json
+    import os
     import subprocess
 
-    done = subprocess.run([sys.executable, "-c", _PEAK_SCRIPT], capture_output=True, text=True, timeout=600)
+    # Under warnings as errors, as a strict user runs it: building the compiled step must not warn (torch's own
+    # deprecation raised while inductor imports torch.utils.mkldnn would otherwise end the run).
+    env = {**os.environ, "PYTHONWARNINGS": "error"}
+    done = subprocess.run([sys.executable, "-c", _PEAK_SCRIPT], capture_output=True, text=True, timeout=600, env=env)
     assert done.returncode == 0, done.stderr[-2000:]
     rises = json.loads(done.stdout.strip().splitlines()[-1])
     assert rises["share"] < 16 and rises["held"] - rises["plain"] < 16, rises

@@ -96,13 +96,12 @@ def test_loaded_group_settings_are_checked_as_the_constructor_checks_them(key, v
     assert len(twin.state) == 0
 
 
-def test_loading_switch_rate_zero_into_dualadam_warns_that_it_is_invadam():
-    # The constructor warns for switch_rate=0; a state that brings it in warns the same way, naming the group.
+def test_loading_switch_rate_zero_into_a_blending_dualadam_is_refused():
+    # A state that brings in switch_rate=0 would turn the blend into InvAdam: a setting nobody chose here.
     _, saved = _stepped(switch_rate=0.1)
     saved["param_groups"][0]["switch_rate"] = 0.0
-    twin = _twin(switch_rate=0.1)
-    with pytest.warns(UserWarning, match=r"param group 0 of this state has switch_rate=0.*that is InvAdam"):
-        twin.load_state_dict(saved)
+    with pytest.raises(ValueError, match=r"param group 0 of this state: .*switch_rate 0.0 saved, 0.1 here"):
+        _twin(switch_rate=0.1).load_state_dict(saved)
     _, own = _stepped(switch_rate=0.1)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
@@ -112,7 +111,7 @@ def test_loading_switch_rate_zero_into_dualadam_warns_that_it_is_invadam():
 def test_invadam_refuses_a_state_that_blends():
     _, saved = _stepped(DualAdam, switch_rate=0.1)
     with pytest.raises(ValueError, match=r"InvAdam.load_state_dict: param group 0 of this state: "
-                                         r"InvAdam holds the blend weight at 1 and takes no switch_rate=0.1"):
+                                         r".*switch_rate 0.1 saved, 0.0 here"):
         _twin(InvAdam).load_state_dict(saved)
     _, own = _stepped(InvAdam)
     _twin(InvAdam).load_state_dict(own)

@@ -229,9 +229,11 @@ def test_the_option_is_per_group_and_survives_a_state_dict_round_trip():
     opt.step()
     assert bool((b == 1.0).all())
     assert abs(a.double().mean().item() - (1 - 1e-3)) < _mean_bound(torch.tensor(0.999), N).item()
-    again = DualAdam([{"params": [a]}, {"params": [b]}], lr=1e-3)
+    again = DualAdam([{"params": [a], "bf16_stochastic_round": True}, {"params": [b]}], lr=1e-3)
     again.load_state_dict(opt.state_dict())
     assert [group["bf16_stochastic_round"] for group in again.param_groups] == [True, False]
+    with pytest.raises(ValueError, match="bf16_stochastic_round True saved, False here"):
+        DualAdam([{"params": [a]}, {"params": [b]}], lr=1e-3).load_state_dict(opt.state_dict())
     assert InvAdam([a], bf16_stochastic_round=True).param_groups[0]["bf16_stochastic_round"] is True
 
 
@@ -264,7 +266,7 @@ def test_compiled_kernel_on_cuda(monkeypatch):
         for _ in range(steps):
             param.grad = torch.ones_like(param)
             opt.step()
-        assert next(iter(opt._plans.values())).path == "triton"
+        assert next(iter(opt._operand_sets.values())).path == "triton"
         after[dtype, flag] = param.detach().double().cpu()
     assert bool((after[torch.bfloat16, False] == 1.0).all())
     moved = 1.0 - after[torch.float32, False][0].item()

@@ -59,12 +59,26 @@ def _steady_state_ops(opt, params):
 @pytest.mark.parametrize("n", [8, 40])
 def test_foreach_off_the_cpu_is_one_call_per_op_whatever_the_sizes(n):
     params = [torch.nn.Parameter(torch.empty(1 << 20, device="meta")) for _ in range(n)]
-    opt = DualAdam(params, foreach=True)
+    opt = DualAdam(params, foreach=True, skip_nonfinite=False)  # the gradient check is counted on its own below
     for p in params:
         p.grad = torch.empty_like(p)
     foreach_calls = [op for op, _ in _steady_state_ops(opt, params) if "_foreach_" in op]
     # decay is 1 here; lerp, mul, addcmul, sqrt, add, addcdiv, addcmul: one call each for all tensors.
     assert len(foreach_calls) == 7, foreach_calls
+
+
+def test_the_gradient_check_is_one_norm_call_and_one_host_read_whatever_the_number_of_tensors():
+    added = {}
+    for n in (8, 40):
+        params = _params(n, 64)
+        _give_grads(params)
+        checked = [op for op, _ in _steady_state_ops(DualAdam(params, foreach=True), params)]
+        unchecked = [op for op, _ in _steady_state_ops(DualAdam(params, foreach=True, skip_nonfinite=False), params)]
+        added[n] = list(checked)
+        for op in unchecked:
+            added[n].remove(op)
+    assert [op for op in added[8] if "_foreach_" in op] == ["aten._foreach_norm.Scalar"], added
+    assert added[8] == added[40], added  # the norms, their stack and isfinite: not one op per tensor
 
 
 def test_foreach_still_works_in_l2_sized_blocks_on_cpu(monkeypatch):
@@ -96,7 +110,7 @@ class _StubKernel:
 def stubbed_fused(monkeypatch):
     kernel = _StubKernel()
     monkeypatch.setattr(fused_module, "_kernel", kernel)
-    monkeypatch.setattr(optimizer_module, "choose_path", lambda params, foreach, fused: "triton")
+    monkeypatch.setattr(optimizer_module, "choose_path", lambda params, foreach, fused, state_bits: "triton")
     return kernel
 
 
@@ -108,7 +122,7 @@ def test_fused_step_work_does_not_grow_with_the_number_of_tensors(stubbed_fused,
     counts = {}
     for n in (10, 100):
         params = _params(n, 64)
-        opt = DualAdam(params, blend_steps=1000 if phase == "blend" else 1)
+        opt = DualAdam(params, blend_steps=1000 if phase == "blend" else 1, skip_nonfinite=False)
         _give_grads(params)
         ops = _steady_state_ops(opt, params)
         checks.clear()

@@ -10,7 +10,7 @@ from transformers import TrainerCallback
 from transformers.trainer_callback import DefaultFlowCallback
 
 from ..optimizer import AUTO, DualAdam
-from .log_keys import BLEND_LOG_KEY, EFFECTIVE_LR_LOG_KEY, INVERSE_SHARE_LOG_KEY
+from .log_keys import BLEND_LOG_KEY, EFFECTIVE_LR_LOG_KEY, INVERSE_SHARE_LOG_KEY, NONFINITE_SKIPS_LOG_KEY
 from .optim_args import OPTIMIZER_NAMES, optimizer_name
 from .unwrap import find_dualadam
 
@@ -88,7 +88,9 @@ class DualAdamCallback(TrainerCallback):
         blend = opt.blend_weight(group)
         added = {BLEND_LOG_KEY: blend, INVERSE_SHARE_LOG_KEY: opt.inverse_share(),
                  # The rate the log reports (the Trainer's learning_rate), else the group's.
-                 EFFECTIVE_LR_LOG_KEY: float(logs.get("learning_rate", opt.param_groups[group]["lr"])) * (1.0 - blend)}
+                 EFFECTIVE_LR_LOG_KEY: float(logs.get("learning_rate", opt.param_groups[group]["lr"])) * (1.0 - blend),
+                 # This process's count: a sharded engine's other ranks skip (and count) their own shards.
+                 NONFINITE_SKIPS_LOG_KEY: getattr(opt, "nonfinite_skips", 0)}
         # Trainer.log stores a copy of `logs` in log_history before calling the callbacks; add the numbers to
         # that copy too so they are saved in trainer_state.json.
         latest = state.log_history[-1] if state.log_history else {}

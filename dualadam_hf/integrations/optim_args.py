@@ -6,10 +6,12 @@ values, with errors that list the valid keys.
 
 from __future__ import annotations
 
+import os
 import warnings
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from ..keyvalue import join_pairs, parse_pairs
 from ..optimizer import BLEND_KEYS, INVERSE_SCALE_NAMES, DualAdam, InvAdam, invadam_refusal, resolve_blend
 
 DUALADAM_NAME = "dualadam"
@@ -61,34 +63,10 @@ _OPTIM_ARGS_PARSERS: dict[str, dict[str, Callable[[str], Any]]] = {
     DUALADAM_NAME: {**_BLEND_PARSERS, **_COMMON_KEYS},
     INVADAM_NAME: dict(_COMMON_KEYS),  # InvAdam holds the blend at 1: no blend keys
     # The name sets state_bits; the rest is DualAdam's.
-    **dict.fromkeys(STATE_BITS_OF_NAME, {**_BLEND_PARSERS, **_COMMON_KEYS}),
+    **dict.fromkeys(STATE_BITS_OF_NAME, {**_BLEND_PARSERS, **_COMMON_KEYS, "block_size": _parse_whole_number}),
 }
 # Keys an explicit caller of optimizer_cls_and_kwargs may override beyond --optim_args (what a name implies).
 _OVERRIDE_ONLY_KEYS = ("state_bits",)
-
-
-def parse_pairs(text: str | None, what: str) -> dict[str, str]:
-    """``"k=v,k2=v2"`` as ``{"k": "v", "k2": "v2"}`` (values stay text; spaces around keys and values go).
-
-    The one ``key=value`` list reader of the package (``--optim_args``, the variants of ``compare``; a generated
-    task's ``dataset_config`` can use it too). ``what`` names the setting in the errors: an entry without
-    ``=``, key or value, or a key given twice, is a ValueError.
-    """
-    pairs: dict[str, str] = {}
-    for entry in filter(None, (entry.strip() for entry in (text or "").split(","))):
-        key, separator, raw = (part.strip() for part in entry.partition("="))
-        if not separator or not key or not raw:
-            raise ValueError(f"{what} entry {entry!r} is not of the form key=value")
-        if key in pairs:
-            raise ValueError(f"{what} gives {key!r} twice")
-        pairs[key] = raw
-    return pairs
-
-
-def join_pairs(pairs: Mapping[str, Any]) -> str:
-    """The inverse of :func:`parse_pairs`: ``"k=v,k2=v2"``, booleans written as true/false."""
-    return ",".join(f"{key}={str(value).lower() if isinstance(value, bool) else value}"
-                    for key, value in pairs.items())
 
 
 def optimizer_name(training_args: Any) -> str:
@@ -170,11 +148,38 @@ def optimizer_cls_and_kwargs(training_args: Any, **overrides: Any) -> tuple[type
     return OPTIMIZER_CLASSES[name], kwargs
 
 
+def sharded_engine(training_args: Any) -> str | None:
+    """The engine that will shard the optimizer state, as TrainingArguments or `accelerate launch` (through its
+    environment, set before the script starts) say: "DeepSpeed", "FSDP" or None."""
+    if getattr(training_args, "deepspeed", None) or BOOLEAN_WORDS.get(
+            os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower()):
+        return "DeepSpeed"
+    if getattr(training_args, "fsdp", None) or BOOLEAN_WORDS.get(os.environ.get("ACCELERATE_USE_FSDP", "").lower()):
+        return "FSDP"
+    return None
+
+
+# Why quantized moments do not run under each sharding engine; refused where the arguments are built, before the
+# model loads (minutes for a large model) rather than at train begin or the first step.
+_LOW_BIT_OBSTACLES = {
+    "DeepSpeed": "ZeRO hands the optimizer flat partitions of many tensors, so quantization blocks would straddle "
+                 "tensors, a partition that is no whole number of blocks would keep fp32 moments without a word, "
+                 "and DeepSpeed's universal checkpoints read exp_avg and exp_avg_sq as plain tensors",
+    "FSDP": "a checkpoint's optimizer state gathers the quantized moments into collective tensors that "
+            "torch.load(weights_only=True) refuses, so the run could not resume",
+}
+
+
 def check_training_args(training_args: Any) -> None:
-    """Fail at argument-parsing time, not at the first step, when the DualAdam settings are invalid."""
+    """Fail at argument-parsing time, not at the first step, when the DualAdam settings are invalid or their kind
+    of state cannot run under the configured engine."""
     import torch
 
     optimizer_cls, kwargs = optimizer_cls_and_kwargs(training_args)
+    if kwargs.get("state_bits") is not None and (engine := sharded_engine(training_args)):
+        raise ValueError(f"--optim {optimizer_name(training_args)} keeps {kwargs['state_bits']}-bit optimizer state, "
+                         f"which does not run under {engine}: {_LOW_BIT_OBSTACLES[engine]}. Use DDP for low-bit "
+                         f"state, or --optim dualadam under {engine}.")
     # Building the optimizer over one dummy tensor runs every check of the constructor. Its warnings (e.g. an
     # update with no inverse part) are left to the real construction at train start, so that each reaches the
     # user once, not once per argument parse (compare parses every variant; `trl sft` parses in two processes).
@@ -182,5 +187,5 @@ def check_training_args(training_args: Any) -> None:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             optimizer_cls([torch.zeros(1)], **kwargs)
-    except ValueError as error:
+    except (ValueError, ImportError) as error:  # ImportError: low-bit state without torchao
         raise ValueError(f"--optim {optimizer_name(training_args)}: {error}") from None

@@ -15,7 +15,8 @@ against a single-process reference with the same optimizer arguments. The cost
 is 20 runs, 10-50 s each on 2 cores (7.5 minutes for the module, 2 of them for
 the auto runs). On a fresh machine DeepSpeed first JIT-builds its shared-memory
 comm op (about 2 minutes) and, for the guard test, its cpu_adam op (about 4),
-then cached in ~/.cache/torch_extensions.
+then cached in the suite's own TORCH_EXTENSIONS_DIR (.cache/torch_extensions in
+the checkout, set by tests/conftest.py).
 """
 
 from __future__ import annotations
@@ -34,6 +35,8 @@ import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
+
+from tests.helpers import run_in_own_group
 
 pytestmark = pytest.mark.multiprocess
 
@@ -157,12 +160,17 @@ def script_args(model_dir: str, out: Path, batch: int, optim_args: str = OPTIM_A
 
 
 def run(cmd: list[str], env: dict[str, str], log: Path, *, check: bool = True) -> int:
+    """Run one launch to its end; a launch that outlives LAUNCH_TIMEOUT_S fails with its log, its ranks ended."""
     with log.open("w") as f:
-        proc = subprocess.run(cmd, cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT, timeout=LAUNCH_TIMEOUT_S)
-    if check and proc.returncode != 0:
-        tail = log.read_text()[-6000:]
-        pytest.fail(f"{' '.join(cmd[:6])} ... exited with {proc.returncode}; log tail:\n{tail}")
-    return proc.returncode
+        try:
+            code = run_in_own_group(cmd, timeout=LAUNCH_TIMEOUT_S, cwd=REPO, env=env, stdout=f,
+                                    stderr=subprocess.STDOUT)
+        except subprocess.TimeoutExpired:
+            code = None
+    if code is None or (check and code != 0):
+        outcome = f"ran past {LAUNCH_TIMEOUT_S} s and was stopped" if code is None else f"exited with {code}"
+        pytest.fail(f"{' '.join(cmd[:6])} ... {outcome}; log tail:\n{log.read_text()[-6000:]}")
+    return code
 
 
 def launch(name: str, model_dir: str, work: Path, out: Path, extra: list[str], *, config: Path | None = None,
@@ -366,12 +374,12 @@ def max_param_difference(a: Path, b: Path) -> float:
 
 
 def checkpoint_scales(checkpoint: Path) -> dict[str, list[float]]:
-    """Every ``inverse_scale`` in the optimizer files of a Trainer checkpoint, per file."""
+    """Every ``calibrated_scale`` in the optimizer files of a Trainer checkpoint, per file."""
 
     def walk(obj, found: list[float]) -> None:
         if isinstance(obj, dict):
             for key, value in obj.items():
-                if key == "inverse_scale" and isinstance(value, torch.Tensor):  # (a group's is "auto")
+                if key == "calibrated_scale" and isinstance(value, torch.Tensor):
                     found.append(float(value))
                 else:
                     walk(value, found)

@@ -71,8 +71,8 @@ def report(trainer: Trainer, args: ScriptArguments) -> None:
     # The parameter name where the optimizer holds the model's own tensors (one process, DDP, FSDP2);
     # DeepSpeed ZeRO hands the optimizer flat partitions, numbered here in the order of the state.
     names = {id(p): n for n, p in trainer.model.named_parameters()}
-    scales = {names.get(id(p), f"#{i}"): float(s["inverse_scale"])
-              for i, (p, s) in enumerate(getattr(inner, "state", {}).items()) if "inverse_scale" in s}
+    scales = {names.get(id(p), f"#{i}"): float(s["calibrated_scale"])
+              for i, (p, s) in enumerate(getattr(inner, "state", {}).items()) if "calibrated_scale" in s}
     data = {
         "rank": rank,
         "world_size": trainer.args.world_size,
