@@ -115,6 +115,20 @@ def test_detectable_difference_has_80_percent_power_in_a_simulation():
     assert power == pytest.approx(0.80, abs=0.012)  # 4 standard errors of a 20000-draw proportion
 
 
+def test_the_detectable_difference_at_a_corrected_level_has_80_percent_power_there():
+    # The low-bit study's 8-bit DualAdam minus fp32 DualAdam in accuracy, 5 seeds, one of 6 corrected tests.
+    diff = paired_difference([-0.004, -0.004, 0.0, 0.004, -0.012])
+    assert diff.detectable_at(0.05) == pytest.approx(diff.detectable)
+    corrected = diff.detectable_at(0.05 / 6)
+    assert corrected == pytest.approx(0.01637, abs=1e-5) and corrected > diff.detectable
+    rng = np.random.default_rng(2)
+    p = scipy_stats.ttest_1samp(rng.normal(corrected, diff.sd, size=(20000, 5)), 0.0, axis=1).pvalue
+    assert float(np.mean(p < 0.05 / 6)) == pytest.approx(0.80, abs=0.012)
+    words = diff.words("held-out accuracy", "higher", holm_p=0.883, family="the 6 low-bit tests", family_size=6)
+    assert "±0.0100 in one test at 5%, ±0.0164 at the corrected level 0.05/6" in words
+    assert paired_difference([0.25]).detectable_at(0.01) is None
+
+
 def test_detectable_difference_known_values():
     # Many seeds: the normal approximation (z(0.975) + z(0.80)) * sd / sqrt(n) = 2.8016 * sd / sqrt(n).
     assert min_detectable_difference(1.0, 5000) * math.sqrt(5000) == pytest.approx(1.95996 + 0.84162, abs=2e-3)

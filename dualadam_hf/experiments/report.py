@@ -52,7 +52,8 @@ METRICS: tuple[tuple[str, tuple[str, ...], str, int, str], ...] = (
     ("heldout_accuracy", (ACCURACY_KEY,), "held-out accuracy", 3, "higher"),
     ("final_train_loss", ("loss",), "final train loss", 4, "lower"),
     ("wall_time_s", (WALL_TIME_KEY, "train_runtime"), "train wall time (s)", 1, "lower"),
-    ("peak_memory_mb", (PEAK_MEMORY_KEY,), "peak memory (MB)", 0, "lower"),
+    # train.py logs the peak in MiB (2**20 bytes: ru_maxrss's KiB / 1024, CUDA bytes / 2**20) under a key named _mb.
+    ("peak_memory_mb", (PEAK_MEMORY_KEY,), "peak memory (MiB)", 0, "lower"),
     ("sharpness", (f"{SHARPNESS_PREFIX}top_eigenvalue",), "top Hessian eigenvalue", 4, "lower"),
 )
 CONVERGED_KEY = f"{SHARPNESS_PREFIX}eigenvalue_converged"  # 0: the eigenvalue estimate stopped at the cap
@@ -271,6 +272,8 @@ class Comparison:
     metrics: list[tuple[str, PairedDifference, str, int]]  # (metric header, differences, better, digits)
     mcnemar: list[tuple[int, McNemar | None]]  # per seed; None when the runs were scored on different problems
     seeds: tuple[int, ...] = ()  # the seeds paired
+    # per seed, as mcnemar: the problems whose generated answer texts differ (None without both runs' answer texts)
+    differing: dict[int, int | None] = field(default_factory=dict)
 
 
 def compare_to(selection: Selection, baseline: str, skip: Sequence[str] = ()) -> list[Comparison]:
@@ -287,13 +290,23 @@ def compare_to(selection: Selection, baseline: str, skip: Sequence[str] = ()) ->
                      if name not in RESOURCE_METRICS and a.summary[name] is not None and b.summary[name] is not None]
             if diffs:
                 metrics.append((header, paired_difference(diffs), better, digits))
-        tests = []
+        tests, differing = [], {}
         for a, b in pairs:
             if a.accuracy_rows and b.accuracy_rows:
                 same = len(a.accuracy_rows) == len(b.accuracy_rows)
                 tests.append((a.seed, mcnemar_exact(a.accuracy_rows, b.accuracy_rows) if same else None))
-        comparisons.append(Comparison(label, baseline, metrics, tests, tuple(a.seed for a, _ in pairs)))
+                differing[a.seed] = differing_answers(a, b) if same else None
+        comparisons.append(Comparison(label, baseline, metrics, tests, tuple(a.seed for a, _ in pairs), differing))
     return comparisons
+
+
+def differing_answers(a: RunResult, b: RunResult) -> int | None:
+    """How many scored problems the two runs answered with different text (None unless both logged every
+    answer's text for the same problems). It counts the problems both got wrong with different answers too, so
+    it is at least McNemar's discordant count (the problems only one of the two got right)."""
+    if not a.accuracy_answers or not b.accuracy_answers or len(a.accuracy_answers) != len(b.accuracy_answers):
+        return None
+    return sum(x != y for x, y in zip(a.accuracy_answers, b.accuracy_answers))
 
 
 def _inverse_scale(variant: Any) -> float | None:
@@ -330,18 +343,25 @@ class Family:
     pairs: tuple[tuple[str, str], ...]
 
 
+# optim_args that only lay out quantized state (a full-precision optimizer has no such state to lay out)
+LOW_BIT_ONLY_ARGS = frozenset({"block_size"})
+
+
 def low_bit_twins(variants: Sequence[Any]) -> dict[str, str]:
     """{low-bit variant: its full-precision twin}, by label. A low-bit variant's optimizer name ends in
     ``_8bit`` or ``_4bit`` (``dualadam_8bit``, ``adamw_torch_8bit``); its twin is the variant of the name without
-    that ending, with the same settings and optim_args: the difference of the two is what the quantized state
-    costs."""
+    that ending, with the same settings and optim_args (but those that only lay out the quantized state, such as
+    ``block_size``): the difference of the two is what the quantized state costs."""
+    def shared(v: Any) -> dict[str, str]:
+        return {k: value for k, value in v.optim_args.items() if k not in LOW_BIT_ONLY_ARGS}
+
     pairs = {}
     for low in variants:
         full = re.sub(r"_[48]bit$", "", low.optim)
         if full == low.optim:
             continue
-        twin = next((v for v in variants if v.optim == full and v.optim_args == low.optim_args
-                     and v.settings == low.settings), None)
+        twin = next((v for v in variants if v.optim == full and not set(v.optim_args) & LOW_BIT_ONLY_ARGS
+                     and shared(v) == shared(low) and v.settings == low.settings), None)
         if twin is not None:
             pairs[low.label] = twin.label
     return pairs
@@ -378,6 +398,12 @@ class FamilyTest:
     holm_p: float | None
     size: int
     joint: tuple[float, float] | None
+
+    @property
+    def detectable(self) -> float | None:
+        """The true difference a test at the family's Bonferroni level 0.05/m (Holm's strictest step) finds with
+        80% power, from the observed sd of the differences."""
+        return None if self.holm_p is None else self.diff.detectable_at(ALPHA / self.size)
 
     @property
     def verdict(self) -> str:
@@ -438,15 +464,19 @@ def prespecified_section(found: Sequence[Family], tests: Sequence[FamilyTest]) -
     lines += ["", "Family-wise interval: the paired t interval at 1 − 0.05/m for a family of m tests (Bonferroni): "
               "the m intervals cover their true differences all at once with probability at least 95%. It is "
               "wider than Holm's test needs, so it can reach past 0 beside a Holm p below 0.05. Interval bounds "
-              "are rounded outward.", "",
+              "are rounded outward. Detectable at 0.05/m: the true difference a two-sided paired t test at level "
+              "0.05/m (Holm's strictest step) finds with 80% power, given the observed sd of the differences "
+              "(noncentral t): the size of effect the corrected test can be relied on to find.", "",
               "| family | comparison | metric | mean | 95% interval | t test p | Holm p | family-wise interval | "
-              "verdict |", "|---|---|---|---|---|---|---|---|---|"]
+              "detectable at 0.05/m | verdict |", "|---|---|---|---|---|---|---|---|---|---|"]
     for t in tests:
         d = t.digits + 1
         p, corrected = (("-", "-") if t.holm_p is None else (f"{t.diff.t_p:.3g}", f"{t.holm_p:.3g}"))
         joint = "-" if t.joint is None else _span(*t.joint, d)
+        detectable = format_number(t.detectable, d, sign=False)
         lines.append(f"| {t.family} | {t.variant} − {t.baseline} | {t.metric} | {format_number(t.diff.mean, d)} | "
-                     f"{_span(t.diff.low, t.diff.high, d)} | {p} | {corrected} | {joint} | {t.verdict} |")
+                     f"{_span(t.diff.low, t.diff.high, d)} | {p} | {corrected} | {joint} | {detectable} | "
+                     f"{t.verdict} |")
     return lines + [""]
 
 
@@ -508,20 +538,24 @@ def differences_section(selection: Selection, baseline: str, skip: Sequence[str]
                         "iteration: too coarse to compare, no verdict.")
             elif test is not None:
                 family = f"the {test.size} {test.family} test" + "s" * (test.size != 1)
-                said = diff.words(name, better, d, holm_p=test.holm_p, family=family)
+                said = diff.words(name, better, d, holm_p=test.holm_p, family=family, family_size=test.size)
             else:
                 said = diff.words(name, better, d)
             words.append(f"- {c.variant} − {baseline}, {said}")
     lines += ["", *words, ""]
     tests = [(c.variant, seed, test) for c in comparisons for seed, test in c.mcnemar]
     if tests:
+        differing = {(c.variant, seed): n for c in comparisons for seed, n in c.differing.items()}
         lines += [f"Held-out accuracy per seed, exact McNemar test against {baseline} (the problems only one of the "
-                  "two runs answered right; p is two-sided).", "",
-                  f"| variant | seed | right only for the variant | right only for {baseline} | McNemar p |",
-                  "|---|---|---|---|---|"]
+                  "two runs answered right, the discordant pairs the test counts; p is two-sided). Answers that "
+                  "differ: the problems on which the two runs' generated answers differ as text, those both got "
+                  "wrong with different answers included ('-' where the logs hold no answer text).", "",
+                  f"| variant | seed | right only for the variant | right only for {baseline} | McNemar p | "
+                  "answers that differ |", "|---|---|---|---|---|---|"]
         for variant, seed, test in tests:
-            cells = ("scored on different problems", "-", "-") if test is None else (
-                str(test.variant_only), str(test.baseline_only), f"{test.p:.3g}")
+            n = differing.get((variant, seed))
+            cells = ("scored on different problems", "-", "-", "-") if test is None else (
+                str(test.variant_only), str(test.baseline_only), f"{test.p:.3g}", "-" if n is None else str(n))
             lines.append(f"| {variant} | {seed} | " + " | ".join(cells) + " |")
         lines.append("")
     return lines
@@ -717,8 +751,9 @@ def _results_section(results: Sequence[RunResult], selection: Selection,
              "Mean ± sample std over seeds. Held-out loss is the last evaluation on the held-out split (answer "
              "tokens only for chat data); accuracy is exact match of greedy answers on held-out problems; wall "
              "time is training time, summed over the segments of a resumed run; peak memory is the process "
-             "peak (RSS on CPU, CUDA allocations on GPU). Wall time counts whatever else the machine ran at the "
-             "same time: it is what these runs cost, not a measurement of the optimizers' speed.", ""]
+             "peak in MiB (2^20 bytes): the resident set size on CPU, CUDA allocations on GPU. Wall time counts "
+             "whatever else the machine ran at the same time: it is what these runs cost, not a measurement of the "
+             "optimizers' speed.", ""]
     lines += [f"{label} ran no seeds: it {words} of the learning-rate grid, so it has no row here and no paired "
               "differences." for label, words in (no_rate or {}).items()] + [""] * bool(no_rate)
     if selection.dropped:

@@ -118,18 +118,30 @@ class PairedDifference:
         half = float(scipy_stats.t.ppf(0.5 + confidence / 2, self.n - 1)) * self.sd / math.sqrt(self.n)
         return self.mean - half, self.mean + half
 
+    def detectable_at(self, alpha: float) -> float | None:
+        """The true difference a two-sided paired t test at level ``alpha`` (e.g. 0.05/m, a family's corrected
+        level) finds with 80% power, from the observed sd; None where there is no interval."""
+        if self.low is None or self.sd is None:
+            return None
+        return min_detectable_difference(self.sd, self.n, alpha=alpha)
+
     def words(self, metric: str, better: str, digits: int = 4, *, holm_p: float | None = None,
-              family: str = "") -> str:
+              family: str = "", family_size: int | None = None) -> str:
         """One sentence on what the differences show; ``better`` is "lower" or "higher".
 
         With ``holm_p`` (the test's p after Holm's correction within ``family``, e.g. "the 6 primary tests") the
-        verdict follows that p, not the uncorrected interval."""
+        verdict follows that p, not the uncorrected interval; with ``family_size`` m the detectable difference is
+        given at the corrected level 0.05/m too."""
         if self.low is None:
             return f"{metric}: {self.no_interval}: no interval and no verdict."
         improved = (self.mean < 0) == (better == "lower")
         sign = "" if self.sign_p is None else f"; sign test p = {self.sign_p:.3g}"
         detectable = (f"detectable with {self.n} seeds at 80% power: "
                       f"±{format_number(self.detectable, digits, sign=False)}")
+        if holm_p is not None and family_size:
+            at_level = self.detectable_at(ALPHA / family_size)
+            detectable += (f" in one test at 5%, ±{format_number(at_level, digits, sign=False)} at the corrected "
+                           f"level 0.05/{family_size}")
         if holm_p is not None:
             corrected = f"{metric}: Holm p = {holm_p:.3g} over {family}"
             if holm_p < ALPHA:
