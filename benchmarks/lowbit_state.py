@@ -14,9 +14,17 @@ started by this one), on SmolLM2-135M's architecture built from its configuratio
   relative to how far the full-precision run moved; read at step 50 (inside a 100-step blend) and at 200.
 - ``memory``: the peak resident memory of a process that fully fine-tunes SmolLM2-135M's architecture for a few
   steps (random tokens, a plain training loop) with each optimizer, against fp32 DualAdam's.
+- ``sparse``: an embedding-shaped parameter (8192 x 64) as an untied input embedding sees it: each step 10% of
+  the rows (drawn anew every step) get a gradient, row scale times a standard normal (scales spread log-uniformly
+  from 1e-4 to 1e-2, fixed per row), and the other rows exactly 0; 200 steps on one stream. For DualAdam with
+  ``state_bits`` 8 and 4 (the default blend and ``blend_steps=20``) against fp32 DualAdam, and torchao's
+  AdamW8bit/AdamW4bit (blocks of 256, as transformers' adamw_torch_8bit/4bit build them) against torch's AdamW:
+  the furthest any element moved against the full-precision run's furthest move, and the distance from the
+  full-precision run relative to how far it moved (L2, and the largest element's).
 
-    OMP_WAIT_POLICY=PASSIVE python benchmarks/lowbit_state.py                 # all four, CPU, ~10 minutes
+    OMP_WAIT_POLICY=PASSIVE python benchmarks/lowbit_state.py                 # all five, CPU, ~11 minutes
     OMP_WAIT_POLICY=PASSIVE python benchmarks/lowbit_state.py bytes fidelity  # some of them
+    OMP_WAIT_POLICY=PASSIVE python benchmarks/lowbit_state.py sparse          # the sparse-row case, ~1 minute
     python benchmarks/lowbit_state.py time --device cuda                      # on a GPU
 """
 
@@ -63,8 +71,10 @@ def optimizers(bits: int) -> dict[str, Callable[[list[torch.Tensor]], torch.opti
     from torchao.optim import AdamW4bit, AdamW8bit
 
     anchor = {8: AdamW8bit, 4: AdamW4bit}[bits]
+    # Blocks of 256 for both, as transformers' adamw_torch_8bit / adamw_torch_4bit build them and as DualAdam's
+    # default (torchao's own AdamW4bit defaults to 128).
     return {f"DualAdam state_bits={bits}": lambda ps: DualAdam(ps, lr=LR, blend_steps=BLEND_STEPS, state_bits=bits),
-            f"torchao AdamW{bits}bit": lambda ps: anchor(ps, lr=LR, weight_decay=0.0)}
+            f"torchao AdamW{bits}bit": lambda ps: anchor(ps, lr=LR, weight_decay=0.0, block_size=256)}
 
 
 def storages(t: torch.Tensor) -> list[torch.Tensor]:
@@ -166,8 +176,8 @@ def bench_fidelity(args: argparse.Namespace) -> None:
         "DualAdam state_bits=8": lambda ps: DualAdam(ps, lr=LR, blend_steps=BLEND_STEPS, state_bits=8),
         "DualAdam state_bits=4": lambda ps: DualAdam(ps, lr=LR, blend_steps=BLEND_STEPS, state_bits=4),
         "torch AdamW": lambda ps: torch.optim.AdamW(ps, lr=LR, weight_decay=0.0),
-        "torchao AdamW8bit": lambda ps: AdamW8bit(ps, lr=LR, weight_decay=0.0),
-        "torchao AdamW4bit": lambda ps: AdamW4bit(ps, lr=LR, weight_decay=0.0),
+        "torchao AdamW8bit": lambda ps: AdamW8bit(ps, lr=LR, weight_decay=0.0, block_size=256),
+        "torchao AdamW4bit": lambda ps: AdamW4bit(ps, lr=LR, weight_decay=0.0, block_size=256),
     }
     snapshots: dict[str, dict[int, list[torch.Tensor]]] = {}
     for name, make in makers.items():
@@ -200,6 +210,76 @@ def bench_fidelity(args: argparse.Namespace) -> None:
             print(f"| {bits} | {step} ({where}) | {ours:.4f} | {anchor:.4f} | {ours / anchor:.3f} |")
 
 
+SPARSE_SHAPE = (8192, 64)  # an input embedding's rows
+SPARSE_SHARE = 0.1  # of the rows with a gradient at each step
+SPARSE_STEPS = 200
+SPARSE_BLOCK = 256  # torchao's block size in transformers' adamw_torch_8bit / adamw_torch_4bit (both)
+
+
+def sparse_row_stream(steps: int = SPARSE_STEPS, seed: int = 0) -> tuple[torch.Tensor, list[tuple[torch.Tensor,
+                                                                                                  torch.Tensor]]]:
+    """The start and the gradient stream of the sparse-row case, generated once: per step the indices of the rows
+    with a gradient and their gradient (row scale times a standard normal); every other row's gradient is 0."""
+    gen = torch.Generator().manual_seed(seed)
+    rows, cols = SPARSE_SHAPE
+    start = torch.randn(rows, cols, generator=gen) * 0.02
+    scales = torch.logspace(-4, -2, rows)[torch.randperm(rows, generator=gen)].unsqueeze(1)
+    taken = int(SPARSE_SHARE * rows)
+    stream = []
+    for _ in range(steps):
+        index = torch.randperm(rows, generator=gen)[:taken]
+        stream.append((index, torch.randn(taken, cols, generator=gen) * scales[index]))
+    return start, stream
+
+
+def bench_sparse(args: argparse.Namespace) -> None:
+    from torchao.optim import AdamW4bit, AdamW8bit
+
+    start, stream = sparse_row_stream()
+    start = start.to(args.device)
+    stream = [(index.to(args.device), rows.to(args.device)) for index, rows in stream]
+    anchors = {8: AdamW8bit, 4: AdamW4bit}
+
+    def run(make: Callable[[list[torch.Tensor]], torch.optim.Optimizer]) -> torch.Tensor:
+        p = torch.nn.Parameter(start.clone())
+        opt = make([p])
+        for index, rows in stream:
+            grad = torch.zeros_like(p)
+            grad[index] = rows
+            p.grad = grad
+            opt.step()
+        return p.detach()
+
+    # (name, full-precision optimizer, the same optimizer with low-bit state of the given bits)
+    families = [
+        ("DualAdam, default blend", lambda ps: DualAdam(ps, lr=LR),
+         lambda bits: lambda ps: DualAdam(ps, lr=LR, state_bits=bits)),
+        ("DualAdam, blend_steps=20", lambda ps: DualAdam(ps, lr=LR, blend_steps=20),
+         lambda bits: lambda ps: DualAdam(ps, lr=LR, blend_steps=20, state_bits=bits)),
+        ("AdamW: torchao's against torch's", lambda ps: torch.optim.AdamW(ps, lr=LR, weight_decay=0.0),
+         lambda bits: lambda ps: anchors[bits](ps, lr=LR, weight_decay=0.0, block_size=SPARSE_BLOCK)),
+    ]
+    rows, cols = SPARSE_SHAPE
+    print(f"\n## Sparse rows: an {rows} x {cols} embedding, {SPARSE_SHARE:.0%} of its rows with a gradient per step "
+          f"(the rest exactly 0), row scales 1e-4 to 1e-2, {SPARSE_STEPS} steps, lr {LR:g}\n")
+    print("Each low-bit run against the same optimizer with full-precision moments on the same stream: the furthest "
+          "any element moved over the full-precision run's furthest move; the distance between the two runs' "
+          "parameters over how far the full-precision run moved (L2, and the largest element's difference over "
+          "its furthest move). torchao's AdamW8bit/AdamW4bit take blocks of "
+          f"{SPARSE_BLOCK}, as transformers' adamw_torch_8bit/4bit.\n")
+    print("| optimizer | bits | full precision's furthest move | max move / full precision's | "
+          "distance / full precision's movement | max difference / full precision's furthest move |")
+    print("|---|---|---|---|---|---|")
+    for name, full_make, low_make in families:
+        full = run(full_make)
+        moved = full - start
+        furthest, movement = float(moved.abs().max()), float(moved.norm())
+        for bits in (8, 4):
+            low = run(low_make(bits))
+            print(f"| {name} | {bits} | {furthest:.4f} | {float((low - start).abs().max()) / furthest:.2f} | "
+                  f"{float((low - full).norm()) / movement:.3f} | {float((low - full).abs().max()) / furthest:.2f} |")
+
+
 MEMORY_RUN = """
 import json, sys, torch
 sys.path.insert(0, {root!r})
@@ -212,7 +292,7 @@ if name.startswith("torchao"):
     from dualadam_hf.lowbit import state_types
     state_types()
     from torchao.optim import AdamW8bit, AdamW4bit
-    opt = (AdamW8bit if name.endswith("8bit") else AdamW4bit)(params, lr=LR)
+    opt = (AdamW8bit if name.endswith("8bit") else AdamW4bit)(params, lr=LR, block_size=256)
 else:
     bits = None if name == "dualadam" else int(name.removeprefix("dualadam_").removesuffix("bit"))
     opt = DualAdam(params, lr=LR, blend_fraction=0.25, state_bits=bits)
@@ -255,7 +335,8 @@ def bench_memory(args: argparse.Namespace) -> None:
 
 
 def main() -> None:
-    sections = {"bytes": bench_bytes, "time": bench_time, "fidelity": bench_fidelity, "memory": bench_memory}
+    sections = {"bytes": bench_bytes, "time": bench_time, "fidelity": bench_fidelity, "memory": bench_memory,
+                "sparse": bench_sparse}
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("sections", nargs="*", help=f"what to measure: {', '.join(sections)} (default: all)")
     parser.add_argument("--device", default="cpu")

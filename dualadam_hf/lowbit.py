@@ -187,12 +187,26 @@ def moment_problem(moment: Any, p: Tensor, group: dict[str, Any]) -> str | None:
     return f"its quantized parts do not fit ({', '.join(wrong)})" if wrong else None
 
 
+def second_moment_map(unsigned_map: Tensor) -> Tensor:
+    """The 8-bit ``exp_avg_sq``'s code map: torchao's unsigned map squared, so that a code stands for sqrt(v) on
+    torchao's map. With torchao's map itself, a v below 1.6e-7 of its block's largest rounds to 0 while m, whose
+    signed map reaches as far down, keeps a value: on row-sparse gradients of wide-ranging scale (an untied
+    embedding) m / (sqrt(v) + eps) then jumped by up to 1/eps and moved parameters 20 to 40 times further than
+    fp32 state. Squared, v's range reaches as far down as m's. ``dequantize()`` still returns v and the map is
+    saved with the state, so a checkpoint's ``exp_avg_sq`` keeps its meaning. (torchao's 4-bit map for v has no
+    zero code, and squaring it makes dense 4-bit runs drift further: 4-bit keeps torchao's map.)"""
+    return unsigned_map.square()
+
+
 def _new_moment(p: Tensor, group: dict[str, Any], signed: bool, fallback: torch.dtype) -> Tensor:
     bits, block = group["state_bits"], block_size(group)
-    if quantizes(p, group):
-        # The appearance dtype is the parameter's, as torchao's: torch's load_state_dict casts state to it.
-        return state_types()[bits].zeros(p.shape, signed, block, p.device, dtype=p.dtype)
-    return torch.zeros_like(p, dtype=fallback)
+    if not quantizes(p, group):
+        return torch.zeros_like(p, dtype=fallback)
+    # The appearance dtype is the parameter's, as torchao's: torch's load_state_dict casts state to it.
+    moment = state_types()[bits].zeros(p.shape, signed, block, p.device, dtype=p.dtype)
+    if bits == 8 and not signed:
+        moment.qmap.copy_(second_moment_map(moment.qmap))
+    return moment
 
 
 def init_moments(p: Tensor, state: dict[str, Any], group: dict[str, Any], fallback: torch.dtype) -> None:

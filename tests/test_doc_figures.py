@@ -24,6 +24,7 @@ gives, or breaks a claim; tests/test_doc_figures.py's own checks show it for one
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import math
 import re
 import statistics
@@ -309,7 +310,17 @@ def derive_lowbit(study: Study) -> tuple[list[str], dict[str, list[str]]]:
         f"over the {len(accuracy)} seeds",
     ]}
     claims["README.md"] = claims["docs/optimizer.md"] = [f"({d4}-{D4} of {total} test answers different per seed)"]
+    # The inverse share of the step taken, from the replay of the low-bit runs' blend: the table the replay script
+    # prints from its logs and the study's raw logs, row for row.
+    claims["docs/study/lowbit.md"] += _replay_script().summary()
     return found, claims
+
+
+def _replay_script():
+    spec = importlib.util.spec_from_file_location("replay", ROOT / "scripts" / "replay_lowbit_inverse_share.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def derive_v2(study: Study) -> tuple[list[str], dict[str, list[str]]]:
