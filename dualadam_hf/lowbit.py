@@ -39,7 +39,7 @@ import torch
 from torch import Tensor
 
 from .functional import StepTensors, coefficients, local, write_param
-from .schedule import Hyper, folded_update
+from .schedule import Hyper, folded_update, next_moments
 
 STATE_BITS = (8, 4)
 # Elements per block scale by default: transformers' adamw_torch_8bit / adamw_torch_4bit build torchao's AdamW8bit /
@@ -57,7 +57,10 @@ _MODULES = {8: ("torchao.optim.subclass_8bit", "OptimState8bit"), 4: ("torchao.o
 IMPORT_NOISE_LOGGERS = ("torchao", "torch.utils._pytree")
 
 _state_types: dict[int, type] | None = None
-_quantized: tuple[type, ...] = ()  # the same classes, for isinstance inside the compiled step
+# The same classes as a tuple, filled with _state_types: the compiled step and the choice of a compiled or eager
+# step test isinstance against it (is_quantized, which looks the classes up in sys.modules, is for code that may
+# run before torchao is imported, and that dynamo need not trace).
+_quantized: tuple[type, ...] = ()
 _compiled_fns: dict[Callable[..., Any], Callable[..., Any]] = {}  # each per-tensor function, compiled once
 
 
@@ -261,7 +264,7 @@ def _moment_norms(m: Tensor, v: Tensor, eps_c: Tensor) -> Tensor:
 
 def _coming_moment_norms(m: Tensor, v: Tensor, g: Tensor, beta1: float, beta2: float, eps_c: Tensor) -> Tensor:
     """:func:`_moment_norms` of the moments the coming update will leave, from the fp32 gradient ``g``."""
-    return _moment_norms(_dense_fp32(m).lerp(g, 1.0 - beta1), _dense_fp32(v) * beta2 + (1.0 - beta2) * g * g, eps_c)
+    return _moment_norms(*next_moments(_dense_fp32(m), _dense_fp32(v), g, beta1, beta2), eps_c)
 
 
 def _compile_once(fn: Callable[..., Any]) -> Callable[..., Any]:

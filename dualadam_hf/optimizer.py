@@ -39,8 +39,9 @@ _logger = logging.getLogger(__name__)
 ParamsT = Iterable[Tensor] | Iterable[dict[str, Any]]
 
 FLOAT32_MAX = float(torch.finfo(torch.float32).max)
-# Every state has these; a saved state without them is another optimizer's.
+# Every state has these, and every group the group keys; a saved state without them is another optimizer's.
 STATE_KEYS = ("step", "exp_avg", "exp_avg_sq")
+DUALADAM_GROUP_KEYS = ("betas", "eps", "switch_rate")
 # The settings a state was made under and only means under: a load refuses a state saved under others (torch's
 # optimizers would adopt the saved ones silently, and a resumed run would train with settings nobody chose).
 BINDING_SETTINGS = ("betas", "eps", "weight_decay", "maximize", "inverse_scale", "state_dtype", "state_bits",
@@ -570,7 +571,7 @@ class DualAdam(Optimizer):
         if not isinstance(state_dict, dict) or not {"state", "param_groups"} <= set(state_dict):
             return "this is not an optimizer state (it lacks state or param_groups)"
         saved_groups, states = state_dict["param_groups"], state_dict["state"]
-        lacking = sorted({k for g in saved_groups for k in ("betas", "eps", "switch_rate") if k not in g})
+        lacking = sorted({k for g in saved_groups for k in DUALADAM_GROUP_KEYS if k not in g})
         missing = [(pid, saved) for pid, saved in states.items() if saved and not set(STATE_KEYS) <= set(saved)]
         if lacking or missing:
             what = f"its param groups lack {', '.join(lacking)}" if lacking else (
@@ -714,14 +715,27 @@ def _kind_problem(saved: dict[str, Any], p: Tensor, group: dict[str, Any]) -> st
     return None
 
 
-def damaged_state(saved: dict[str, Any]) -> str | None:
-    """What is wrong with one parameter's saved state, or None: the step must be a whole number >= 0 and
-    the moments finite, with v >= 0 (a bit flip in a checkpoint can leave a loadable but poisoned state)."""
-    step = saved["step"]
+def saved_by_dualadam(state_dict: dict[str, Any]) -> bool:
+    """Whether an optimizer state dict is DualAdam's or InvAdam's: groups that all hold DualAdam's keys."""
+    groups = state_dict.get("param_groups")
+    return bool(groups) and all(isinstance(g, dict) and all(k in g for k in DUALADAM_GROUP_KEYS) for g in groups)
+
+
+def step_problem(step: Any) -> str | None:
+    """Why a saved step counter is not one (None when it is): a whole number >= 0, as a number or a one-element
+    tensor."""
     one = isinstance(step, (int, float)) or (isinstance(step, Tensor) and step.numel() == 1)
     value = float(step) if one else math.nan
     if not (math.isfinite(value) and value >= 0 and value.is_integer()):
         return f"step {value if one else step!r} is not a whole number >= 0"
+    return None
+
+
+def damaged_state(saved: dict[str, Any]) -> str | None:
+    """What is wrong with one parameter's saved state, or None: the step must be a whole number >= 0 and
+    the moments finite, with v >= 0 (a bit flip in a checkpoint can leave a loadable but poisoned state)."""
+    if problem := step_problem(saved["step"]):
+        return problem
     m, v = lowbit.dense(saved["exp_avg"]), lowbit.dense(saved["exp_avg_sq"])
     for key, t in (("exp_avg", m), ("exp_avg_sq", v)):
         if not isinstance(t, Tensor):

@@ -110,13 +110,18 @@ def fold(step: Any, hyper: Hyper, scale: Any = 1.0) -> tuple[Any, Any, Any, Any]
             1.0 - lr * hyper.weight_decay)
 
 
+def next_moments(m: Any, v: Any, g: Any, beta1: float, beta2: float) -> tuple[Any, Any]:
+    """Adam's moment update, out of place: the (m, v) a step with gradient ``g`` leaves. The update and what
+    previews it (the held norm reads the moments the coming step will leave) share it."""
+    return m.lerp(g, 1.0 - beta1), v * beta2 + (1.0 - beta2) * g * g
+
+
 def folded_update(p: Any, g: Any, m: Any, v: Any, beta1: float, beta2: float, adam: Any, inverse: Any, eps_c: Any,
                   decay: Any) -> tuple[Any, Any, Any]:
     """One step in the form of :func:`fold`, element-wise and out of place, from its coefficients: the new
-    (p, m, v). ``g`` already carries the sign of ``maximize``. For a step that keeps its moments in another
-    form and writes them back itself (the quantized state of :mod:`dualadam_hf.lowbit`)."""
-    m = m.lerp(g, 1.0 - beta1)
-    v = v * beta2 + (1.0 - beta2) * g * g
+    (p, m, v). ``g`` already carries the sign of ``maximize``. The compiled paths write the results back
+    themselves (:mod:`dualadam_hf.compiled` in place, :mod:`dualadam_hf.lowbit` into quantized state)."""
+    m, v = next_moments(m, v, g, beta1, beta2)
     den = v.sqrt() + eps_c
     return p * decay - adam * (m / den) - inverse * (m * den), m, v
 

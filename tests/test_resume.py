@@ -61,9 +61,13 @@ def test_a_checkpoint_without_usable_optimizer_state_is_refused_unless_allowed(t
 
 def test_deepspeed_and_fsdp_optimizer_layouts_are_accepted(tmp_path):
     for step, extra in ((1, "global_step1"), (2, "optimizer_0")):
-        path = fake_checkpoint(tmp_path, step, optimizer=None)
+        path = fake_checkpoint(tmp_path / extra, step, optimizer=None)
+        # Without optimizer.pt and without the engine's layout the checkpoint holds no optimizer state...
+        with pytest.raises(RecipeError, match="restart the optimizer"):
+            resume_checkpoint(str(path), tmp_path / extra)
+        # ... and the engine's own folder is what makes it resumable.
         (path / extra).mkdir()
-        assert resume_checkpoint(str(path), tmp_path) == path
+        assert resume_checkpoint(str(path), tmp_path / extra) == path
 
 
 @pytest.mark.parametrize("global_step, match", [
@@ -224,3 +228,18 @@ def test_resuming_without_optimizer_state_is_refused(tiny_model_dir, tmp_path):
     assert json.loads((out / "checkpoint-6" / "wall_time.json").read_text())[OPTIMIZER_START_KEY] == 4
     again = run_train(argv)
     assert "finished training at step 6: evaluating it, training nothing" in again.stdout
+
+
+def test_a_checkpoint_cut_off_before_its_manifest_is_passed_over_for_the_one_before(tmp_path):
+    """The Trainer's save ends with trainer_state.json and the run's manifest follows it: a kill in between leaves
+    a checkpoint that looks whole to the Trainer but cannot be checked, so ``last`` takes the one before it."""
+    from dualadam_hf.experiments import identity
+
+    (tmp_path / identity.MANIFEST_FILE).write_text(json.dumps({"inputs": {}}))  # the run has a manifest
+    earlier = fake_checkpoint(tmp_path, 2)
+    (earlier / identity.MANIFEST_FILE).write_text(json.dumps({"inputs": {}}))
+    fake_checkpoint(tmp_path, 4)  # cut off after trainer_state.json
+    said = []
+    assert resume_checkpoint("last", tmp_path, log=said.append) == earlier
+    assert any("checkpoint-4" in line and f"no {identity.MANIFEST_FILE}: the save was cut off" in line
+               for line in said), said

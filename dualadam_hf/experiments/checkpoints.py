@@ -102,6 +102,10 @@ def incomplete_reason(folder: Path) -> str | None:
         return f"{TRAINER_STATE} is truncated"
     if not holds_weights(folder):
         return "no model weights"
+    if (folder.parent / identity.MANIFEST_FILE).is_file() and identity.read_manifest(folder) is None:
+        # A run that has a manifest writes it into each checkpoint right after the Trainer's own files (the
+        # Trainer's save ends with trainer_state.json): one without it was cut off in between.
+        return f"no {identity.MANIFEST_FILE}: the save was cut off"
     return None
 
 
@@ -231,12 +235,11 @@ def dualadam_state_problem(saved: dict[str, Any]) -> str | None:
     setting the constructor refuses, or a step counter that is not a whole number >= 0. The moments' values are
     not read here (for a large model, gigabytes the Trainer reads again): ``load_state_dict`` checks them, and
     the run says what it refuses in one line."""
-    from ..optimizer import check_group
+    from ..optimizer import check_group, saved_by_dualadam, step_problem
 
-    groups = saved["param_groups"]
-    if not groups or not all(isinstance(g, dict) and "switch_rate" in g for g in groups):
+    if not saved_by_dualadam(saved):
         return None
-    for index, group in enumerate(groups):
+    for index, group in enumerate(saved["param_groups"]):
         settings = {**group, "betas": tuple(group["betas"]) if isinstance(group.get("betas"), list) else
                     group.get("betas")}
         try:
@@ -244,18 +247,8 @@ def dualadam_state_problem(saved: dict[str, Any]) -> str | None:
         except (ValueError, KeyError, ImportError) as error:
             return f"param group {index}: {_first_line(error)}"
     for pid, entry in saved["state"].items():
-        if isinstance(entry, dict) and "step" in entry and (problem := _step_damage(entry["step"])) is not None:
+        if isinstance(entry, dict) and "step" in entry and (problem := step_problem(entry["step"])) is not None:
             return f"the state of parameter {pid} is damaged ({problem})"
-    return None
-
-
-def _step_damage(step: Any) -> str | None:
-    """Why a saved step counter is not one (None when it is): a whole number >= 0, as a number or one-element
-    tensor (the words of :func:`..optimizer.damaged_state`)."""
-    one = isinstance(step, (int, float)) or (hasattr(step, "numel") and step.numel() == 1)
-    value = float(step) if one else math.nan
-    if not (math.isfinite(value) and value >= 0 and value.is_integer()):
-        return f"step {value if one else step!r} is not a whole number >= 0"
     return None
 
 
