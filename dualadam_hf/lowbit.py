@@ -3,23 +3,31 @@ tensors, for runs that fit only with 8-bit or 4-bit optimizer state (what ``--op
 
 - The moments are ``torchao.optim``'s quantized state tensors: per block of elements one fp32 scale and one code
   per element (8 bits, or 4 bits packed in pairs) looked up in a dynamic-tree map, signed for ``exp_avg`` and
-  unsigned for ``exp_avg_sq``, as torchao's AdamW8bit/AdamW4bit hold them. torchao registers them as safe
-  globals when imported, so ``optimizer.pt`` loads with ``torch.load(weights_only=True)``.
+  unsigned for ``exp_avg_sq``, as torchao's AdamW8bit/AdamW4bit hold them (8-bit ``exp_avg_sq`` on that map
+  squared: :func:`second_moment_map`). Blocks of :data:`DEFAULT_BLOCK_SIZE` unless a group's ``block_size`` says
+  otherwise. torchao registers them as safe globals when imported, so ``optimizer.pt`` loads with
+  ``torch.load(weights_only=True)``.
 - Tensors with fewer than :data:`MIN_QUANTIZED` elements, or whose size the block does not divide, keep
   full-precision moments as without ``state_bits`` (fp32 for bf16/fp16 parameters): the rule torchao takes from
   bitsandbytes, as a block scale and a map for a few elements would save nothing.
-- Each tensor takes one compiled step (``torch.compile``, CPU and CUDA) that dequantizes m and v, applies the rule
+- The optimizer's ``lowbit`` update path (:func:`update`, chosen in :mod:`dualadam_hf.update` for any group with
+  ``state_bits``): each tensor takes one compiled step (``torch.compile``, CPU and CUDA) that dequantizes m and v,
+  applies the rule
   of :mod:`dualadam_hf.schedule` (:func:`~dualadam_hf.schedule.fold`'s coefficients, computed for the group by
   :func:`~dualadam_hf.functional.coefficients`, applied by :func:`~dualadam_hf.schedule.folded_update`) and
-  quantizes the new moments again. It compiles once per shape and kind of state; the first steps of a run take
-  about a minute on a few CPU cores (the inductor cache shortens later runs).
+  quantizes the new moments again, returning the norms of the fp32 moments it used (the inverse share of the
+  step taken). It compiles once per shape and kind of state; the first steps of a run take about a minute on a
+  few CPU cores (the inductor cache shortens later runs).
 - ``inverse_scale="norm"`` and ``"auto"`` find their per-tensor scales from the dequantized moments before the
-  step, with :func:`~dualadam_hf.functional.held_norm_scales` as the other paths do.
+  step, with :func:`~dualadam_hf.functional.held_norm_scales` as the other paths do
+  (:func:`coming_moment_norms`).
 
 torchao is an optional dependency (the ``lowbit`` extra: ``pip install ".[lowbit]"`` in a checkout, or
 ``pip install torchao``); it is imported on first use only.
-DDP runs it as one process does. FSDP2 (DTensor parameters) is refused at the first step and DeepSpeed at train
-begin, each with the reason (:func:`init_state`, ``DualAdamCallback``).
+DDP runs it as one process does. DeepSpeed and FSDP are refused where the Trainer's arguments are built
+(``integrations.optim_args.check_training_args``); DTensor parameters at the first step (:func:`init_moments`)
+and DeepSpeed's wrapper at train begin (``DualAdamCallback``) are refused again for scripts that build the
+optimizer themselves.
 """
 
 from __future__ import annotations

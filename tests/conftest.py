@@ -23,7 +23,7 @@ os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 # spinning OpenMP threads made the suite several times slower on cores other jobs share.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 # DeepSpeed's CPU ops are built once into the suite's own folder, not the user's shared ~/.cache/torch_extensions
-# (see tests/helpers.py); this session holds its claim on the folder until the interpreter exits.
+# (see tests/helpers.py); this test run holds its claim on the folder until the interpreter exits.
 if "TORCH_EXTENSIONS_DIR" not in os.environ:
     os.environ["TORCH_EXTENSIONS_DIR"] = str(TORCH_EXTENSIONS_DIR)
     if (_claim := claim_extensions_dir(TORCH_EXTENSIONS_DIR)) is not None:
