@@ -44,8 +44,10 @@ STATE_KEYS = ("step", "exp_avg", "exp_avg_sq")
 DUALADAM_GROUP_KEYS = ("betas", "eps", "switch_rate")
 # The settings a state was made under and only means under: a load refuses a state saved under others (torch's
 # optimizers would adopt the saved ones silently, and a resumed run would train with settings nobody chose).
-BINDING_SETTINGS = ("betas", "eps", "weight_decay", "maximize", "inverse_scale", "state_dtype", "state_bits",
-                    "block_size", "bf16_stochastic_round")
+# The kind of state among them is never converted on a load, only refused.
+STATE_KIND_SETTINGS = ("state_dtype", "state_bits", "block_size")
+BINDING_SETTINGS = ("betas", "eps", "weight_decay", "maximize", "inverse_scale", *STATE_KIND_SETTINGS,
+                    "bf16_stochastic_round")
 # A group key of saved states only: how many of the group's parameters had state, so that a state deleted from
 # the checkpoint (its parameter would restart bias correction and the blend) is seen at load.
 STATEFUL_KEY = "params_with_state"
@@ -434,9 +436,9 @@ class DualAdam(Optimizer):
             return params, grads
         index = {id(p): k for k, p in enumerate(group["params"])}
         skipped = [p for p, ok in zip(params, finite) if not ok]
-        self.nonfinite_skips = getattr(self, "nonfinite_skips", 0) + len(skipped)
-        if not getattr(self, "_warned_nonfinite", False):
-            self._warned_nonfinite = True
+        told = self.nonfinite_skips > 0  # the first skip is warned about, every one counted
+        self.nonfinite_skips += len(skipped)
+        if not told:
             first = skipped[0]
             where = f"param group {self.param_groups.index(group)}, parameter {index[id(first)]}"
             warnings.warn(f"{type(self).__name__}: the gradient of {where} (shape {tuple(first.shape)}) holds NaN or "
@@ -619,7 +621,7 @@ class DualAdam(Optimizer):
             differ.append(f"learning rate {_shown(merged['initial_lr'])} saved, {_shown(group['initial_lr'])} here")
         if differ:
             kind = " (a change of state kind is not converted: resume with the optimizer that saved it)" if any(
-                part.startswith(("state_bits", "state_dtype")) for part in differ) else ""
+                part.startswith(STATE_KIND_SETTINGS) for part in differ) else ""
             return (f"it was saved with other settings than this optimizer's: {'; '.join(differ)}{kind}; construct "
                     "the optimizer with the saved settings to resume it, or start from a fresh state")
         lr, initial = _value(merged["lr"]), merged.get("initial_lr")
