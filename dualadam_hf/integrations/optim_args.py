@@ -13,12 +13,8 @@ from typing import Any
 
 from ..keyvalue import join_pairs, parse_pairs
 from ..optimizer import BLEND_KEYS, INVERSE_SCALE_NAMES, DualAdam, InvAdam, invadam_refusal, resolve_blend
+from .names import DUALADAM_NAME, INVADAM_NAME, OPTIMIZER_NAMES, STATE_BITS_OF_NAME
 
-DUALADAM_NAME = "dualadam"
-INVADAM_NAME = "invadam"
-# DualAdam with low-bit optimizer state (state_bits), named as transformers names adamw_torch_8bit/4bit.
-STATE_BITS_OF_NAME = {"dualadam_8bit": 8, "dualadam_4bit": 4}
-OPTIMIZER_NAMES = (DUALADAM_NAME, INVADAM_NAME, *STATE_BITS_OF_NAME)
 OPTIMIZER_CLASSES: dict[str, type[DualAdam]] = {DUALADAM_NAME: DualAdam, INVADAM_NAME: InvAdam,
                                                 **dict.fromkeys(STATE_BITS_OF_NAME, DualAdam)}
 # Hyperparameters that TrainingArguments carries itself (learning_rate, adam_beta1, ...).
