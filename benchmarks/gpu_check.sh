@@ -4,7 +4,8 @@
 # (with inverse_share), the host time of a step with 500 small tensors (real
 # launches), and the Trainer-level step time of --optim dualadam against
 # adamw_torch_fused (full and LoRA, bf16, SmolLM2-360M's architecture), and the
-# compiled low-bit step (state_bits 8 and 4) against torchao's AdamW8bit/AdamW4bit.
+# compiled low-bit step (state_bits 8 and 4) against torchao's AdamW8bit/AdamW4bit,
+# and torchao's CPUOffloadOptimizer around DualAdam against it around fused AdamW.
 # Logs go to $OUT (or ./gpu_out). Needs torch with CUDA, triton, transformers and
 # peft; torchao (for the low-bit step) and pytorch_optimizer are optional (wheels
 # in .whl/ are installed if present).
@@ -25,5 +26,6 @@ run tests 90 python3 -m pytest -m gpu tests/test_gpu.py tests/test_stochastic_ro
 run step_fp32 60 python3 benchmarks/optimizer_step.py --device cuda --dtype float32 $big --rounds 7 --skip-probe
 run step_bf16 50 python3 benchmarks/optimizer_step.py --device cuda --dtype bfloat16 $big --rounds 5 --skip-probe --only fused
 run trainer 140 python3 benchmarks/trainer_step.py --device cuda --preset smollm2-360m --batch 8 --seq 1024 --rounds 3
-run lowbit 90 python3 benchmarks/lowbit_state.py time --device cuda --rounds 7
+run lowbit 80 python3 benchmarks/lowbit_state.py time --device cuda --rounds 7
+run offload 50 python3 benchmarks/lowbit_state.py offload --device cuda --rounds 5
 echo "== done in $((SECONDS - start)) s"

@@ -22,11 +22,13 @@ started by this one), on SmolLM2-135M's architecture built from its configuratio
   the furthest any element moved against the full-precision run's furthest move, and the distance from the
   full-precision run relative to how far it moved (L2, and the largest element's). Then 4-bit DualAdam on rows
   of several widths (64, 256, 576) and with blocks of 64 on the narrowest rows.
+- ``offload`` (a GPU only): torchao's ``CPUOffloadOptimizer`` around DualAdam against the same wrapper around torch's
+  fused CPU AdamW and against DualAdam on the GPU: peak GPU memory, step time, and the weights' difference.
 
-    OMP_WAIT_POLICY=PASSIVE python benchmarks/lowbit_state.py                 # all five, CPU, ~11 minutes
+    OMP_WAIT_POLICY=PASSIVE python benchmarks/lowbit_state.py                 # all of them, CPU, ~13 minutes
     OMP_WAIT_POLICY=PASSIVE python benchmarks/lowbit_state.py bytes fidelity  # some of them
     OMP_WAIT_POLICY=PASSIVE python benchmarks/lowbit_state.py sparse          # the sparse-row case, ~3 minutes
-    python benchmarks/lowbit_state.py time --device cuda                      # on a GPU
+    python benchmarks/lowbit_state.py time offload --device cuda              # on a GPU
 """
 
 from __future__ import annotations
@@ -366,9 +368,58 @@ def bench_memory(args: argparse.Namespace) -> None:
         print(f"| {name} | {peak:.0f} | {peak / peaks['dualadam']:.3f} |")
 
 
+def bench_offload(args: argparse.Namespace) -> None:
+    """torchao's CPUOffloadOptimizer (one GPU: moments and the step on the CPU) around DualAdam, against the same
+    wrapper around torch's fused CPU AdamW (its default) and against DualAdam on the GPU: peak GPU memory and the
+    time of a training step (forward, backward, step), and how far the offloaded run's weights end from DualAdam's
+    on the GPU after the same batches (float32 throughout, so only the order of operations differs)."""
+    from torchao.optim import CPUOffloadOptimizer
+
+    if args.device == "cpu":
+        print("\n## CPU offload: needs a GPU (torchao's CPUOffloadOptimizer moves state off a CUDA device); skipped")
+        return
+    layers, steps = args.layers or 8, max(args.rounds, 3)
+    batches = [torch.randint(0, SMOLLM2_135M["vocab_size"], (4, 256), generator=torch.Generator().manual_seed(k))
+               for k in range(steps)]
+    makers = {
+        "DualAdam on the GPU": lambda ps: DualAdam(ps, lr=LR, blend_steps=BLEND_STEPS),
+        "CPUOffloadOptimizer(DualAdam)": lambda ps: CPUOffloadOptimizer(ps, DualAdam, lr=LR, blend_steps=BLEND_STEPS),
+        "CPUOffloadOptimizer(AdamW, fused)": lambda ps: CPUOffloadOptimizer(ps, torch.optim.AdamW, lr=LR,
+                                                                              weight_decay=0.0),
+    }
+    results, weights = {}, {}
+    for name, make in makers.items():
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        model = smollm2_model(layers, args.device)
+        opt = make(list(model.parameters()))
+        times = []
+        for ids in batches:
+            ids = ids.to(args.device)
+            torch.cuda.synchronize()
+            start = time.perf_counter()
+            model(input_ids=ids, labels=ids).loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            torch.cuda.synchronize()
+            times.append(time.perf_counter() - start)
+        results[name] = (torch.cuda.max_memory_allocated() / 2**20, statistics.median(times[1:]))
+        weights[name] = torch.cat([p.detach().float().flatten().cpu() for p in model.parameters()])
+        del model, opt
+    base_memory, base_time = results["DualAdam on the GPU"]
+    print(f"\n## CPU offload: SmolLM2-135M's architecture with {layers} layers, batch 4 x 256, {steps} steps "
+          "(median step after the first)\n")
+    print("| optimizer | peak GPU memory (MiB) | vs DualAdam on the GPU | step (s) | vs DualAdam on the GPU | "
+          "largest weight difference from DualAdam on the GPU |\n|---|---|---|---|---|---|")
+    for name, (memory, seconds) in results.items():
+        gap = float((weights[name] - weights["DualAdam on the GPU"]).abs().max())
+        print(f"| {name} | {memory:.0f} | {memory / base_memory:.3f} | {seconds:.3f} | {seconds / base_time:.2f} | "
+              f"{gap:.2e} |")
+
+
 def main() -> None:
     sections = {"bytes": bench_bytes, "time": bench_time, "fidelity": bench_fidelity, "memory": bench_memory,
-                "sparse": bench_sparse}
+                "sparse": bench_sparse, "offload": bench_offload}
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("sections", nargs="*", help=f"what to measure: {', '.join(sections)} (default: all)")
     parser.add_argument("--device", default="cpu")
