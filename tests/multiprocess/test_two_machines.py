@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from tests.helpers import end_group, start_in_own_group
-from tests.multiprocess.test_engines import (
+from tests.multiprocess.launcher import (
     ENGINES,
     LAUNCH_TIMEOUT_S,
     MATCH_ATOL,
