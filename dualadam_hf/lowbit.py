@@ -22,12 +22,32 @@ tensors, for runs that fit only with 8-bit or 4-bit optimizer state (what ``--op
   step, with :func:`~dualadam_hf.functional.held_norm_scales` as the other paths do
   (:func:`coming_moment_norms`).
 
+Under FSDP2 (DTensor parameters on a 1-D mesh) each rank quantizes its own shard of a tensor: a quantized moment
+is a plain torchao tensor over the local shard, and the block rule reads the shard (an 8192-element weight over 2
+ranks is quantized, over 4 it keeps fp32 moments; ranks may decide differently for one tensor, which nothing
+depends on). The step works on local shards as the other paths do, and ``inverse_scale="norm"``/``"auto"`` sum
+the squared norms of the shards over the mesh (:func:`~dualadam_hf.functional.held_norm_scales`), so a 1-device
+mesh runs as one process to the bit. Where the shards are whole numbers of blocks, the blocks are one process's.
+
+Checkpoints under FSDP2 hold the quantized moments dequantized, as fp32 DTensors with their parameters' mesh,
+placements, shape and stride (:func:`checkpoint_moment`, from ``DualAdam.state_dict``), and their groups say so
+(:data:`SAVED_AS_FP32`). torch's checkpoint layer (``get_optimizer_state_dict``/``set_optimizer_state_dict``,
+which accelerate's FSDP2 checkpoints use with ``FULL_STATE_DICT`` and ``SHARDED_STATE_DICT``) gathers, shards and
+reshards each moment by its parameter's layout, which a rank's quantized shard does not carry; gathered as they
+are, torchao's tensors became collective tensors that ``torch.load(weights_only=True)`` refuses. A load quantizes
+them again to exactly the codes and scales they came from (:func:`requantized`), so a resumed run equals the
+uninterrupted one to the bit; a checkpoint of another layout (another number of ranks, or read by one process) is
+quantized as a step would. The cost: the checkpoint takes fp32 state's size (8 bytes per parameter, 4 times 8-bit
+state's), and while a rank saves or loads, its moments exist in fp32 on the parameters' device next to the
+quantized ones (8 more bytes per parameter of its shard, until the checkpoint layer has gathered or written them):
+leave that headroom, or the first save of a run that fits only with 8-bit state runs out of memory.
+
 torchao is an optional dependency (the ``lowbit`` extra: ``pip install ".[lowbit]"`` in a checkout, or
 ``pip install torchao``); it is imported on first use only.
-DDP runs it as one process does. DeepSpeed and FSDP are refused where the Trainer's arguments are built
-(``integrations.optim_args.check_training_args``); DTensor parameters at the first step (:func:`init_moments`)
-and DeepSpeed's wrapper at train begin (``DualAdamCallback``) are refused again for scripts that build the
-optimizer themselves.
+DDP runs it as one process does, FSDP2 as above. DeepSpeed and FSDP1 are refused where the Trainer's arguments are
+built (``integrations.optim_args.check_training_args``): their flat parameters join many tensors. DTensor
+parameters on a mesh of more than one dimension at the first step (:func:`init_moments`) and DeepSpeed's wrapper
+at train begin (``DualAdamCallback``) are refused for scripts that build the optimizer themselves.
 """
 
 from __future__ import annotations
@@ -36,6 +56,7 @@ import contextlib
 import importlib.metadata
 import itertools
 import logging
+import math
 import numbers
 import sys
 import warnings
@@ -46,7 +67,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .functional import StepTensors, coefficients, local, write_param
+from .functional import StepTensors, coefficients, grad_like_param, local, write_param
 from .schedule import Hyper, folded_update, next_moments
 
 STATE_BITS = (8, 4)
@@ -173,25 +194,31 @@ def dense(t: Tensor) -> Tensor:
 
 
 def quantizes(p: Tensor, group: dict[str, Any]) -> bool:
-    """Whether the group keeps this parameter's moments quantized (else in full precision)."""
-    return (group.get("state_bits") is not None and p.numel() >= MIN_QUANTIZED
-            and p.numel() % block_size(group) == 0)
+    """Whether the group keeps this parameter's moments quantized (else in full precision). For a DTensor
+    parameter (FSDP2) the rule reads this rank's shard, whose moments it sizes: ranks may decide differently for
+    one tensor, which nothing depends on (each rank steps, saves and loads its own shard's moments)."""
+    numel = local(p).numel()
+    return group.get("state_bits") is not None and numel >= MIN_QUANTIZED and numel % block_size(group) == 0
 
 
-def moment_problem(moment: Any, p: Tensor, group: dict[str, Any]) -> str | None:
+def moment_problem(moment: Any, p: Tensor, group: dict[str, Any], saved_as_fp32: bool = False) -> str | None:
     """Why a saved moment cannot stand for parameter ``p``'s in a group with ``state_bits=bits`` (None: it can):
     another kind of state than this optimizer keeps for it (fp32 against 8-bit or 4-bit, another block size), or
-    quantized parts that do not fit together (codes, block scales, map), which would fail at the step."""
+    quantized parts that do not fit together (codes, block scales, map), which would fail at the step.
+    ``saved_as_fp32``: the saved group says its quantized moments were saved dequantized (:data:`SAVED_AS_FP32`),
+    so full-precision moments are this optimizer's own, to be quantized again (:func:`requantized`)."""
     kind = lambda quantized, n: f"{n}-bit moments" if quantized else "full-precision moments"
     bits, wanted = group.get("state_bits"), quantizes(p, group)
     if not is_quantized(moment):
-        return None if not wanted else f"it holds {kind(False, 0)} where this optimizer keeps {kind(True, bits)}"
+        if not wanted or saved_as_fp32:
+            return None
+        return f"it holds {kind(False, 0)} where this optimizer keeps {kind(True, bits)}"
     saved_bits = next(b for b, cls in state_types().items() if isinstance(moment, cls))
     if not wanted or saved_bits != bits:
         return f"it holds {kind(True, saved_bits)} where this optimizer keeps {kind(wanted, bits)}"
     if moment.block_size != block_size(group):
         return f"its blocks hold {moment.block_size} elements, this optimizer's {block_size(group)}"
-    numel = p.numel()
+    numel = local(p).numel()
     parts = {"codes": numel * bits // 8, "block scales": numel // block_size(group), "map": 2**bits}
     found = {"codes": moment.codes.numel(), "block scales": moment.scale.numel(), "map": moment.qmap.numel()}
     wrong = [f"{found[k]} {k} for {n}" for k, n in parts.items() if found[k] != n]
@@ -210,31 +237,129 @@ def second_moment_map(unsigned_map: Tensor) -> Tensor:
 
 
 def _new_moment(p: Tensor, group: dict[str, Any], signed: bool, fallback: torch.dtype) -> Tensor:
+    """Zero moments for ``p``: quantized over its local shard (a DTensor's moments are this rank's, a plain
+    quantized tensor), else ``fallback`` like ``p`` (a DTensor keeps its placement, as fp32 state does)."""
     bits, block = group["state_bits"], block_size(group)
     if not quantizes(p, group):
         return torch.zeros_like(p, dtype=fallback)
+    shard = local(p)
     # The appearance dtype is the parameter's, as torchao's: torch's load_state_dict casts state to it.
-    moment = state_types()[bits].zeros(p.shape, signed, block, p.device, dtype=p.dtype)
+    moment = state_types()[bits].zeros(shard.shape, signed, block, shard.device, dtype=p.dtype)
     if bits == 8 and not signed:
         moment.qmap.copy_(second_moment_map(moment.qmap))
     return moment
 
 
 def init_moments(p: Tensor, state: dict[str, Any], group: dict[str, Any], fallback: torch.dtype) -> None:
-    """A parameter's moments at its first step: quantized where the tensor is large enough, else ``fallback``
-    (fp32 for low-precision parameters). The optimizer adds the step counter and the scale of
-    ``inverse_scale="auto"``, as for any state."""
+    """A parameter's moments at its first step: quantized where the tensor (a DTensor's local shard) is large
+    enough, else ``fallback`` (fp32 for low-precision parameters). The optimizer adds the step counter and the
+    scale of ``inverse_scale="auto"``, as for any state."""
     bits = group["state_bits"]
     if p.is_complex():
         raise ValueError(f"state_bits={bits} quantizes real moments; complex parameters are not supported (train "
                          "them in another param group without state_bits)")
-    if local(p) is not p:
-        raise ValueError(f"state_bits={bits} does not support FSDP2 (DTensor) parameters: the full optimizer state "
-                         "of a checkpoint gathers the quantized moments into collective tensors that "
-                         "torch.load(weights_only=True) refuses, so the run could not resume. Use DDP, or --optim "
-                         "dualadam under FSDP2.")
+    if (mesh := getattr(p, "device_mesh", None)) is not None and mesh.ndim != 1:
+        raise ValueError(f"state_bits={bits} supports DTensor parameters on a 1-D device mesh (FSDP2), not on a "
+                         f"{mesh.ndim}-D one (HSDP, tensor parallelism): inverse_scale 'norm' and 'auto' sum norms "
+                         "over one mesh dimension, and quantized shards over several have not been run. Use "
+                         "--optim dualadam there.")
     state["exp_avg"] = _new_moment(p, group, True, fallback)
     state["exp_avg_sq"] = _new_moment(p, group, False, fallback)
+
+
+# A saved param group's key: its quantized moments were saved dequantized, as fp32 DTensors over their
+# parameters' shards (see the module's notes), for a load to quantize again.
+SAVED_AS_FP32 = "lowbit_moments_saved_as_fp32"
+# Elements requantized at once on a load: bounds the integer temporaries of the code search.
+_REQUANTIZE_CHUNK = 1 << 22
+# Scale candidates around the one read back from a block's values: (fl(q*s)/q) is within an ulp or two of s.
+_SCALE_ULPS = (0, 1, -1, 2, -2)
+
+
+def saves_as_fp32(group: dict[str, Any]) -> bool:
+    """Whether a group's checkpoints hold its quantized moments dequantized: a ``state_bits`` group of DTensor
+    parameters (FSDP2), whose moments the checkpoint layer shards or gathers by the parameter's layout."""
+    return group.get("state_bits") is not None and any(local(p) is not p for p in group["params"])
+
+
+def checkpoint_moment(moment: Tensor, p: Tensor) -> Tensor:
+    """What a checkpoint holds for one moment of DTensor parameter ``p``: a quantized moment (this rank's shard)
+    as an fp32 DTensor with ``p``'s mesh, placements, shape and stride; other moments (DTensors already) as they
+    are."""
+    if not is_quantized(moment):
+        return moment
+    from torch.distributed.tensor import DTensor
+
+    # shape and stride given: shards may differ in size across ranks (a first dimension the ranks do not divide).
+    return DTensor.from_local(moment.dequantize(), p.device_mesh, p.placements, run_check=False, shape=p.shape,
+                              stride=p.stride())
+
+
+def requantized(values: Tensor, p: Tensor, group: dict[str, Any], signed: bool) -> Tensor:
+    """``p``'s quantized moment (over its local shard) holding the saved fp32 ``values`` (a DTensor like ``p``,
+    or the whole tensor): each block that :func:`checkpoint_moment` dequantized from this block layout gets back
+    its codes and a scale that dequantize to exactly the saved values, so a resumed run steps from the moments
+    the uninterrupted one had; other blocks (a checkpoint of another layout) are quantized as a step would."""
+    moment = _new_moment(p, group, signed, torch.float32)
+    shard = _shard_like(values, p).to(device=moment.device, dtype=torch.float32).reshape(-1, moment.block_size)
+    quantize = _quantizer(moment)
+    codes, scales = [], []
+    for blocks in shard.split(max(1, _REQUANTIZE_CHUNK // moment.block_size)):
+        chunk_codes, chunk_scales = _exact_codes(blocks, moment.qmap, quantize)
+        codes.append(chunk_codes)
+        scales.append(chunk_scales)
+    flat = torch.cat(codes).view(-1)
+    moment.codes.copy_(flat.view_as(moment.codes) if moment.codes.numel() == flat.numel()
+                       else (flat[::2] << 4) | flat[1::2])  # 4 bits: packed in pairs, as torchao packs them
+    moment.scale.copy_(torch.cat(scales))
+    return moment
+
+
+def _shard_like(values: Tensor, p: Tensor) -> Tensor:
+    """This rank's part of ``values`` in ``p``'s layout: the local shard of a DTensor (redistributed if its
+    placements differ), the matching chunk of a whole tensor given for a DTensor ``p``, else ``values``."""
+    if local(p) is p or local(values) is not values:
+        return grad_like_param(p, values)
+    from torch.distributed.tensor import distribute_tensor
+
+    # src_data_rank=None: every rank holds the whole tensor and takes its own chunk, without a collective.
+    return local(distribute_tensor(values, p.device_mesh, p.placements, src_data_rank=None))
+
+
+def _quantizer(moment: Tensor) -> Callable[[Tensor, Tensor], Tensor]:
+    from torchao.optim.quant_utils import quantize_4bit_with_qmap, quantize_8bit_with_qmap
+
+    return quantize_8bit_with_qmap if isinstance(moment, state_types()[8]) else quantize_4bit_with_qmap
+
+
+def _exact_codes(blocks: Tensor, qmap: Tensor, quantize: Callable[[Tensor, Tensor], Tensor]) -> tuple[Tensor, Tensor]:
+    """(codes, scales) of ``blocks`` [n, block]. Quantizing dequantized values afresh does not give their codes
+    back: torchao scales a block by its largest magnitude, which its signed maps reach as +1 but not as -1 (the
+    lowest code is about -0.993), so a block whose largest moment was negative would be scaled anew. The scale is
+    read back instead (the largest value over the map's top, or the lowest over its bottom), tried with its
+    neighbouring floats, and kept per block where codes and scale dequantize to exactly ``blocks``; torchao's own
+    quantization where none does."""
+    own = blocks.abs().amax(-1).clip(1e-12)  # torchao's scale_tensor
+    codes, scales = quantize(blocks / own[:, None], qmap), own
+    guess = blocks.amax(-1) / qmap[-1]
+    if qmap[0] < 0:
+        guess = torch.maximum(guess, blocks.amin(-1) / qmap[0])
+    guess = guess.clip(1e-12)
+    # The most likely candidate is tried last, so that where several are exact it is the one kept.
+    for ulps in reversed(_SCALE_ULPS):
+        scale = _ulps_away(guess, ulps)
+        tried = quantize(blocks / scale[:, None], qmap)
+        exact = (qmap[tried.int()] * scale[:, None] == blocks).all(-1)
+        codes = torch.where(exact[:, None], tried, codes)
+        scales = torch.where(exact, scale, scales)
+    return codes, scales
+
+
+def _ulps_away(x: Tensor, ulps: int) -> Tensor:
+    toward = torch.full_like(x, math.inf if ulps > 0 else 0.0)
+    for _ in range(abs(ulps)):
+        x = torch.nextafter(x, toward)
+    return x
 
 
 def _dense_fp32(t: Tensor) -> Tensor:
@@ -298,7 +423,9 @@ def _compiling() -> Iterator[None]:
 
 def _norms_of_stored(fn: Callable[..., Tensor], m: Tensor, v: Tensor, *rest: Any, eps_c: float) -> Tensor:
     # Compiled where the moments are quantized, eager for the fp32 moments of small tensors; eps*c goes in as a
-    # tensor, since a number would be baked into the graph and recompiled at every step.
+    # tensor, since a number would be baked into the graph and recompiled at every step. Local shards: the
+    # fp32 moments of a DTensor parameter are DTensors too, its gradient already a local shard.
+    m, v = local(m), local(v)
     eps = torch.tensor(eps_c, dtype=torch.float32, device=m.device)
     with _compiling():
         return (_compile_once(fn) if isinstance(m, _quantized) else fn)(m, v, *rest, eps)
@@ -331,11 +458,14 @@ def update(tensors: StepTensors, hyper: Hyper) -> list[Tensor]:
             coef, decay = coefficients([tensors.steps[k] for k in indices], scales, hyper, device)
             decay = decay.float()
             for k, row in zip(indices, coef.unbind(0)):
-                p, m = tensors.params[k], tensors.exp_avgs[k]
+                # Local shards under FSDP2 (DTensor parameters): the step is element-wise and each rank's
+                # quantized moments cover its own shard.
+                p, m = local(tensors.params[k]), local(tensors.exp_avgs[k])
                 if p.numel() == 0:
-                    continue  # nothing to update; its step still counts
+                    continue  # nothing to update (an empty shard too); its step still counts
                 fn = compiled if isinstance(m, _quantized) else _single_step
+                g = grad_like_param(tensors.params[k], tensors.grads[k])
                 # p.detach(): the step writes the parameter's data, never through autograd.
-                norms[k] = fn(p.detach(), tensors.grads[k], m, tensors.exp_avg_sqs[k], row.detach(), decay,
-                              hyper.beta1, hyper.beta2, hyper.maximize, hyper.bf16_stochastic_round)
+                norms[k] = fn(p.detach(), g, m, local(tensors.exp_avg_sqs[k]), row.detach(), decay, hyper.beta1,
+                              hyper.beta2, hyper.maximize, hyper.bf16_stochastic_round)
     return norms

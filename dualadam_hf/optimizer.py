@@ -513,10 +513,19 @@ class DualAdam(Optimizer):
                 operands.uncalibrated.remove(k)
 
     def state_dict(self) -> dict[str, Any]:
-        """torch's state dict; each saved group also records how many of its parameters have state."""
+        """torch's state dict; each saved group also records how many of its parameters have state. Under FSDP2
+        (DTensor parameters) a ``state_bits`` group's quantized moments are saved dequantized, as fp32 DTensors
+        over their parameters' shards, and the group says so (``lowbit.SAVED_AS_FP32``): torch's checkpoint layer
+        gathers or shards a moment by its parameter's layout, which a rank's quantized shard does not carry."""
         saved = super().state_dict()
-        for group in saved["param_groups"]:
+        for group, own in zip(saved["param_groups"], self.param_groups):
             group[STATEFUL_KEY] = sum(1 for pid in group["params"] if saved["state"].get(pid))
+            if lowbit.saves_as_fp32(own):
+                group[lowbit.SAVED_AS_FP32] = True
+                for pid, p in zip(group["params"], own["params"]):
+                    if one := saved["state"].get(pid):
+                        saved["state"][pid] = {**one, **{key: lowbit.checkpoint_moment(one[key], p)
+                                                          for key in ("exp_avg", "exp_avg_sq")}}
         return saved
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -544,11 +553,13 @@ class DualAdam(Optimizer):
             for pid in numbered:
                 state[pid] = {**state[pid], "step": torch.tensor(float(state[pid]["step"]), dtype=torch.float32)}
             state_dict = {**state_dict, "state": state}
+        state_dict = self._requantized(state_dict)
         self.__dict__.pop("_operand_sets", None)
         self.__dict__.pop("_taken", None)
         super().load_state_dict(state_dict)
         for group in self.param_groups:
             group.pop(STATEFUL_KEY, None)
+            group.pop(lowbit.SAVED_AS_FP32, None)
             for key, value in self.defaults.items():
                 group.setdefault(key, value)  # keys added after the checkpoint was written
         # torch casts floating state to the param's dtype and device; a resume is exact only with the saved
@@ -566,6 +577,23 @@ class DualAdam(Optimizer):
                 # Quantized moments (state_bits) keep their codes: torch's cast changed only their appearance.
                 if self.state[p][key].dtype != dtype and not lowbit.is_quantized(self.state[p][key]):
                     self.state[p][key] = saved[key].to(device=p.device, dtype=dtype)
+
+    def _requantized(self, state_dict: dict[str, Any]) -> dict[str, Any]:
+        """``state_dict`` with the moments its groups saved dequantized (``lowbit.SAVED_AS_FP32``) quantized again
+        where this optimizer keeps them quantized, one tensor at a time (the caller's dict is left as given).
+        Before torch's load, which would cast them to a bf16 parameter's dtype first."""
+        marked = [(saved, group) for saved, group in zip(state_dict["param_groups"], self.param_groups)
+                  if saved.get(lowbit.SAVED_AS_FP32)]
+        if not marked:
+            return state_dict
+        state = dict(state_dict["state"])
+        for saved, group in marked:
+            for pid, p in zip(saved["params"], group["params"]):
+                one = state.get(pid)
+                if one and lowbit.quantizes(p, group) and not lowbit.is_quantized(one["exp_avg"]):
+                    state[pid] = {**one, "exp_avg": lowbit.requantized(one["exp_avg"], p, group, signed=True),
+                                  "exp_avg_sq": lowbit.requantized(one["exp_avg_sq"], p, group, signed=False)}
+        return {**state_dict, "state": state}
 
     def _load_problem(self, state_dict: dict[str, Any]) -> str | None:
         """What keeps ``state_dict`` from being loaded into this optimizer as it stands, or None."""
@@ -590,8 +618,9 @@ class DualAdam(Optimizer):
         for index, (saved, group) in enumerate(zip(saved_groups, self.param_groups)):
             if problem := self._group_problem(saved, group):
                 return f"param group {index} of this state: {problem}"
+            as_fp32 = bool(saved.get(lowbit.SAVED_AS_FP32))
             for pid, p in zip(saved["params"], group["params"]):
-                if (one := states.get(pid)) and (problem := _parameter_state_problem(one, p, group)):
+                if (one := states.get(pid)) and (problem := _parameter_state_problem(one, p, group, as_fp32)):
                     return (f"the state of parameter {pid} {problem}; resume from the checkpoint this optimizer "
                             "saved, or start from a fresh state")
             recorded, present = saved.get(STATEFUL_KEY), sum(1 for pid in saved["params"] if states.get(pid))
@@ -695,24 +724,26 @@ def _shown(x: Any) -> str:
     return f"{_value(x):g}" if isinstance(x, Tensor) else repr(x)
 
 
-def _parameter_state_problem(saved: dict[str, Any], p: Tensor, group: dict[str, Any]) -> str | None:
-    """What keeps one parameter's saved state from loading, worded to follow "the state of parameter N"."""
+def _parameter_state_problem(saved: dict[str, Any], p: Tensor, group: dict[str, Any],
+                             saved_as_fp32: bool = False) -> str | None:
+    """What keeps one parameter's saved state from loading, worded to follow "the state of parameter N"
+    (``saved_as_fp32``: its group saved quantized moments dequantized, see ``lowbit.SAVED_AS_FP32``)."""
     # In this order: the damage check reads the moments, which must first be tensors of the right kind.
     if problem := mismatched_state(saved, p):
         return f"does not fit it ({problem})"
-    if problem := _kind_problem(saved, p, group):
+    if problem := _kind_problem(saved, p, group, saved_as_fp32):
         return f"is of another kind ({problem})"
     if problem := damaged_state(saved):
         return f"is damaged ({problem})"
     return None
 
 
-def _kind_problem(saved: dict[str, Any], p: Tensor, group: dict[str, Any]) -> str | None:
+def _kind_problem(saved: dict[str, Any], p: Tensor, group: dict[str, Any], saved_as_fp32: bool) -> str | None:
     """Whether each saved moment is the kind of state this group keeps for ``p`` (quantized or not, how)."""
     if group.get("state_bits") is None and not any(map(lowbit.is_quantized, (saved["exp_avg"], saved["exp_avg_sq"]))):
         return None
     for key in ("exp_avg", "exp_avg_sq"):
-        if problem := lowbit.moment_problem(saved[key], p, group):
+        if problem := lowbit.moment_problem(saved[key], p, group, saved_as_fp32):
             return f"{key}: {problem}"
     return None
 

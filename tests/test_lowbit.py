@@ -374,20 +374,48 @@ def test_trainer_lora_with_dualadam_4bit(eager_step, llama64_dir, tmp_path):
     assert changed and all("lora_" in n for n in changed)
 
 
-@pytest.mark.parametrize(("variable", "engine"), [("ACCELERATE_USE_DEEPSPEED", "DeepSpeed"),
-                                                   ("ACCELERATE_USE_FSDP", "FSDP")])
-def test_sharded_engines_are_refused_where_the_arguments_are_built(tmp_path, monkeypatch, variable, engine):
-    """`accelerate launch` with a DeepSpeed or FSDP config says so in the environment before the script starts:
+@pytest.mark.parametrize(("environment", "engine"), [({"ACCELERATE_USE_DEEPSPEED": "true"}, "DeepSpeed"),
+                                                      ({"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "1"}, "FSDP1")])
+def test_sharded_engines_are_refused_where_the_arguments_are_built(tmp_path, monkeypatch, environment, engine):
+    """`accelerate launch` with a DeepSpeed or FSDP1 config says so in the environment before the script starts:
     the refusal comes from TrainingArguments, before any model loads (not at train begin, minutes later)."""
     from transformers import TrainingArguments
 
-    monkeypatch.setenv(variable, "true")
+    for variable, value in environment.items():
+        monkeypatch.setenv(variable, value)
     with pytest.raises(ValueError, match=f"--optim dualadam_4bit keeps 4-bit optimizer state, which does not run "
-                                         f"under {engine}: .* Use DDP for low-bit state, or --optim dualadam"):
+                                         f"under {engine}: .* Use DDP or FSDP2 \\(fsdp_version: 2\\) for low-bit "
+                                         "state, or --optim dualadam"):
         TrainingArguments(str(tmp_path), optim="dualadam_4bit", report_to="none", use_cpu=True)
     TrainingArguments(str(tmp_path), optim="dualadam", report_to="none", use_cpu=True)  # fp32 state runs there
-    monkeypatch.delenv(variable)
+    for variable in environment:
+        monkeypatch.delenv(variable)
     TrainingArguments(str(tmp_path), optim="dualadam_4bit", report_to="none", use_cpu=True)
+
+
+def test_fsdp2_takes_low_bit_state(tmp_path, monkeypatch):
+    """FSDP2, from `accelerate launch`'s environment or from TrainingArguments' fsdp_config (whose default
+    version is 2), runs low-bit state on each rank's shard (tests/test_lowbit_fsdp.py); FSDP1 there is refused."""
+    from transformers import TrainingArguments
+
+    from dualadam_hf.integrations.optim_args import check_training_args, fsdp_version
+
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    monkeypatch.setenv("FSDP_VERSION", "2")
+    TrainingArguments(str(tmp_path), optim="dualadam_8bit", report_to="none", use_cpu=True)
+    monkeypatch.delenv("ACCELERATE_USE_FSDP")
+    monkeypatch.delenv("FSDP_VERSION")
+    arguments = TrainingArguments(str(tmp_path), optim="dualadam_8bit", report_to="none", use_cpu=True)
+    arguments.fsdp = "full_shard"
+    for config, version in (({}, 2), ({"version": 2}, 2), ({"version": 1}, 1)):
+        arguments.fsdp_config = config
+        assert fsdp_version(arguments) == version
+        if version == 1:
+            with pytest.raises(ValueError, match="which does not run under FSDP1: FSDP1 hands the optimizer flat "
+                                                 "parameters"):
+                check_training_args(arguments)
+        else:
+            check_training_args(arguments)
 
 
 def test_block_size_is_transformers_default_and_set_by_optim_args(eager_step):

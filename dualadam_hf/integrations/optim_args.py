@@ -155,15 +155,33 @@ def sharded_engine(training_args: Any) -> str | None:
     return None
 
 
-# Why quantized moments do not run under each sharding engine; refused where the arguments are built, before the
-# model loads (minutes for a large model) rather than at train begin or the first step.
+def fsdp_version(training_args: Any) -> int:
+    """The FSDP version of a run that FSDP shards: TrainingArguments' ``fsdp_config`` says it where ``--fsdp`` is
+    given (transformers' default: 2), else `accelerate launch`'s environment (``FSDP_VERSION``, accelerate's
+    default: 1)."""
+    if getattr(training_args, "fsdp", None):
+        return int((getattr(training_args, "fsdp_config", None) or {}).get("version", 2))
+    return int(os.environ.get("FSDP_VERSION", "1"))
+
+
+# Why quantized moments do not run under a sharding engine; refused where the arguments are built, before the model
+# loads (minutes for a large model) rather than at train begin or the first step. FSDP2 runs them (on each rank's
+# shard, see dualadam_hf.lowbit).
 _LOW_BIT_OBSTACLES = {
     "DeepSpeed": "ZeRO hands the optimizer flat partitions of many tensors, so quantization blocks would straddle "
                  "tensors, a partition that is no whole number of blocks would keep fp32 moments without a word, "
                  "and DeepSpeed's universal checkpoints read exp_avg and exp_avg_sq as plain tensors",
-    "FSDP": "a checkpoint's optimizer state gathers the quantized moments into collective tensors that "
-            "torch.load(weights_only=True) refuses, so the run could not resume",
+    "FSDP1": "FSDP1 hands the optimizer flat parameters that join many tensors, so quantization blocks would "
+             "straddle tensors, and its optimizer state dict unflattens the moments as plain tensors",
 }
+
+
+def _low_bit_obstacle(training_args: Any) -> str | None:
+    """The engine that will shard this run if it cannot run quantized moments ("DeepSpeed", "FSDP1"), else None."""
+    engine = sharded_engine(training_args)
+    if engine == "FSDP":
+        return "FSDP1" if fsdp_version(training_args) == 1 else None
+    return engine
 
 
 def check_training_args(training_args: Any) -> None:
@@ -172,10 +190,10 @@ def check_training_args(training_args: Any) -> None:
     import torch
 
     optimizer_cls, kwargs = optimizer_cls_and_kwargs(training_args)
-    if kwargs.get("state_bits") is not None and (engine := sharded_engine(training_args)):
+    if kwargs.get("state_bits") is not None and (engine := _low_bit_obstacle(training_args)):
         raise ValueError(f"--optim {optimizer_name(training_args)} keeps {kwargs['state_bits']}-bit optimizer state, "
-                         f"which does not run under {engine}: {_LOW_BIT_OBSTACLES[engine]}. Use DDP for low-bit "
-                         f"state, or --optim dualadam under {engine}.")
+                         f"which does not run under {engine}: {_LOW_BIT_OBSTACLES[engine]}. Use DDP or FSDP2 "
+                         f"(fsdp_version: 2) for low-bit state, or --optim dualadam under {engine}.")
     # Building the optimizer over one dummy tensor runs every check of the constructor. Its warnings (e.g. an
     # update with no inverse part) are left to the real construction at train start, so that each reaches the
     # user once, not once per argument parse (compare parses every variant; `trl sft` parses in two processes).
