@@ -73,7 +73,8 @@ def test_recipe_loads_and_its_header_is_the_command(path):
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.name)
 def test_the_compare_block_of_every_recipe_passes_the_plan_checks(path):
     from dualadam_hf.experiments.compare import checked_settings
-    from dualadam_hf.experiments.variants import DEFAULT_OPTIMS, parse_variants
+    from dualadam_hf.experiments.variants import parse_variants
+    from dualadam_hf.integrations.names import DEFAULT_OPTIMS
 
     recipe = load_recipe(path, CPU_OVERRIDES if path in GPU_RECIPES else [])
     settings = checked_settings(recipe.compare, {}, path)
@@ -98,6 +99,34 @@ def test_gpu_recipes_compare_the_variants_of_the_study(path):
     assert all(v.optim_args.get("inverse_scale") != "auto" for v in here)
     assert {v.label: v.optim_args.get("inverse_scale") for v in here} == \
         {v.label: v.optim_args.get("inverse_scale") for v in study}
+
+
+def test_the_suite_recipe_plans_six_tasks_of_short_answers_at_the_study_rate(tmp_path, tiny_model_dir):
+    from dualadam_hf.experiments.compare import smoke_overrides
+    from dualadam_hf.experiments.suite import plan_suite
+    from dualadam_hf.experiments.tasks import INSTRUCTION
+
+    path = RECIPES[0].parent / "smollm2_suite_lora.yaml"
+    suite = plan_suite(path, output_dir=tmp_path / "out", smoke=True, sharpness=False,
+                       overrides=[*smoke_overrides(), "--model_name_or_path", tiny_model_dir])
+    names = [task.dataset_name for task in suite.tasks]
+    assert len(set(names)) == len(names) >= 6 and all(n.startswith("reasoning-gym:") for n in names)
+    every = {"adamw_torch", "dualadam", "dualadam-norm"}
+    planned = {task.label: {v.label for v in plan.variants} for task, plan in zip(suite.tasks, suite.plans)}
+    assert all(labels in (every, every | {"matched-warmup"}) for labels in planned.values())
+    assert sum("matched-warmup" in labels for labels in planned.values()) == 3
+    norm = next(v for v in suite.variants if v.label == "dualadam-norm")
+    assert norm.optim_args["inverse_scale"] == "norm"
+    for plan in suite.plans:
+        assert plan.seeds == [0, 1, 2, 3, 4] and plan.lr_grid == []
+        experiment = load_recipe(path, plan.overrides)
+        assert experiment.training.learning_rate == pytest.approx(3e-4)  # the study v2's chosen rate
+        _, heldout = load_splits(experiment)
+        # Bare short answers, the question in the user's turn: what exact match scores within max_new_tokens.
+        assert all(row["completion"][0]["content"] == row["answer"] and 0 < len(row["answer"]) <= 13
+                   for row in heldout)
+        assert all(row["prompt"][-1]["role"] == "user" and row["prompt"][-1]["content"].endswith(INSTRUCTION)
+                   for row in heldout)
 
 
 def test_command_line_overrides_win_and_are_typed(tmp_path):

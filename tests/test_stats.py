@@ -10,12 +10,15 @@ import pytest
 from scipy import stats as scipy_stats
 
 from dualadam_hf.experiments.stats import (
+    dersimonian_laird,
     format_number,
     holm,
+    i_squared,
     mcnemar_exact,
     mean_std,
     min_detectable_difference,
     paired_difference,
+    random_effects,
     sign_test_p,
 )
 
@@ -213,3 +216,109 @@ def test_interval_bounds_round_outward():
     assert format_number(0.1, 4, toward="up") == "+0.1000" and format_number(0.1, 4, toward="down") == "+0.1000"
     with pytest.raises(ValueError, match="toward"):
         format_number(0.1, 4, toward="out")
+
+
+# --- pooling over tasks ----------------------------------------------------------------------------
+
+# The BCG vaccine trials (Colditz et al. 1994), the example of metafor's documentation: per trial, vaccinated
+# (tuberculosis, none) and unvaccinated (tuberculosis, none). Log relative risks and their variances as
+# `escalc("RR")` computes them; `rma(yi, vi, method = "DL")` prints Q(df = 12) = 152.2330, tau^2 = 0.3088,
+# I^2 = 92.12%, estimate -0.7141 with se 0.1787 and 95% interval [-1.0644, -0.3638] (normal); with
+# `test = "knha"`, se 0.1807, p 0.0019 and the interval [-1.1078, -0.3204] (t with 12 degrees of freedom).
+BCG = [(4, 119, 11, 128), (6, 300, 29, 274), (3, 228, 11, 209), (62, 13536, 248, 12619), (33, 5036, 47, 5761),
+       (180, 1361, 372, 1079), (8, 2537, 10, 619), (505, 87886, 499, 87892), (29, 7470, 45, 7232),
+       (17, 1699, 65, 1600), (186, 50448, 141, 27197), (5, 2493, 3, 2338), (27, 16886, 29, 17825)]
+
+
+def _bcg() -> tuple[list[float], list[float]]:
+    means = [math.log((a / (a + b)) / (c / (c + d))) for a, b, c, d in BCG]
+    variances = [1 / a - 1 / (a + b) + 1 / c - 1 / (c + d) for a, b, c, d in BCG]
+    return means, [math.sqrt(v) for v in variances]
+
+
+def test_random_effects_on_the_bcg_trials_matches_the_published_analysis():
+    pooled = random_effects(*_bcg())
+    assert pooled.k == 13 and pooled.q == pytest.approx(152.2330, abs=5e-5)
+    assert pooled.tau2 == pytest.approx(0.3088, abs=5e-5) and pooled.i2 == pytest.approx(0.9212, abs=5e-5)
+    assert pooled.mean == pytest.approx(-0.7141, abs=5e-5) and pooled.se == pytest.approx(0.1787, abs=5e-5)
+    z = scipy_stats.norm.ppf(0.975)
+    assert (pooled.mean - z * pooled.se, pooled.mean + z * pooled.se) == pytest.approx((-1.0644, -0.3638), abs=5e-5)
+    assert pooled.hk_se == pytest.approx(0.1807, abs=5e-5) and pooled.t_p == pytest.approx(0.0019, abs=5e-5)
+    assert (pooled.low, pooled.high) == pytest.approx((-1.1078, -0.3204), abs=5e-5)
+    assert pooled.contains_zero is False and sum(pooled.weights) == pytest.approx(1.0)
+    assert pooled.sign_p == pytest.approx(sign_test_p(_bcg()[0]))
+
+
+def test_random_effects_by_hand_on_three_tasks():
+    # d = 1, 2, 4 with se 1 each. Equal weights 1: fixed mean 7/3, Q = (16 + 1 + 25) / 9 = 42/9 on 2 degrees of
+    # freedom, S1 - S2/S1 = 3 - 1 = 2, so tau^2 = (42/9 - 2) / 2 = 4/3 and I^2 = (42/9 - 2) / (42/9) = 4/7.
+    # Random-effects weights 1 / (1 + 4/3) = 3/7 each: mean 7/3, se = sqrt(7/9). The HKSJ factor
+    # q_hk = (3/7)(42/9) / 2 = 1 exactly, so hk_se = se and the interval is 7/3 -+ t(0.975, 2) sqrt(7/9),
+    # t(0.975, 2) = 4.3027 (printed tables).
+    pooled = random_effects([1.0, 2.0, 4.0], [1.0, 1.0, 1.0])
+    assert pooled.q == pytest.approx(42 / 9) and pooled.tau2 == pytest.approx(4 / 3)
+    assert pooled.i2 == pytest.approx(4 / 7) and pooled.mean == pytest.approx(7 / 3)
+    assert pooled.se == pytest.approx(math.sqrt(7 / 9)) and pooled.hk_se == pytest.approx(math.sqrt(7 / 9))
+    half = 4.3027 * math.sqrt(7 / 9)
+    assert (pooled.low, pooled.high) == pytest.approx((7 / 3 - half, 7 / 3 + half), abs=1e-4)
+    assert pooled.weights == pytest.approx((1 / 3, 1 / 3, 1 / 3))
+    assert pooled.sign_p == pytest.approx(0.25)  # 3 of 3 positive: the smallest p 3 tasks allow
+
+
+def test_tau2_is_truncated_at_zero_and_the_interval_keeps_the_model_standard_error():
+    # d = 0.9, 1.0, 1.1 with se 1: Q = 0.02 is far below its 2 degrees of freedom, so tau^2 = 0 and I^2 = 0.
+    # The weights stay 1: mean 1, se = sqrt(1/3). q_hk = 0.02 / 2 would shrink the interval tenfold; max(1, q_hk)
+    # keeps it at t(0.975, 2) * sqrt(1/3).
+    assert dersimonian_laird([0.9, 1.0, 1.1], [1.0, 1.0, 1.0]) == pytest.approx((0.02, 0.0))
+    pooled = random_effects([0.9, 1.0, 1.1], [1.0, 1.0, 1.0])
+    assert pooled.tau2 == 0.0 and pooled.i2 == 0.0 and pooled.mean == pytest.approx(1.0)
+    assert pooled.hk_se == pytest.approx(math.sqrt(1 / 3)) == pooled.se
+    assert pooled.high - pooled.low == pytest.approx(2 * 4.3027 * math.sqrt(1 / 3), abs=1e-4)
+
+
+def test_identical_effects_have_no_heterogeneity_and_a_finite_interval():
+    pooled = random_effects([0.02] * 4, [0.01, 0.02, 0.01, 0.02])
+    assert pooled.q == pytest.approx(0.0, abs=1e-20) and pooled.tau2 == 0.0 and pooled.i2 == 0.0
+    assert pooled.mean == pytest.approx(0.02)
+    # Inverse-variance weights 1e4, 2500, 1e4, 2500: se = 1 / sqrt(25000); t(0.975, 3) = 3.1824.
+    assert pooled.hk_se == pytest.approx(1 / math.sqrt(25000))
+    assert pooled.high - pooled.low == pytest.approx(2 * 3.1824 / math.sqrt(25000), abs=1e-5)
+    assert pooled.weights == pytest.approx((0.4, 0.1, 0.4, 0.1))
+    assert i_squared(0.0, 4) == 0.0 and i_squared(6.0, 4) == pytest.approx(0.5)
+
+
+def test_two_tasks_give_an_answer_on_one_degree_of_freedom_and_one_task_is_refused():
+    pooled = random_effects([1.0, 3.0], [0.5, 0.5])
+    # Q = 2 * (1 / 0.25) = 8 on 1 df; S1 - S2/S1 = 8 - 32/8 = 4: tau^2 = (8 - 1) / 4 = 1.75. Weights 1/2 each:
+    # mean 2, q_hk = 0.5 * 2 / 1 = 1, hk_se = sqrt(1 / 1) = 1; t(0.975, 1) = 12.706.
+    assert pooled.tau2 == pytest.approx(1.75) and pooled.mean == pytest.approx(2.0)
+    assert (pooled.low, pooled.high) == pytest.approx((2 - 12.706, 2 + 12.706), abs=1e-3)
+    assert pooled.sign_p == pytest.approx(0.5)
+    with pytest.raises(ValueError, match="at least 2 tasks, got 1"):
+        random_effects([1.0], [0.5])
+    with pytest.raises(ValueError, match="standard errors must be positive"):
+        random_effects([1.0, 2.0], [0.5, 0.0])
+    with pytest.raises(ValueError, match="2 means but 3 standard errors"):
+        random_effects([1.0, 2.0], [0.5, 0.5, 0.5])
+    with pytest.raises(ValueError, match="finite numbers"):
+        random_effects([1.0, math.nan], [0.5, 0.5])
+
+
+def test_pooled_detectable_difference_has_80_percent_power_in_a_simulation():
+    # Four tasks, within-task standard errors 0.5, 1, 1, 2 and between-task sd 0.7: simulate the whole analysis
+    # (task effects, estimated tau^2, the HKSJ test) at the detectable difference the design gives.
+    errors = [0.5, 1.0, 1.0, 2.0]
+    design = random_effects([0.0, 0.3, -0.2, 0.5], errors)
+    rng = np.random.default_rng(3)
+    tau = 0.7
+    weights = [1 / (se * se + tau * tau) for se in errors]
+    se = math.sqrt(1 / sum(weights))
+    delta = design.detectable_at(0.05) / design.hk_se * se  # the noncentrality times the true standard error
+    found = 0
+    for _ in range(4000):
+        effects = delta + rng.normal(0, tau, 4) + rng.normal(0, errors)
+        found += random_effects(list(effects), errors).t_p < 0.05
+    # The estimated weights make HKSJ slightly conservative: the power stays near 80%, not above it.
+    assert 0.72 < found / 4000 < 0.84
+    assert design.detectable == pytest.approx(design.detectable_at(0.05))
+    assert design.detectable_at(0.05 / 4) > design.detectable

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..integrations.names import DEFAULT_OPTIMS
 from . import identity
 from .arguments import COMPARE_KEY, RecipeError, load_experiment, read_yaml, true_or_false, whole_number
 from .checkpoints import folder_lock, read_json
@@ -30,13 +31,15 @@ from .data import load_splits, local_data_files
 from .models import resolve_model
 from .report import SUMMARY_OF, RunResult, rate_scores, raw_file_name, write_report
 from .train import ACCURACY_KEY, DONE_FILE, EVAL_LOSS_KEY, check_output_apart, check_output_dir, input_folders
-from .variants import DEFAULT_OPTIMS, SET_BY_COMPARE, Variant, parse_variants
+from .variants import SET_BY_COMPARE, Variant, parse_variants
 from .watch import DIVERGED_KEY
 
 COMMAND_FILE = "compare_command.json"  # a run folder's reuse key; also marks the folder as made by compare
 LOCK_FILE = ".compare.lock"
 SELECT_METRICS = {EVAL_LOSS_KEY: "lower", ACCURACY_KEY: "higher"}
-COMPARE_KEYS = ("optims", "seeds", "lr_grid", "grid_seeds", "select_metric", "grid_seed", "sharpness", "baseline")
+COMPARE_KEYS = ("optims", "seeds", "lr_grid", "grid_seeds", "select_metric", "grid_seed", "sharpness", "baseline",
+                "tasks")
+TASKS_KEY = "tasks"  # a suite: the recipe run on each of these tasks, then pooled (dualadam_hf.experiments.suite)
 # The learning-rate grid's first seed (unless the recipe sets grid_seed) is the recipe's seed plus this: the reported
 # runs take the recipe's seed and the ones after it, so the grid chooses the rate on runs of its own, not on the
 # runs it is then judged by (a comparison would need this many seeds for the two to meet).
@@ -185,6 +188,9 @@ def make_plan(config: str | Path, *, optims: str | None = None, seeds: Any = Non
                                                "select_metric": select_metric, "baseline": baseline,
                                                "grid_seeds": grid_seeds}, config)
     variants = parse_variants(settings.get("optims", DEFAULT_OPTIMS), base.training.optim_args)
+    if restricted := [v.label for v in variants if v.tasks is not None]:
+        raise RecipeError(f"variant {restricted[0]!r} names tasks, which only a suite has (a recipe whose compare: "
+                          f"holds a {TASKS_KEY}: list); remove its tasks:")
     metric = settings.get("select_metric", EVAL_LOSS_KEY)
     if metric == ACCURACY_KEY and not base.args.accuracy_size:
         raise RecipeError(f"select_metric {ACCURACY_KEY} needs accuracy_size > 0")
@@ -570,10 +576,18 @@ def compare(plan: Plan, *, launcher: str | None = None, rerun: bool = False, log
 def run_compare(config: str, *, optims: str | None, seeds: Any, lr_grid: str | None, select_metric: str | None,
                 output_dir: str | None, overrides: list[str], sharpness: bool, smoke: bool, launcher: str | None,
                 rerun: bool, baseline: str | None = None, grid_seeds: Any = None) -> int:
-    """The `compare` subcommand: exit 0 when every run finished, 1 if some failed, 128+n on signal n."""
+    """The `compare` subcommand: exit 0 when every run finished, 1 if some failed, 128+n on signal n. A recipe
+    whose ``compare:`` holds ``tasks:`` is a suite: each task is compared as here, then pooled."""
     check_launcher(launcher)
     try:
         with signals_end_in_one_line():
+            if is_suite(config):
+                from .suite import plan_suite, run_suite_and_say
+
+                suite = plan_suite(config, optims=optims, seeds=seeds, lr_grid=lr_grid, select_metric=select_metric,
+                                   output_dir=output_dir, overrides=(smoke_overrides() if smoke else []) + overrides,
+                                   sharpness=sharpness, smoke=smoke, baseline=baseline, grid_seeds=grid_seeds)
+                return run_suite_and_say(suite, launcher, rerun)
             plan = make_plan(config, optims=optims, seeds=seeds, lr_grid=lr_grid, select_metric=select_metric,
                              output_dir=output_dir, overrides=(smoke_overrides() if smoke else []) + overrides,
                              sharpness=sharpness, smoke=smoke, baseline=baseline, grid_seeds=grid_seeds)
@@ -583,6 +597,16 @@ def run_compare(config: str, *, optims: str | None, seeds: Any, lr_grid: str | N
         print(f"[compare] interrupted by {stop}{where}. Rerun the same command to continue where it stopped: "
               "finished runs are reused, and a report being replaced keeps its previous content.", file=sys.stderr)
         return 128 + stop.signum
+
+
+def is_suite(config: str | Path) -> bool:
+    """Whether the recipe's ``compare:`` block lists tasks (a suite); a recipe that cannot be read is left to the
+    plan, which names the problem."""
+    try:
+        block = read_yaml(config).get(COMPARE_KEY)
+    except RecipeError:
+        return False
+    return isinstance(block, dict) and TASKS_KEY in block
 
 
 def _compare_and_say(plan: Plan, launcher: str | None, rerun: bool) -> int:

@@ -10,6 +10,11 @@ The smallest difference the seeds could detect is stated too: the true mean diff
 t test at 5% finds with 80% power, if the differences had the observed standard deviation (from the noncentral
 t distribution, not the normal approximation).
 
+Over a suite of tasks, each task's mean difference and its standard error (paired t over its seeds) are pooled by
+a random-effects model (:func:`random_effects`): DerSimonian-Laird's tau^2 and I^2, the pooled mean with a
+Hartung-Knapp-Sidik-Jonkman t interval on k - 1 degrees of freedom (the normal interval of DerSimonian-Laird covers
+far less than 95% with a handful of tasks), and the exact sign test over tasks.
+
 Several tests read together (a family) are each at 5% only after a correction: :func:`holm` adjusts their p-values
 so that the chance of any false finding in the family stays at most 5%; :meth:`PairedDifference.interval` at
 1 - 0.05/m gives intervals that cover all m true differences at once (Bonferroni).
@@ -73,12 +78,17 @@ def min_detectable_difference(sd: float, n: int, *, power: float = POWER, alpha:
         raise ValueError(f"a paired t test needs at least 2 seeds, got {n}")
     if not (sd > 0 and math.isfinite(sd)):
         raise ValueError(f"sd must be a positive finite number, got {sd}")
-    dof, critical = n - 1, float(scipy_stats.t.ppf(1 - alpha / 2, n - 1))
+    return noncentrality_for_power(n - 1, power=power, alpha=alpha) * sd / math.sqrt(n)
+
+
+def noncentrality_for_power(dof: int, *, power: float = POWER, alpha: float = ALPHA) -> float:
+    """The noncentrality at which a two-sided t test with ``dof`` degrees of freedom at level ``alpha`` rejects
+    with probability ``power``: a true effect of this many standard errors is detected that often."""
+    critical = float(scipy_stats.t.ppf(1 - alpha / 2, dof))
     high = 1.0
     while _t_test_power(high, dof, critical) < power:  # power grows with the noncentrality: bracket, then solve
         high *= 2
-    noncentrality = optimize.brentq(lambda nc: _t_test_power(nc, dof, critical) - power, 0.0, high, xtol=1e-10)
-    return noncentrality * sd / math.sqrt(n)
+    return optimize.brentq(lambda nc: _t_test_power(nc, dof, critical) - power, 0.0, high, xtol=1e-10)
 
 
 @dataclass(frozen=True)
@@ -184,6 +194,108 @@ def holm(p_values: Sequence[float]) -> list[float]:
         running = max(running, min(1.0, (len(values) - rank) * values[index]))
         adjusted[index] = running
     return adjusted
+
+
+def dersimonian_laird(means: Sequence[float], variances: Sequence[float]) -> tuple[float, float]:
+    """Cochran's Q of ``means`` with inverse-variance weights, and the DerSimonian-Laird moment estimate of the
+    between-task variance, tau^2 = max(0, (Q - (k - 1)) / (S1 - S2 / S1)) with S1 = sum w, S2 = sum w^2: the
+    excess of Q over what within-task noise alone gives, truncated at 0 (a variance)."""
+    weights = [1.0 / v for v in variances]
+    total = math.fsum(weights)
+    fixed = math.fsum(w * m for w, m in zip(weights, means)) / total
+    q = math.fsum(w * (m - fixed) ** 2 for w, m in zip(weights, means))
+    scale = total - math.fsum(w * w for w in weights) / total
+    return q, max(0.0, (q - (len(means) - 1)) / scale) if scale > 0 else 0.0
+
+
+def i_squared(q: float, k: int) -> float:
+    """Higgins and Thompson's I^2 = max(0, (Q - (k - 1)) / Q): the share of the spread of the task effects
+    beyond within-task noise (0 when Q is at most its degrees of freedom, and for Q = 0)."""
+    return 0.0 if q <= 0 else max(0.0, (q - (k - 1)) / q)
+
+
+@dataclass(frozen=True)
+class Pooled:
+    """Per-task mean differences pooled by a random-effects model (tasks are a sample of the tasks there are).
+
+    ``mean`` weights task i by 1 / (se_i^2 + tau2) (DerSimonian-Laird); ``se`` = sqrt(1 / sum of those weights).
+    The interval and ``t_p`` are Hartung-Knapp-Sidik-Jonkman's: t with k - 1 degrees of freedom on the standard
+    error ``hk_se`` = sqrt(max(1, q_hk) / sum w), where q_hk = sum w_i (d_i - mean)^2 / (k - 1); the max(1, .)
+    keeps the interval from being narrower than the model's own standard error allows when the task effects
+    happen to agree more closely than their standard errors say they should."""
+
+    means: tuple[float, ...]
+    standard_errors: tuple[float, ...]
+    q: float
+    tau2: float
+    i2: float
+    mean: float
+    se: float
+    hk_se: float
+    low: float
+    high: float
+    t_p: float
+    sign_p: float | None
+
+    @property
+    def k(self) -> int:
+        return len(self.means)
+
+    @property
+    def detectable(self) -> float:
+        """The true pooled difference the 5% test finds with 80% power (:meth:`detectable_at`)."""
+        return self.detectable_at(ALPHA)
+
+    @property
+    def weights(self) -> tuple[float, ...]:
+        """Each task's share of the pooled mean (random-effects weights, summing to 1)."""
+        raw = [1.0 / (se * se + self.tau2) for se in self.standard_errors]
+        return tuple(w / math.fsum(raw) for w in raw)
+
+    @property
+    def contains_zero(self) -> bool:
+        return self.low <= 0.0 <= self.high
+
+    def interval(self, confidence: float = CONFIDENCE) -> tuple[float, float]:
+        """The Hartung-Knapp-Sidik-Jonkman interval at ``confidence`` (e.g. 1 - 0.05/m, Bonferroni over m)."""
+        if not 0 < confidence < 1:
+            raise ValueError(f"confidence must be between 0 and 1, got {confidence}")
+        half = float(scipy_stats.t.ppf(0.5 + confidence / 2, self.k - 1)) * self.hk_se
+        return self.mean - half, self.mean + half
+
+    def detectable_at(self, alpha: float) -> float:
+        """The true pooled difference the two-sided t test on ``hk_se`` with k - 1 degrees of freedom at level
+        ``alpha`` finds with 80% power: noncentrality * hk_se (noncentral t, as for the seeds)."""
+        return noncentrality_for_power(self.k - 1, alpha=alpha) * self.hk_se
+
+
+def random_effects(means: Sequence[float], standard_errors: Sequence[float]) -> Pooled:
+    """Pool per-task mean differences ``means`` with their standard errors (paired t over each task's seeds):
+    DerSimonian-Laird tau^2, I^2, the random-effects mean with its Hartung-Knapp-Sidik-Jonkman 95% interval and
+    t test (k - 1 degrees of freedom), the exact sign test over tasks and the detectable pooled difference.
+
+    Refused (ValueError) for fewer than 2 tasks, where there is nothing to pool and no degree of freedom for
+    the spread between tasks, and for a standard error that is not positive: a task without spread over its
+    seeds would take all the weight."""
+    means, errors = _finite(means, "random_effects means"), _finite(standard_errors, "random_effects standard errors")
+    if len(means) != len(errors):
+        raise ValueError(f"random_effects: {len(means)} means but {len(errors)} standard errors")
+    if len(means) < 2:
+        raise ValueError(f"pooling needs at least 2 tasks, got {len(means)}: with one task its own interval is "
+                         "the answer")
+    if bad := [se for se in errors if se <= 0]:
+        raise ValueError(f"random_effects: standard errors must be positive, got {bad}")
+    k = len(means)
+    q, tau2 = dersimonian_laird(means, [se * se for se in errors])
+    weights = [1.0 / (se * se + tau2) for se in errors]
+    total = math.fsum(weights)
+    mean = math.fsum(w * m for w, m in zip(weights, means)) / total
+    q_hk = math.fsum(w * (m - mean) ** 2 for w, m in zip(weights, means)) / (k - 1)
+    hk_se = math.sqrt(max(1.0, q_hk) / total)
+    half = float(scipy_stats.t.ppf(0.5 + CONFIDENCE / 2, k - 1)) * hk_se
+    t_p = float(2 * scipy_stats.t.sf(abs(mean) / hk_se, k - 1))
+    return Pooled(tuple(means), tuple(errors), q, tau2, i_squared(q, k), mean, math.sqrt(1.0 / total), hk_se,
+                  mean - half, mean + half, t_p, sign_test_p(means))
 
 
 @dataclass(frozen=True)

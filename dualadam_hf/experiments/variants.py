@@ -1,10 +1,11 @@
 """Variants of a comparison: the entries of ``--optims`` or of a recipe's ``compare: optims:`` (docs/recipes.md).
 
 A variant is a mapping: ``optim`` (a ``TrainingArguments.optim`` name or a preset of :data:`PRESETS`), an
-optional ``label``, an optional ``seeds`` (this variant's number of seeds, e.g. fewer for a control), and
-settings. A key the optimizer takes goes into its ``optim_args``; any other key is a setting of the run
-(``warmup_steps``, ...). The command line's ``NAME[key=value,...]`` is the same mapping written on one line
-(:func:`entry_mapping`), so both forms give the same variant and the same label.
+optional ``label``, an optional ``seeds`` (this variant's number of seeds, e.g. fewer for a control), in a suite
+an optional ``tasks`` (the labels of the suite's tasks it runs on, e.g. a control on a few), and settings. A key
+the optimizer takes goes into its ``optim_args``; any other key is a setting of the run (``warmup_steps``, ...).
+The command line's ``NAME[key=value,...]`` is the same mapping written on one line (:func:`entry_mapping`), so both
+forms give the same variant and the same label.
 
 The recipe's ``optim_args`` reach every DualAdam/InvAdam variant, each taking the keys it accepts (InvAdam has
 no blend keys; the variant's keys win); other optimizers get no ``optim_args``. A variant may change only what
@@ -42,7 +43,6 @@ PRESETS: dict[str, tuple[str, dict[str, str], str]] = {
     "matched_warmup": (DUALADAM_NAME, {"inverse_scale": "0"}, "matched-warmup"),
     "dualadam_scaled": (DUALADAM_NAME, {"inverse_scale": AUTO}, "dualadam-scaled"),
 }
-DEFAULT_OPTIMS = f"adamw_torch,{DUALADAM_NAME}"
 # Run settings compare gives each run itself (the learning rate from the grid, the split, the seed, ...).
 SET_BY_COMPARE = ("optim", "optim_args", "seed", "output_dir", "learning_rate", "dataset_test_split", "sharpness",
                   "resume_from_checkpoint")
@@ -84,6 +84,7 @@ _WHAT_IT_CHANGES = {
 }
 _ENTRY = re.compile(r"^\s*([A-Za-z0-9_.\-]+)\s*(?:\[(.*)\])?\s*$", re.S)
 _NOT_SETTINGS = ("optim", "label", "seeds")  # keys of a variant that are not settings of its runs
+TASKS_KEY = "tasks"  # a suite variant's tasks: a YAML list of task labels, kept apart from the text pairs
 
 
 def _text(value: Any) -> str:
@@ -92,13 +93,15 @@ def _text(value: Any) -> str:
 
 @dataclass(frozen=True)
 class Variant:
-    """One arm of a comparison; ``seeds`` is its own number of seeds (None: the comparison's)."""
+    """One arm of a comparison; ``seeds`` is its own number of seeds (None: the comparison's); ``tasks`` the
+    labels of the suite tasks it runs on (None: every task, or no suite)."""
 
     label: str
     optim: str
     optim_args: dict[str, str] = field(default_factory=dict)
     settings: dict[str, str] = field(default_factory=dict)
     seeds: int | None = None
+    tasks: tuple[str, ...] | None = None
 
     @property
     def optim_args_text(self) -> str:
@@ -160,13 +163,14 @@ def _default_label(pairs: Mapping[str, str]) -> str:
     return f"{name}[{join_pairs(settings)}]"
 
 
-def check_label(label: str) -> None:
-    """A label names a variant's folders and raw logs: one path-safe name. A RecipeError for one that is empty,
-    ``.`` or ``..`` (a folder of that name would be this folder or the one above it), holds a path separator,
-    or a control or line-breaking character (a newline would split the report's lines and the log's)."""
-    where = f"variant label {label!r}"
+def check_label(label: str, what: str = "variant") -> None:
+    """A label names a variant's (or a suite task's, ``what``) folders and raw logs: one path-safe name. A
+    RecipeError for one that is empty, ``.`` or ``..`` (a folder of that name would be this folder or the one
+    above it), holds a path separator, or a control or line-breaking character (a newline would split the
+    report's lines and the log's)."""
+    where = f"{what} label {label!r}"
     if not label.strip():
-        raise RecipeError(f"{where} is empty; give the variant a name (label=...)")
+        raise RecipeError(f"{where} is empty; give the {what} a name (label=...)")
     if label.strip() in (".", ".."):
         raise RecipeError(f"{where} would name the folder itself or the one above it; give another label=")
     if separators := sorted({c for c in label if c in "/\\"}):
@@ -213,9 +217,30 @@ def _recipe_optim_args(optim: str, recipe_optim_args: str | None) -> dict[str, s
     return {k: v for k, v in pairs.items() if k in valid_optim_args_keys(optim)}
 
 
+def _task_labels(value: Any, where: str) -> tuple[str, ...]:
+    """A suite variant's ``tasks``: one task label or a YAML list of them, each once."""
+    items = value if isinstance(value, list) else [value]
+    if not items or any(not isinstance(item, str) or not item.strip() for item in items):
+        raise RecipeError(f"{where}: tasks must be a task label or a list of them, got {value!r}")
+    labels = [item.strip() for item in items]
+    if repeated := sorted({label for label in labels if labels.count(label) > 1}):
+        raise RecipeError(f"{where}: tasks names {', '.join(repeated)} twice")
+    return tuple(labels)
+
+
+def without_tasks(entry: str | Mapping[str, Any]) -> str | Mapping[str, Any]:
+    """A variant entry without its suite ``tasks`` (the variant as one task's comparison runs it)."""
+    return {k: v for k, v in entry.items() if k != TASKS_KEY} if isinstance(entry, Mapping) else entry
+
+
 def parse_variant(entry: str | Mapping[str, Any], recipe_optim_args: str | None = None) -> Variant:
-    """A variant from ``NAME[key=value,...]`` or the same as a mapping with an ``optim`` key."""
-    pairs = entry_mapping(entry)
+    """A variant from ``NAME[key=value,...]`` or the same as a mapping with an ``optim`` key (and, in a suite,
+    ``tasks``: a list, which the one-line form cannot hold)."""
+    has_tasks = isinstance(entry, Mapping) and TASKS_KEY in entry
+    pairs = entry_mapping(without_tasks(entry))
+    if TASKS_KEY in pairs:
+        raise RecipeError(f"variant {entry!r}: tasks= names a suite's tasks and is given in the recipe's compare: "
+                          "optims list (tasks: [label, ...]), not on the command line")
     name, label = pairs["optim"], pairs.get("label") or _default_label(pairs)
     check_label(label)
     where = f"variant {label!r}"
@@ -241,7 +266,8 @@ def parse_variant(entry: str | Mapping[str, Any], recipe_optim_args: str | None 
             parse_optim_args(join_pairs(optim_args), optim)
         except ValueError as error:
             raise RecipeError(f"{where}: {error}") from None
-    return Variant(label=label, optim=optim, optim_args=optim_args, settings=settings, seeds=seeds)
+    return Variant(label=label, optim=optim, optim_args=optim_args, settings=settings, seeds=seeds,
+                   tasks=_task_labels(entry[TASKS_KEY], where) if has_tasks else None)
 
 
 def parse_variants(entries: str | list[Any], recipe_optim_args: str | None = None) -> list[Variant]:
