@@ -119,3 +119,35 @@ def test_state_dtype_in_optim_args_reaches_the_optimizer_and_bad_values_fail_ear
     assert optimizer.state[p]["exp_avg"].dtype == torch.bfloat16
     with pytest.raises(ValueError, match="--optim dualadam: Invalid state_dtype: 'int8'"):
         check_training_args(fake_args(optim_args="state_dtype=int8"))
+
+
+@pytest.mark.parametrize(("environment", "config", "swaps"), [
+    ({"ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE": "cpu"}, None, True),  # inline keys: the flag cannot be set
+    ({"ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE": "none"}, None, False),
+    ({}, {"zero_optimization": {"stage": 3, "offload_optimizer": {"device": "cpu"}}}, True),
+    ({}, {"zero_optimization": {"stage": 3, "offload_optimizer": {"device": "cpu"}},
+          "zero_force_ds_cpu_optimizer": False}, False),
+    ({}, {"zero_optimization": {"stage": 2}}, False),
+])
+def test_offload_that_would_swap_in_cpuadam_is_refused_where_the_arguments_are_built(
+        tmp_path, monkeypatch, environment, config, swaps):
+    """Under DeepSpeed optimizer offload accelerate replaces the optimizer with DeepSpeedCPUAdam unless the
+    DeepSpeed config sets "zero_force_ds_cpu_optimizer": false: refused before the model loads (DualAdam's
+    callback stops such a run at train begin too, after minutes of loading and building DeepSpeed's CPU Adam)."""
+    import json
+
+    from transformers import TrainingArguments
+
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    for variable, value in environment.items():
+        monkeypatch.setenv(variable, value)
+    if config is not None:
+        path = tmp_path / "ds.json"
+        path.write_text(json.dumps(config))
+        monkeypatch.setenv("ACCELERATE_DEEPSPEED_CONFIG_FILE", str(path))
+    build = lambda: TrainingArguments(str(tmp_path), optim="dualadam", report_to="none", use_cpu=True)  # noqa: E731
+    if swaps:
+        with pytest.raises(ValueError, match='DeepSpeedCPUAdam, not DualAdam, .*"zero_force_ds_cpu_optimizer": false'):
+            build()
+    else:
+        build()

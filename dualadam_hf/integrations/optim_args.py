@@ -184,12 +184,50 @@ def _low_bit_obstacle(training_args: Any) -> str | None:
     return engine
 
 
+def deepspeed_config(training_args: Any) -> dict[str, Any] | None:
+    """The DeepSpeed config a run will use, where it can be read before the model loads: TrainingArguments'
+    ``deepspeed`` (a dict or a JSON file), else the JSON file `accelerate launch` names in its environment; None
+    where there is none (or accelerate builds it from its own config's inline keys, see
+    :func:`offload_swaps_the_optimizer`)."""
+    import json
+
+    given = getattr(training_args, "deepspeed", None) or os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE")
+    if isinstance(given, dict):
+        return given
+    if isinstance(given, str) and given.strip() and os.path.isfile(given):
+        with open(given, encoding="utf-8") as file:
+            found = json.load(file)
+        return found if isinstance(found, dict) else None
+    return None
+
+
+def offload_swaps_the_optimizer(training_args: Any) -> bool:
+    """Whether accelerate will replace the Trainer's optimizer with DeepSpeedCPUAdam: DeepSpeed optimizer offload
+    without ``"zero_force_ds_cpu_optimizer": false`` (DeepSpeed's default is true). An accelerate config with
+    inline DeepSpeed keys cannot set that flag, so its optimizer offload always swaps."""
+    if sharded_engine(training_args) != "DeepSpeed":
+        return False
+    config = deepspeed_config(training_args)
+    if config is None:
+        device = os.environ.get("ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE", "none")
+        return device.lower() not in ("", "none")
+    offload = (config.get("zero_optimization") or {}).get("offload_optimizer") or {}
+    return str(offload.get("device", "none")).lower() != "none" and config.get("zero_force_ds_cpu_optimizer",
+                                                                              True) is not False
+
+
 def check_training_args(training_args: Any) -> None:
     """Fail at argument-parsing time, not at the first step, when the DualAdam settings are invalid or their kind
     of state cannot run under the configured engine."""
     import torch
 
     optimizer_cls, kwargs = optimizer_cls_and_kwargs(training_args)
+    if offload_swaps_the_optimizer(training_args):
+        raise ValueError(f"--optim {optimizer_name(training_args)} under DeepSpeed optimizer offload: accelerate would "
+                         "train with DeepSpeedCPUAdam, not DualAdam, because the DeepSpeed config does not set "
+                         '"zero_force_ds_cpu_optimizer": false. Set it in the DeepSpeed JSON file (an accelerate '
+                         "config's inline deepspeed keys cannot; name the file with deepspeed_config_file, as "
+                         "accelerate_configs/deepspeed_zero3_offload.yaml does).")
     if kwargs.get("state_bits") is not None and (engine := _low_bit_obstacle(training_args)):
         raise ValueError(f"--optim {optimizer_name(training_args)} keeps {kwargs['state_bits']}-bit optimizer state, "
                          f"which does not run under {engine}: {_LOW_BIT_OBSTACLES[engine]}. Use DDP or FSDP2 "

@@ -14,9 +14,9 @@ ZeRO-2 run once more with ``inverse_scale="auto"`` (FSDP2 and ZeRO-2 resumed too
 against a single-process reference with the same optimizer arguments. The cost
 is 20 runs, 10-50 s each on 2 cores (7.5 minutes for the module, 2 of them for
 the auto runs). On a fresh machine DeepSpeed first JIT-builds its shared-memory
-comm op (about 2 minutes) and, for the guard test, its cpu_adam op (about 4),
-then cached in the suite's own TORCH_EXTENSIONS_DIR (.cache/torch_extensions in
-the checkout, set by tests/conftest.py).
+comm op (about 2 minutes), then cached in the suite's own TORCH_EXTENSIONS_DIR
+(.cache/torch_extensions in the checkout, set by tests/conftest.py). The offload
+guard's run is refused before DeepSpeed would build its cpu_adam op.
 """
 
 from __future__ import annotations
@@ -178,15 +178,16 @@ def test_resume_matches_uninterrupted(runs: dict) -> None:
 
 
 def test_offload_without_the_flag_stops_instead_of_training_with_cpuadam(tiny_model_dir: str, work: Path) -> None:
-    """The guard, for real: drop "zero_force_ds_cpu_optimizer": false and accelerate swaps in
-    DeepSpeedCPUAdam; the run must stop before training. (The first run on a machine JIT-builds
-    DeepSpeed's cpu_adam op, a few minutes; cached afterwards.)"""
+    """The guard, for real: drop "zero_force_ds_cpu_optimizer": false and accelerate would swap in
+    DeepSpeedCPUAdam; the run stops where its arguments are built, before the model loads (and before
+    DeepSpeed would JIT-build its cpu_adam op, minutes on a fresh machine)."""
     out = work / "swapped"
     config = launch_config(ENGINES["zero3_offload"], work, keep_ds_cpu_optimizer=False)
     code = launch("zero3_offload", tiny_model_dir, work, out, ["--save_strategy", "no"], config=config, check=False)
     log = out.with_suffix(".log").read_text()
     assert code != 0, log[-3000:]
     assert "DeepSpeedCPUAdam, not DualAdam" in log and "zero_force_ds_cpu_optimizer" in log, log[-3000:]
+    assert "under DeepSpeed optimizer offload" in log, log[-3000:]  # the refusal of the arguments, not of train begin
     assert not (out / "model.safetensors").exists() and not (out / "report").exists()
 
 
