@@ -363,7 +363,7 @@ def bench_memory(args: argparse.Namespace) -> None:
         peaks[name] = json.loads(done.stdout.strip().splitlines()[-1])["peak_rss_mb"]
     print(f"\n## Peak memory of a process that fully fine-tunes SmolLM2-135M's architecture ({args.memory_steps} "
           "steps, batch 2 x 128 random tokens, fp32 weights and gradients)\n")
-    print("| optimizer | peak RSS (MB) | vs fp32 DualAdam |\n|---|---|---|")
+    print("| optimizer | peak RSS (MiB) | vs fp32 DualAdam |\n|---|---|---|")
     for name, peak in peaks.items():
         print(f"| {name} | {peak:.0f} | {peak / peaks['dualadam']:.3f} |")
 
