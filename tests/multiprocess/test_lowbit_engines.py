@@ -105,12 +105,7 @@ def test_ddp_resume_matches_uninterrupted(ddp: dict[str, Path]) -> None:
     state_types()  # imports torchao, which registers its quantized classes as safe globals
     saved = torch.load(ddp["checkpoint"] / "optimizer.pt", weights_only=True)
     assert any(type(s["exp_avg"]).__name__ == "OptimState8bit" for s in saved["state"].values())
-    full, resumed = final_params(ddp["full"]), final_params(ddp["resumed"])
-    for k in full:
-        torch.testing.assert_close(resumed[k], full[k], atol=RESUME_ATOL, rtol=0, msg=lambda m, k=k: f"{k}: {m}")
-    losses = [[h["loss"] for h in read_reports(out)[0]["logged"]] for out in (ddp["full"], ddp["resumed"])]
-    assert losses[1] == pytest.approx(losses[0], abs=1e-5)
-    assert json.loads((ddp["resumed"] / "report" / "rank0.json").read_text())["global_step"] == MAX_STEPS
+    assert_resumed_as_uninterrupted(ddp)
 
 
 # What the uninterrupted FSDP2 launch runs instead of train_lm.py: train_lm.py itself, whose report also gets the
@@ -212,12 +207,7 @@ def test_fsdp2_resume_matches_uninterrupted(fsdp2: dict[str, Path]) -> None:
     moments = [s[key] for s in saved["state"].values() for key in ("exp_avg", "exp_avg_sq")]
     assert moments and all(type(t) is torch.Tensor and t.dtype == torch.float32 for t in moments)
     assert all(g["lowbit_moments_saved_as_fp32"] is True for g in saved["param_groups"]), saved["param_groups"]
-    full, resumed = final_params(fsdp2["full"]), final_params(fsdp2["resumed"])
-    for k in full:
-        torch.testing.assert_close(resumed[k], full[k], atol=RESUME_ATOL, rtol=0, msg=lambda m, k=k: f"{k}: {m}")
-    losses = [[h["loss"] for h in read_reports(out)[0]["logged"]] for out in (fsdp2["full"], fsdp2["resumed"])]
-    assert losses[1] == pytest.approx(losses[0], abs=1e-5)
-    assert json.loads((fsdp2["resumed"] / "report" / "rank0.json").read_text())["global_step"] == MAX_STEPS
+    assert_resumed_as_uninterrupted(fsdp2)
 
 
 def test_fsdp2_state_bytes_per_rank_are_the_arithmetic(fsdp2: dict[str, Path]) -> None:
@@ -237,3 +227,13 @@ def test_fsdp2_state_bytes_per_rank_are_the_arithmetic(fsdp2: dict[str, Path]) -
                     f"({sizes['quantized_bytes'] / quantized:.4f} per quantized element) + {sizes['fp32_bytes']} fp32 "
                     f"+ {sizes['qmap_bytes']} of code maps = {total} bytes")
     print("\nFSDP2 dualadam_8bit optimizer state per rank:\n" + "\n".join(rows))
+
+
+def assert_resumed_as_uninterrupted(runs: dict[str, Path]) -> None:
+    """The resumed launch ends with the uninterrupted one's weights and losses, at the last step."""
+    full, resumed = final_params(runs["full"]), final_params(runs["resumed"])
+    for k in full:
+        torch.testing.assert_close(resumed[k], full[k], atol=RESUME_ATOL, rtol=0, msg=lambda m, k=k: f"{k}: {m}")
+    losses = [[h["loss"] for h in read_reports(out)[0]["logged"]] for out in (runs["full"], runs["resumed"])]
+    assert losses[1] == pytest.approx(losses[0], abs=1e-5)
+    assert json.loads((runs["resumed"] / "report" / "rank0.json").read_text())["global_step"] == MAX_STEPS
