@@ -40,7 +40,8 @@ ParamsT = Iterable[Tensor] | Iterable[dict[str, Any]]
 
 FLOAT32_MAX = float(torch.finfo(torch.float32).max)
 # Every state has these, and every group the group keys; a saved state without them is another optimizer's.
-STATE_KEYS = ("step", "exp_avg", "exp_avg_sq")
+MOMENT_KEYS = ("exp_avg", "exp_avg_sq")
+STATE_KEYS = ("step", *MOMENT_KEYS)
 DUALADAM_GROUP_KEYS = ("betas", "eps", "switch_rate")
 # The settings a state was made under and only means under: a load refuses a state saved under others (torch's
 # optimizers would adopt the saved ones silently, and a resumed run would train with settings nobody chose).
@@ -525,7 +526,7 @@ class DualAdam(Optimizer):
                 for pid, p in zip(group["params"], own["params"]):
                     if one := saved["state"].get(pid):
                         saved["state"][pid] = {**one, **{key: lowbit.checkpoint_moment(one[key], p)
-                                                          for key in ("exp_avg", "exp_avg_sq")}}
+                                                          for key in MOMENT_KEYS}}
         return saved
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -573,7 +574,7 @@ class DualAdam(Optimizer):
             if CALIBRATED_SCALE in saved:
                 self.state[p][CALIBRATED_SCALE] = saved[CALIBRATED_SCALE].to(device="cpu", dtype=torch.float32)
             dtype = p.dtype if p.is_complex() else self._moment_dtype(group, p)
-            for key in ("exp_avg", "exp_avg_sq"):
+            for key in MOMENT_KEYS:
                 # Quantized moments (state_bits) keep their codes: torch's cast changed only their appearance.
                 if self.state[p][key].dtype != dtype and not lowbit.is_quantized(self.state[p][key]):
                     self.state[p][key] = saved[key].to(device=p.device, dtype=dtype)
@@ -742,7 +743,7 @@ def _kind_problem(saved: dict[str, Any], p: Tensor, group: dict[str, Any], saved
     """Whether each saved moment is the kind of state this group keeps for ``p`` (quantized or not, how)."""
     if group.get("state_bits") is None and not any(map(lowbit.is_quantized, (saved["exp_avg"], saved["exp_avg_sq"]))):
         return None
-    for key in ("exp_avg", "exp_avg_sq"):
+    for key in MOMENT_KEYS:
         if problem := lowbit.moment_problem(saved[key], p, group, saved_as_fp32):
             return f"{key}: {problem}"
     return None
@@ -784,7 +785,7 @@ def mismatched_state(saved: dict[str, Any], param: Tensor) -> str | None:
     """What keeps one parameter's saved moments from fitting it, or None: each moment has the parameter's
     shape and, held in a plain tensor, a floating (or complex) dtype. A tensor subclass (a quantized moment)
     keeps the parameter's shape but may store its values in another dtype: it is compared by shape alone."""
-    for key in ("exp_avg", "exp_avg_sq"):
+    for key in MOMENT_KEYS:
         moment = saved[key]
         if not isinstance(moment, Tensor):
             return f"{key} is a {type(moment).__name__}, not a tensor"
